@@ -1,0 +1,45 @@
+"""Every default element key, column and ``uns`` name used by ghist, written once."""
+
+from __future__ import annotations
+
+# Default SpatialData element keys (DESIGN section 2).
+IMAGE_KEY = "he"
+LABELS_KEY = "nuclei"
+TABLE_KEY = "table"
+PRED_KEY = "ghist"
+SPOTS_KEY = "spots"
+
+# Table columns.
+REGION_KEY = "region"
+INSTANCE_KEY = "cell_id"
+CELL_TYPE_KEY = "cell_type"
+SPATIAL_KEY = "spatial"
+PRED_CELL_TYPE_KEY = "ghist_cell_type"
+PRED_PROBA_KEY = "ghist_cell_type_proba"
+PRED_COMPOSITION_KEY = "ghist_composition"
+UNS_KEY = "ghist"
+
+# Coordinate systems.
+GLOBAL_CS = "global"
+MICRONS_CS = "microns"
+
+# Network target scale: expression is learnt as EXPR_SCALE * log1p(counts).
+EXPR_SCALE = 5.0
+
+# Cell types of the Xenium breast panel shipped with ghist (10x Genomics, CC BY 4.0).
+XENIUM_BREAST_CELL_TYPES = (
+    "B",
+    "Myeloid",
+    "Endothelial",
+    "Fibroblast",
+    "Macrophage",
+    "Malignant",
+    "Epithelial",
+    "Plasma",
+    "T",
+)
+
+
+def tiles_key(image_key: str, key_added: str | None = None) -> str:
+    """Shapes element that shows the tile grid cut from ``image_key``."""
+    return key_added or f"{image_key}_ghist_tiles"

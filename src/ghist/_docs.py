@@ -1,0 +1,53 @@
+"""Docstring snippets shared between functions, injected with :func:`doc_params`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from inspect import cleandoc
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+doc_sdata = """\
+sdata
+    A :class:`spatialdata.SpatialData` holding the H&E image, the nucleus labels and (for training) a
+    table of measured cells annotating the labels."""
+
+doc_image_key = """\
+image_key
+    Key of the H&E image in ``sdata.images``: RGB, ``uint8``, dims ``(c, y, x)``, possibly multiscale."""
+
+doc_labels_key = """\
+labels_key
+    Key of the nucleus instance labels in ``sdata.labels`` (0 = background)."""
+
+doc_table_key = """\
+table_key
+    Key of the measured-cell table in ``sdata.tables``: raw counts annotating ``labels_key``."""
+
+doc_key_added = """\
+key_added
+    Key under which the result is written into ``sdata``."""
+
+doc_batch_size = """\
+batch_size
+    Number of 256-pixel tiles processed together."""
+
+doc_progress = """\
+progress
+    Show a progress bar."""
+
+doc_accelerator = """\
+accelerator
+    ``"auto"`` (GPU when present, else CPU), ``"cpu"``, ``"gpu"``/``"cuda"`` or ``"mps"``."""
+
+
+def doc_params(**kwds: str) -> Callable[[F], F]:
+    """Format the decorated function's docstring with the given snippets (scanpy's ``_doc_params``)."""
+
+    def decorator(obj: F) -> F:
+        if obj.__doc__:
+            obj.__doc__ = cleandoc(obj.__doc__).format(**kwds)
+        return obj
+
+    return decorator

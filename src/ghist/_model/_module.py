@@ -1,0 +1,146 @@
+"""Lightning module: losses, augmentation, optimisation and validation metrics around `GHISTNetwork`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import pandas as pd
+from lightning.pytorch.callbacks import Callback, Timer
+
+from ._losses import ghist_losses
+from .._stats import validation_score
+from ._network import GHISTNetwork
+
+
+def augment_batch(batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+    """Random flips and 90 degree rotations, drawn per tile and applied to image and labels alike."""
+    images, labels = batch["image"], batch["labels"]
+    out_images, out_labels = [], []
+    draws = torch.randint(0, 8, (images.shape[0],), generator=generator).tolist()
+    for image, label, draw in zip(images, labels, draws, strict=True):
+        k, flip = draw % 4, draw >= 4
+        if flip:
+            image, label = image.flip(-1), label.flip(-1)
+        if k:
+            image, label = torch.rot90(image, k, dims=(-2, -1)), torch.rot90(label, k, dims=(-2, -1))
+        out_images.append(image)
+        out_labels.append(label)
+    return {**batch, "image": torch.stack(out_images), "labels": torch.stack(out_labels)}
+
+
+class GHISTModule(L.LightningModule):
+    """Trains a :class:`GHISTNetwork`: AdamW with a linear decay to 0 over the training budget.
+
+    The budget is the larger fraction used of ``max_epochs`` and ``max_time``, so a time-limited run still
+    ends with a fully decayed learning rate.
+    """
+
+    def __init__(
+        self,
+        network: GHISTNetwork,
+        *,
+        expr_scale: float,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        augment: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.network = network
+        self.expr_scale = expr_scale
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.augment = augment
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+        self._val_outputs: list[dict[str, np.ndarray]] = []
+
+    # The augmentation generator must survive checkpoint/resume for a resumed run to match an uninterrupted one.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ghist_generator_state"] = self._generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "ghist_generator_state" in checkpoint:
+            self._generator.set_state(checkpoint["ghist_generator_state"])
+
+    def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        expr = batch["expr"] * self.expr_scale
+        return {**batch, "expr": expr}
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.network(batch["image"], batch["labels"], batch["cell_batch"], int(batch["n_cells"]))
+        return ghist_losses(out, batch, self.network), out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        batch = self._prepare(batch)
+        if self.augment:
+            batch = augment_batch(batch, self._generator)
+        losses, _ = self._losses(batch)
+        bs = batch["image"].shape[0]
+        self.log("train_loss", losses["total"], prog_bar=True, batch_size=bs, on_step=True, on_epoch=True)
+        for name, value in losses.items():
+            if name != "total":
+                self.log(f"train/{name}", value, batch_size=bs, on_step=False, on_epoch=True)
+        return losses["total"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        batch = self._prepare(batch)
+        losses, out = self._losses(batch)
+        self.log("val_loss", losses["total"], prog_bar=True, batch_size=batch["image"].shape[0])
+        record = {
+            "expr_pred": out["expr"].float().cpu().numpy(),
+            "expr_true": batch["expr"].float().cpu().numpy(),
+            "type_true": batch["cell_type"].cpu().numpy(),
+        }
+        if out.get("cell_logits") is not None:
+            record["type_pred"] = out["cell_logits"].argmax(-1).cpu().numpy()
+        self._val_outputs.append(record)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        merged = {k: np.concatenate([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        self._val_outputs.clear()
+        scores = validation_score(
+            merged["expr_pred"], merged["expr_true"], merged.get("type_pred"), merged["type_true"], self.network.n_types
+        )
+        for name, value in scores.items():
+            self.log(f"val_{name}", value, prog_bar=name == "score")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: self._remaining_budget())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _remaining_budget(self) -> float:
+        trainer = self._trainer
+        if trainer is None:
+            return 1.0
+        used = 0.0
+        total_steps = trainer.estimated_stepping_batches
+        if total_steps and math.isfinite(total_steps) and total_steps > 0:
+            used = trainer.global_step / total_steps
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is not None and timer._duration:
+            used = max(used, timer.time_elapsed("train") / timer._duration)
+        return max(0.0, 1.0 - used)
+
+
+class EpochHistory(Callback):
+    """Collects the logged metrics of every epoch into a DataFrame (``GHISTModel.history_``)."""
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row = {"epoch": float(trainer.current_epoch)}
+        row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        self.rows.append(row)
+
+    def frame(self) -> pd.DataFrame:
+        """The metrics, one row per epoch."""
+        return pd.DataFrame(self.rows)

@@ -1,0 +1,248 @@
+"""Coordinate helpers shared by tiling (:func:`ghist.pp.make_tiles`) and prediction (:func:`ghist.tl.predict`).
+
+Conventions
+-----------
+A raster element's *intrinsic* (pixel) space is continuous: pixel ``(row i, col j)`` covers the square
+``[j, j + 1) x [i, i + 1)`` and its centre is ``(j + 0.5, i + 0.5)``, as in spatialdata. Matrices here are
+3x3 homogeneous affines acting on ``(x, y, 1)`` column vectors. Resampling labels into an image's pixel
+space takes, for every image pixel, the label pixel that contains the image pixel's centre (nearest
+neighbour, never blending instance ids).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from spatialdata import SpatialData
+from spatialdata.transformations import get_transformation
+from xarray import DataArray
+
+from ._constants import GLOBAL_CS, MICRONS_CS
+from ._validation import require_key, scale0
+
+logger = logging.getLogger(__name__)
+
+_XY = ("x", "y")
+# Tolerance for treating a matrix entry as an exact integer / zero; also the nudge applied before flooring so that a
+# pixel centre that lands on a label-pixel edge up to round-off goes consistently to the higher pixel.
+_EPS = 1e-6
+
+
+def _find_element(sdata: SpatialData, key: str) -> tuple[str, Any]:
+    for attr in ("images", "labels", "shapes", "points"):
+        if key in getattr(sdata, attr):
+            return attr, getattr(sdata, attr)[key]
+    raise KeyError(
+        f"Element {key!r} not found in `sdata` (images {sorted(sdata.images)}, labels {sorted(sdata.labels)}, "
+        f"shapes {sorted(sdata.shapes)}, points {sorted(sdata.points)})."
+    )
+
+
+def element_transformations(element: Any) -> dict[str, np.ndarray]:
+    """Coordinate system name -> 3x3 affine mapping the element's intrinsic ``(x, y)`` to that system."""
+    transformations = get_transformation(element, get_all=True)
+    return {
+        cs: np.asarray(t.to_affine_matrix(input_axes=_XY, output_axes=_XY), dtype=np.float64)
+        for cs, t in transformations.items()
+    }
+
+
+def _pick_shared(shared: list[str], coordinate_system: str | None) -> str:
+    if coordinate_system is not None:
+        return coordinate_system
+    return GLOBAL_CS if GLOBAL_CS in shared else shared[0]
+
+
+def image_to_labels_matrix(
+    sdata: SpatialData,
+    image_key: str,
+    labels_key: str,
+    coordinate_system: str | None = None,
+) -> np.ndarray:
+    """Affine that maps image pixel coordinates ``(x, y)`` to label pixel coordinates ``(x, y)``.
+
+    Both elements are mapped to a coordinate system they share (``coordinate_system``, else ``"global"`` when
+    both have it, else the first shared one in alphabetical order) and the labels' transformation is inverted.
+
+    Parameters
+    ----------
+    sdata
+        The :class:`spatialdata.SpatialData` holding both elements.
+    image_key
+        Key of the image (any raster or vector element works).
+    labels_key
+        Key of the labels.
+    coordinate_system
+        Coordinate system to go through; must be shared by both elements.
+
+    Returns
+    -------
+    3x3 matrix ``M`` with ``M @ (x_img, y_img, 1) = (x_lab, y_lab, 1)`` in continuous intrinsic coordinates.
+
+    Examples
+    --------
+    >>> M = image_to_labels_matrix(sdata, "he", "nuclei")
+    >>> M @ [10.5, 20.5, 1.0]  # where image pixel (row 20, col 10)'s centre falls in label pixels
+
+    """
+    _, image = _find_element(sdata, image_key)
+    _, labels = _find_element(sdata, labels_key)
+    image_t = element_transformations(image)
+    labels_t = element_transformations(labels)
+    shared = sorted(set(image_t) & set(labels_t))
+    if not shared:
+        raise ValueError(
+            f"Image {image_key!r} (coordinate systems {sorted(image_t)}) and labels {labels_key!r} (coordinate "
+            f"systems {sorted(labels_t)}) share no coordinate system; expected both to be registered to one, e.g. "
+            f"with `spatialdata.transformations.set_transformation(element, transformation, {GLOBAL_CS!r})`."
+        )
+    if coordinate_system is not None and coordinate_system not in shared:
+        raise ValueError(
+            f"Coordinate system {coordinate_system!r} is not shared by image {image_key!r} ({sorted(image_t)}) and "
+            f"labels {labels_key!r} ({sorted(labels_t)}); shared: {shared}."
+        )
+    cs = _pick_shared(shared, coordinate_system)
+    return np.linalg.inv(labels_t[cs]) @ image_t[cs]
+
+
+def _clean(matrix: np.ndarray) -> np.ndarray:
+    """Snap entries within round-off of an integer to it (e.g. 2.0000000000000004 -> 2)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    rounded = np.round(matrix)
+    return np.where(np.abs(matrix - rounded) < _EPS, rounded, matrix)
+
+
+def is_integer_translation(matrix: np.ndarray) -> bool:
+    """Whether ``matrix`` is the identity up to an integer translation (fast path: plain slicing)."""
+    matrix = _clean(matrix)
+    return bool(np.array_equal(matrix[:2, :2], np.eye(2)) and np.array_equal(matrix[:2, 2], np.round(matrix[:2, 2])))
+
+
+def _read_box(labels: DataArray | np.ndarray, y_lo: int, y_hi: int, x_lo: int, x_hi: int) -> np.ndarray:
+    """Labels ``[y_lo:y_hi, x_lo:x_hi]`` as numpy, zero outside the array (reads only that region)."""
+    data = labels.data if isinstance(labels, DataArray) else labels
+    height, width = data.shape
+    out = np.zeros((max(y_hi - y_lo, 0), max(x_hi - x_lo, 0)), dtype=data.dtype)
+    ys, ye = max(y_lo, 0), min(y_hi, height)
+    xs, xe = max(x_lo, 0), min(x_hi, width)
+    if ys < ye and xs < xe:
+        out[ys - y_lo : ye - y_lo, xs - x_lo : xe - x_lo] = np.asarray(data[ys:ye, xs:xe])
+    return out
+
+
+def read_labels_window(
+    labels: DataArray | np.ndarray,
+    matrix: np.ndarray,
+    y0: int,
+    x0: int,
+    height: int,
+    width: int,
+) -> np.ndarray:
+    """The labels resampled (nearest neighbour) into a window of the image's pixel grid.
+
+    Image pixel ``(y0 + i, x0 + j)`` gets the label of the label pixel containing its centre
+    ``matrix @ (x0 + j + 0.5, y0 + i + 0.5, 1)``; pixels mapping outside the labels get 0. Only the region
+    of the (possibly dask-backed) labels that the window covers is read. An identity or integer-translation
+    ``matrix`` is a plain slice; an axis-aligned one (scale + translation) is an outer index.
+
+    Parameters
+    ----------
+    labels
+        2D labels ``(y, x)`` (a :class:`xarray.DataArray`, dask- or numpy-backed, or a numpy array).
+    matrix
+        Image pixel -> label pixel affine, from :func:`image_to_labels_matrix`.
+    y0, x0
+        Top-left image pixel of the window (may lie outside the image).
+    height, width
+        Window size in image pixels.
+
+    Returns
+    -------
+    ``(height, width)`` array of label ids, dtype of ``labels``.
+
+    Examples
+    --------
+    >>> M = image_to_labels_matrix(sdata, "he", "nuclei")
+    >>> window = read_labels_window(sdata.labels["nuclei"], M, 0, 0, 256, 256)
+
+    """
+    matrix = _clean(matrix)
+    if is_integer_translation(matrix):
+        tx, ty = int(matrix[0, 2]), int(matrix[1, 2])
+        return _read_box(labels, y0 + ty, y0 + ty + height, x0 + tx, x0 + tx + width)
+
+    xs = x0 + np.arange(width, dtype=np.float64) + 0.5
+    ys = y0 + np.arange(height, dtype=np.float64) + 0.5
+    if matrix[0, 1] == 0 and matrix[1, 0] == 0:  # axis-aligned: separable index maps
+        lx = np.floor(matrix[0, 0] * xs + matrix[0, 2] + _EPS).astype(np.int64)
+        ly = np.floor(matrix[1, 1] * ys + matrix[1, 2] + _EPS).astype(np.int64)
+        y_lo, y_hi = int(ly.min()), int(ly.max()) + 1
+        x_lo, x_hi = int(lx.min()), int(lx.max()) + 1
+        box = _read_box(labels, y_lo, y_hi, x_lo, x_hi)
+        return box[np.ix_(ly - y_lo, lx - x_lo)]
+
+    gx, gy = np.meshgrid(xs, ys)
+    lx = np.floor(matrix[0, 0] * gx + matrix[0, 1] * gy + matrix[0, 2] + _EPS).astype(np.int64)
+    ly = np.floor(matrix[1, 0] * gx + matrix[1, 1] * gy + matrix[1, 2] + _EPS).astype(np.int64)
+    y_lo, y_hi = int(ly.min()), int(ly.max()) + 1
+    x_lo, x_hi = int(lx.min()), int(lx.max()) + 1
+    box = _read_box(labels, y_lo, y_hi, x_lo, x_hi)
+    return box[ly - y_lo, lx - x_lo]
+
+
+def image_pixel_size(sdata: SpatialData, element_key: str) -> float | None:
+    """Micrometres per pixel of a raster element, or ``None`` without a ``"microns"`` coordinate system.
+
+    The element's own transformation to ``"microns"`` is used when it has one; otherwise the path through the
+    coordinate-system graph of ``sdata`` (e.g. image -> ``"global"`` <- labels -> ``"microns"``). The size is the
+    square root of the area of one pixel in µm² (exact for square pixels).
+
+    Parameters
+    ----------
+    sdata
+        The :class:`spatialdata.SpatialData`.
+    element_key
+        Key of the image or labels.
+
+    Returns
+    -------
+    µm per pixel, or ``None``.
+
+    Examples
+    --------
+    >>> image_pixel_size(sdata, "he")
+    0.5
+
+    """
+    _, element = _find_element(sdata, element_key)
+    own = element_transformations(element)
+    if MICRONS_CS in own:
+        matrix = own[MICRONS_CS]
+    elif MICRONS_CS in sdata.coordinate_systems:
+        from spatialdata.transformations import get_transformation_between_coordinate_systems
+
+        try:
+            t = get_transformation_between_coordinate_systems(sdata, element, MICRONS_CS)
+        except (RuntimeError, ValueError, KeyError) as err:  # no path through the graph
+            logger.debug("No path from %r to %r: %s", element_key, MICRONS_CS, err)
+            return None
+        matrix = np.asarray(t.to_affine_matrix(input_axes=_XY, output_axes=_XY), dtype=np.float64)
+    else:
+        return None
+    area = abs(float(np.linalg.det(matrix[:2, :2])))
+    return float(np.sqrt(area)) if area > 0 else None
+
+
+def raster_shape(sdata: SpatialData, attr: str, key: str) -> tuple[int, int]:
+    """``(height, width)`` of the full-resolution raster ``sdata.<attr>[key]``."""
+    element = scale0(require_key(sdata, attr, key))
+    return int(element.sizes["y"]), int(element.sizes["x"])
+
+
+def transformations_of(sdata: SpatialData, key: str) -> Mapping[str, Any]:
+    """The spatialdata transformations of an element (coordinate system -> transformation)."""
+    _, element = _find_element(sdata, key)
+    return get_transformation(element, get_all=True)

@@ -1,0 +1,187 @@
+"""Input checks shared by every ``pp``/``tl`` entry point (DESIGN section 2, the data contract).
+
+Each check names the argument, element, key or gene at fault, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+from spatialdata import SpatialData
+from spatialdata.models import get_table_keys
+from xarray import DataArray, DataTree
+
+
+class ValidationError(ValueError):
+    """Several problems with the input, reported together."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("Invalid input:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def _preview(values: Iterable[Any], n: int = 5) -> str:
+    values = list(values)
+    shown = ", ".join(repr(v) for v in values[:n])
+    return f"[{shown}{', ...' if len(values) > n else ''}] ({len(values)} in all)"
+
+
+def require_key(sdata: SpatialData, attr: str, key: str) -> Any:
+    """Return ``getattr(sdata, attr)[key]`` or raise a :class:`KeyError` listing the keys that exist."""
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
+    elements = getattr(sdata, attr)
+    if key not in elements:
+        raise KeyError(f"{key!r} not found in `sdata.{attr}` (have {sorted(elements)}).")
+    return elements[key]
+
+
+def get_element(sdata: SpatialData, attr: str, key: str | None) -> tuple[str, Any]:
+    """Resolve an element: an explicit ``key`` must exist; ``None`` picks the only element of that kind."""
+    elements = getattr(sdata, attr)
+    if key is None:
+        if len(elements) != 1:
+            raise ValueError(f"Found {len(elements)} elements in `sdata.{attr}`: {sorted(elements)}. Pass a key.")
+        key = next(iter(elements))
+    return key, require_key(sdata, attr, key)
+
+
+def scale0(element: DataArray | DataTree) -> DataArray:
+    """Full-resolution array of a (possibly multiscale) raster element."""
+    if isinstance(element, DataTree):
+        first = sorted(element.children)[0]
+        return next(iter(element[first].ds.data_vars.values()))
+    return element
+
+
+def get_image(sdata: SpatialData, image_key: str) -> DataArray:
+    """Full-resolution H&E image, checked to be RGB ``uint8`` with dims ``(c, y, x)``."""
+    if image_key not in sdata.images:
+        where = [a for a in ("labels", "shapes", "points", "tables") if image_key in getattr(sdata, a)]
+        hint = f"; {image_key!r} is in `sdata.{where[0]}`, which is not an image" if where else ""
+        raise KeyError(f"Image {image_key!r} not found in `sdata.images` (have {sorted(sdata.images)}){hint}.")
+    image = scale0(sdata.images[image_key])
+    if tuple(image.dims) != ("c", "y", "x"):
+        raise ValueError(f"Image {image_key!r} has dims {tuple(image.dims)}; expected 2D ('c', 'y', 'x').")
+    if image.sizes["c"] != 3:
+        raise ValueError(f"Image {image_key!r} has {image.sizes['c']} channels; expected 3 (RGB H&E).")
+    if image.dtype != np.uint8:
+        raise ValueError(
+            f"Image {image_key!r} has dtype {image.dtype}; expected uint8 RGB. "
+            "Rescale to 0-255 and cast, e.g. `(img / img.max() * 255).astype('uint8')`."
+        )
+    return image
+
+
+def get_labels(sdata: SpatialData, labels_key: str) -> DataArray:
+    """Full-resolution nucleus labels, checked to be a 2D integer array."""
+    if labels_key not in sdata.labels:
+        where = [a for a in ("images", "shapes", "points", "tables") if labels_key in getattr(sdata, a)]
+        hint = f"; {labels_key!r} is in `sdata.{where[0]}`, which is not a labels element" if where else ""
+        raise KeyError(f"Labels {labels_key!r} not found in `sdata.labels` (have {sorted(sdata.labels)}){hint}.")
+    labels = scale0(sdata.labels[labels_key])
+    if tuple(labels.dims) != ("y", "x"):
+        raise ValueError(f"Labels {labels_key!r} have dims {tuple(labels.dims)}; expected 2D ('y', 'x').")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"Labels {labels_key!r} have dtype {labels.dtype}; expected integer instance ids.")
+    return labels
+
+
+def get_table(data: AnnData | SpatialData, table_key: str | None) -> AnnData:
+    """The AnnData itself, or ``sdata.tables[table_key]``."""
+    if isinstance(data, AnnData):
+        return data
+    if isinstance(data, SpatialData):
+        if table_key is None:
+            raise ValueError(f"Pass `table_key` to choose a table of `sdata.tables` (have {sorted(data.tables)}).")
+        if table_key not in data.tables:
+            raise KeyError(f"Table {table_key!r} not found in `sdata.tables` (have {sorted(data.tables)}).")
+        return data.tables[table_key]
+    raise TypeError(f"Expected AnnData or SpatialData, got {type(data).__name__}.")
+
+
+def table_annotation(sdata: SpatialData, table_key: str, region: str) -> tuple[str, str]:
+    """Check that ``sdata.tables[table_key]`` annotates element ``region``; return (region_key, instance_key)."""
+    table = get_table(sdata, table_key)
+    if "spatialdata_attrs" not in table.uns:
+        raise ValueError(
+            f"Table {table_key!r} is not a spatialdata TableModel (no `uns['spatialdata_attrs']`); parse it with "
+            f"`TableModel.parse(adata, region={region!r}, region_key=..., instance_key=...)`."
+        )
+    regions, region_key, instance_key = get_table_keys(table)
+    regions = [regions] if isinstance(regions, str) else list(regions)
+    if region not in regions:
+        raise ValueError(f"Table {table_key!r} annotates {regions}, not {region!r}; expected it to annotate {region!r}.")
+    if instance_key not in table.obs:
+        raise KeyError(f"Table {table_key!r} lacks its instance key column `obs[{instance_key!r}]`.")
+    return region_key, instance_key
+
+
+def rows_annotating(table: AnnData, region: str) -> np.ndarray:
+    """Boolean mask of the table rows that annotate ``region``."""
+    _, region_key, _ = get_table_keys(table)
+    return (table.obs[region_key].astype(str) == region).to_numpy()
+
+
+def check_genes(var_names: Sequence[str] | pd.Index, genes: Sequence[str] | None, *, where: str) -> list[str]:
+    """Return ``genes`` (default: all of ``var_names``), raising a :class:`KeyError` that names missing genes."""
+    var_names = pd.Index(var_names)
+    if genes is None:
+        return list(var_names)
+    if isinstance(genes, str):
+        genes = [genes]
+    genes = list(genes)
+    if len(genes) == 0:
+        raise ValueError(f"`genes` is empty; expected at least one gene of {where}.")
+    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(f"`genes` lists {_preview(duplicated)} more than once.")
+    missing = [g for g in genes if g not in var_names]
+    if missing:
+        raise KeyError(f"Genes {_preview(missing)} not found in {where} ({len(var_names)} genes).")
+    return genes
+
+
+def get_counts(adata: AnnData, *, layer: str | None = None, where: str = "the table") -> np.ndarray | sp.spmatrix:
+    """Raw counts matrix (``X`` or ``layers[layer]``), checked for NaN, infinities and negative values."""
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"Layer {layer!r} not found in {where} (have {sorted(adata.layers)}).")
+    X = adata.layers[layer] if layer is not None else adata.X
+    if X is None:
+        raise ValueError(f"{where} has no expression matrix `X`; expected raw counts.")
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"{where} holds dtype {values.dtype}; expected numeric raw counts.")
+    if values.size and not np.isfinite(values).all():
+        bad = ~np.isfinite(values)
+        raise ValueError(f"{where} contains {int(bad.sum())} NaN or infinite values; expected finite raw counts.")
+    if values.size and values.min() < 0:
+        raise ValueError(f"{where} contains negative values (min {values.min()}); expected raw counts >= 0.")
+    return X
+
+
+def check_instances(table_ids: np.ndarray, label_ids: np.ndarray, *, table_key: str, labels_key: str) -> None:
+    """Every cell of the table must be a nucleus of the labels."""
+    missing = np.setdiff1d(np.asarray(table_ids), np.asarray(label_ids))
+    if missing.size:
+        raise ValueError(
+            f"Table {table_key!r} has {missing.size} cells whose ids are absent from labels {labels_key!r}: "
+            f"{_preview(missing.tolist())}; expected every table cell to be a nucleus of {labels_key!r}."
+        )
+
+
+def check_cell_types(table: AnnData, cell_type_key: str | None, *, table_key: str) -> pd.Categorical | None:
+    """The cell type column as a categorical (``None`` when ``cell_type_key`` is ``None``)."""
+    if cell_type_key is None:
+        return None
+    if cell_type_key not in table.obs:
+        raise KeyError(
+            f"Cell type column {cell_type_key!r} not found in `sdata.tables[{table_key!r}].obs` "
+            f"(have {list(table.obs.columns)})."
+        )
+    return pd.Categorical(table.obs[cell_type_key])

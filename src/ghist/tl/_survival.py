@@ -1,0 +1,273 @@
+"""Univariate Cox proportional-hazards screens of per-sample features (genes, cell-type proportions, scores)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+from scipy.stats import false_discovery_control
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["survival"]
+
+_RESULT_COLUMNS = ["feature", "hr", "ci_lower", "ci_upper", "coef", "se", "p", "q", "n", "n_events"]
+_DURATION, _EVENT, _FEATURE = "__duration__", "__event__", "__feature__"
+
+
+def survival(
+    adata: AnnData,
+    *,
+    duration_key: str,
+    event_key: str,
+    features: Sequence[str] | None = None,
+    covariates: Sequence[str] | None = None,
+    layer: str | None = None,
+    penalizer: float = 0.0,
+    standardize: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Fit one Cox proportional-hazards model per feature and rank the features by their association with survival.
+
+    For every feature a Cox model (:class:`lifelines.CoxPHFitter`) is fitted with that feature as the only
+    predictor, plus the optional ``covariates`` it is adjusted for. With ``standardize=True`` the feature is
+    z-scored over the samples used for its fit, so the hazard ratio is per standard deviation and comparable
+    between features. p-values are Wald tests of the feature's coefficient, and q-values are Benjamini–Hochberg
+    adjusted over the features that could be fitted.
+
+    Parameters
+    ----------
+    adata
+        Samples x features, e.g. one row per slide or patient with mean predicted expression, cell-type
+        proportions or scores in ``X`` (feature names in ``var_names``) and clinical columns in ``obs``.
+    duration_key
+        Column of ``adata.obs`` with the follow-up time (non-negative).
+    event_key
+        Column of ``adata.obs`` with the event indicator: ``1``/``True`` for an observed event (death,
+        relapse), ``0``/``False`` for a censored sample.
+    features
+        Features (``var_names``) to test. Defaults to all.
+    covariates
+        Columns of ``adata.obs`` to adjust for (e.g. age, stage). Categorical, string and boolean columns are
+        one-hot encoded (first level dropped); numeric ones enter as they are.
+    layer
+        Layer of ``adata`` to read the features from instead of ``X``.
+    penalizer
+        L2 penalty passed to :class:`lifelines.CoxPHFitter`; a small value (e.g. ``0.01``) helps convergence
+        on small or separable cohorts.
+    standardize
+        z-score each feature, so that ``hr`` is the hazard ratio per standard deviation. Otherwise per unit.
+    progress
+        Show a progress bar over the features.
+
+    Returns
+    -------
+    One row per feature, indexed by feature and sorted by ``p`` (features that could not be fitted last), with
+    columns ``feature``, ``hr`` (hazard ratio), ``ci_lower``/``ci_upper`` (its 95% confidence interval),
+    ``coef`` (log hazard ratio), ``se`` (its standard error), ``p``, ``q`` (Benjamini–Hochberg), ``n`` (samples
+    used) and ``n_events`` (events among them). Features that are constant, have no events among their samples or
+    whose fit fails get ``NaN`` statistics and a warning. The call's settings are in ``result.attrs["params"]``.
+
+    Examples
+    --------
+    >>> res = ghist.tl.survival(cohort, duration_key="os_months", event_key="os_event", covariates=["stage"])
+    >>> res.query("q < 0.05").head()
+
+    """
+    from lifelines import CoxPHFitter
+    from lifelines.exceptions import ConvergenceError
+
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"`adata` must be an AnnData of samples x features, got {type(adata).__name__}.")
+    covariates = [] if covariates is None else list(covariates)
+    if isinstance(features, str):
+        features = [features]
+    features = list(adata.var_names) if features is None else list(features)
+    _check_keys(adata, duration_key, event_key, covariates, features, layer)
+    if penalizer < 0:
+        raise ValueError(f"`penalizer` must be >= 0, got {penalizer}.")
+
+    duration = _durations(adata.obs[duration_key], duration_key)
+    event = _events(adata.obs[event_key], event_key)
+    cov = _encode_covariates(adata.obs, covariates)
+    base_ok = np.isfinite(duration) & np.isfinite(event) & adata.obs[covariates].notna().all(axis=1).to_numpy()
+    if (~base_ok).any():
+        logger.info("Dropping %d samples with missing duration, event or covariates.", int((~base_ok).sum()))
+    if not base_ok.any():
+        raise ValueError("No sample has a duration, an event and all covariates.")
+
+    values = _feature_matrix(adata, features, layer)
+    logger.info(
+        "Fitting %d univariate Cox models on %d samples (%d covariate columns).",
+        len(features),
+        int(base_ok.sum()),
+        cov.shape[1],
+    )
+
+    rows, skipped = [], {}
+    for j, name in enumerate(tqdm(features, desc="ghist.tl.survival", disable=not progress)):
+        x = values[:, j]
+        ok = base_ok & np.isfinite(x)
+        row = {"feature": name, "n": int(ok.sum()), "n_events": int(event[ok].sum())}
+        reason = _why_not_fittable(x[ok], event[ok])
+        if reason is None:
+            xo = x[ok]
+            if standardize:
+                xo = (xo - xo.mean()) / xo.std(ddof=1)
+            frame = pd.DataFrame({_DURATION: duration[ok], _EVENT: event[ok], _FEATURE: xo})
+            sub_cov = cov.loc[ok].reset_index(drop=True)
+            sub_cov = sub_cov.loc[:, sub_cov.nunique() > 1]  # a level absent from this subset is not estimable
+            frame = pd.concat([frame, sub_cov], axis=1)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # lifelines' convergence chatter; failures are caught below
+                    fit = CoxPHFitter(penalizer=penalizer).fit(frame, duration_col=_DURATION, event_col=_EVENT)
+                s = fit.summary.loc[_FEATURE]
+                row.update(
+                    coef=float(s["coef"]),
+                    se=float(s["se(coef)"]),
+                    hr=float(s["exp(coef)"]),
+                    ci_lower=float(s["exp(coef) lower 95%"]),
+                    ci_upper=float(s["exp(coef) upper 95%"]),
+                    p=float(s["p"]),
+                )
+            except (ConvergenceError, np.linalg.LinAlgError, ValueError) as err:
+                reason = f"fit failed ({type(err).__name__})"
+        if reason is not None:
+            skipped[name] = reason
+        rows.append(row)
+
+    if skipped:
+        shown = ", ".join(f"{k!r}: {v}" for k, v in list(skipped.items())[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        warnings.warn(
+            f"{len(skipped)} feature(s) could not be fitted and have NaN statistics: {shown}{more}.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    res = pd.DataFrame(rows).reindex(columns=_RESULT_COLUMNS)
+    res["q"] = _benjamini_hochberg(res["p"].to_numpy(dtype=float))
+    res = res.sort_values("p", na_position="last", kind="stable").set_index("feature", drop=False)
+    res.index.name = None
+    res.attrs["params"] = {
+        "duration_key": duration_key,
+        "event_key": event_key,
+        "covariates": covariates,
+        "layer": layer,
+        "penalizer": penalizer,
+        "standardize": standardize,
+    }
+    logger.info("Fitted %d features; %d with q < 0.05.", int(res["p"].notna().sum()), int((res["q"] < 0.05).sum()))
+    return res
+
+
+def _benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg q-values of ``p``; ``NaN`` entries stay ``NaN`` and do not count as tests."""
+    p = np.asarray(p, dtype=float)
+    q = np.full_like(p, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = false_discovery_control(p[ok], method="bh")
+    return q
+
+
+def _check_keys(
+    adata: AnnData,
+    duration_key: str,
+    event_key: str,
+    covariates: list[str],
+    features: list[str],
+    layer: str | None,
+) -> None:
+    missing_obs = [k for k in [duration_key, event_key, *covariates] if k not in adata.obs.columns]
+    if missing_obs:
+        raise KeyError(f"Column(s) {missing_obs} not found in `adata.obs` (have {list(adata.obs.columns)}).")
+    clash = {duration_key, event_key} & set(covariates)
+    if clash:
+        raise ValueError(f"Covariates {sorted(clash)} are the duration or event column.")
+    missing_var = [f for f in features if f not in adata.var_names]
+    if missing_var:
+        raise KeyError(
+            f"Feature(s) {missing_var[:10]}{' ...' if len(missing_var) > 10 else ''} not found in `adata.var_names`."
+        )
+    if not features:
+        raise ValueError("`features` is empty.")
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"Layer {layer!r} not found in `adata.layers` (have {list(adata.layers)}).")
+
+
+def _durations(col: pd.Series, key: str) -> np.ndarray:
+    try:
+        d = pd.to_numeric(col, errors="raise").to_numpy(dtype=float, na_value=np.nan)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Duration column {key!r} must be numeric, got dtype {col.dtype}.") from err
+    if (d[np.isfinite(d)] < 0).any():
+        raise ValueError(f"Duration column {key!r} has negative values.")
+    return d
+
+
+def _events(col: pd.Series, key: str) -> np.ndarray:
+    """Event indicator as float 0/1 (NaN where missing); anything else is an error."""
+
+    def to_float(v: object) -> float:
+        if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+            return np.nan
+        if isinstance(v, bool | np.bool_ | int | np.integer | float | np.floating):
+            return float(v)
+        raise TypeError
+
+    try:
+        e = np.array([to_float(v) for v in col.astype(object)], dtype=float)
+    except TypeError as err:
+        raise ValueError(
+            f"Event column {key!r} must be 0/1 or boolean (1 = event observed), got values {list(col.unique()[:5])}."
+        ) from err
+    bad = ~np.isin(e[np.isfinite(e)], (0.0, 1.0))
+    if bad.any():
+        raise ValueError(
+            f"Event column {key!r} must be 0/1 or boolean (1 = event observed), got values "
+            f"{sorted(set(e[np.isfinite(e)][bad].tolist()))[:5]}."
+        )
+    return e
+
+
+def _encode_covariates(obs: pd.DataFrame, covariates: list[str]) -> pd.DataFrame:
+    parts = []
+    for key in covariates:
+        col = obs[key]
+        if pd.api.types.is_bool_dtype(col) or not pd.api.types.is_numeric_dtype(col):
+            cat = col.astype("category")
+            dummies = pd.get_dummies(cat, prefix=key, prefix_sep="=", drop_first=True, dtype=float)
+            dummies.loc[cat.isna().to_numpy()] = np.nan
+            parts.append(dummies)
+        else:
+            parts.append(col.astype(float).rename(key).to_frame())
+    if not parts:
+        return pd.DataFrame(index=range(len(obs)))
+    return pd.concat(parts, axis=1).reset_index(drop=True)
+
+
+def _feature_matrix(adata: AnnData, features: list[str], layer: str | None) -> np.ndarray:
+    idx = adata.var_names.get_indexer(features)
+    mat = adata.X if layer is None else adata.layers[layer]
+    mat = mat[:, idx]
+    if sparse.issparse(mat):
+        mat = mat.toarray()
+    return np.asarray(mat, dtype=float)
+
+
+def _why_not_fittable(x: np.ndarray, event: np.ndarray) -> str | None:
+    if x.size < 3:
+        return f"only {x.size} samples"
+    if np.ptp(x) == 0:
+        return "constant"
+    if event.sum() == 0:
+        return "no events"
+    return None

@@ -1,0 +1,261 @@
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import spatialdata as sd
+from scipy import ndimage as ndi
+from skimage.color import hed2rgb, rgb2hed
+from spatialdata.models import Image2DModel
+from spatialdata.transformations import Affine, Identity, Scale, get_transformation
+
+import ghist
+from ghist.pp._segment import _hematoxylin, _resolve_pixel_size, _segmentation_f1, _segmentation_scores
+
+PIXEL_SIZE = 0.5
+
+
+def _he_disks(size: int = 256, *, seed: int = 0, n_target: int = 70) -> tuple[np.ndarray, np.ndarray]:
+    """An H&E-like RGB image of elliptical nuclei (some touching) on eosin stroma, and its true labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), dtype=np.int32)
+    centres: list[tuple[float, float, float]] = []
+    for _ in range(5000):
+        if len(centres) == n_target:
+            break
+        r = rng.uniform(5.5, 8.5)  # 2.75-4.25 µm radius: 24-57 µm²
+        cy, cx = rng.uniform(r, size - r, 2)
+        if all(np.hypot(cy - y, cx - x) >= r + q - 0.5 for y, x, q in centres):
+            centres.append((cy, cx, r))
+    for i, (cy, cx, r) in enumerate(centres, start=1):
+        a, b, theta = r * rng.uniform(1.0, 1.25), r * rng.uniform(0.8, 1.0), rng.uniform(0, np.pi)
+        dy, dx = yy - cy, xx - cx
+        u = dx * np.cos(theta) + dy * np.sin(theta)
+        v = -dx * np.sin(theta) + dy * np.cos(theta)
+        inside = ((u / a) ** 2 + (v / b) ** 2 <= 1) & (labels == 0)
+        labels[inside] = i
+    hema = np.where(labels > 0, rng.uniform(0.9, 1.3, labels.max() + 1)[labels], 0.05)
+    hema = ndi.gaussian_filter(hema, 1.0) + rng.normal(0, 0.03, labels.shape)
+    eosin = 0.25 + ndi.gaussian_filter(rng.normal(0, 0.1, labels.shape), 4)
+    rgb = hed2rgb(np.stack([hema, eosin, np.zeros_like(hema)], axis=-1))
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8), labels
+
+
+def _sdata(rgb: np.ndarray, *, microns: bool = True, scale_factors: list[int] | None = None) -> sd.SpatialData:
+    transformations = {"global": Identity()}
+    if microns:
+        transformations["microns"] = Scale([PIXEL_SIZE, PIXEL_SIZE], axes=("y", "x"))
+    image = Image2DModel.parse(
+        np.moveaxis(rgb, -1, 0), dims=("c", "y", "x"), transformations=transformations, scale_factors=scale_factors
+    )
+    return sd.SpatialData(images={"he": image})
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return _he_disks()
+
+
+@pytest.fixture(scope="module")
+def segmented(synthetic):
+    rgb, _ = synthetic
+    sdata = _sdata(rgb)
+    ghist.pp.segment_nuclei(sdata, progress=False)
+    return sdata
+
+
+def _labels(sdata: sd.SpatialData, key: str = "nuclei") -> np.ndarray:
+    return np.asarray(sdata.labels[key].data.compute())
+
+
+def test_f1_against_truth(synthetic, segmented):
+    _, truth = synthetic
+    pred = _labels(segmented)
+    scores = _segmentation_scores(truth, pred)
+    assert scores["f1"] >= 0.8, scores
+    assert abs(scores["n_pred"] - scores["n_true"]) <= 0.15 * scores["n_true"], scores
+
+
+def test_result_element(segmented):
+    labels = segmented.labels["nuclei"]
+    assert labels.dtype == np.int32
+    assert tuple(labels.dims) == ("y", "x")
+    assert labels.shape == segmented.images["he"].shape[1:]
+    assert get_transformation(labels, get_all=True) == get_transformation(segmented.images["he"], get_all=True)
+    ids = np.unique(_labels(segmented))
+    ids = ids[ids > 0]
+    assert ids.size > 0
+    # ids are unique per object and numbered from 1 with few gaps
+    assert ids[0] == 1
+    assert ids[-1] <= ids.size + 2
+    lab = _labels(segmented)
+    objects = ndi.find_objects(lab)
+    n_parts = [ndi.label(lab[sl] == i)[1] for i, sl in enumerate(objects, start=1) if sl is not None]
+    assert max(n_parts) == 1
+
+
+@pytest.mark.parametrize("chunk_size", [64, 100])
+def test_chunk_size_invariance(synthetic, segmented, chunk_size):
+    rgb, truth = synthetic
+    sdata = _sdata(rgb)
+    ghist.pp.segment_nuclei(sdata, chunk_size=chunk_size, progress=False)
+    whole, chunked = _labels(segmented), _labels(sdata)
+    # same objects, up to relabelling
+    assert _segmentation_f1(whole, chunked, iou=0.9) >= 0.97
+    assert (whole > 0).sum() == pytest.approx((chunked > 0).sum(), rel=0.02)
+    # no true nucleus crossing a chunk border is split into two predicted ids
+    borders = np.arange(chunk_size, truth.shape[0], chunk_size)
+    crossing = set(np.unique(truth[borders, :])) | set(np.unique(truth[:, borders]))
+    crossing.discard(0)
+    assert len(crossing) >= 5
+    for i in crossing:
+        ids, counts = np.unique(chunked[truth == i], return_counts=True)
+        counts = counts[ids > 0]
+        assert (counts >= 0.2 * (truth == i).sum()).sum() <= 1, f"nucleus {i} split at a chunk border"
+
+
+def test_halo_too_small_warns(synthetic, caplog):
+    rgb, _ = synthetic
+    sdata = _sdata(rgb)
+    with caplog.at_level("WARNING", logger="ghist"):
+        ghist.pp.segment_nuclei(sdata, chunk_size=64, halo=4, progress=False)
+    assert "halo" in caplog.text
+
+
+def test_multiscale_and_pixel_size_argument(synthetic):
+    rgb, truth = synthetic
+    sdata = _sdata(rgb, microns=False, scale_factors=[2])
+    with pytest.raises(ValueError, match="pixel_size"):
+        ghist.pp.segment_nuclei(sdata, progress=False)
+    assert "nuclei" not in sdata.labels
+    ghist.pp.segment_nuclei(sdata, pixel_size=PIXEL_SIZE, progress=False)
+    assert _segmentation_f1(truth, _labels(sdata)) >= 0.8
+
+
+def test_size_filters(synthetic, segmented):
+    rgb, _ = synthetic
+    sdata = _sdata(rgb)
+    ghist.pp.segment_nuclei(sdata, min_area_um2=40.0, max_area_um2=60.0, progress=False)
+    lab = _labels(sdata)
+    areas = np.bincount(lab.ravel())[1:]
+    areas = areas[areas > 0] * PIXEL_SIZE**2
+    assert areas.size > 0
+    assert areas.min() >= 40.0
+    assert areas.max() <= 60.0
+    assert areas.size < np.unique(_labels(segmented)).size - 1
+
+
+def test_overwrite(synthetic):
+    rgb, _ = synthetic
+    sdata = _sdata(rgb)
+    ghist.pp.segment_nuclei(sdata, key_added="seg", progress=False)
+    first = _labels(sdata, "seg")
+    with pytest.raises(ValueError, match="overwrite=True"):
+        ghist.pp.segment_nuclei(sdata, key_added="seg", progress=False)
+    ghist.pp.segment_nuclei(sdata, key_added="seg", overwrite=True, progress=False, threshold_factor=2.0)
+    assert (_labels(sdata, "seg") > 0).sum() < (first > 0).sum()
+    with pytest.raises(ValueError, match="unique"):
+        ghist.pp.segment_nuclei(sdata, key_added="he", overwrite=True, progress=False)
+
+
+def test_backed_store_is_written(synthetic, tmp_path):
+    rgb, _ = synthetic
+    path = tmp_path / "sample.zarr"
+    _sdata(rgb).write(path)
+    sdata = sd.read_zarr(path)
+    ghist.pp.segment_nuclei(sdata, progress=False)
+    assert "nuclei" in sd.read_zarr(path).labels
+    ghist.pp.segment_nuclei(sdata, overwrite=True, progress=False, threshold_factor=2.0)
+    on_disk = np.asarray(sd.read_zarr(path).labels["nuclei"].data.compute())
+    np.testing.assert_array_equal(on_disk, _labels(sdata))
+
+
+def test_input_validation(synthetic):
+    rgb, _ = synthetic
+    sdata = _sdata(rgb)
+    with pytest.raises(ValueError, match="watershed"):
+        ghist.pp.segment_nuclei(sdata, method="unet", progress=False)
+    with pytest.raises(KeyError, match="missing"):
+        ghist.pp.segment_nuclei(sdata, image_key="missing", progress=False)
+    with pytest.raises(TypeError, match="blob_sigma_um"):
+        ghist.pp.segment_nuclei(sdata, sigma=1.0, progress=False)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ghist.pp.segment_nuclei(sdata, chunk_size=8, progress=False)
+    with pytest.raises(ValueError, match="min_area_um2"):
+        ghist.pp.segment_nuclei(sdata, min_area_um2=50, max_area_um2=20, progress=False)
+    with pytest.raises(ValueError, match="pixel_size"):
+        ghist.pp.segment_nuclei(sdata, pixel_size=-1.0, progress=False)
+    with pytest.raises(ValueError, match="threshold"):
+        ghist.pp.segment_nuclei(sdata, threshold="li", progress=False)
+    float_image = Image2DModel.parse(np.moveaxis(rgb, -1, 0).astype(np.float32) / 255, dims=("c", "y", "x"))
+    with pytest.raises(ValueError, match="uint8"):
+        ghist.pp.segment_nuclei(sd.SpatialData(images={"he": float_image}), pixel_size=0.5, progress=False)
+    assert not sdata.labels
+
+
+def test_fixed_threshold(synthetic):
+    rgb, truth = synthetic
+    sdata = _sdata(rgb)
+    ghist.pp.segment_nuclei(sdata, threshold=0.3, progress=False)
+    assert _segmentation_f1(truth, _labels(sdata)) >= 0.8
+    empty = _sdata(rgb)
+    ghist.pp.segment_nuclei(empty, threshold=10.0, progress=False)
+    assert not _labels(empty).any()
+
+
+@pytest.mark.parametrize(("method", "modules"), [("stardist", ["stardist", "csbdeep"]), ("cellpose", ["cellpose"])])
+def test_optional_backend_missing(synthetic, monkeypatch, method, modules):
+    rgb, _ = synthetic
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(ImportError, match=rf"ghist\[{method}\]"):
+        ghist.pp.segment_nuclei(_sdata(rgb), method=method, model=object(), progress=False)
+
+
+def test_pixel_size_from_microns_transformation(synthetic):
+    rgb, _ = synthetic
+    image = np.moveaxis(rgb, -1, 0)
+    angle = np.deg2rad(30)
+    rotation = 0.25 * np.array([[np.cos(angle), -np.sin(angle), 5], [np.sin(angle), np.cos(angle), 7], [0, 0, 1]])
+    rotation[2, 2] = 1
+    element = Image2DModel.parse(
+        image, dims=("c", "y", "x"), transformations={"microns": Affine(rotation, ("x", "y"), ("x", "y"))}
+    )
+    assert _resolve_pixel_size(element, "he", None) == pytest.approx(0.25)
+    assert _resolve_pixel_size(element, "he", 0.7) == 0.7
+
+
+def test_segmentation_f1():
+    true = np.zeros((20, 20), dtype=np.int32)
+    true[2:8, 2:8] = 1
+    true[10:18, 10:18] = 2
+    true[2:6, 12:18] = 3
+    assert _segmentation_f1(true, true) == 1.0
+    relabelled = np.choose(true, [0, 7, 3, 5])
+    assert _segmentation_f1(true, relabelled) == 1.0
+    # one object missed, one spurious: 2 of 3 matched on each side
+    pred = true.copy()
+    pred[true == 3] = 0
+    pred[0:2, 0:2] = 9
+    assert _segmentation_f1(true, pred) == pytest.approx(2 * 2 / (3 + 3))
+    # a prediction covering half of a true object matches at IoU 0.5, not above
+    halves = np.zeros_like(true)
+    halves[10:18, 10:14] = 1
+    halves[10:18, 14:18] = 2
+    sub = np.where(np.isin(true, [2]), true, 0)
+    assert _segmentation_f1(sub, halves, iou=0.5) == pytest.approx(2 * 1 / (1 + 2))
+    assert _segmentation_f1(sub, halves, iou=0.51) == 0.0
+    scores = _segmentation_scores(true, np.zeros_like(true))
+    assert scores["recall"] == 0.0
+    assert scores["f1"] == 0.0
+    assert _segmentation_f1(np.zeros_like(true), np.zeros_like(true)) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        _segmentation_f1(true, true[:5])
+
+
+def test_hematoxylin_matches_skimage():
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rgb[0, :4] = [(0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 0, 255)]
+    np.testing.assert_allclose(_hematoxylin(rgb), rgb2hed(rgb)[..., 0], atol=1e-5)

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+import spatialdata
+
+import ghist
+
+
+@pytest.fixture(scope="session")
+def _train_sdata():
+    return ghist.datasets.synthetic(image_size=256, n_genes=24, seed=0)
+
+
+@pytest.fixture(scope="session")
+def _test_sdata():
+    return ghist.datasets.synthetic(image_size=192, n_genes=24, seed=1)
+
+
+@pytest.fixture
+def test_sdata(_test_sdata):
+    return spatialdata.deepcopy(_test_sdata)
+
+
+@pytest.fixture(scope="session")
+def tiles(_train_sdata, tmp_path_factory):
+    return ghist.pp.make_tiles(
+        _train_sdata, cell_type_key="cell_type", tile_size=64, path=tmp_path_factory.mktemp("tiles") / "t.zarr"
+    )
+
+
+@pytest.fixture(scope="session")
+def reference(_train_sdata):
+    genes = list(_train_sdata.tables["table"].var_names)
+    cells = ghist.datasets.synthetic_reference(n_cells_per_type=30, genes=genes, seed=0)
+    return ghist.pp.reference_profiles(cells, "cell_type")
+
+
+@pytest.fixture(scope="session")
+def trained(tiles, reference, tmp_path_factory):
+    """A tiny model trained for real: shared by the predict/evaluate tests."""
+    groups = {"immune": [t for t in tiles.cell_types if t in ("T", "B", "Plasma")][:2] or tiles.cell_types[:1]}
+    model = ghist.tl.fit(
+        tiles,
+        reference=reference,
+        cell_type_groups=groups,
+        width=8,
+        embed_dim=32,
+        max_epochs=25,
+        batch_size=4,
+        lr=3e-3,
+        seed=0,
+        progress=False,
+        checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
+    )
+    return model

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ghist
+from ghist.pp._tiles import collate_tiles
+
+
+def _accuracy(model, dataset) -> float:
+    batch = collate_tiles([dataset[i] for i in range(len(dataset))])
+    model.network.eval()
+    with torch.inference_mode():
+        out = model.network(batch["image"], batch["labels"], batch["cell_batch"], int(batch["n_cells"]))
+    known = batch["cell_type"] >= 0
+    pred = out["cell_logits"].argmax(-1)
+    return float((pred[known] == batch["cell_type"][known]).float().mean())
+
+
+def test_fit_learns(trained, tiles):
+    history = trained.history_
+    assert trained.is_trained_
+    assert len(history) >= 2
+    losses = history["train_loss_epoch"].to_numpy()
+    assert losses[-1] < 0.7 * losses[0]
+    n_types = len(tiles.cell_types)
+    # well above chance on held-out tiles never seen in training
+    assert _accuracy(trained, tiles.test) > max(0.5, 2.0 / n_types)
+    assert "val_score" in history.columns
+
+
+def test_fit_is_reproducible(tiles, tmp_path):
+    kwargs = {"width": 4, "embed_dim": 16, "max_epochs": 1, "batch_size": 4, "seed": 3, "progress": False}
+    a = ghist.tl.fit(tiles, checkpoint_dir=tmp_path / "a", **kwargs)
+    b = ghist.tl.fit(tiles, checkpoint_dir=tmp_path / "b", **kwargs)
+    for (name, pa), pb in zip(a.network.state_dict().items(), b.network.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_resume_continues(tiles, tmp_path):
+    kwargs = {"width": 4, "embed_dim": 16, "batch_size": 4, "seed": 1, "progress": False}
+    first = ghist.tl.fit(tiles, max_epochs=1, checkpoint_dir=tmp_path / "run", **kwargs)
+    assert first.best_epoch_ == 0
+    last = tmp_path / "run" / "last.ckpt"
+    assert last.exists()
+    state = torch.load(last, weights_only=False)
+    assert state["epoch"] == 0
+    resumed = ghist.tl.fit(tiles, max_epochs=3, resume=last, checkpoint_dir=tmp_path / "run2", **kwargs)
+    # the resumed run trained epochs 1 and 2 only: its history starts where the first run stopped
+    assert resumed.history_["epoch"].tolist() == [1.0, 2.0]
+    assert resumed.best_epoch_ in (0, 1, 2)
+
+
+def test_fit_without_cell_types(_train_sdata, tmp_path):
+    tiles = ghist.pp.make_tiles(_train_sdata, tile_size=64, path=tmp_path / "t.zarr")
+    assert tiles.cell_types is None
+    model = ghist.tl.fit(tiles, width=4, embed_dim=16, max_epochs=1, batch_size=4, progress=False)
+    assert model.n_types == 0
+    assert model.is_trained_
+
+
+def test_fit_max_time(tiles):
+    model = ghist.tl.fit(
+        tiles, width=4, embed_dim=16, max_epochs=10_000, max_time="00:00:00:03", batch_size=4, progress=False
+    )
+    assert len(model.history_) < 10_000
+
+
+def test_fit_bad_inputs(tiles, reference):
+    with pytest.raises(TypeError, match="TileSet"):
+        ghist.tl.fit("tiles")
+    bad = reference[:, reference.var_names[:3]].copy()
+    with pytest.raises(KeyError, match="reference"):
+        ghist.tl.fit(tiles, reference=bad, width=4, max_epochs=1)
+    with pytest.raises(KeyError, match="not among"):
+        ghist.tl.fit(tiles, cell_type_groups={"x": ["Unicorn"]}, width=4, max_epochs=1)
+    with pytest.raises(ValueError, match="max_time"):
+        ghist.tl.fit(tiles, max_time="twenty minutes", width=4, max_epochs=1)

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import squidpy as sq
+from spatialdata import SpatialData
+from spatialdata.models import ShapesModel, TableModel
+from spatialdata.transformations import Identity
+
+import ghist
+
+
+def _he_only(sdata):
+    return SpatialData(images={"he": sdata.images["he"]}, labels={"nuclei": sdata.labels["nuclei"]})
+
+
+def test_predict_writes_valid_table(trained, test_sdata):
+    sdata = _he_only(test_sdata)
+    table = ghist.tl.predict(sdata, trained, progress=False)
+    assert sdata.tables["ghist"] is table
+    TableModel().validate(table)
+    truth = test_sdata.tables["table"]
+    assert table.n_obs >= 0.95 * truth.n_obs
+    assert list(table.var_names) == trained.genes
+    assert np.isfinite(table.X).all() and (table.X >= 0).all()
+    assert isinstance(table.obs["ghist_cell_type"].dtype, pd.CategoricalDtype)
+    assert list(table.obs["ghist_cell_type"].cat.categories) == trained.cell_types
+    proba = np.asarray(table.obsm["ghist_cell_type_proba"])
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-4)
+    assert np.asarray(table.obsm["ghist_composition"]).shape == (table.n_obs, len(trained.cell_types))
+    # centroids land on the nucleus they describe
+    labels = np.asarray(test_sdata.labels["nuclei"])
+    xy = np.round(table.obsm["spatial"]).astype(int)
+    hit = labels[xy[:, 1].clip(0, labels.shape[0] - 1), xy[:, 0].clip(0, labels.shape[1] - 1)]
+    assert (hit == table.obs["cell_id"].to_numpy()).mean() > 0.9
+    assert table.uns["ghist"]["params"]["alpha"] == 2.0
+    # squidpy accepts the table as it is
+    sq.gr.spatial_neighbors(table, coord_type="generic", n_neighs=6)
+    sq.gr.nhood_enrichment(table, cluster_key="ghist_cell_type", n_perms=10, seed=0, show_progress_bar=False)
+    assert "ghist_cell_type_nhood_enrichment" in table.uns
+
+
+def test_predict_refuses_overwrite(trained, test_sdata):
+    ghist.tl.predict(test_sdata, trained, progress=False)
+    with pytest.raises(KeyError, match="overwrite"):
+        ghist.tl.predict(test_sdata, trained, progress=False)
+    before = test_sdata.tables["table"].copy()
+    ghist.tl.predict(test_sdata, trained, overwrite=True, progress=False)
+    assert test_sdata.tables["table"].n_obs == before.n_obs  # the measured table is left alone
+
+
+def test_predict_alpha_zero_is_plain_argmax(trained, test_sdata):
+    a = ghist.tl.predict(test_sdata, trained, alpha=0, key_added="a", progress=False)
+    b = ghist.tl.predict(test_sdata, trained, alpha=0, key_added="b", tile_overlap=40, progress=False)
+    proba = np.asarray(a.obsm["ghist_cell_type_proba"])
+    assert (np.asarray(trained.cell_types)[proba.argmax(1)] == a.obs["ghist_cell_type"].astype(str)).all()
+    shared = a.obs_names.intersection(b.obs_names)
+    assert len(shared) > 0.95 * a.n_obs
+
+
+def test_predict_is_seeded(trained, test_sdata):
+    a = ghist.tl.predict(test_sdata, trained, key_added="a", seed=5, progress=False)
+    b = ghist.tl.predict(test_sdata, trained, key_added="b", seed=5, progress=False)
+    np.testing.assert_array_equal(a.X, b.X)
+
+
+def test_predict_region(trained, test_sdata):
+    import geopandas as gpd
+    from shapely.geometry import Point
+
+    circles = gpd.GeoDataFrame(
+        {"radius": [40.0, 30.0]}, geometry=[Point(60, 60), Point(140, 120)]
+    )
+    test_sdata.shapes["spots"] = ShapesModel.parse(circles, transformations={"global": Identity()})
+    table = ghist.tl.predict(test_sdata, trained, region_key="spots", progress=False)
+    xy = table.obsm["spatial"]
+    d = np.minimum(np.hypot(xy[:, 0] - 60, xy[:, 1] - 60) / 40, np.hypot(xy[:, 0] - 140, xy[:, 1] - 120) / 30)
+    assert (d <= 1.0 + 1e-6).all()
+    assert 0 < table.n_obs < test_sdata.tables["table"].n_obs
+
+
+def test_predict_bad_inputs(trained, test_sdata):
+    with pytest.raises(KeyError, match="not a labels element|not found"):
+        ghist.tl.predict(test_sdata, trained, labels_key="he")
+    with pytest.raises(KeyError, match="not an image|not found"):
+        ghist.tl.predict(test_sdata, trained, image_key="nuclei")
+    with pytest.raises(TypeError, match="GHISTModel"):
+        ghist.tl.predict(test_sdata, "model")
+    with pytest.raises(KeyError, match="refine_types"):
+        ghist.tl.predict(test_sdata, trained, refine_types=["Unicorn"])
+
+
+def test_predict_other_pixel_space(trained):
+    sdata = ghist.datasets.synthetic(image_size=192, n_genes=24, seed=1, he_transform="scale")
+    table = ghist.tl.predict(sdata, trained, progress=False)
+    assert table.n_obs >= 0.9 * sdata.tables["table"].n_obs
+    scores = ghist.tl.evaluate(sdata, cell_type_key="cell_type")
+    assert scores.attrs["n_cells"] == table.n_obs
