@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import _logging  # noqa: F401  (sets up the "ghist" logger)
-from . import datasets, pl, pp, tl
+from . import (
+    _logging,  # noqa: F401  (sets up the "ghist" logger)
+    datasets,
+    pl,
+    pp,
+    tl,
+)
 
 try:
     __version__ = version("ghist")

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             progress=not args.no_progress,
         )
-        print(json.dumps(metrics, indent=2))  # noqa: T201 - the CLI's output
+        print(json.dumps(metrics, indent=2))
     return 0
 
 

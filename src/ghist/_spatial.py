@@ -12,7 +12,6 @@ neighbour, never blending instance ids).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,6 @@ from spatialdata.transformations import get_transformation
 from xarray import DataArray
 
 from ._constants import GLOBAL_CS, MICRONS_CS
-from ._validation import require_key, scale0
 
 logger = logging.getLogger(__name__)
 
@@ -234,15 +232,3 @@ def image_pixel_size(sdata: SpatialData, element_key: str) -> float | None:
         return None
     area = abs(float(np.linalg.det(matrix[:2, :2])))
     return float(np.sqrt(area)) if area > 0 else None
-
-
-def raster_shape(sdata: SpatialData, attr: str, key: str) -> tuple[int, int]:
-    """``(height, width)`` of the full-resolution raster ``sdata.<attr>[key]``."""
-    element = scale0(require_key(sdata, attr, key))
-    return int(element.sizes["y"]), int(element.sizes["x"])
-
-
-def transformations_of(sdata: SpatialData, key: str) -> Mapping[str, Any]:
-    """The spatialdata transformations of an element (coordinate system -> transformation)."""
-    _, element = _find_element(sdata, key)
-    return get_transformation(element, get_all=True)

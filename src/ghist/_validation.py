@@ -116,7 +116,9 @@ def table_annotation(sdata: SpatialData, table_key: str, region: str) -> tuple[s
     regions, region_key, instance_key = get_table_keys(table)
     regions = [regions] if isinstance(regions, str) else list(regions)
     if region not in regions:
-        raise ValueError(f"Table {table_key!r} annotates {regions}, not {region!r}; expected it to annotate {region!r}.")
+        raise ValueError(
+            f"Table {table_key!r} annotates {regions}, not {region!r}; expected it to annotate {region!r}."
+        )
     if instance_key not in table.obs:
         raise KeyError(f"Table {table_key!r} lacks its instance key column `obs[{instance_key!r}]`.")
     return region_key, instance_key

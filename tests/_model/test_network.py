@@ -291,7 +291,7 @@ def test_invalid_arguments():
         GHISTNetwork(5, 0, groups={"a": [0]}, **SMALL)
     with pytest.raises(ValueError, match="'a'"):
         GHISTNetwork(5, 3, groups={"a": [3]}, **SMALL)
-    with pytest.raises(ValueError, match="without '.'"):
+    with pytest.raises(ValueError, match=r"without '\.'"):
         GHISTNetwork(5, 3, groups={"a.b": [0]}, **SMALL)
     with pytest.raises(ValueError, match="reference"):
         GHISTNetwork(5, 3, reference=torch.zeros(2, 4), **SMALL)
@@ -337,7 +337,8 @@ def test_refinement_moves_composition_toward_estimate():
 def test_refinement_leaves_confident_cells_and_other_types_alone():
     probs, comp, cell_batch = _refine_case()
     confident = probs.max(1).values > 0.6
-    assert confident.any() and (~confident).any()
+    assert confident.any()
+    assert (~confident).any()
     new_probs, types = neighbourhood_refine(probs, comp, cell_batch, generator=torch.Generator().manual_seed(0))
     assert torch.equal(new_probs[confident], probs[confident])
     assert torch.equal(types[confident], probs.argmax(1)[confident])
@@ -405,3 +406,32 @@ def test_tiny_network_overfits_colour_coded_disks():
     assert history[-1]["total"] < 0.5 * history[0]["total"]
     assert history[-1]["expr"] < 0.5 * history[0]["expr"]
     assert accuracy > 0.6  # chance is 1/3
+
+
+def test_custom_encoder():
+    class Encoder(torch.nn.Module):
+        out_channels = (3, 5, 6, 7, 8)
+
+        def __init__(self):
+            super().__init__()
+            self.convs = torch.nn.ModuleList(
+                torch.nn.Conv2d(c_in, c_out, 3, padding=1) for c_in, c_out in zip((3, 3, 5, 6, 7), self.out_channels)
+            )
+
+        def forward(self, x):
+            maps = []
+            for k, conv in enumerate(self.convs):
+                x = conv(torch.nn.functional.avg_pool2d(x, 2) if k else x)
+                maps.append(x)
+            return maps
+
+    torch.manual_seed(0)
+    batch = disk_batch(cells=3)
+    net = GHISTNetwork(7, 3, encoder=Encoder(), **SMALL)
+    assert net.backbone.encoder_channels == (3, 5, 6, 7, 8)
+    out = run(net, batch)
+    assert out["embedding"].shape == (batch["n_cells"], 16)
+    ghist_losses(out, batch, net)["total"].backward()
+    assert net.backbone.encoder.convs[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="out_channels"):
+        GHISTNetwork(7, 3, encoder=torch.nn.Identity(), **SMALL)

@@ -14,6 +14,7 @@ from spatialdata.models import Image2DModel
 from spatialdata.transformations import Identity, get_transformation, set_transformation
 from torch.utils.data import DataLoader
 
+from ghist._validation import ValidationError
 from ghist.pp import TileSet, make_tiles
 from ghist.pp._tiles import SPLIT_NAMES, collate_tiles, row_bands, split_rows
 
@@ -349,10 +350,17 @@ def test_refuses_to_overwrite(sdata, tmp_path):
 
 
 def test_default_path_is_a_new_temporary_directory(sdata):
+    import shutil
+
     a, b = _tiles(sdata), _tiles(sdata)
+    for tiles in (a, b):
+        assert tiles.path.name == "tiles.zarr"
+        assert tiles.path.parent.name.startswith("ghist_tiles_")
     assert a.path != b.path
     assert a.path.exists()
     assert b.path.exists()
+    for tiles in (a, b):
+        shutil.rmtree(tiles.path.parent)
 
 
 def test_datasets_pickle(sdata, tmp_path):
@@ -389,6 +397,9 @@ def test_dataloader(sdata, tmp_path):
     loader = DataLoader(tiles.train, batch_size=3, shuffle=True, collate_fn=collate_tiles)
     n_tiles = sum(batch["image"].shape[0] for batch in loader)
     assert n_tiles == len(tiles.train)
+    workers = DataLoader(tiles.train, batch_size=3, num_workers=2, collate_fn=collate_tiles)
+    tiles_seen = torch.cat([batch["tile"] for batch in workers])
+    assert sorted(tiles_seen.tolist()) == sorted(tiles.train.indices.tolist())
 
 
 # ------------------------------------------------------------------------------------------------ samples, genes
@@ -536,6 +547,9 @@ def test_bad_sample_is_named(tmp_path, make_sdata):
         _tiles({"a": good, "b": bad}, tmp_path)
     with pytest.raises(TypeError, match="SpatialData"):
         _tiles([good, "not a sample"], tmp_path)
+    del good.tables["table"]
+    with pytest.raises(ValidationError, match=r"(?s)sample 'a'.*'table'.*sample 'b'.*'table'"):
+        _tiles({"a": good, "b": bad}, tmp_path)  # problems of several samples are reported together
 
 
 def test_table_annotating_another_element(sdata, tmp_path):
@@ -576,3 +590,50 @@ def test_synthetic_dataset(he_transform, tmp_path, counts_by_id):
         set_transformation(sdata.images["he"], Identity(), "global")
         wrong = _tiles(sdata, tmp_path / "wrong", tile_size=32, fold=None)
         assert _nucleus_contrast(wrong) < 20
+
+
+def test_multiscale_elements(sdata, tmp_path):
+    from spatialdata.models import Labels2DModel
+
+    flat = _tiles(sdata, tmp_path / "flat", cell_type_key="cell_type")
+    image, labels = np.asarray(sdata.images["he"]), np.asarray(sdata.labels["nuclei"])
+    sdata.images["he"] = Image2DModel.parse(
+        image,
+        dims=("c", "y", "x"),
+        scale_factors=[2],
+        transformations=get_transformation(sdata.images["he"], get_all=True),
+    )
+    sdata.labels["nuclei"] = Labels2DModel.parse(
+        labels,
+        dims=("y", "x"),
+        scale_factors=[2],
+        transformations=get_transformation(sdata.labels["nuclei"], get_all=True),
+    )
+    multi = _tiles(sdata, tmp_path / "multi", cell_type_key="cell_type")
+    assert len(multi) == len(flat)
+    assert multi.pixel_size == pytest.approx(flat.pixel_size)
+    for a, b in zip(_items(multi.train), _items(flat.train)):
+        assert torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["image"], b["image"])
+
+
+def test_lazy_expression_reads_match_in_memory(sdata, tmp_path, monkeypatch):
+    import ghist.pp._tiles as tiles_module
+
+    tiles = _tiles(sdata, tmp_path, cell_type_key="cell_type")
+    in_memory = _items(tiles.train)
+    monkeypatch.setattr(tiles_module, "_EXPR_IN_MEMORY_BYTES", 0)
+    lazy = TileSet.open(tiles.path)
+    assert not isinstance(lazy._open_arrays()["expr"][0], np.ndarray)  # chunked reads from the store
+    for a, b in zip(_items(lazy.train), in_memory):
+        assert torch.equal(a["expr"], b["expr"])
+        assert torch.equal(a["cell_type"], b["cell_type"])
+
+
+def test_image_not_overlapping_the_labels(sdata, tmp_path):
+    from spatialdata.transformations import Translation
+
+    set_transformation(sdata.images["he"], Translation([5000.0, 0.0], axes=("x", "y")), "global")
+    with pytest.raises(ValueError, match="does not overlap"):
+        _tiles(sdata, tmp_path)
+    assert not (tmp_path / "tiles.zarr").exists()

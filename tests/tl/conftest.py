@@ -7,30 +7,30 @@ import ghist
 
 
 @pytest.fixture(scope="session")
-def _train_sdata():
+def train_sdata_session():
     return ghist.datasets.synthetic(image_size=256, n_genes=24, seed=0)
 
 
 @pytest.fixture(scope="session")
-def _test_sdata():
+def test_sdata_session():
     return ghist.datasets.synthetic(image_size=192, n_genes=24, seed=1)
 
 
 @pytest.fixture
-def test_sdata(_test_sdata):
-    return spatialdata.deepcopy(_test_sdata)
+def test_sdata(test_sdata_session):
+    return spatialdata.deepcopy(test_sdata_session)
 
 
 @pytest.fixture(scope="session")
-def tiles(_train_sdata, tmp_path_factory):
+def tiles(train_sdata_session, tmp_path_factory):
     return ghist.pp.make_tiles(
-        _train_sdata, cell_type_key="cell_type", tile_size=64, path=tmp_path_factory.mktemp("tiles") / "t.zarr"
+        train_sdata_session, cell_type_key="cell_type", tile_size=64, path=tmp_path_factory.mktemp("tiles") / "t.zarr"
     )
 
 
 @pytest.fixture(scope="session")
-def reference(_train_sdata):
-    genes = list(_train_sdata.tables["table"].var_names)
+def reference(train_sdata_session):
+    genes = list(train_sdata_session.tables["table"].var_names)
     cells = ghist.datasets.synthetic_reference(n_cells_per_type=30, genes=genes, seed=0)
     return ghist.pp.reference_profiles(cells, "cell_type")
 
@@ -45,7 +45,7 @@ def trained(tiles, reference, tmp_path_factory):
         cell_type_groups=groups,
         width=8,
         embed_dim=32,
-        max_epochs=25,
+        max_epochs=15,
         batch_size=4,
         lr=3e-3,
         seed=0,

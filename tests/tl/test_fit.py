@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -52,8 +51,8 @@ def test_resume_continues(tiles, tmp_path):
     assert resumed.best_epoch_ in (0, 1, 2)
 
 
-def test_fit_without_cell_types(_train_sdata, tmp_path):
-    tiles = ghist.pp.make_tiles(_train_sdata, tile_size=64, path=tmp_path / "t.zarr")
+def test_fit_without_cell_types(train_sdata_session, tmp_path):
+    tiles = ghist.pp.make_tiles(train_sdata_session, tile_size=64, path=tmp_path / "t.zarr")
     assert tiles.cell_types is None
     model = ghist.tl.fit(tiles, width=4, embed_dim=16, max_epochs=1, batch_size=4, progress=False)
     assert model.n_types == 0

@@ -63,6 +63,7 @@ class GHISTModel:
     >>> model = ghist.GHISTModel(["EPCAM", "PTPRC"], ["Malignant", "T"], width=8)
     >>> model.n_genes, model.cell_types
     (2, ['Malignant', 'T'])
+
     """
 
     def __init__(
@@ -92,7 +93,8 @@ class GHISTModel:
             reference = np.asarray(reference, dtype=np.float32)
             if reference.ndim != 2 or reference.shape[1] != len(genes):
                 raise ValueError(
-                    f"`reference` has shape {reference.shape}; expected (n_profiles, {len(genes)}) with one column per gene."
+                    f"`reference` has shape {reference.shape}; "
+                    f"expected (n_profiles, {len(genes)}) with one column per gene."
                 )
             if not np.isfinite(reference).all():
                 raise ValueError("`reference` contains NaN or infinite values.")
@@ -178,7 +180,11 @@ class GHISTModel:
     def __repr__(self) -> str:
         p = self.init_params_
         n_params = sum(t.numel() for t in self.network.parameters())
-        types = "none" if not self.cell_types else f"{self.n_types} ({', '.join(self.cell_types[:6])}{', ...' * (self.n_types > 6)})"
+        types = (
+            "none"
+            if not self.cell_types
+            else f"{self.n_types} ({', '.join(self.cell_types[:6])}{', ...' * (self.n_types > 6)})"
+        )
         lines = [
             f"GHISTModel ({'trained' if self.is_trained_ else 'untrained'}, {n_params / 1e6:.2f}M parameters)",
             f"    genes: {self.n_genes} ({', '.join(self.genes[:5])}{', ...' * (self.n_genes > 5)})",
@@ -213,6 +219,7 @@ class GHISTModel:
         >>> model.save(path)
         >>> ghist.GHISTModel.load(path).genes
         ['EPCAM', 'PTPRC']
+
         """
         from .. import __version__
 
@@ -270,6 +277,7 @@ class GHISTModel:
         Returns
         -------
         The model, in evaluation mode.
+
         """
         path = Path(dir_path) / MODEL_FILE
         if not path.exists():
@@ -305,13 +313,13 @@ class GHISTModel:
             logger.warning("This GHISTModel has not been trained; its predictions are meaningless. Run `ghist.tl.fit`.")
 
 
-def _check_groups(
-    groups: Mapping[str, Sequence[str]] | None, cell_types: Sequence[str] | None
-) -> dict[str, list[str]]:
+def _check_groups(groups: Mapping[str, Sequence[str]] | None, cell_types: Sequence[str] | None) -> dict[str, list[str]]:
     if not groups:
         return {}
     if not cell_types:
-        raise ValueError("`cell_type_groups` needs cell types; the tiles carry none (pass `cell_type_key` to make_tiles).")
+        raise ValueError(
+            "`cell_type_groups` needs cell types; the tiles carry none (pass `cell_type_key` to make_tiles)."
+        )
     out: dict[str, list[str]] = {}
     for name, members in groups.items():
         members = [members] if isinstance(members, str) else [str(m) for m in members]

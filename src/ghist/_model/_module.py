@@ -7,12 +7,12 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import torch
 import pandas as pd
+import torch
 from lightning.pytorch.callbacks import Callback, Timer
 
-from ._losses import ghist_losses
 from .._stats import validation_score
+from ._losses import ghist_losses
 from ._network import GHISTNetwork
 
 

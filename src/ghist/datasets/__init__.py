@@ -1,5 +1,6 @@
 """ghist.datasets."""
 
+from ._cohort import synthetic_cohort
 from ._registry import REGISTRY, data_dir, fetch, her2st, xenium_breast_preview, xenium_breast_preview_sdata
 from ._synthetic import synthetic, synthetic_reference
 
@@ -9,6 +10,7 @@ __all__ = [
     "fetch",
     "her2st",
     "synthetic",
+    "synthetic_cohort",
     "synthetic_reference",
     "xenium_breast_preview",
     "xenium_breast_preview_sdata",

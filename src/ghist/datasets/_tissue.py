@@ -14,17 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 from scipy import ndimage as ndi
+
+from .._constants import XENIUM_BREAST_CELL_TYPES
 
 # Indices into ghist._constants.XENIUM_BREAST_CELL_TYPES.
 B, MYELOID, ENDOTHELIAL, FIBROBLAST, MACROPHAGE, MALIGNANT, EPITHELIAL, PLASMA, T = range(9)
 N_TYPES = 9
+TYPE_INDEX = {name: i for i, name in enumerate(XENIUM_BREAST_CELL_TYPES)}
 
 # Region codes of the tissue map.
 STROMA, TUMOUR, FAT, AGGREGATE, DUCT, LUMEN, VESSEL = range(7)
 
 N_HARM = 5  # radial harmonics k = 1..5 of the nucleus outline
-SIZE = 0.92  # overall scale of nuclei and of their packing
+SIZE = 0.9  # overall scale of nuclei and of their packing
 N_CLUMPS = 9  # chromatin clumps per nucleus (unused ones have amplitude 0)
 
 # Nuclear morphology per type, lengths in microns. a, b: semi-axes; power: superellipse exponent (< 2 gives pointed
@@ -33,23 +37,23 @@ N_CLUMPS = 9  # chromatin clumps per nucleus (unused ones have amplitude 0)
 # interior: chromatin density at the centre relative to the rim (low = vesicular); fine: fine chromatin grain;
 # clump/n_clumps: coarse chromatin clumps; clock: clumps on a ring (clock-face); nucleoli: expected number.
 MORPHOLOGY: dict[int, dict[str, float]] = {
-    T: {"a": 2.75, "b": 2.55, "size_cv": 0.07, "power": 2.0, "harm": 0.025, "H": 1.35, "E": 0.03, "interior": 0.95,
+    T: {"a": 2.65, "b": 2.45, "size_cv": 0.07, "power": 2.0, "harm": 0.025, "H": 1.35, "E": 0.03, "interior": 0.95,
         "fine": 0.05, "clump": 0.0, "n_clumps": 0, "nucleoli": 0.0},
-    B: {"a": 3.45, "b": 3.2, "size_cv": 0.07, "power": 2.0, "harm": 0.03, "H": 1.0, "E": 0.0, "interior": 0.75,
-        "fine": 0.08, "clump": 0.45, "n_clumps": 6, "nucleoli": 0.0},
+    B: {"a": 3.6, "b": 3.3, "size_cv": 0.07, "power": 2.0, "harm": 0.03, "H": 1.1, "E": 0.0, "interior": 0.75,
+        "fine": 0.1, "clump": 0.5, "n_clumps": 6, "nucleoli": 0.0},
     PLASMA: {"a": 3.3, "b": 2.55, "size_cv": 0.07, "power": 2.0, "harm": 0.02, "H": 0.8, "E": 0.1, "interior": 0.55,
              "fine": 0.05, "clump": 1.1, "n_clumps": 9, "clock": 1.0, "nucleoli": 0.0},
     MYELOID: {"a": 3.5, "b": 3.3, "size_cv": 0.08, "power": 2.0, "harm": 0.02, "lobes": 0.32, "H": 1.15, "E": 0.14,
               "interior": 0.95, "fine": 0.06, "clump": 0.0, "n_clumps": 0, "nucleoli": 0.0},
-    MACROPHAGE: {"a": 4.7, "b": 3.5, "size_cv": 0.09, "power": 2.0, "harm": 0.03, "kidney": 0.4, "H": 0.55,
+    MACROPHAGE: {"a": 4.7, "b": 3.5, "size_cv": 0.09, "power": 2.0, "harm": 0.03, "kidney": 0.5, "H": 0.55,
                  "E": 0.06, "interior": 0.8, "fine": 0.14, "clump": 0.15, "n_clumps": 4, "nucleoli": 0.0},
     MALIGNANT: {"a": 5.5, "b": 4.55, "size_cv": 0.15, "power": 2.0, "harm": 0.085, "H": 0.85, "E": 0.1,
-                "interior": 0.38, "fine": 0.12, "clump": 0.35, "n_clumps": 7, "nucleoli": 1.5},
+                "interior": 0.38, "fine": 0.14, "clump": 0.5, "n_clumps": 8, "nucleoli": 1.5},
     EPITHELIAL: {"a": 4.2, "b": 3.0, "size_cv": 0.07, "power": 2.0, "harm": 0.02, "H": 0.78, "E": 0.05,
                  "interior": 0.85, "fine": 0.08, "clump": 0.1, "n_clumps": 3, "nucleoli": 0.25},
-    FIBROBLAST: {"a": 7.5, "b": 1.45, "size_cv": 0.13, "power": 1.45, "harm": 0.02, "H": 0.95, "E": 0.05,
-                 "interior": 0.9, "fine": 0.1, "clump": 0.0, "n_clumps": 0, "nucleoli": 0.0},
-    ENDOTHELIAL: {"a": 4.8, "b": 1.1, "size_cv": 0.1, "power": 1.8, "harm": 0.01, "bend": 0.07, "H": 1.15,
+    FIBROBLAST: {"a": 7.5, "b": 1.5, "size_cv": 0.12, "power": 1.45, "harm": 0.02, "H": 0.85, "E": 0.06,
+                 "interior": 0.9, "fine": 0.14, "clump": 0.0, "n_clumps": 0, "nucleoli": 0.0},
+    ENDOTHELIAL: {"a": 4.6, "b": 1.05, "size_cv": 0.1, "power": 1.8, "harm": 0.01, "bend": 0.07, "H": 1.3,
                   "E": 0.03, "interior": 0.95, "fine": 0.04, "clump": 0.0, "n_clumps": 0, "nucleoli": 0.0},
 }  # fmt: skip
 
@@ -72,13 +76,15 @@ class Frame:
     matrix: np.ndarray  # 3 x 3, pixel (x, y, 1) -> microns (x, y, 1)
     inverse: np.ndarray = field(init=False, repr=False)
 
+    step: float = field(init=False, repr=False)  # pixel size in microns (geometric mean of the axes)
+
     def __post_init__(self) -> None:
         self.inverse = np.linalg.inv(self.matrix)
+        self.step = float(np.sqrt(abs(np.linalg.det(self.matrix[:2, :2]))))
 
     @property
-    def step(self) -> float:
-        """Pixel size in microns (geometric mean of the axes)."""
-        return float(np.sqrt(abs(np.linalg.det(self.matrix[:2, :2]))))
+    def axis_aligned(self) -> bool:
+        return self.matrix[0, 1] == 0 and self.matrix[1, 0] == 0
 
     def to_microns(self, cols: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m = self.matrix
@@ -175,7 +181,7 @@ def sample_nuclei(
     E = p["E"] * np.exp(rng.normal(0, 0.1, n))
 
     theta = rng.uniform(0, 2 * np.pi, (n, 3))
-    wavelength = rng.uniform(0.9, 1.5, (n, 3))
+    wavelength = rng.uniform(0.8, 1.3, (n, 3))
     fine_k = np.stack([np.cos(theta), np.sin(theta)], -1) * (2 * np.pi / wavelength)[..., None]
     fine_phase = rng.uniform(0, 2 * np.pi, (n, 3))
 
@@ -223,41 +229,46 @@ def local_coords(nuc: Nuclei, i: int, x: np.ndarray, y: np.ndarray) -> tuple[np.
 
 def outline_distance(nuc: Nuclei, i: int, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Signed radial distance (microns, < 0 inside) to the outline of nucleus ``i``, and its radius there."""
-    rho = np.hypot(u, v)
-    theta = np.arctan2(v, u)
+    rho = np.sqrt(u * u + v * v) + 1e-9
+    c, s = u / rho, v / rho  # cos and sin of the polar angle
     a, b, pw = nuc.a[i], nuc.b[i], nuc.power[i]
-    c, s = np.abs(np.cos(theta)), np.abs(np.sin(theta))
     if pw == 2.0:
         radius = a * b / np.sqrt((b * c) ** 2 + (a * s) ** 2)
     else:
-        radius = ((c / a) ** pw + (s / b) ** pw) ** (-1.0 / pw)
-    mod = 1.0
-    for k in range(N_HARM):
-        if nuc.harm_amp[i, k] > 0:
-            mod = mod + nuc.harm_amp[i, k] * np.cos((k + 1) * theta + nuc.harm_phase[i, k])
-    if nuc.lobes[i] > 0:
-        mod = mod + nuc.lobes[i] * (np.abs(np.cos(1.5 * (theta + nuc.harm_phase[i, 0]))) * 2 - 1)
-    if nuc.kidney[i] > 0:
-        off = np.angle(np.exp(1j * (theta - np.pi / 2)))
-        mod = mod * (1 - nuc.kidney[i] * np.exp(-(off**2) / (2 * 0.45**2)))
-    radius = radius * mod
+        radius = ((np.abs(c) / a) ** pw + (np.abs(s) / b) ** pw) ** (-1.0 / pw)
+    amp, phase = nuc.harm_amp[i], nuc.harm_phase[i]
+    lobes, kidney = nuc.lobes[i], nuc.kidney[i]
+    n_harm = max((k + 1 for k in range(N_HARM) if amp[k] > 0.004), default=0)
+    if lobes > 0:
+        n_harm = max(n_harm, 3)
+    if n_harm:
+        mod = 1.0
+        ck, sk = c, s  # cos(k theta), sin(k theta) by the angle-addition recurrence
+        for k in range(1, n_harm + 1):
+            if k > 1:
+                ck, sk = ck * c - sk * s, sk * c + ck * s
+            if amp[k - 1] > 0.004:
+                mod = mod + amp[k - 1] * (ck * np.cos(phase[k - 1]) - sk * np.sin(phase[k - 1]))
+            if k == 3 and lobes > 0:  # three lobes with notches between them
+                c3 = ck * np.cos(3 * phase[0]) - sk * np.sin(3 * phase[0])
+                mod = mod + lobes * (2 * np.sqrt(np.clip(0.5 + 0.5 * c3, 0, 1)) - 1)
+        radius = radius * mod
+    if kidney > 0:  # a notch on one flank (angle pi / 2), about 0.45 rad wide
+        radius = radius * (1 - kidney * np.exp((s - 1) / 0.45**2))
     return rho - radius, radius
 
 
-def nucleus_window(
-    nuc: Nuclei, i: int, frame: Frame, pad: float
-) -> tuple[slice, slice, np.ndarray, np.ndarray] | None:
+def nucleus_window(nuc: Nuclei, i: int, frame: Frame, pad: float) -> tuple[slice, slice, np.ndarray, np.ndarray] | None:
     """Pixel window of ``frame`` around nucleus ``i`` (``pad`` microns beyond its outline) and its micron coords."""
-    col, row = frame.to_pixels(np.array([nuc.x[i]]), np.array([nuc.y[i]]))
+    col, row = frame.to_pixels(float(nuc.x[i]), float(nuc.y[i]))
     rp = (nuc.rmax[i] + pad) / frame.step + 1
-    r0, r1 = int(np.floor(row[0] - rp)), int(np.ceil(row[0] + rp)) + 1
-    c0, c1 = int(np.floor(col[0] - rp)), int(np.ceil(col[0] + rp)) + 1
-    r0, c0 = max(r0, 0), max(c0, 0)
-    r1, c1 = min(r1, frame.shape[0]), min(c1, frame.shape[1])
+    r0, r1 = max(int(np.floor(row - rp)), 0), min(int(np.ceil(row + rp)) + 1, frame.shape[0])
+    c0, c1 = max(int(np.floor(col - rp)), 0), min(int(np.ceil(col + rp)) + 1, frame.shape[1])
     if r1 <= r0 or c1 <= c0:
         return None
-    rows, cols = np.mgrid[r0:r1, c0:c1]
-    x, y = frame.to_microns(cols.astype(float), rows.astype(float))
+    x, y = frame.to_microns(np.arange(c0, c1, dtype=float)[None, :], np.arange(r0, r1, dtype=float)[:, None])
+    if np.ndim(x) < 2 or x.shape != (r1 - r0, c1 - c0):
+        x, y = np.broadcast_to(x, (r1 - r0, c1 - c0)), np.broadcast_to(y, (r1 - r0, c1 - c0))
     return slice(r0, r1), slice(c0, c1), x, y
 
 
@@ -332,27 +343,49 @@ def onehot(t: int) -> np.ndarray:
 
 
 def mix(**weights: float) -> np.ndarray:
-    names = {"B": B, "Myeloid": MYELOID, "Endothelial": ENDOTHELIAL, "Fibroblast": FIBROBLAST,
-             "Macrophage": MACROPHAGE, "Malignant": MALIGNANT, "Epithelial": EPITHELIAL, "Plasma": PLASMA, "T": T}  # fmt: skip
     v = np.zeros(N_TYPES)
     for k, w in weights.items():
-        v[names[k]] = w
+        v[TYPE_INDEX[k]] = w
     return v / v.sum()
+
+
+def _interp_matrix(pos: np.ndarray, n: int) -> sp.csr_matrix:
+    """Sparse matrix of linear interpolation weights at continuous indices ``pos`` into ``n`` samples."""
+    pos = np.clip(pos, 0, n - 1)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), n - 2) if n > 1 else np.zeros(len(pos), np.int64)
+    f = pos - i0 if n > 1 else np.zeros(len(pos))
+    rows = np.repeat(np.arange(len(pos)), 2)
+    cols = np.stack([i0, np.minimum(i0 + 1, n - 1)], 1).ravel()
+    vals = np.stack([1 - f, f], 1).ravel()
+    return sp.csr_matrix((vals, (rows, cols)), shape=(len(pos), n))
+
+
+def resample(img: np.ndarray, src: Frame, dst: Frame) -> np.ndarray:
+    """Bilinear resampling of ``img`` (on grid ``src``) at the pixel centres of grid ``dst``."""
+    h, w = dst.shape
+    if src.axis_aligned and dst.axis_aligned:
+        xs, _ = dst.to_microns(np.arange(w, dtype=float), 0.0)
+        _, ys = dst.to_microns(0.0, np.arange(h, dtype=float))
+        cols, _ = src.to_pixels(xs, 0.0)
+        _, rows = src.to_pixels(0.0, ys)
+        ry, rx = _interp_matrix(rows, img.shape[0]), _interp_matrix(cols, img.shape[1])
+        return np.asarray(ry @ (rx @ img.T).T, dtype=np.float32)
+    out = np.empty((h, w), np.float32)
+    for r0 in range(0, h, 256):  # in row blocks, to bound memory
+        rows = np.arange(r0, min(r0 + 256, h), dtype=np.float32)[:, None]
+        x, y = dst.to_microns(np.arange(w, dtype=np.float32)[None, :], rows)
+        c, r = src.to_pixels(x, y)
+        out[r0 : r0 + len(rows)] = ndi.map_coordinates(img, [r, c], order=1, mode="nearest", prefilter=False)
+    return out
 
 
 def _coarse_field(rng: np.random.Generator, frame: Frame, sigma_um: float, step_um: float = 4.0) -> np.ndarray:
     """Smooth unit-sd noise with correlation length ``sigma_um``, computed coarse and interpolated to ``frame``."""
     x0, y0, x1, y1 = frame.footprint()
     shape = (int(np.ceil((y1 - y0) / step_um)) + 3, int(np.ceil((x1 - x0) / step_um)) + 3)
-    coarse = smooth_noise(rng, shape, sigma_um / step_um)
-    h, w = frame.shape
-    cols, rows = np.arange(w, dtype=float), np.arange(h, dtype=float)
-    xs, _ = frame.to_microns(cols, np.zeros(w))
-    _, ys = frame.to_microns(np.zeros(h), rows)
-    ci = (xs - x0) / step_um + 1
-    ri = (ys - y0) / step_um + 1
-    rr, cc = np.meshgrid(ri, ci, indexing="ij")
-    return ndi.map_coordinates(coarse, [rr, cc], order=1, mode="nearest").astype(np.float32)
+    coarse = smooth_noise(rng, shape, sigma_um / step_um).astype(np.float32)
+    grid = Frame(shape, np.array([[step_um, 0, x0 - 1.5 * step_um], [0, step_um, y0 - 1.5 * step_um], [0, 0, 1]]))
+    return resample(coarse, grid, frame)
 
 
 def _hex_lattice(rng: np.random.Generator, box: tuple[float, float, float, float], spacing: float, jitter: float):
@@ -392,7 +425,9 @@ def build_tissue(rng: np.random.Generator, frame: Frame) -> tuple[Tissue, Candid
     # Fat lobules, away from tumour.
     fat_f = _coarse_field(rng, frame, 45.0)
     far = dist_tumour > 20
-    fat = far & (fat_f > np.quantile(fat_f[far], max(1 - 0.045 * far.size / max(far.sum(), 1), 0))) if far.any() else far
+    fat = (
+        far & (fat_f > np.quantile(fat_f[far], max(1 - 0.045 * far.size / max(far.sum(), 1), 0))) if far.any() else far
+    )
     region[fat] = FAT
 
     def free_points(n_try: int, ok) -> tuple[np.ndarray, np.ndarray]:
@@ -535,7 +570,7 @@ def build_tissue(rng: np.random.Generator, frame: Frame) -> tuple[Tissue, Candid
     # Tumour nests: cohesive sheets of malignant cells, a few infiltrating immune cells.
     lx, ly = _hex_lattice(rng, box, SIZE * 11.9, 1.0)
     sel = region_at(lx, ly) == TUMOUR
-    cand.add(lx[sel], ly[sel], rng.uniform(0, np.pi, sel.sum()), onehot(MALIGNANT), retries=2)
+    cand.add(lx[sel], ly[sel], rng.uniform(0, np.pi, sel.sum()), onehot(MALIGNANT), retries=3)
     # Lymphoid aggregates: dense lattice of small round cells.
     lx, ly = _hex_lattice(rng, box, SIZE * 7.2, 0.5)
     sel = region_at(lx, ly) == AGGREGATE
@@ -546,8 +581,10 @@ def build_tissue(rng: np.random.Generator, frame: Frame) -> tuple[Tissue, Candid
     else:
         rnorm = np.ones(len(lx))
     core = np.clip((0.75 - rnorm) / 0.25, 0, 1)[:, None]
-    probs = core * mix(B=0.72, T=0.22, Macrophage=0.06) + (1 - core) * mix(T=0.84, B=0.08, Macrophage=0.04, Myeloid=0.04)
-    cand.add(lx, ly, rng.uniform(0, np.pi, len(lx)), probs, retries=2)
+    probs = core * mix(B=0.72, T=0.22, Macrophage=0.06) + (1 - core) * mix(
+        T=0.84, B=0.08, Macrophage=0.04, Myeloid=0.04
+    )
+    cand.add(lx, ly, rng.uniform(0, np.pi, len(lx)), probs, retries=3)
     # Immune cells scattered through the nests.
     px, py = free_points(int(area / 900), lambda px, py: region_at(px, py) == TUMOUR)
     cand.add(px, py, rng.uniform(0, np.pi, len(px)), mix(T=0.6, Macrophage=0.4))
@@ -572,7 +609,7 @@ def build_tissue(rng: np.random.Generator, frame: Frame) -> tuple[Tissue, Candid
         halo = np.exp(-np.clip(rn - 1, 0, None) / 0.25)[:, None]
         probs = (1 - 0.6 * halo) * probs + 0.6 * halo * mix(Plasma=0.45, B=0.2, T=0.35)
     angle = tissue.lookup("fibre_angle", px, py) + rng.normal(0, 0.12, len(px))
-    cand.add(px, py, angle, probs, retries=2)
+    cand.add(px, py, angle, probs, retries=3)
     # Lymphocytes and macrophages filling the gaps left between stromal cells.
     px, py = free_points(int(area / 70), lambda px, py: region_at(px, py) == STROMA)
     cand.add(px, py, rng.uniform(0, np.pi, len(px)), mix(T=0.7, Macrophage=0.12, Plasma=0.06, Myeloid=0.06, B=0.06))
@@ -615,13 +652,19 @@ def place_nuclei(
     placed = []
     for i in order:
         for attempt in range(retries[i] + 1):
-            if attempt == 1:  # shrink a little
-                nuc.a[i] *= 0.87
-                nuc.b[i] *= 0.87
-                nuc.rmax[i] *= 0.87
-            elif attempt == 2:  # move a little
+            if attempt == 1:  # move a little
                 nuc.x[i] += jitter[i, 0]
                 nuc.y[i] += jitter[i, 1]
+            elif attempt == 2:  # move the other way
+                nuc.x[i] -= 2 * jitter[i, 0]
+                nuc.y[i] -= 2 * jitter[i, 1]
+            elif attempt == 3:  # move sideways
+                nuc.x[i] += jitter[i, 0] - jitter[i, 1]
+                nuc.y[i] += jitter[i, 1] + jitter[i, 0]
+            col, row = frame.to_pixels(float(nuc.x[i]), float(nuc.y[i]))
+            ri, ci = round(row), round(col)
+            if 0 <= ri < frame.shape[0] and 0 <= ci < frame.shape[1] and halo[ri, ci]:
+                continue  # the centre is already taken
             win = nucleus_window(nuc, i, frame, pad=gap)
             if win is None:
                 break
@@ -661,9 +704,9 @@ def paint_background(rng: np.random.Generator, tissue: Tissue, nuc: Nuclei, occ:
     E[stroma] = e_str[stroma]
     H[stroma] = 0.03
     for code, e, hh in ((TUMOUR, 0.15, 0.03), (AGGREGATE, 0.09, 0.05), (DUCT, 0.12, 0.03), (FAT, 0.012, 0.0),
-                        (VESSEL, 0.06, 0.0)):  # fmt: skip
+                        (VESSEL, 0.1, 0.0)):  # fmt: skip
         m = region == code
-        E[m] = e * (1 + 0.15 * fine[m])
+        E[m] = e * (1 + 0.25 * fine[m])
         H[m] = hh
     lumen = region == LUMEN
     E[lumen] = 0.02 + 0.05 * np.clip(_coarse_field(rng, frame, 3.0, step_um=1.0)[lumen], 0, None)
@@ -682,7 +725,7 @@ def paint_background(rng: np.random.Generator, tissue: Tissue, nuc: Nuclei, occ:
         edge = np.zeros((h, w), bool)
         edge[:, 1:] |= owner[:, 1:] != owner[:, :-1]
         edge[1:, :] |= owner[1:, :] != owner[:-1, :]
-        edge = ndi.binary_dilation(edge, iterations=max(int(round(0.4 / step)), 0)) if step < 0.4 else edge
+        edge = ndi.binary_dilation(edge, iterations=max(round(0.4 / step), 0)) if step < 0.4 else edge
         E[fat & edge] = 0.42
         H[fat & edge] = 0.03
 
@@ -696,8 +739,8 @@ def paint_background(rng: np.random.Generator, tissue: Tissue, nuc: Nuclei, occ:
         edge[:, 1:] |= owner[:, 1:] != owner[:, :-1]
         edge[1:, :] |= owner[1:, :] != owner[:-1, :]
         border = sheet & edge & (dist_own > 1.5)
-        E[border] *= 0.55
-        H[border] *= 0.5
+        E[border] *= 0.72
+        H[border] *= 0.6
 
     # Cytoplasm of plasma cells, macrophages, myeloid, malignant and epithelial cells.
     dirs = rng.uniform(0, 2 * np.pi, len(nuc))
@@ -743,6 +786,7 @@ def paint_background(rng: np.random.Generator, tissue: Tissue, nuc: Nuclei, occ:
             dist = np.hypot(rows - r, cols - c) * step
             disc = np.clip((3.5 - dist) / 0.6, 0, 1) * (1 - 0.3 * np.exp(-(dist**2) / 2.0))
             rbc[r0:r1, c0:c1] = np.maximum(rbc[r0:r1, c0:c1], disc)
+        rbc *= ndi.gaussian_filter(vessel.astype(np.float32), 0.4 / step)
     tissue.eosin, tissue.haem, tissue.rbc = E, H, rbc
 
 
@@ -755,20 +799,13 @@ def render_he(rng: np.random.Generator, tissue: Tissue, nuc: Nuclei, frame: Fram
     """Rasterise the tissue through pixel grid ``frame``: RGB ``uint8`` with dims ``(c, y, x)``."""
     h, w = frame.shape
     step = frame.step
-    rows, cols = np.mgrid[0:h, 0:w].astype(np.float32)
-    X, Y = frame.to_microns(cols, rows)
-    fc, fr = tissue.frame.to_pixels(X, Y)
-    del X, Y, rows, cols
-    coords = np.stack([fr, fc])
 
     def sample(img: np.ndarray) -> np.ndarray:
-        return ndi.map_coordinates(img, coords, order=1, mode="nearest", prefilter=False).astype(np.float32)
+        return resample(img, tissue.frame, frame)
 
     Ebg, Hbg, rbc = sample(tissue.eosin), sample(tissue.haem), sample(tissue.rbc)
-    stain_h = 1 + 0.1 * _coarse_field(rng, tissue.frame, 90.0, step_um=8.0)
-    stain_e = 1 + 0.12 * _coarse_field(rng, tissue.frame, 90.0, step_um=8.0)
-    stain_h, stain_e = sample(stain_h), sample(stain_e)
-    del coords, fr, fc
+    stain_h = 1 + 0.05 * _coarse_field(rng, frame, 90.0, step_um=8.0)
+    stain_e = 1 + 0.08 * _coarse_field(rng, frame, 90.0, step_um=8.0)
 
     Hn = np.zeros((h, w), np.float32)
     En = np.zeros((h, w), np.float32)
@@ -786,7 +823,7 @@ def render_he(rng: np.random.Generator, tissue: Tissue, nuc: Nuclei, frame: Fram
         s = np.clip((d + radius) / radius, 0, 1)
         chrom = nuc.interior[i] + (1 - nuc.interior[i]) * _smoothstep((s - 0.55) / 0.45)
         grain = np.cos(u[..., None] * nuc.fine_k[i, :, 0] + v[..., None] * nuc.fine_k[i, :, 1] + nuc.fine_phase[i])
-        chrom = chrom * (1 + nuc.fine[i] * grain.mean(-1) * 1.7)
+        chrom = chrom * (1 + nuc.fine[i] * grain.mean(-1) * 3.0)
         a, b = nuc.a[i], nuc.b[i]
         sig2 = 2 * nuc.clump_sigma[i] ** 2
         for k in np.flatnonzero(nuc.clump_amp[i]):
@@ -807,14 +844,14 @@ def render_he(rng: np.random.Generator, tissue: Tissue, nuc: Nuclei, frame: Fram
     Et = (Ebg * (1 - A) + En) * stain_e
     del Hn, En, A, Hbg, Ebg, stain_h, stain_e
 
-    hv = np.array([0.62, 0.74, 0.29]) + rng.normal(0, 0.02, 3)
-    ev = np.array([0.08, 0.86, 0.42]) + rng.normal(0, 0.02, 3)
+    hv = np.array([0.62, 0.74, 0.29]) + rng.normal(0, 0.01, 3)
+    ev = np.array([0.08, 0.86, 0.42]) + rng.normal(0, 0.015, 3)
     hv, ev = hv / np.linalg.norm(hv), ev / np.linalg.norm(ev)
-    rv = np.array([0.1, 0.6, 0.42])
-    hs, es = np.exp(rng.normal(0, 0.05)), np.exp(rng.normal(0, 0.06))
+    rv = np.array([0.06, 0.45, 0.45])
+    hs, es = np.exp(rng.normal(0, 0.03)), np.exp(rng.normal(0, 0.05))
     glass = np.array([0.02, 0.03, 0.015])
     out = np.empty((3, h, w), np.float32)
-    sigma = max(0.35 / step, 0.45)
+    sigma = max(0.3 / step, 0.5)
     for ch in range(3):
         od = Ht * (hs * hv[ch]) + Et * (es * ev[ch]) + rbc * rv[ch] + glass[ch]
         img = 255.0 * np.power(10.0, -od, dtype=np.float32)

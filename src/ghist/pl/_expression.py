@@ -80,6 +80,7 @@ def expression(
     --------
     >>> import ghist
     >>> ghist.pl.expression(sdata, ["EPCAM", "PTPRC"], true_key="table", image_key="he")  # doctest: +SKIP
+
     """
     pred = get_table(sdata, pred_key)
     genes = check_genes(pred.var_names, genes, where=f"`sdata.tables[{pred_key!r}]`")
@@ -161,6 +162,7 @@ def cell_types(
     --------
     >>> import ghist
     >>> ghist.pl.cell_types(sdata, true_key="table", cell_type_key="cell_type")  # doctest: +SKIP
+
     """
     pred = get_table(sdata, pred_key)
     if PRED_CELL_TYPE_KEY not in pred.obs:

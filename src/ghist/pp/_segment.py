@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -40,8 +41,8 @@ WATERSHED_DEFAULTS: dict[str, Any] = {
     "threshold": "otsu",
     "threshold_factor": 0.85,
     "sigma_um": 0.5,
-    "blob_sigma_um": 2.5,
-    "min_distance_um": 3.0,
+    "blob_sigma_um": (2.0, 3.0),
+    "min_distance_um": 2.5,
     "max_hole_um2": 20.0,
     "background_gray": 215.0,
 }
@@ -60,7 +61,7 @@ _Segmenter = Callable[[np.ndarray], np.ndarray]
     progress=doc_progress,
     watershed_defaults=", ".join(f"``{k}={v!r}``" for k, v in WATERSHED_DEFAULTS.items()),
 )
-def segment_nuclei(  # noqa: D417 (sdata, image_key, progress: filled in by doc_params)
+def segment_nuclei(
     sdata: SpatialData,
     *,
     image_key: str = IMAGE_KEY,
@@ -165,6 +166,8 @@ def segment_nuclei(  # noqa: D417 (sdata, image_key, progress: filled in by doc_
     max_diameter_px = 2.0 * math.sqrt(max_area_px / math.pi)
 
     if method == "watershed":
+        if model is not None:
+            raise ValueError("`model` is used by method='stardist' or 'cellpose' only; method='watershed' needs none.")
         segmenter, margin = _watershed_segmenter(element, pixel_size, method_kwargs)
     elif method == "stardist":
         segmenter, margin = _stardist_segmenter(model, method_kwargs), 0.0
@@ -196,7 +199,7 @@ def segment_nuclei(  # noqa: D417 (sdata, image_key, progress: filled in by doc_
         # ``inline_array`` and a name of our own: spatialdata takes "original-from-zarr" arrays for files on disk.
         da.from_array(store, chunks=store.chunks, name=f"ghist-segment-nuclei-{uuid.uuid4().hex}", inline_array=True),
         dims=("y", "x"),
-        transformations=get_transformation(element, get_all=True),
+        transformations=copy.deepcopy(get_transformation(element, get_all=True)),
     )
     sdata.labels[key_added] = labels
     logger.info("Segmented %d nuclei of image %r into `sdata.labels[%r]`.", n_nuclei, image_key, key_added)
@@ -425,7 +428,7 @@ def _watershed_segmenter(
             f"Unknown option(s) {unknown} for method='watershed'; expected some of {sorted(WATERSHED_DEFAULTS)}."
         )
     opts = {**WATERSHED_DEFAULTS, **method_kwargs}
-    for name in ("sigma_um", "blob_sigma_um", "min_distance_um", "max_hole_um2", "threshold_factor"):
+    for name in ("sigma_um", "min_distance_um", "max_hole_um2", "threshold_factor"):
         value = opts[name]
         if isinstance(value, bool) or not np.isscalar(value) or not np.isfinite(value) or value < 0:
             raise ValueError(f"Option `{name}` of method='watershed' must be a number >= 0, got {value!r}.")
@@ -438,7 +441,7 @@ def _watershed_segmenter(
     elif isinstance(threshold, bool) or not np.isscalar(threshold) or not np.isfinite(threshold):
         raise ValueError(f"Option `threshold` must be 'otsu' or a number, got {threshold!r}.")
     sigma = float(opts["sigma_um"]) / pixel_size
-    blob_sigma = max(float(opts["blob_sigma_um"]) / pixel_size, 0.5)
+    blob_sigma = np.maximum(np.atleast_1d(np.asarray(opts["blob_sigma_um"], dtype=float)) / pixel_size, 0.5)
     footprint = disk(max(1, round(float(opts["min_distance_um"]) / pixel_size)))
     max_hole = float(opts["max_hole_um2"]) / pixel_size**2
     threshold = float(threshold)
@@ -448,7 +451,7 @@ def _watershed_segmenter(
             rgb, threshold=threshold, sigma=sigma, blob_sigma=blob_sigma, footprint=footprint, max_hole=max_hole
         )
 
-    return segment, 4.0 * max(sigma, blob_sigma) + footprint.shape[0]
+    return segment, 4.0 * max(sigma, blob_sigma.max()) + footprint.shape[0]
 
 
 def _fill_small_holes(mask: np.ndarray, max_hole: float) -> np.ndarray:
@@ -477,7 +480,7 @@ def _watershed_window(
         return np.zeros(mask.shape, dtype=np.int32)
     # Nucleus-sized blobs of hematoxylin (scale-normalised Laplacian of Gaussian) seed the watershed, which splits
     # touching nuclei along the valleys of the blob response.
-    blob = -ndi.gaussian_laplace(hema, blob_sigma) * blob_sigma**2
+    blob = np.max([-ndi.gaussian_laplace(hema, b) * b**2 for b in np.atleast_1d(blob_sigma)], axis=0)
     seeds = mask & (blob > 0) & (blob == ndi.maximum_filter(blob, footprint=footprint))
     markers, n = ndi.label(seeds, structure=np.ones((3, 3)))
     labels = watershed(-blob, markers, mask=mask)

@@ -15,6 +15,13 @@ Store layout (``path``, zarr v3)::
     samples/<i>/expr          (n_i, G) float32, log1p(counts), rows ordered by first appearance in the tile grid
     samples/<i>/cell_id       (n_i,) int64
     samples/<i>/cell_type     (n_i,) int32 code into the cell types (-1: unknown)
+
+With spot-level supervision (``spots_key``; format version 2; no measured cells, so every ``cell_rows`` is -1)::
+
+    tiles/cell_spot           (M,) int64   row of each tile cell's spot in its sample's ``spot_expr`` (-1: no spot)
+    samples/<i>/spot_expr     (S_i, G) float32, the spots' counts scaled to a common library size (not log1p)
+    samples/<i>/spot_n_cells  (S_i,) int64  nuclei whose centroid lies in each spot (over the whole labels)
+    attrs: spot_names (per sample, the spots' instance ids), spot_factors, spot_coverage, spot_target_sum, tiling
 """
 
 from __future__ import annotations
@@ -55,20 +62,22 @@ from .._validation import (
     rows_annotating,
     table_annotation,
 )
+from ._tile_spots import SpotData, cells_in_spots, nucleus_centroids, prepare_spots, spot_tile_origins
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TileDataset", "TileSet", "collate_tiles", "make_tiles"]
 
 _FORMAT = "ghist.tiles"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: spot-level stores; cell-level stores are still written as version 1
 _ATTRS = "ghist_tiles"
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "val", "test")
 _PAD_IMAGE = 255  # white, like glass
 _WRITE_BATCH = 64  # tiles buffered before one write
 _STRIP_BYTES = 256 * 2**20  # image + labels bytes read at once per band of tile rows
-_EXPR_CHUNK_BYTES = 2**20  # about 1 MiB per expr chunk
+_EXPR_CHUNK_BYTES = 2**16  # about 64 KiB per expr chunk: a tile's cells span few rows
+_EXPR_IN_MEMORY_BYTES = 64 * 2**20  # a sample's expression up to this size is read whole, once per process
 _EXPR_BLOCK_ROWS = 16384  # cells densified at once when writing expression
 
 
@@ -141,6 +150,10 @@ class _Sample:
     pixel_size: float | None
     height: int
     width: int
+    spots: SpotData | None = None
+    spot_expr: np.ndarray | None = None  # (S, G) targets of the chosen genes
+    spot_factor: float = 1.0
+    cell_spot: pd.Series | None = None  # nucleus id -> spot row (-1: in no spot), over the whole labels
 
 
 def _as_samples(sdata_or_list: Any) -> list[tuple[str, SpatialData]]:
@@ -182,7 +195,13 @@ def _prepare_sample(
     cell_type_key: str | None,
     layer: str | None,
     key_added: str | None,
+    spots_key: str | None = None,
 ) -> _Sample:
+    if spots_key is not None:
+        return _prepare_spot_sample(
+            name, sdata, image_key=image_key, labels_key=labels_key, table_key=table_key, spots_key=spots_key,
+            layer=layer, key_added=key_added,
+        )
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
     table = get_table(sdata, table_key)
@@ -235,12 +254,74 @@ def _prepare_sample(
     )
 
 
+def _prepare_spot_sample(
+    name: str,
+    sdata: SpatialData,
+    *,
+    image_key: str,
+    labels_key: str,
+    table_key: str,
+    spots_key: str,
+    layer: str | None,
+    key_added: str | None,
+) -> _Sample:
+    """A sample supervised by spots: the table annotates the spot circles, no cell is measured."""
+    image = get_image(sdata, image_key)
+    labels = get_labels(sdata, labels_key)
+    spots = prepare_spots(
+        sdata, spots_key=spots_key, table_key=table_key, image_key=image_key, labels_key=labels_key, layer=layer
+    )
+    label_ids = _label_ids(labels)
+    if label_ids.size and (label_ids.min() < 0 or label_ids.max() > np.iinfo(np.int32).max):
+        raise ValueError(
+            f"Labels {labels_key!r} hold ids in [{label_ids.min()}, {label_ids.max()}]; expected ids in "
+            f"[0, {np.iinfo(np.int32).max}] (0 = background)."
+        )
+    matrix = image_to_labels_matrix(sdata, image_key, labels_key)
+    if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
+        raise ValueError(f"The transformation from image {image_key!r} to labels {labels_key!r} is singular.")
+    if key_added is not None and key_added in sdata.shapes:
+        raise ValueError(
+            f"`key_added={key_added!r}` already exists in `sdata.shapes` of sample {name!r}; pass another key or "
+            "delete it first."
+        )
+    return _Sample(
+        name=name,
+        sdata=sdata,
+        image=image,
+        labels=labels,
+        matrix=matrix,
+        table=spots.table,
+        table_ids=np.zeros(0, dtype=np.int64),  # no measured cell
+        counts=None,
+        types=None,
+        pixel_size=image_pixel_size(sdata, image_key),
+        height=int(image.sizes["y"]),
+        width=int(image.sizes["x"]),
+        spots=spots,
+    )
+
+
+def _assign_spots(sample: _Sample) -> dict[str, float]:
+    """Give every nucleus of the sample the spot holding its centroid; return a summary."""
+    ids, xy = nucleus_centroids(sample.labels)
+    spot = cells_in_spots(xy, sample.spots)
+    sample.cell_spot = pd.Series(spot, index=ids)
+    n_cells = np.bincount(spot[spot >= 0], minlength=len(sample.spots.names))
+    return {
+        "n_spots": len(n_cells),
+        "n_spots_with_cells": int((n_cells > 0).sum()),
+        "median_cells": float(np.median(n_cells[n_cells > 0])) if (n_cells > 0).any() else 0.0,
+        "n_cells_in_spots": int(n_cells.sum()),
+    }
+
+
 def _raise_collected(errors: list[tuple[str, Exception]], n_samples: int) -> None:
     if not errors:
         return
     if len(errors) == 1:
         name, err = errors[0]
-        if n_samples == 1 or not isinstance(err, KeyError | ValueError | TypeError):
+        if n_samples == 1 or isinstance(err, ValidationError) or type(err) not in (KeyError, ValueError, TypeError):
             raise err
         msg = err.args[0] if err.args else str(err)
         raise type(err)(f"Sample {name!r}: {msg}") from err
@@ -386,29 +467,97 @@ def _cut_sample(
                     n_dropped += 1
                     continue
                 img = strip[:, y0 - ys : y0 - ys + h, x0 : x0 + w]
-                n_pix, s1, s2 = _channel_sums(img)
-                if h < t or w < t:
-                    full_img = np.full((3, t, t), _PAD_IMAGE, dtype=np.uint8)
-                    full_img[:, :h, :w] = img
-                    full_lab = np.zeros((t, t), dtype=np.int32)
-                    full_lab[:h, :w] = lab
-                    img, lab = full_img, full_lab
-                writer.add(np.ascontiguousarray(img, dtype=np.uint8), np.asarray(lab, dtype=np.int32))
-                for key, value in (
-                    ("sample", index),
-                    ("row", r),
-                    ("col", c),
-                    ("y0", y0),
-                    ("x0", x0),
-                    ("band", bands[r]),
-                    ("split", split_of_row[r]),
-                    ("n_pixels", n_pix),
-                    ("sum", s1),
-                    ("sumsq", s2),
-                    ("cells", ids),
-                ):
-                    meta[key].append(value)
+                _store_tile(img, lab, ids, (index, r, c, y0, x0, bands[r], split_of_row[r]), t, writer, meta)
     return {"n_rows": n_rows, "n_cols": n_cols, "n_dropped": n_dropped}
+
+
+def _store_tile(
+    img: np.ndarray,
+    lab: np.ndarray,
+    ids: np.ndarray,
+    where: tuple[int, int, int, int, int, int, int],
+    tile_size: int,
+    writer: _Writer,
+    meta: dict[str, list],
+) -> None:
+    """Pad a (possibly partial) tile to ``tile_size``, queue it for writing and record its metadata."""
+    t = tile_size
+    h, w = lab.shape
+    n_pix, s1, s2 = _channel_sums(img)
+    if h < t or w < t:
+        full_img = np.full((3, t, t), _PAD_IMAGE, dtype=np.uint8)
+        full_img[:, :h, :w] = img
+        full_lab = np.zeros((t, t), dtype=np.int32)
+        full_lab[:h, :w] = lab
+        img, lab = full_img, full_lab
+    writer.add(np.ascontiguousarray(img, dtype=np.uint8), np.asarray(lab, dtype=np.int32))
+    index, r, c, y0, x0, band, split = where
+    for key, value in (
+        ("sample", index),
+        ("row", r),
+        ("col", c),
+        ("y0", y0),
+        ("x0", x0),
+        ("band", band),
+        ("split", split),
+        ("n_pixels", n_pix),
+        ("sum", s1),
+        ("sumsq", s2),
+        ("cells", ids),
+    ):
+        meta[key].append(value)
+
+
+def _spot_tile_plan(sample: _Sample, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Origins (y0, x0) of the spot-centred tiles of a sample and their grid (row, col), for spots with cells."""
+    n_cells = np.bincount(sample.cell_spot.to_numpy()[sample.cell_spot.to_numpy() >= 0], minlength=len(sample.spots.names))
+    origins, centres = spot_tile_origins(sample.spots, sample.height, sample.width, tile_size)
+    inside = (centres[:, 0] >= 0) & (centres[:, 0] < sample.height) & (centres[:, 1] >= 0) & (centres[:, 1] < sample.width)
+    keep = (n_cells > 0) & inside
+    n_rows, n_cols = math.ceil(sample.height / tile_size), math.ceil(sample.width / tile_size)
+    rows = np.clip(np.floor(centres[keep, 0] / tile_size), 0, n_rows - 1).astype(np.int64)
+    cols = np.clip(np.floor(centres[keep, 1] / tile_size), 0, n_cols - 1).astype(np.int64)
+    order = np.lexsort((cols, rows))  # top to bottom, like the grid
+    return origins[keep][order], np.c_[rows, cols][order]
+
+
+def _cut_spot_tiles(
+    sample: _Sample,
+    index: int,
+    *,
+    tile_size: int,
+    split_of_row: np.ndarray,
+    bands: np.ndarray,
+    writer: _Writer,
+    meta: dict[str, list],
+    pbar: tqdm,
+) -> dict[str, int]:
+    """``tiling="spots"``: one tile centred on every spot that holds a nucleus; bands by the spot's grid row."""
+    t = tile_size
+    origins, grid = _spot_tile_plan(sample, t)
+    n_dropped = 0
+    for (y0, x0), (r, c) in zip(origins.tolist(), grid.tolist()):
+        h, w = min(t, sample.height - y0), min(t, sample.width - x0)
+        lab = read_labels_window(sample.labels, sample.matrix, y0, x0, h, w)
+        ids = _unique_ids(lab)
+        pbar.update(1)
+        if ids.size == 0:
+            n_dropped += 1
+            continue
+        img = np.asarray(sample.image.data[:, y0 : y0 + h, x0 : x0 + w])
+        _store_tile(img, lab, ids, (index, r, c, y0, x0, bands[r], split_of_row[r]), t, writer, meta)
+    return {"n_rows": math.ceil(sample.height / t), "n_cols": math.ceil(sample.width / t), "n_dropped": n_dropped}
+
+
+def _write_sample_spots(root: zarr.Group, sample: _Sample, index: int, tile_cells: list[np.ndarray]) -> np.ndarray:
+    """Write the sample's spot targets and cell counts; return each tile cell's spot row (-1: in no spot)."""
+    group = root.require_group(f"samples/{index}")
+    group.create_array("spot_expr", data=np.asarray(sample.spot_expr, dtype=np.float32))
+    spot = sample.cell_spot.to_numpy()
+    group.create_array("spot_n_cells", data=np.bincount(spot[spot >= 0], minlength=len(sample.spots.names)).astype(np.int64))
+    flat = np.concatenate(tile_cells) if tile_cells else np.zeros(0, dtype=np.int64)
+    where = sample.cell_spot.index.get_indexer(flat)
+    return np.where(where >= 0, spot[np.maximum(where, 0)], -1).astype(np.int64)
 
 
 def _write_sample_cells(
@@ -470,7 +619,7 @@ def _tile_grid_shapes(sample: _Sample, tiles: pd.DataFrame, tile_size: int, imag
 
 
 @doc_params(image_key=doc_image_key, labels_key=doc_labels_key, table_key=doc_table_key, progress=doc_progress)
-def make_tiles(  # noqa: D417 (image_key, labels_key, table_key, progress: filled in by doc_params)
+def make_tiles(
     sdata: SpatialData | Sequence[SpatialData] | Mapping[str, SpatialData],
     *,
     image_key: str = IMAGE_KEY,
@@ -626,6 +775,11 @@ def make_tiles(  # noqa: D417 (image_key, labels_key, table_key, progress: fille
                 cell_rows.append(rows)
                 summaries.append(summary)
         writer.close()
+        if writer.n == 0:
+            raise ValueError(
+                f"No tile of image {image_key!r} shows a nucleus of labels {labels_key!r}: the image does not overlap "
+                "the labels; check the coordinate transformations of both elements."
+            )
         _write_tile_meta(root, meta, cell_rows)
         attrs = {
             "format": _FORMAT,
@@ -841,12 +995,12 @@ class TileSet:
         if problems:
             raise ValueError(problems[0]) if len(problems) == 1 else ValidationError(problems)
         per_sample = [split_rows(n, self._n_folds, self._fold) for n in attrs["n_rows"]]
-        self._split = np.array([per_sample[s][r] for s, r in zip(self._sample, self._row)], dtype=np.int8).reshape(
-            len(self._sample)
-        )
+        first_row = np.concatenate([[0], np.cumsum(attrs["n_rows"])[:-1]]).astype(np.int64)
+        self._split = np.concatenate(per_sample).astype(np.int8)[first_row[self._sample] + self._row]
         # Ignore: cells of training tiles that also occur in a validation or test tile of the same sample.
         tile_of_cell = np.repeat(np.arange(len(self._sample)), np.diff(self._offsets))
         key = (self._sample[tile_of_cell] << 32) | self._cell_ids
+        self._n_cells = int(np.unique(key).size)
         held_out = self._split[tile_of_cell] != TRAIN
         self._ignore = ~held_out & np.isin(key, key[held_out])
         train = self._split == TRAIN
@@ -921,8 +1075,7 @@ class TileSet:
     @property
     def n_cells(self) -> int:
         """Distinct nuclei over all tiles and samples."""
-        tile_of_cell = np.repeat(np.arange(len(self._sample)), np.diff(self._offsets))
-        return int(np.unique((self._sample[tile_of_cell] << 32) | self._cell_ids).size)
+        return self._n_cells
 
     @property
     def split(self) -> np.ndarray:
@@ -1026,7 +1179,7 @@ class TileSet:
                 "pid": os.getpid(),
                 "images": root["images"],
                 "labels": root["labels"],
-                "expr": [root[f"samples/{i}/expr"] for i in range(len(self._attrs["samples"]))],
+                "expr": [_maybe_in_memory(root[f"samples/{i}/expr"]) for i in range(len(self._attrs["samples"]))],
             }
             self._arrays = arrays
         return arrays
@@ -1070,7 +1223,8 @@ class TileSet:
         measured = rows >= 0
         if measured.any():
             wanted, inverse = np.unique(rows[measured], return_inverse=True)
-            block = arrays["expr"][sample].get_orthogonal_selection((wanted, slice(None)))
+            source = arrays["expr"][sample]
+            block = source[wanted] if isinstance(source, np.ndarray) else source.oindex[wanted, :]
             expr[measured] = np.asarray(block, dtype=np.float32)[inverse]
         cell_type = np.full(ids.size, -1, dtype=np.int64)
         cell_type[measured] = self._sample_types[sample][rows[measured]]
@@ -1085,6 +1239,13 @@ class TileSet:
             "sample": sample,
             "tile": tile,
         }
+
+
+def _maybe_in_memory(array: zarr.Array) -> zarr.Array | np.ndarray:
+    """Small expression matrices are read whole (one read instead of chunk reads for every tile)."""
+    if math.prod(array.shape) * array.dtype.itemsize <= _EXPR_IN_MEMORY_BYTES:
+        return np.asarray(array[...])
+    return array
 
 
 class TileDataset(Dataset):

@@ -64,6 +64,7 @@ def evaluate(
     >>> ghist.tl.predict(sdata, model)  # doctest: +SKIP
     >>> scores = ghist.tl.evaluate(sdata, cell_type_key="cell_type")  # doctest: +SKIP
     >>> scores.attrs["mean_pearson"]  # doctest: +SKIP
+
     """
     pred = get_table(sdata, pred_key)
     true = get_table(sdata, true_key)
@@ -73,7 +74,8 @@ def evaluate(
     if not shared_regions:
         raise ValueError(
             f"Tables {pred_key!r} (annotating {sorted(set(pred_region))}) and {true_key!r} "
-            f"(annotating {sorted(set(true_region))}) annotate no common element; expected both to annotate the same labels."
+            f"(annotating {sorted(set(true_region))}) annotate no common element; "
+            "expected both to annotate the same labels."
         )
     genes = [g for g in pred.var_names if g in true.var_names]
     if not genes:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from anndata import AnnData
 
 from .._validation import check_genes
@@ -111,6 +110,7 @@ def fit(
     >>> sdata = ghist.datasets.synthetic(image_size=256, n_genes=20, seed=0)
     >>> tiles = ghist.pp.make_tiles(sdata, cell_type_key="cell_type", tile_size=64)
     >>> model = ghist.tl.fit(tiles, width=4, embed_dim=16, max_epochs=1, progress=False)  # doctest: +SKIP
+
     """
     import lightning as L
     import torch
@@ -225,7 +225,9 @@ def fit(
     model.network.cpu().eval()
     model.is_trained_ = True
     model.history_ = history.frame()
-    logger.info("Finished training: best epoch %s (%s=%s)", model.best_epoch_, monitor, _fmt(checkpoint.best_model_score))
+    logger.info(
+        "Finished training: best epoch %s (%s=%s)", model.best_epoch_, monitor, _fmt(checkpoint.best_model_score)
+    )
     return model
 
 

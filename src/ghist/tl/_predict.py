@@ -19,8 +19,8 @@ from .._constants import (
     IMAGE_KEY,
     INSTANCE_KEY,
     LABELS_KEY,
-    PRED_COMPOSITION_KEY,
     PRED_CELL_TYPE_KEY,
+    PRED_COMPOSITION_KEY,
     PRED_KEY,
     PRED_PROBA_KEY,
     REGION_KEY,
@@ -123,6 +123,7 @@ def predict(
     >>> import squidpy as sq
     >>> sq.gr.spatial_neighbors(table)  # doctest: +SKIP
     >>> sq.gr.nhood_enrichment(table, cluster_key="ghist_cell_type")  # doctest: +SKIP
+
     """
     import torch
 
@@ -213,9 +214,7 @@ class _SlideGrid:
             ratio = slide_px / model.pixel_size
             if abs(ratio - 1) > _RESAMPLE_TOLERANCE:
                 scale = ratio
-                logger.info(
-                    "Resampling %r from %.3g to the model's %.3g um/px", image_key, slide_px, model.pixel_size
-                )
+                logger.info("Resampling %r from %.3g to the model's %.3g um/px", image_key, slide_px, model.pixel_size)
         elif model.pixel_size is not None:
             logger.warning(
                 "Image %r has no 'microns' coordinate system; assuming the model's pixel size (%.3g um/px).",
@@ -332,11 +331,13 @@ def _run_tiles(
     import torch
     from tqdm.auto import tqdm
 
-    from .._model._refine import neighbourhood_refine
+    from .._model._network import neighbourhood_refine, specialist_expression
 
     mean, std = model.mean, model.std
     groups = {name: [model.cell_types.index(t) for t in members] for name, members in model.cell_type_groups.items()}
-    collected: dict[str, list[np.ndarray]] = {k: [] for k in ("cell_id", "visible", "centroid", "expr", "proba", "comp")}
+    collected: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("cell_id", "visible", "centroid", "expr", "proba", "type", "comp")
+    }
     n_tiles = len(grid.origins)
     n_batches = math.ceil(n_tiles / batch_size)
     with torch.inference_mode():
@@ -364,17 +365,11 @@ def _run_tiles(
                 proba = torch.softmax(out["cell_logits"].float(), dim=-1)
                 comp = out["composition"].float()
                 before = proba.argmax(-1)
-                if alpha > 0:
-                    proba = neighbourhood_refine(
-                        proba, comp, cb, alpha=alpha, types=refine_idx, generator=generator
-                    ).to(proba.dtype)
-                after = proba.argmax(-1)
-                for name, members in groups.items():
-                    member = torch.tensor(members, device=device)
-                    moved_in = torch.isin(after, member) & ~torch.isin(before, member)
-                    if moved_in.any():
-                        expr = torch.where(moved_in[:, None], out["group_expr"][name].float(), expr)
+                proba, after = neighbourhood_refine(proba, comp, cb, alpha=alpha, types=refine_idx, generator=generator)
+                if groups:
+                    expr = specialist_expression(expr, out["group_expr"], before, after, groups)
                 collected["proba"].append(proba.cpu().numpy())
+                collected["type"].append(after.cpu().numpy())
                 collected["comp"].append(comp[cb].cpu().numpy())
             expr = torch.clamp(expr / model.expr_scale, min=0)
             collected["expr"].append(expr.cpu().numpy())
@@ -392,16 +387,17 @@ def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _Slid
     first = np.ones(order.size, dtype=bool)
     first[1:] = ids[order][1:] != ids[order][:-1]
     best = order[first]
-    centroid = np.c_[parts["centroid"][best], np.ones(best.size)] @ grid.to_labels.T
+    # Pixel centres sit at index + 0.5 in the transformations; centroids are reported in index units.
+    centroid = (np.c_[parts["centroid"][best] + 0.5, np.ones(best.size)] @ grid.to_labels.T)[:, :2] - 0.5
     obs = pd.DataFrame(
         {REGION_KEY: pd.Categorical([labels_key] * best.size), INSTANCE_KEY: ids[best]},
         index=pd.Index([str(i) for i in ids[best]], name=None),
     )
     table = AnnData(X=parts["expr"][best].astype(np.float32), obs=obs, var=pd.DataFrame(index=list(model.genes)))
-    table.obsm[SPATIAL_KEY] = centroid[:, :2].astype(np.float64)
+    table.obsm[SPATIAL_KEY] = centroid.astype(np.float64)
     if model.n_types:
         proba = parts["proba"][best]
-        table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(proba.argmax(1), categories=model.cell_types)
+        table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(parts["type"][best], categories=model.cell_types)
         table.obsm[PRED_PROBA_KEY] = pd.DataFrame(proba, index=table.obs_names, columns=model.cell_types)
         table.obsm[PRED_COMPOSITION_KEY] = pd.DataFrame(
             parts["comp"][best], index=table.obs_names, columns=model.cell_types
@@ -423,7 +419,7 @@ def _write_table(sdata: SpatialData, table: AnnData, key: str, overwrite: bool) 
 def _on_disk_tables(sdata: SpatialData) -> list[str]:
     try:
         return [name.split("/", 1)[1] for name in sdata.elements_paths_on_disk() if name.startswith("tables/")]
-    except Exception:  # noqa: BLE001 - a store we cannot list: let write_element report the problem
+    except Exception:
         return []
 
 
