@@ -15,7 +15,6 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
-    "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
     "sphinx_autodoc_typehints",
 ]
@@ -44,12 +43,5 @@ html_theme = "sphinx_book_theme"
 html_title = "ghist"
 html_theme_options = {"repository_url": "https://github.com/ghist-dev/ghist", "use_repository_button": True}
 
-intersphinx_mapping = {
-    "python": ("https://docs.python.org/3", None),
-    "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
-    "spatialdata": ("https://spatialdata.scverse.org/en/stable/", None),
-    "numpy": ("https://numpy.org/doc/stable/", None),
-    "pandas": ("https://pandas.pydata.org/docs/", None),
-}
-# The build machine is offline: intersphinx inventories cannot be fetched, which must not fail `-W`.
-suppress_warnings = ["intersphinx", "config.cache", "mystnb.unknown_mime_type"]
+# Builds run offline (CI has no internet), so no intersphinx inventories are fetched.
+suppress_warnings = ["config.cache", "mystnb.unknown_mime_type"]

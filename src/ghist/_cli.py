@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-time", default="00:08:00", help="training budget, HH:MM:SS")
     demo.add_argument("--max-epochs", type=int, default=200)
     demo.add_argument("--image-size", type=int, default=None, help="synthetic slide size in pixels")
+    demo.add_argument("--tile-size", type=int, default=128, help="training tile size in pixels")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             max_time=args.max_time,
             max_epochs=args.max_epochs,
             image_size=args.image_size,
+            tile_size=args.tile_size,
             seed=args.seed,
             progress=not args.no_progress,
         )
@@ -46,6 +49,7 @@ def run_demo(
     max_time: str = "00:08:00",
     max_epochs: int = 200,
     image_size: int | None = None,
+    tile_size: int = 128,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, float]:
@@ -66,7 +70,19 @@ def run_demo(
     reference = ghist.pp.reference_profiles(
         ghist.datasets.synthetic_reference(genes=genes, seed=0), "cell_type", genes=genes
     )
-    tiles = ghist.pp.make_tiles(train, cell_type_key="cell_type", path=out / "tiles.zarr", progress=progress)
+    # The unseen slide is the test set: the training slide only needs a validation band (the last row of
+    # tiles tests, the first validates, the rest trains).
+    n_rows = -(-train.images["he"].sizes["y"] // tile_size)
+    shutil.rmtree(out / "tiles.zarr", ignore_errors=True)  # the demo's own output of an earlier run
+    tiles = ghist.pp.make_tiles(
+        train,
+        cell_type_key="cell_type",
+        tile_size=tile_size,
+        n_folds=max(2, n_rows),
+        fold=max(2, n_rows),
+        path=out / "tiles.zarr",
+        progress=progress,
+    )
     logger.info("%r", tiles)
     model = ghist.tl.fit(
         tiles,

@@ -526,7 +526,7 @@ def _with(sdata, what):
         ({}, "ghost_cells", ValueError, "absent from labels 'nuclei'"),
         ({}, "duplicated_cells", ValueError, "more than once"),
         ({}, "no_shared_cs", ValueError, "share no coordinate system"),
-        ({"spots_key": "spots"}, None, NotImplementedError, "spot-level tiles arrive with"),
+        ({"spots_key": "spots"}, None, KeyError, "Spots 'spots' not found in `sdata.shapes`"),
         ({"tile_size": 4}, None, ValueError, "tile_size"),
         ({"fold": 6}, None, ValueError, "fold"),
         ({"n_folds": 1}, None, ValueError, "n_folds"),

@@ -275,7 +275,7 @@ class GHISTNetwork(nn.Module):
                 raise ValueError(f"Group {name!r} must list cell type indices in [0, {n_types}); got {list(members)}.")
             clean_groups[name] = members
         if reference is not None:
-            reference = torch.as_tensor(reference, dtype=torch.float32)
+            reference = torch.as_tensor(reference, dtype=torch.float32).detach().clone()
             if reference.ndim != 2 or reference.shape[1] != n_genes or reference.shape[0] < 1:
                 raise ValueError(
                     f"`reference` must be (n_profiles, n_genes={n_genes}); got shape {tuple(reference.shape)}."

@@ -1,7 +1,16 @@
 """ghist.pp."""
 
+from ._annotate import annotate_cell_types
 from ._reference import reference_profiles
 from ._segment import segment_nuclei
 from ._tiles import TileSet, make_tiles
+from ._xenium import prepare_xenium
 
-__all__: list[str] = ["TileSet", "make_tiles", "reference_profiles", "segment_nuclei"]
+__all__: list[str] = [
+    "TileSet",
+    "annotate_cell_types",
+    "make_tiles",
+    "prepare_xenium",
+    "reference_profiles",
+    "segment_nuclei",
+]

@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -62,7 +62,7 @@ from .._validation import (
     rows_annotating,
     table_annotation,
 )
-from ._tile_spots import SpotData, cells_in_spots, nucleus_centroids, prepare_spots, spot_tile_origins
+from ._tile_spots import SpotData, cells_in_spots, nucleus_centroids, prepare_spots, spot_targets, spot_tile_origins
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +199,14 @@ def _prepare_sample(
 ) -> _Sample:
     if spots_key is not None:
         return _prepare_spot_sample(
-            name, sdata, image_key=image_key, labels_key=labels_key, table_key=table_key, spots_key=spots_key,
-            layer=layer, key_added=key_added,
+            name,
+            sdata,
+            image_key=image_key,
+            labels_key=labels_key,
+            table_key=table_key,
+            spots_key=spots_key,
+            layer=layer,
+            key_added=key_added,
         )
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
@@ -510,9 +516,12 @@ def _store_tile(
 
 def _spot_tile_plan(sample: _Sample, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Origins (y0, x0) of the spot-centred tiles of a sample and their grid (row, col), for spots with cells."""
-    n_cells = np.bincount(sample.cell_spot.to_numpy()[sample.cell_spot.to_numpy() >= 0], minlength=len(sample.spots.names))
+    spot = sample.cell_spot.to_numpy()
+    n_cells = np.bincount(spot[spot >= 0], minlength=len(sample.spots.names))
     origins, centres = spot_tile_origins(sample.spots, sample.height, sample.width, tile_size)
-    inside = (centres[:, 0] >= 0) & (centres[:, 0] < sample.height) & (centres[:, 1] >= 0) & (centres[:, 1] < sample.width)
+    inside = (
+        (centres[:, 0] >= 0) & (centres[:, 0] < sample.height) & (centres[:, 1] >= 0) & (centres[:, 1] < sample.width)
+    )
     keep = (n_cells > 0) & inside
     n_rows, n_cols = math.ceil(sample.height / tile_size), math.ceil(sample.width / tile_size)
     rows = np.clip(np.floor(centres[keep, 0] / tile_size), 0, n_rows - 1).astype(np.int64)
@@ -554,7 +563,9 @@ def _write_sample_spots(root: zarr.Group, sample: _Sample, index: int, tile_cell
     group = root.require_group(f"samples/{index}")
     group.create_array("spot_expr", data=np.asarray(sample.spot_expr, dtype=np.float32))
     spot = sample.cell_spot.to_numpy()
-    group.create_array("spot_n_cells", data=np.bincount(spot[spot >= 0], minlength=len(sample.spots.names)).astype(np.int64))
+    group.create_array(
+        "spot_n_cells", data=np.bincount(spot[spot >= 0], minlength=len(sample.spots.names)).astype(np.int64)
+    )
     flat = np.concatenate(tile_cells) if tile_cells else np.zeros(0, dtype=np.int64)
     where = sample.cell_spot.index.get_indexer(flat)
     return np.where(where >= 0, spot[np.maximum(where, 0)], -1).astype(np.int64)
@@ -634,6 +645,9 @@ def make_tiles(
     fold: int | None = 1,
     path: str | os.PathLike | None = None,
     key_added: str | None = None,
+    tiling: Literal["grid", "spots"] = "grid",
+    spot_coverage: float = 1.0,
+    spot_target_sum: float | None = 1e4,
     progress: bool = True,
 ) -> TileSet:
     """Cut training tiles once into an on-disk store, with spatial folds.
@@ -656,6 +670,23 @@ def make_tiles(
     cell ever supervises training while also being evaluated. The store keeps the original ids, so the fold can be
     changed later with :meth:`TileSet.with_fold` without cutting again.
 
+    **Spot-level supervision** (Visium / legacy ST; ``spots_key``). The sample holds the spots as a
+    ``ShapesModel`` of circles (points with a ``"radius"`` column) and ``table_key`` names a table of raw spot
+    counts annotating them (``region=spots_key``, instance key = the circles' index); no cell is measured, so the
+    tiles' per-cell ``expr`` is NaN, and cell types are not available (``cell_type_key`` must be ``None``).
+    Every nucleus belongs to the spot whose circle holds its centroid (computed over the whole labels and mapped
+    through the coordinate transformations, so labels, image and spots may live in different spaces). A spot's
+    target is its counts multiplied by ``spot_target_sum / median library size`` of its sample (library size:
+    total over all genes of the table), so sections of different sequencing depth share one scale while a spot
+    with more cells keeps more counts, as the sum of its cells' predicted counts does; the loss compares that sum
+    with the target on the ``log1p`` scale (:func:`ghist._model._losses.spot_loss`). A tile supervises a spot
+    only when at least ``spot_coverage`` of the spot's nuclei are visible (and not ``-1``) in it; the target of a
+    partly visible spot is scaled by its visible fraction of nuclei. The default ``spot_coverage=1`` uses only
+    spots whose nuclei are all in the tile: with ``tiling="grid"`` spots cut by a tile edge are then unused, so
+    ``tiling="spots"`` (one tile centred on each spot holding a nucleus, shifted inside the image at its edges;
+    folds by the grid row of the spot's centre) is the usual choice when spots are a sizeable fraction of a tile.
+    Items of the datasets gain ``"cell_spot"`` and ``"spot_expr"`` (see :class:`TileSet`).
+
     Parameters
     ----------
     sdata
@@ -668,7 +699,8 @@ def make_tiles(
     cell_type_key
         Column of the table's ``obs`` holding cell types (``None``: no cell types; missing values: unknown).
     spots_key
-        Spot-level supervision (Visium / ST circles); not available yet.
+        Circles of ``sdata.shapes`` for spot-level supervision (see above); ``table_key`` then names the table of
+        raw spot counts annotating them.
     genes
         Genes to learn. Default: the genes common to every sample's table, in the first table's order.
     layer
@@ -684,6 +716,13 @@ def make_tiles(
     key_added
         If given, also write the grid of kept tiles as polygons to ``sdata.shapes[key_added]`` of every sample
         (columns ``tile``, ``row``, ``col``, ``split``, ``n_cells``), in the image's coordinate systems.
+    tiling
+        ``"grid"``: a non-overlapping grid over the whole image; ``"spots"`` (needs ``spots_key``): one tile
+        centred on every spot that holds a nucleus.
+    spot_coverage
+        Smallest visible fraction of a spot's nuclei for a tile to supervise that spot, in ``(0, 1]``.
+    spot_target_sum
+        Median spot library size each sample's spot counts are scaled to; ``None`` keeps raw counts.
     {progress}
 
     Returns
@@ -697,11 +736,7 @@ def make_tiles(
     >>> loader = torch.utils.data.DataLoader(tiles.train, batch_size=8, shuffle=True, collate_fn=collate_tiles)
 
     """
-    if spots_key is not None:
-        raise NotImplementedError(
-            "spot-level tiles arrive with spot-level supervision (Visium / ST) in a later ghist release; "
-            f"got `spots_key={spots_key!r}`. Pass `spots_key=None` to train on single cells."
-        )
+    _check_spot_args(spots_key, cell_type_key, tiling, spot_coverage, spot_target_sum)
     if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 8:
         raise ValueError(f"`tile_size` must be an integer >= 8 pixels; got {tile_size!r}.")
     tile_size = int(tile_size)
@@ -723,12 +758,18 @@ def make_tiles(
                     cell_type_key=cell_type_key,
                     layer=layer,
                     key_added=key_added,
+                    spots_key=spots_key,
                 )
             )
         except (KeyError, ValueError, TypeError) as err:
             errors.append((name, err))
     _raise_collected(errors, len(named))
     genes = _choose_genes(samples, genes, table_key)
+    spot_summaries = []
+    if spots_key is not None:
+        for s in samples:  # before subsetting the genes: the library size counts every gene
+            s.spot_expr, s.spot_factor = spot_targets(s.spots, genes, spot_target_sum)
+            spot_summaries.append(_assign_spots(s))
     for s in samples:  # counts of the chosen genes only
         s.table = s.table[:, genes]
         where = f"table {table_key!r}" + (f" of sample {s.name!r}" if len(samples) > 1 else "")
@@ -744,7 +785,10 @@ def make_tiles(
     path = _new_store_path(path)
 
     logger.info("Cutting %d sample(s) into %d-px tiles at %s", len(samples), tile_size, path)
-    n_grid = sum(math.ceil(s.height / tile_size) * math.ceil(s.width / tile_size) for s in samples)
+    if tiling == "spots":
+        n_grid = sum(len(_spot_tile_plan(s, tile_size)[0]) for s in samples)
+    else:
+        n_grid = sum(math.ceil(s.height / tile_size) * math.ceil(s.width / tile_size) for s in samples)
     try:
         root = zarr.open_group(str(path), mode="w")
         writer = _Writer(root, n_grid, tile_size)
@@ -754,11 +798,13 @@ def make_tiles(
         grid: list[dict[str, int]] = []
         summaries: list[dict[str, int]] = []
         cell_rows: list[np.ndarray] = []
+        cell_spots: list[np.ndarray] = []
+        cut = _cut_spot_tiles if tiling == "spots" else _cut_sample
         with tqdm(total=n_grid, desc="ghist.pp.make_tiles", unit="tile", disable=not progress) as pbar:
             for i, s in enumerate(samples):
                 n_rows = math.ceil(s.height / tile_size)
                 start = len(meta["cells"])
-                info = _cut_sample(
+                info = cut(
                     s,
                     i,
                     tile_size=tile_size,
@@ -774,16 +820,18 @@ def make_tiles(
                 )
                 cell_rows.append(rows)
                 summaries.append(summary)
+                if spots_key is not None:
+                    cell_spots.append(_write_sample_spots(root, s, i, meta["cells"][start:]))
         writer.close()
         if writer.n == 0:
             raise ValueError(
                 f"No tile of image {image_key!r} shows a nucleus of labels {labels_key!r}: the image does not overlap "
                 "the labels; check the coordinate transformations of both elements."
             )
-        _write_tile_meta(root, meta, cell_rows)
+        _write_tile_meta(root, meta, cell_rows, cell_spots if spots_key is not None else None)
         attrs = {
             "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
+            "format_version": _FORMAT_VERSION if spots_key is not None else 1,
             "genes": genes,
             "cell_types": cell_types,
             "tile_size": tile_size,
@@ -803,8 +851,19 @@ def make_tiles(
             "spots_key": spots_key,
             "layer": layer,
             "expr": "log1p(counts)",
+            "tiling": tiling,
             "ghist_version": _ghist_version(),
         }
+        if spots_key is not None:
+            attrs.update(
+                {
+                    "spot_names": [s.spots.names for s in samples],
+                    "spot_factors": [s.spot_factor for s in samples],
+                    "spot_coverage": float(spot_coverage),
+                    "spot_target_sum": None if spot_target_sum is None else float(spot_target_sum),
+                    "spot_expr": "counts * spot_factor (count scale, not log1p)",
+                }
+            )
         root.attrs[_ATTRS] = json.loads(json.dumps(attrs))
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
@@ -827,6 +886,19 @@ def make_tiles(
         len(genes),
         f", {len(cell_types)} cell types" if cell_types is not None else "",
     )
+    for s, sm in zip(samples, spot_summaries):
+        logger.info(
+            "Sample %r: %d of %d spots hold a nucleus centroid (median %.0f nuclei per spot, %d nuclei in spots); "
+            "spot counts scaled by %.3g",
+            s.name,
+            sm["n_spots_with_cells"],
+            sm["n_spots"],
+            sm["median_cells"],
+            sm["n_cells_in_spots"],
+            s.spot_factor,
+        )
+        if sm["n_spots_with_cells"] == 0:
+            logger.warning("Sample %r: no nucleus lies in any spot; check the spots' transformations.", s.name)
     unseen = sum(sm["n_table_unseen"] for sm in summaries)
     if unseen:
         logger.info("%d table cells fall in no tile (outside the image) and were left out.", unseen)
@@ -845,7 +917,31 @@ def make_tiles(
     return tiles
 
 
-def _write_tile_meta(root: zarr.Group, meta: dict[str, list], cell_rows: list[np.ndarray]) -> None:
+def _check_spot_args(
+    spots_key: str | None, cell_type_key: str | None, tiling: str, spot_coverage: float, spot_target_sum: float | None
+) -> None:
+    if tiling not in ("grid", "spots"):
+        raise ValueError(f"`tiling` must be 'grid' or 'spots'; got {tiling!r}.")
+    if spots_key is None:
+        if tiling == "spots":
+            raise ValueError("`tiling='spots'` centres tiles on spots; pass `spots_key` (the spot circles) too.")
+        return
+    if cell_type_key is not None:
+        raise ValueError(
+            f"`cell_type_key={cell_type_key!r}` was given with `spots_key={spots_key!r}`; spot-level tiles carry no "
+            "cell types (the table annotates spots, not cells). Pass `cell_type_key=None`."
+        )
+    if isinstance(spot_coverage, bool) or not isinstance(spot_coverage, int | float) or not 0 < spot_coverage <= 1:
+        raise ValueError(f"`spot_coverage` must be a fraction in (0, 1]; got {spot_coverage!r}.")
+    if spot_target_sum is not None and (
+        isinstance(spot_target_sum, bool) or not isinstance(spot_target_sum, int | float) or not spot_target_sum > 0
+    ):
+        raise ValueError(f"`spot_target_sum` must be a positive number or None; got {spot_target_sum!r}.")
+
+
+def _write_tile_meta(
+    root: zarr.Group, meta: dict[str, list], cell_rows: list[np.ndarray], cell_spots: list[np.ndarray] | None = None
+) -> None:
     n = len(meta["sample"])
     group = root.require_group("tiles")
     for key, dtype in (("sample", np.int32), ("row", np.int32), ("col", np.int32), ("y0", np.int64), ("x0", np.int64)):
@@ -862,6 +958,9 @@ def _write_tile_meta(root: zarr.Group, meta: dict[str, list], cell_rows: list[np
     group.create_array("cell_offsets", data=offsets)
     group.create_array("cell_ids", data=ids)
     group.create_array("cell_rows", data=rows)
+    if cell_spots is not None:
+        spots = np.concatenate(cell_spots).astype(np.int64) if cell_spots else np.zeros(0, dtype=np.int64)
+        group.create_array("cell_spot", data=spots)
 
 
 def _ghist_version() -> str:
@@ -888,6 +987,14 @@ class TileSet:
     - ``"cell_id"``: int64 ``(n,)`` original nucleus ids; ``"expr"``: float32 ``(n, G)`` log1p counts (rows of
       NaN for cells without measurement); ``"cell_type"``: int64 ``(n,)`` codes into :attr:`cell_types`
       (-1 unknown); ``"sample"`` and ``"tile"``: int.
+
+    A spot-level store (``make_tiles(..., spots_key=...)``) adds:
+
+    - ``"cell_spot"``: int64 ``(n,)`` the tile's spot holding each cell (``0..s-1``), ``-1`` for cells in no
+      supervised spot (in no spot, or in a spot of which less than ``spot_coverage`` of the nuclei are visible);
+    - ``"spot_expr"``: float32 ``(s, G)`` those spots' targets on the count scale (see :func:`make_tiles`), each
+      multiplied by the visible fraction of its nuclei (1 for a fully visible spot);
+    - ``"spot_index"``: int64 ``(s,)`` their rows in the sample's spot table (:attr:`spot_names`).
 
     Batch them with ``collate_fn=collate_tiles``.
 
@@ -937,6 +1044,12 @@ class TileSet:
         self._sample_types = [
             np.asarray(root[f"samples/{i}/cell_type"][:], dtype=np.int64) for i in range(len(attrs["samples"]))
         ]
+        self._has_spots = attrs.get("spots_key") is not None
+        if self._has_spots:
+            self._cell_spot = np.asarray(tiles["cell_spot"][:], dtype=np.int64)
+            self._spot_n_cells = [
+                np.asarray(root[f"samples/{i}/spot_n_cells"][:], dtype=np.int64) for i in range(len(attrs["samples"]))
+            ]
         n_folds = attrs["n_folds"] if n_folds is None else n_folds
         fold = attrs["fold"] if fold is TileSet._UNSET else fold
         _check_folds(n_folds, fold)
@@ -1063,6 +1176,26 @@ class TileSet:
         return float(np.median(sizes)) if sizes else None
 
     @property
+    def spots_key(self) -> str | None:
+        """The spots that supervise this store (``None``: cell-level supervision)."""
+        return self._attrs.get("spots_key")
+
+    @property
+    def spot_names(self) -> list[list[str]] | None:
+        """Per sample, the spots' instance ids in the order of ``"spot_index"`` (``None`` without spots)."""
+        names = self._attrs.get("spot_names")
+        return None if names is None else [list(n) for n in names]
+
+    @property
+    def spot_coverage(self) -> float | None:
+        """Smallest visible fraction of a spot's nuclei for a tile to supervise it (``None`` without spots)."""
+        return self._attrs.get("spot_coverage")
+
+    def _spot_summary(self) -> str:
+        n_spots = sum(len(n) for n in self._attrs["spot_names"])
+        return f"{n_spots} spots, tiling {self._attrs.get('tiling', 'grid')!r}, coverage >= {self.spot_coverage:g}"
+
+    @property
     def n_folds(self) -> int:
         """Number of horizontal bands per sample."""
         return self._n_folds
@@ -1119,6 +1252,7 @@ class TileSet:
             f"    samples: {samples}",
             f"    genes: {len(genes)} {_preview(genes).rsplit(' (', 1)[0]}",
             f"    cell types: {'none' if self.cell_types is None else self.cell_types}",
+            *([f"    spots: {self.spots_key!r} ({self._spot_summary()})"] if self._has_spots else []),
             f"    path: {str(self._path)!r}",
         ]
         return "\n".join(lines)
@@ -1181,6 +1315,10 @@ class TileSet:
                 "labels": root["labels"],
                 "expr": [_maybe_in_memory(root[f"samples/{i}/expr"]) for i in range(len(self._attrs["samples"]))],
             }
+            if self._has_spots:
+                arrays["spot_expr"] = [
+                    _maybe_in_memory(root[f"samples/{i}/spot_expr"]) for i in range(len(self._attrs["samples"]))
+                ]
             self._arrays = arrays
         return arrays
 
@@ -1230,7 +1368,7 @@ class TileSet:
         cell_type[measured] = self._sample_types[sample][rows[measured]]
         if standardise:
             image = (image - self._mean[:, None, None]) / self._std[:, None, None]
-        return {
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "labels": torch.from_numpy(labels),
             "cell_id": torch.from_numpy(ids.copy()),
@@ -1238,6 +1376,29 @@ class TileSet:
             "cell_type": torch.from_numpy(cell_type),
             "sample": sample,
             "tile": tile,
+        }
+        if self._has_spots:
+            item.update(self._read_spots(arrays, sample, self._cell_spot[a:b][keep], n_genes))
+        return item
+
+    def _read_spots(self, arrays: dict[str, Any], sample: int, cell_spot: np.ndarray, n_genes: int) -> dict[str, Any]:
+        """Spots supervised by a tile whose kept cells have spot rows ``cell_spot`` (-1: none)."""
+        has = cell_spot >= 0
+        spots, inverse, visible = np.unique(cell_spot[has], return_inverse=True, return_counts=True)
+        fraction = visible / np.maximum(self._spot_n_cells[sample][spots], 1)
+        ok = fraction >= float(self._attrs["spot_coverage"]) - 1e-9
+        local = np.where(ok, np.cumsum(ok) - 1, -1).astype(np.int64)
+        out_spot = np.full(cell_spot.size, -1, dtype=np.int64)
+        out_spot[has] = local[inverse]
+        expr = np.zeros((int(ok.sum()), n_genes), dtype=np.float32)
+        if ok.any():
+            source = arrays["spot_expr"][sample]
+            block = source[spots[ok]] if isinstance(source, np.ndarray) else source.oindex[spots[ok], :]
+            expr = (np.asarray(block, dtype=np.float64) * fraction[ok][:, None]).astype(np.float32)
+        return {
+            "cell_spot": torch.from_numpy(out_spot),
+            "spot_expr": torch.from_numpy(expr),
+            "spot_index": torch.from_numpy(spots[ok].astype(np.int64)),
         }
 
 
@@ -1303,6 +1464,9 @@ def collate_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     -------
     ``"image"`` (B, 3, T, T), ``"labels"`` (B, T, T), ``"cell_id"`` (N,), ``"expr"`` (N, G), ``"cell_type"`` (N,),
     ``"cell_batch"`` (N,) tile of each cell within the batch, ``"n_cells"`` N (int), ``"sample"`` and ``"tile"`` (B,).
+    Spot-level items also give ``"spot_expr"`` (S, G) (the tiles' spots concatenated), ``"cell_spot"`` (N,) the
+    row of each cell's spot in it (tile ``b``'s spot ``k`` becomes ``k`` plus the number of spots of tiles
+    ``0..b-1``; -1 stays), ``"spot_batch"`` (S,) tile of each spot and ``"spot_index"`` (S,).
 
     Examples
     --------
@@ -1319,7 +1483,7 @@ def collate_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         labels.append(torch.where(lab > 0, lab + offset, lab))
         batch_of_cell.append(torch.full((n,), b, dtype=torch.int64))
         offset += n
-    return {
+    batch = {
         "image": torch.stack([item["image"] for item in items]),
         "labels": torch.stack(labels),
         "cell_id": torch.cat([item["cell_id"] for item in items]),
@@ -1330,3 +1494,20 @@ def collate_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "sample": torch.as_tensor([int(item["sample"]) for item in items], dtype=torch.int64),
         "tile": torch.as_tensor([int(item["tile"]) for item in items], dtype=torch.int64),
     }
+    with_spots = ["cell_spot" in item for item in items]
+    if any(with_spots):
+        if not all(with_spots):
+            raise ValueError("collate_tiles got a batch mixing spot-level and cell-level tiles.")
+        cell_spot, spot_batch = [], []
+        n_spots = 0
+        for b, item in enumerate(items):
+            spot = item["cell_spot"]
+            cell_spot.append(torch.where(spot >= 0, spot + n_spots, spot))
+            s = int(item["spot_expr"].shape[0])
+            spot_batch.append(torch.full((s,), b, dtype=torch.int64))
+            n_spots += s
+        batch["cell_spot"] = torch.cat(cell_spot)
+        batch["spot_expr"] = torch.cat([item["spot_expr"] for item in items])
+        batch["spot_batch"] = torch.cat(spot_batch)
+        batch["spot_index"] = torch.cat([item["spot_index"] for item in items])
+    return batch

@@ -1,8 +1,10 @@
 """ghist.tl."""
 
+from ._cohort import predict_cohort
 from ._evaluate import evaluate
 from ._fit import fit
 from ._predict import predict
+from ._spots import aggregate_to_spots
 from ._survival import survival
 
-__all__ = ["evaluate", "fit", "predict", "survival"]
+__all__ = ["aggregate_to_spots", "evaluate", "fit", "predict", "predict_cohort", "survival"]

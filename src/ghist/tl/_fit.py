@@ -84,7 +84,8 @@ def fit(
         Random flips and 90° rotations of training tiles.
     accelerator, devices, strategy, precision
         Passed to :class:`lightning.pytorch.Trainer`: e.g. ``accelerator="gpu", devices=4, strategy="ddp"`` or
-        ``precision="bf16-mixed"`` for mixed precision.
+        ``precision="16-mixed"``. ``precision=None`` picks ``"bf16-mixed"`` on CPUs with native bfloat16
+        (AVX512-BF16 or AMX; about 3x faster training than float32) and ``"32-true"`` elsewhere.
     seed
         Seed of weights, tile order and augmentation; the same seed gives the same model on the CPU.
     checkpoint_dir
@@ -190,6 +191,10 @@ def fit(
         callbacks.append(TQDMProgressBar(refresh_rate=1))
 
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision is None:
+        precision = "bf16-mixed" if on_cpu and _cpu_has_bf16() else "32-true"
+    # NHWC convolutions are what oneDNN (CPU) and cuDNN's tensor cores run fastest, above all in mixed precision.
+    model.network.to(memory_format=torch.channels_last)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -208,8 +213,9 @@ def fit(
         **trainer_kwargs,
     )
     logger.info(
-        "Training GHIST (width=%d) on %d tiles, validating on %d; checkpoints in %s",
+        "Training GHIST (width=%d, %s) on %d tiles, validating on %d; checkpoints in %s",
         width,
+        precision,
         len(tiles.train),
         len(tiles.val),
         checkpoint_dir,
@@ -222,7 +228,7 @@ def fit(
         state = torch.load(best, map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])
         model.best_epoch_ = int(state.get("epoch", -1))
-    model.network.cpu().eval()
+    model.network.cpu().to(memory_format=torch.contiguous_format).eval()
     model.is_trained_ = True
     model.history_ = history.frame()
     logger.info(
@@ -253,6 +259,13 @@ def _reference_matrix(
             "profiles from `ghist.pp.reference_profiles` (or pass single cells with `reference_groupby`)."
         )
     return matrix, [str(n) for n in reference.obs_names]
+
+
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def _parse_duration(text: str) -> timedelta:

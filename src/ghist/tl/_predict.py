@@ -387,8 +387,8 @@ def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _Slid
     first = np.ones(order.size, dtype=bool)
     first[1:] = ids[order][1:] != ids[order][:-1]
     best = order[first]
-    # Pixel centres sit at index + 0.5 in the transformations; centroids are reported in index units.
-    centroid = (np.c_[parts["centroid"][best] + 0.5, np.ones(best.size)] @ grid.to_labels.T)[:, :2] - 0.5
+    # spatialdata's convention (as `spatialdata.get_centroids`): pixel (i, j) covers [j, j+1) x [i, i+1).
+    centroid = (np.c_[parts["centroid"][best] + 0.5, np.ones(best.size)] @ grid.to_labels.T)[:, :2]
     obs = pd.DataFrame(
         {REGION_KEY: pd.Categorical([labels_key] * best.size), INSTANCE_KEY: ids[best]},
         index=pd.Index([str(i) for i in ids[best]], name=None),

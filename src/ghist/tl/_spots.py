@@ -1,0 +1,248 @@
+"""Per-cell predictions summed into spots (Visium / ST circles), for comparison with spot-level measurements."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import shapely
+from anndata import AnnData
+from scipy.spatial import cKDTree
+from spatialdata import SpatialData
+from spatialdata.models import TableModel, get_table_keys
+
+from .._constants import GLOBAL_CS, PRED_KEY, REGION_KEY, SPATIAL_KEY, SPOTS_KEY, UNS_KEY
+from .._docs import doc_params, doc_sdata
+from .._spatial import _find_element, element_transformations
+from .._validation import _preview, get_table, require_key, rows_annotating, table_annotation
+
+logger = logging.getLogger(__name__)
+
+SPOT_ID_KEY = "spot_id"  # instance key of the spot table made without `spots_table_key`
+
+
+@doc_params(sdata=doc_sdata)
+def aggregate_to_spots(
+    sdata: SpatialData,
+    *,
+    table_key: str = PRED_KEY,
+    spots_key: str = SPOTS_KEY,
+    spots_table_key: str | None = None,
+    key_added: str | None = None,
+    overwrite: bool = False,
+) -> AnnData:
+    """Sum the predicted counts of the cells inside every spot.
+
+    Turns single-cell predictions (:func:`ghist.tl.predict`) into pseudo-spots that can be compared with
+    spot-level measurements (Visium, legacy ST). A cell belongs to a spot when its centroid
+    (``obsm["spatial"]`` of the prediction table, in the intrinsic coordinates of the element the table annotates,
+    e.g. the nuclei labels' pixels) lies inside the spot: within ``radius`` of the centre for circles (boundary
+    included), inside the polygon for polygons. Centroids are carried into the spots' own coordinates through a
+    coordinate system both elements share (``"global"`` when they both have it), so spots and labels may live in
+    different pixel spaces. A cell inside two overlapping spots counts for both; a spot without any cell gets zeros.
+
+    The prediction table's ``X`` holds ``log1p(counts)``; the spot sums are of ``expm1(X)``.
+
+    Parameters
+    ----------
+    {sdata}
+    table_key
+        Key of the per-cell prediction table in ``sdata.tables`` (``X`` = ``log1p`` counts, centroids in
+        ``obsm["spatial"]``), annotating labels or shapes.
+    spots_key
+        Key of the spots in ``sdata.shapes``: circles (points with a ``radius`` column) or polygons.
+    spots_table_key
+        Key of a table annotating ``spots_key`` (e.g. the measured spot counts). The result then has that table's
+        rows that annotate the spots, in its order, with its ``obs_names``, region key and instance key. Default:
+        one row per spot in the order of ``sdata.shapes[spots_key]``, named after its index, instance key
+        ``obs["spot_id"]``.
+    key_added
+        Key of the new table in ``sdata.tables``; default ``f"{{table_key}}_{{spots_key}}"``.
+    overwrite
+        Replace an existing ``sdata.tables[key_added]`` instead of raising.
+
+    Returns
+    -------
+    The spots x genes :class:`~anndata.AnnData`, also written to ``sdata.tables[key_added]``: ``X`` the summed
+    predicted counts (``float32``), ``obs["n_cells"]`` the number of cells in each spot, ``obsm["spatial"]`` the
+    spot centres in the spots' intrinsic coordinates, ``uns["ghist"]["aggregate_to_spots"]`` the settings. It is a
+    :class:`~spatialdata.models.TableModel` annotating ``spots_key``.
+
+    Examples
+    --------
+    >>> ghist.tl.predict(sdata, model)
+    >>> pseudo = ghist.tl.aggregate_to_spots(sdata, spots_key="spots", spots_table_key="table")
+    >>> pseudo.to_df().corrwith(sdata["table"].to_df().loc[pseudo.obs_names, pseudo.var_names])
+
+    """
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
+    table = get_table(sdata, table_key)
+    if "spatialdata_attrs" not in table.uns:
+        raise ValueError(
+            f"Table {table_key!r} is not a spatialdata TableModel (no `uns['spatialdata_attrs']`); expected the "
+            "predictions of `ghist.tl.predict`."
+        )
+    if SPATIAL_KEY not in table.obsm:
+        raise KeyError(
+            f"Table {table_key!r} has no `obsm[{SPATIAL_KEY!r}]` (cell centroids); expected the predictions of "
+            f"`ghist.tl.predict` (have obsm {sorted(table.obsm)})."
+        )
+    spots = require_key(sdata, "shapes", spots_key)
+    key_added = key_added or f"{table_key}_{spots_key}"
+    _check_key_added(sdata, key_added, overwrite)
+    order, obs, instance_key, region_key = _spot_rows(sdata, spots, spots_key, spots_table_key)
+
+    regions, _, _ = get_table_keys(table)
+    regions = [regions] if isinstance(regions, str) else list(regions)
+    centroids = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
+    if centroids.ndim != 2 or centroids.shape[1] < 2:
+        raise ValueError(
+            f"`obsm[{SPATIAL_KEY!r}]` of table {table_key!r} has shape {centroids.shape}; expected (n, 2)."
+        )
+    in_spots = np.full((table.n_obs, 2), np.nan)
+    systems: dict[str, str] = {}
+    for region in regions:
+        rows = rows_annotating(table, region)
+        if not rows.any():
+            continue
+        matrix, systems[region] = _region_to_spots_matrix(sdata, region, spots_key)
+        xy = centroids[rows, :2]
+        in_spots[rows] = xy @ matrix[:2, :2].T + matrix[:2, 2]
+    if np.isnan(in_spots).any():
+        raise ValueError(f"Table {table_key!r} has cells with missing (NaN) centroids in `obsm[{SPATIAL_KEY!r}]`.")
+
+    membership = _membership(spots, in_spots)  # all spots x cells
+    membership = membership[order]
+    counts = table.X
+    counts = counts.expm1() if sp.issparse(counts) else np.expm1(np.asarray(counts, dtype=np.float64))
+    summed = membership @ counts
+    summed = summed.toarray() if sp.issparse(summed) else np.asarray(summed)
+
+    obs["n_cells"] = np.asarray(membership.sum(axis=1)).ravel().astype(np.int64)
+    out = AnnData(X=summed.astype(np.float32), obs=obs, var=pd.DataFrame(index=table.var_names.copy()))
+    out.obsm[SPATIAL_KEY] = _spot_centres(spots)[order]
+    out.uns[UNS_KEY] = {
+        "aggregate_to_spots": {
+            "params": {
+                "table_key": table_key,
+                "spots_key": spots_key,
+                "spots_table_key": spots_table_key,
+                "key_added": key_added,
+                "coordinate_systems": systems,
+                "value": "sum of expm1(X)",
+            }
+        }
+    }
+    out = TableModel.parse(out, region=spots_key, region_key=region_key, instance_key=instance_key)
+    if key_added in sdata.tables:
+        del sdata.tables[key_added]
+    sdata.tables[key_added] = out
+    n_empty = int((out.obs["n_cells"] == 0).sum())
+    logger.info(
+        "Added `sdata.tables[%r]` (%d spots x %d genes): %d of %d cells in a spot, %d spots without cells.",
+        key_added,
+        out.n_obs,
+        out.n_vars,
+        int((np.asarray(membership.sum(axis=0)).ravel() > 0).sum()),
+        table.n_obs,
+        n_empty,
+    )
+    return out
+
+
+def _check_key_added(sdata: SpatialData, key_added: str, overwrite: bool) -> None:
+    for attr in ("images", "labels", "shapes", "points"):
+        if key_added in getattr(sdata, attr):
+            raise ValueError(
+                f"`key_added={key_added!r}` is already the name of an element of `sdata.{attr}`; element names must "
+                "be unique: pass another `key_added`."
+            )
+    if key_added in sdata.tables and not overwrite:
+        raise ValueError(f"`sdata.tables[{key_added!r}]` already exists; pass `overwrite=True` or another `key_added`.")
+
+
+def _spot_rows(
+    sdata: SpatialData, spots: pd.DataFrame, spots_key: str, spots_table_key: str | None
+) -> tuple[np.ndarray, pd.DataFrame, str, str]:
+    """Position in ``spots`` of every output row, the output ``obs`` and its instance / region keys."""
+    if spots_table_key is None:
+        index = spots.index
+        obs = pd.DataFrame(
+            {REGION_KEY: pd.Categorical([spots_key] * len(index)), SPOT_ID_KEY: np.asarray(index)},
+            index=pd.Index(index.astype(str), name=None),
+        )
+        return np.arange(len(index)), obs, SPOT_ID_KEY, REGION_KEY
+    region_key, instance_key = table_annotation(sdata, spots_table_key, spots_key)
+    spot_table = sdata.tables[spots_table_key]
+    rows = rows_annotating(spot_table, spots_key)
+    ids = spot_table.obs[instance_key].to_numpy()[rows]
+    order = pd.Index(spots.index).get_indexer(ids)
+    if (order < 0).any():  # e.g. integer ids in the table, string index in the shapes
+        order = pd.Index(spots.index.astype(str)).get_indexer(pd.Index(ids).astype(str))
+    if (order < 0).any():
+        missing = ids[order < 0]
+        raise KeyError(
+            f"Table {spots_table_key!r} lists spots {_preview(missing.tolist())} (`obs[{instance_key!r}]`) that are "
+            f"not in the index of `sdata.shapes[{spots_key!r}]`."
+        )
+    obs = pd.DataFrame(
+        {region_key: pd.Categorical([spots_key] * len(ids)), instance_key: ids},
+        index=spot_table.obs_names[rows].copy(),
+    )
+    return order, obs, instance_key, region_key
+
+
+def _region_to_spots_matrix(sdata: SpatialData, region: str, spots_key: str) -> tuple[np.ndarray, str]:
+    """Affine from the intrinsic coordinates of ``region`` to those of the spots, through a shared system."""
+    _, element = _find_element(sdata, region)
+    region_t = element_transformations(element)
+    spots_t = element_transformations(sdata.shapes[spots_key])
+    shared = sorted(set(region_t) & set(spots_t))
+    if not shared:
+        raise ValueError(
+            f"Element {region!r} (coordinate systems {sorted(region_t)}) and spots {spots_key!r} (coordinate systems "
+            f"{sorted(spots_t)}) share no coordinate system; expected both to be registered to one."
+        )
+    cs = GLOBAL_CS if GLOBAL_CS in shared else shared[0]
+    spots_matrix = spots_t[cs]
+    if abs(np.linalg.det(spots_matrix[:2, :2])) < 1e-12:
+        raise ValueError(f"The transformation of spots {spots_key!r} to {cs!r} is singular.")
+    return np.linalg.inv(spots_matrix) @ region_t[cs], cs
+
+
+def _membership(spots: pd.DataFrame, xy: np.ndarray) -> sp.csr_matrix:
+    """Sparse 0/1 matrix spots x cells: which cell centroids (in the spots' coordinates) lie in which spot."""
+    geoms = spots.geometry.to_numpy()
+    n_spots, n_cells = len(geoms), len(xy)
+    if n_spots == 0:
+        raise ValueError("The spots element holds no spot.")
+    if "radius" in spots.columns:
+        if (shapely.get_type_id(geoms) != 0).any():
+            raise ValueError("Spots with a `radius` column must be points (circles).")
+        centres = np.c_[shapely.get_x(geoms), shapely.get_y(geoms)]
+        radius = spots["radius"].to_numpy(dtype=np.float64)
+        if not np.isfinite(radius).all() or (radius < 0).any():
+            raise ValueError("Spot radii must be finite and >= 0.")
+        if n_cells == 0:
+            return sp.csr_matrix((n_spots, 0), dtype=np.float64)
+        hits = cKDTree(xy).query_ball_point(centres, r=radius)
+        spot_idx = np.repeat(np.arange(n_spots), [len(h) for h in hits])
+        cell_idx = np.fromiter((c for h in hits for c in h), dtype=np.int64, count=len(spot_idx))
+    else:
+        types = set(shapely.get_type_id(geoms).tolist())
+        if not types <= {3, 6}:  # Polygon, MultiPolygon
+            raise ValueError("Spots must be circles (points with a `radius` column) or polygons.")
+        tree = shapely.STRtree(geoms)
+        cell_idx, spot_idx = tree.query(shapely.points(xy), predicate="intersects")
+    data = np.ones(len(spot_idx), dtype=np.float64)
+    return sp.csr_matrix((data, (spot_idx, cell_idx)), shape=(n_spots, n_cells))
+
+
+def _spot_centres(spots: pd.DataFrame) -> np.ndarray:
+    geoms = spots.geometry.to_numpy()
+    if "radius" not in spots.columns:
+        geoms = shapely.centroid(geoms)
+    return np.c_[shapely.get_x(geoms), shapely.get_y(geoms)].astype(np.float64)
