@@ -33,6 +33,7 @@ import pandas as pd
 from anndata import AnnData
 
 import ghist
+from ghist._cli import synthetic_training_tiles
 
 logger = logging.getLogger("cohort_survival")
 
@@ -44,7 +45,8 @@ def train(out: Path, args: argparse.Namespace) -> ghist.GHISTModel:
     sdata = ghist.datasets.synthetic(seed=0)
     genes = list(sdata.tables["table"].var_names)
     reference = ghist.pp.reference_profiles(ghist.datasets.synthetic_reference(genes=genes), "cell_type")
-    tiles = ghist.pp.make_tiles(sdata, cell_type_key="cell_type", path=out / "tiles.zarr", progress=False)
+    # Cut like `ghist demo`: 128-px tiles, the whole slide trains but for a validation band.
+    tiles = synthetic_training_tiles(sdata, out / "tiles.zarr", tile_size=128, progress=False)
     start = time.perf_counter()
     model = ghist.tl.fit(
         tiles,
@@ -52,6 +54,8 @@ def train(out: Path, args: argparse.Namespace) -> ghist.GHISTModel:
         width=args.width,
         max_time=args.max_time,
         seed=0,
+        max_epochs=args.max_epochs,
+        **({} if args.batch_size is None else {"batch_size": args.batch_size}),
         checkpoint_dir=out / "checkpoints",
         progress=False,
     )
@@ -77,6 +81,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for results and figures")
     parser.add_argument("--max-time", default="00:10:00", help="training budget, HH:MM:SS (default 00:10:00)")
     parser.add_argument("--width", type=int, default=32, help="backbone width (default 32)")
+    parser.add_argument("--max-epochs", type=int, default=1000, help="epoch cap of fit (the time budget governs)")
+    parser.add_argument("--batch-size", type=int, default=None, help="tiles per step of fit (default: fit's, 8)")
     parser.add_argument("--n-patients", type=int, default=40)
     parser.add_argument("--image-size", type=int, default=448, help="side of every cohort slide in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the cohort and of the permutation")
@@ -140,6 +146,9 @@ def main() -> None:
         "n_events": int(cohort.obs["event"].sum()),
         "width": args.width,
         "max_time": args.max_time,
+        "max_epochs": args.max_epochs,
+        "batch_size": args.batch_size,
+        "epochs_run": None if model.history_ is None else len(model.history_),
         "best_epoch": model.best_epoch_,
         "seconds_train": round(t_train, 1),
         "seconds_predict": round(t_predict, 1),

@@ -70,19 +70,7 @@ def run_demo(
     reference = ghist.pp.reference_profiles(
         ghist.datasets.synthetic_reference(genes=genes, seed=0), "cell_type", genes=genes
     )
-    # The unseen slide is the test set: the training slide only needs a validation band (the last row of
-    # tiles tests, the first validates, the rest trains).
-    n_rows = -(-train.images["he"].sizes["y"] // tile_size)
-    shutil.rmtree(out / "tiles.zarr", ignore_errors=True)  # the demo's own output of an earlier run
-    tiles = ghist.pp.make_tiles(
-        train,
-        cell_type_key="cell_type",
-        tile_size=tile_size,
-        n_folds=max(2, n_rows),
-        fold=max(2, n_rows),
-        path=out / "tiles.zarr",
-        progress=progress,
-    )
+    tiles = synthetic_training_tiles(train, out / "tiles.zarr", tile_size=tile_size, progress=progress)
     logger.info("%r", tiles)
     model = ghist.tl.fit(
         tiles,
@@ -125,6 +113,27 @@ def run_demo(
     _demo_figure(test, scores, out / "ghist_demo.png")
     logger.info("Demo outputs in %s", out.resolve())
     return metrics
+
+
+def synthetic_training_tiles(sdata, path: Path, *, tile_size: int = 128, progress: bool = True):
+    """Tiles of a whole synthetic training slide whose test set is another slide.
+
+    Only a validation band is needed: the last row of tiles is the (unused) test band, the first row
+    validates, the rest trains.
+    """
+    import ghist
+
+    n_rows = -(-sdata.images["he"].sizes["y"] // tile_size)
+    shutil.rmtree(path, ignore_errors=True)  # the demo's own output of an earlier run
+    return ghist.pp.make_tiles(
+        sdata,
+        cell_type_key="cell_type",
+        tile_size=tile_size,
+        n_folds=max(2, n_rows),
+        fold=max(2, n_rows),
+        path=path,
+        progress=progress,
+    )
 
 
 def _demo_figure(sdata, scores, path: Path) -> None:

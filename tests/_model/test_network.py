@@ -245,7 +245,8 @@ def test_channels_last_autocast_and_fusion_match():
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
         assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the original is untouched
         out_fused = run(fused, batch)
-        cl = fused.to(memory_format=torch.channels_last)
+        cl = net.fuse_for_inference(channels_last=True)
+        assert cl.backbone.fusion_convs[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
         batch_cl = {**batch, "image": batch["image"].contiguous(memory_format=torch.channels_last)}
         out_cl = run(cl, batch_cl)
         with torch.autocast("cpu", dtype=torch.bfloat16):

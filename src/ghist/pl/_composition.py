@@ -105,7 +105,7 @@ def composition(
     colors = _palette(types)
 
     n = len(pred)
-    fig, ax = _get_ax(ax, (max(4.5, 1.6 + (0.5 if true is None else 0.8) * n), 4.2))
+    fig, ax = _get_ax(ax, (min(max(4.5, 1.6 + (0.4 if true is None else 0.6) * n), 18.0), 4.2))
     x = np.arange(n, dtype=float)
     width = 0.8 if true is None else 0.4
     offsets = [(0.0, pred, None)] if true is None else [(-0.21, pred, None), (0.21, true, "////")]

@@ -42,7 +42,7 @@ def expression(
 
     One column per gene; the first row shows the prediction, the second (with ``true_key``) the measurement
     on the same cells, sharing one colour scale per gene (``log1p`` counts, clipped at the 99th percentile);
-    with ``image_key`` a last row shows the H&E of the same area.
+    with ``image_key`` a first column shows the H&E of the same area.
 
     Parameters
     ----------
@@ -55,7 +55,7 @@ def expression(
     true_key
         Table of measured raw counts annotating the same labels, shown below the prediction.
     image_key
-        H&E image to show below; drawn in the cells' (labels) pixel coordinates, which must be related to
+        H&E image to show beside; drawn in the cells' (labels) pixel coordinates, which must be related to
         the image by a scale/translation.
     layer
         Layer of the measured table with raw counts (default ``X``).
@@ -95,23 +95,28 @@ def expression(
     measured = None
     if true_key is not None:
         measured = _measured_for(get_table(sdata, true_key), pred[keep], genes, layer, true_key)
-    rows = 1 + (measured is not None) + (image_key is not None)
-    fig, axes = plt.subplots(rows, len(genes), figsize=(panel_size * len(genes), panel_size * rows), squeeze=False)
-    size = size if size is not None else float(np.clip(4000 / max(len(xy), 1), 0.5, 30))
+    rows = 1 + (measured is not None)
+    lead = int(image_key is not None)
+    fig, axes = plt.subplots(
+        rows, lead + len(genes), figsize=(panel_size * (lead + len(genes)) * 1.1, panel_size * rows), squeeze=False
+    )
+    size = size if size is not None else float(np.clip(12000 / max(len(xy), 1), 0.5, 40))
+    if image_key is not None:
+        _draw_image(axes[0, 0], sdata, image_key, xy)
+        axes[0, 0].set_title("H&E", fontsize=10)
+        for ax in axes[1:, 0]:
+            ax.set_axis_off()
     for j, gene in enumerate(genes):
         values = [predicted[:, j]] + ([measured[:, j]] if measured is not None else [])
         finite = np.concatenate([v[np.isfinite(v)] for v in values])
         vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
         vmax = vmax if vmax > 0 else 1.0
         for i, (value, name) in enumerate(zip(values, ("predicted", "measured"))):
-            ax = axes[i, j]
+            ax = axes[i, lead + j]
             art = ax.scatter(xy[:, 0], xy[:, 1], c=value, s=size, cmap=cmap, vmin=0, vmax=vmax, linewidths=0)
             ax.set_title(f"{gene} ({name})", fontsize=10)
             _spatial_axes(ax, xy)
-        fig.colorbar(art, ax=axes[: len(values), j].tolist(), shrink=0.8, label="log1p counts")
-        if image_key is not None:
-            _draw_image(axes[-1, j], sdata, image_key, xy)
-            axes[-1, j].set_title("H&E", fontsize=10)
+        fig.colorbar(art, ax=axes[:, lead + j].tolist(), shrink=0.6, label="log1p counts")
     _save_or_show(fig, save, show)
     return fig
 
@@ -184,7 +189,7 @@ def cell_types(
     categories = list(pred.obs[PRED_CELL_TYPE_KEY].cat.categories)
     categories += sorted({t for _, v in panels for t in v} - set(categories))
     palette = palette or _palette(categories)
-    size = size if size is not None else float(np.clip(4000 / max(len(xy), 1), 0.5, 30))
+    size = size if size is not None else float(np.clip(12000 / max(len(xy), 1), 0.5, 40))
     if len(panels) == 1:
         fig, ax = _get_ax(ax, (5.5, 5))
         axes = np.array([ax])
