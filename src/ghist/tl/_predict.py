@@ -149,7 +149,9 @@ def predict(
         region = region_in_labels_space(sdata, region_key, labels_key)
         grid = grid.restricted_to(region)
     device = _resolve_device(accelerator)
-    network = model.network.to(device).eval()
+    # A fused copy (batch norm folded into the convolutions, channels-last): same outputs up to float rounding,
+    # faster, and the user's model is left untouched.
+    network = model.network.fuse_for_inference(channels_last=True).to(device)
     generator = torch.Generator().manual_seed(seed)
     logger.info(
         "Predicting %d tiles of %d px (scale %.3g of the image) on %s",
@@ -354,7 +356,9 @@ def _run_tiles(
             cell_batch = np.concatenate([np.full(it["cell_id"].size, i) for i, it in enumerate(items)])
             n_cells = int(offsets[-1])
             out = network(
-                torch.from_numpy(np.stack([it["image"] for it in items])).to(device),
+                torch.from_numpy(np.stack([it["image"] for it in items]))
+                .to(device)
+                .contiguous(memory_format=torch.channels_last),
                 torch.from_numpy(lab).to(device),
                 torch.from_numpy(cell_batch).to(device),
                 n_cells,
