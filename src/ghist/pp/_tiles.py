@@ -185,6 +185,29 @@ def _label_ids(labels: Any) -> np.ndarray:
     return np.unique(np.asarray(data))
 
 
+def _check_label_ids(label_ids: np.ndarray, labels_key: str) -> None:
+    if label_ids.size and (label_ids.min() < 0 or label_ids.max() > np.iinfo(np.int32).max):
+        raise ValueError(
+            f"Labels {labels_key!r} hold ids in [{label_ids.min()}, {label_ids.max()}]; expected ids in "
+            f"[0, {np.iinfo(np.int32).max}] (0 = background)."
+        )
+
+
+def _sample_matrix(
+    sdata: SpatialData, name: str, *, image_key: str, labels_key: str, key_added: str | None
+) -> np.ndarray:
+    """Image -> labels pixel affine of a sample, checked invertible; also refuses an existing ``key_added``."""
+    matrix = image_to_labels_matrix(sdata, image_key, labels_key)
+    if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
+        raise ValueError(f"The transformation from image {image_key!r} to labels {labels_key!r} is singular.")
+    if key_added is not None and key_added in sdata.shapes:
+        raise ValueError(
+            f"`key_added={key_added!r}` already exists in `sdata.shapes` of sample {name!r}; pass another key or "
+            "delete it first."
+        )
+    return matrix
+
+
 def _prepare_sample(
     name: str,
     sdata: SpatialData,
@@ -229,21 +252,10 @@ def _prepare_sample(
     if len(dup):
         raise ValueError(f"{where.capitalize()} lists nucleus ids {_preview(dup.tolist())} more than once.")
     label_ids = _label_ids(labels)
-    if label_ids.size and (label_ids.min() < 0 or label_ids.max() > np.iinfo(np.int32).max):
-        raise ValueError(
-            f"Labels {labels_key!r} hold ids in [{label_ids.min()}, {label_ids.max()}]; expected ids in "
-            f"[0, {np.iinfo(np.int32).max}] (0 = background)."
-        )
+    _check_label_ids(label_ids, labels_key)
     check_instances(ids, label_ids, table_key=table_key, labels_key=labels_key)
     types = check_cell_types(table, cell_type_key, table_key=table_key)
-    matrix = image_to_labels_matrix(sdata, image_key, labels_key)
-    if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
-        raise ValueError(f"The transformation from image {image_key!r} to labels {labels_key!r} is singular.")
-    if key_added is not None and key_added in sdata.shapes:
-        raise ValueError(
-            f"`key_added={key_added!r}` already exists in `sdata.shapes` of sample {name!r}; pass another key or "
-            "delete it first."
-        )
+    matrix = _sample_matrix(sdata, name, image_key=image_key, labels_key=labels_key, key_added=key_added)
     return _Sample(
         name=name,
         sdata=sdata,
@@ -278,19 +290,8 @@ def _prepare_spot_sample(
         sdata, spots_key=spots_key, table_key=table_key, image_key=image_key, labels_key=labels_key, layer=layer
     )
     label_ids = _label_ids(labels)
-    if label_ids.size and (label_ids.min() < 0 or label_ids.max() > np.iinfo(np.int32).max):
-        raise ValueError(
-            f"Labels {labels_key!r} hold ids in [{label_ids.min()}, {label_ids.max()}]; expected ids in "
-            f"[0, {np.iinfo(np.int32).max}] (0 = background)."
-        )
-    matrix = image_to_labels_matrix(sdata, image_key, labels_key)
-    if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
-        raise ValueError(f"The transformation from image {image_key!r} to labels {labels_key!r} is singular.")
-    if key_added is not None and key_added in sdata.shapes:
-        raise ValueError(
-            f"`key_added={key_added!r}` already exists in `sdata.shapes` of sample {name!r}; pass another key or "
-            "delete it first."
-        )
+    _check_label_ids(label_ids, labels_key)
+    matrix = _sample_matrix(sdata, name, image_key=image_key, labels_key=labels_key, key_added=key_added)
     return _Sample(
         name=name,
         sdata=sdata,
