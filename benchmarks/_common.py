@@ -52,3 +52,10 @@ class LoopPoolingNetwork(GHISTNetwork):
                 rows.append(torch.zeros(sum(m.shape[1] for m in maps), device=labels.device))
         means = torch.stack(rows) if rows else maps[0].new_zeros(0, sum(m.shape[1] for m in maps)).float()
         return means, torch.tensor(areas, dtype=torch.long, device=labels.device)
+
+
+def amp_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
+    """The autocast dtype: ``name`` if given, else bfloat16 on the CPU and float16 on CUDA."""
+    if name is not None:
+        return getattr(torch, name)
+    return torch.bfloat16 if device.type == "cpu" else torch.float16

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import LoopPoolingNetwork, disk_batch
+from _common import LoopPoolingNetwork, amp_dtype, disk_batch
 
 from ghist._model._network import GHISTNetwork, segment_pool
 
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
+    parser.add_argument("--amp-dtype", choices=["bfloat16", "float16"], help="autocast dtype override")
     parser.add_argument("--no-fuse", action="store_true", help="keep batch norm separate from the convolutions")
     parser.add_argument("--upsample-first", action="store_true", help="original UNet3+ order: resample, then conv")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (slow first call)")
@@ -107,9 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.compile:
         net.backbone = torch.compile(net.backbone, dynamic=False)
     autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
-        if args.amp
-        else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=amp_dtype(device, args.amp_dtype)) if args.amp else contextlib.nullcontext()
     )
     with torch.inference_mode(), autocast:
         seconds = _time(lambda: net(image, labels, cell_batch, n_cells), device, args.warmup, args.repeats)

@@ -61,14 +61,14 @@ MIN_DETECTED = 0.1  # genes detected in at least this fraction of the training s
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-def read_section(name: str) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+def read_section(name: str, data: Path = DATA) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """Full-resolution RGB ``(y, x, 3)``, the kept spots (pixel centres) and their raw counts (spots x genes)."""
     Image.MAX_IMAGE_PIXELS = None
-    rgb = np.asarray(Image.open(DATA / name / "he.jpg").convert("RGB"))
-    spots = pd.read_csv(DATA / name / "spots.tsv", sep="\t")
+    rgb = np.asarray(Image.open(data / name / "he.jpg").convert("RGB"))
+    spots = pd.read_csv(data / name / "spots.tsv", sep="\t")
     spots = spots[spots["selected"] == 1]
     spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"])]
-    counts = pd.read_csv(DATA / name / "counts.tsv.gz", sep="\t", index_col=0)
+    counts = pd.read_csv(data / name / "counts.tsv.gz", sep="\t", index_col=0)
     counts = counts.loc[:, ~counts.columns.duplicated()]
     shared = spots.index.intersection(counts.index)
     return rgb, spots.loc[shared], counts.loc[shared]
@@ -208,6 +208,43 @@ def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) 
     return model.predict(x_test)
 
 
+# ----------------------------------------------------------------------------------------------------------- GHIST
+def evaluate_on_spots(
+    model: ghist.GHISTModel,
+    test: sd.SpatialData,
+    truth: pd.DataFrame,
+    train_counts: pd.DataFrame,
+    genes: list[str],
+    eval_genes: list[str],
+    accelerator: str = "auto",
+) -> dict:
+    """Predict every nucleus of ``test``, sum them per spot and correlate with the measured spots, gene by gene.
+
+    GHIST's pseudo-spots are log-normalised like the measurements: scaled to ``TARGET_SUM`` per spot over all
+    genes, taking the panel's share of a spot's counts as its median share in the training spots. Returns the
+    per-gene correlations ``r`` (that normalisation), ``r_raw`` (``log1p`` of the sums), ``r_cells`` (the
+    number of nuclei alone), the normalised predictions ``pred`` and the number of predicted cells.
+    """
+    ghist.tl.predict(test, model, region_key="spots", progress=False, overwrite=True, accelerator=accelerator)
+    pseudo = ghist.tl.aggregate_to_spots(
+        test, table_key="ghist", spots_key="spots", spots_table_key="spot_counts", overwrite=True
+    )
+    sums = pd.DataFrame(np.asarray(pseudo.X, dtype=np.float64), index=pseudo.obs_names, columns=pseudo.var_names)
+    sums = sums.loc[truth.index]
+    panel_share = float(np.median(train_counts[genes].sum(axis=1) / np.maximum(train_counts.sum(axis=1), 1)))
+    library = sums[genes].sum(axis=1).to_numpy() / panel_share
+    pred = np.log1p(sums[eval_genes].div(np.maximum(library, 1e-12), axis=0) * TARGET_SUM)
+    n_cells = pseudo.obs["n_cells"].reindex(truth.index).to_numpy()
+    only_cells = np.repeat(np.log1p(n_cells)[:, None], len(eval_genes), 1).astype(float)
+    return {
+        "r": pd.Series(column_pearson(pred.to_numpy(), truth.to_numpy()), index=eval_genes),
+        "r_raw": pd.Series(column_pearson(np.log1p(sums[eval_genes].to_numpy()), truth.to_numpy()), index=eval_genes),
+        "r_cells": column_pearson(only_cells, truth.to_numpy()),
+        "pred": pred,
+        "n_cells": int(test.tables["ghist"].n_obs),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------- plot
 def plot(path: Path, r_ghist: pd.Series, r_ridge: pd.Series, spots: pd.DataFrame, true: pd.DataFrame, pred):
     import matplotlib
@@ -249,10 +286,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--downsample", type=int, default=2, help="image downsampling factor for GHIST")
     parser.add_argument("--tile-size", type=int, default=128, help="tile side in downsampled pixels")
+    parser.add_argument("--spot-scaling", choices=["spot", "sample"], default="spot", help="see make_tiles")
+    parser.add_argument("--color-jitter", type=float, default=0.0, help="see fit")
     parser.add_argument("--n-genes", type=int, default=250)
     parser.add_argument("--n-eval-genes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("her2st_out"))
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with one sub-folder per section")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for training")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/ghist_her2st_cache"), help="segmentations")
     parser.add_argument("--baseline-only", action="store_true", help="stop after the ridge baseline")
     args = parser.parse_args()
@@ -266,7 +307,7 @@ def main() -> None:
     sdatas, counts, spots, features = {}, {}, {}, {}
     for name in sections:
         t0 = time.perf_counter()
-        rgb, spots[name], counts[name] = read_section(name)
+        rgb, spots[name], counts[name] = read_section(name, args.data)
         labels = segment(name, rgb, args.cache)
         t1 = time.perf_counter()
         features[name] = spot_features(rgb, labels, spots[name])
@@ -316,6 +357,7 @@ def main() -> None:
         tile_size=args.tile_size,
         fold=None,
         path=tiles_path,
+        spot_scaling=args.spot_scaling,
         progress=False,
     )
     timings["make_tiles"] = time.perf_counter() - t0
@@ -333,6 +375,8 @@ def main() -> None:
         seed=args.seed,
         progress=False,
         checkpoint_dir=args.out / "checkpoints",
+        num_workers=args.num_workers,
+        color_jitter=args.color_jitter,
     )
     timings["fit"] = time.perf_counter() - t0
     history = model.history_
@@ -346,24 +390,13 @@ def main() -> None:
 
     t0 = time.perf_counter()
     test = sdatas[args.test]
-    ghist.tl.predict(test, model, region_key="spots", progress=False)
-    pseudo = ghist.tl.aggregate_to_spots(test, table_key="ghist", spots_key="spots", spots_table_key="spot_counts")
-    timings["predict"] = time.perf_counter() - t0
-    sums = pd.DataFrame(np.asarray(pseudo.X, dtype=np.float64), index=pseudo.obs_names, columns=pseudo.var_names)
-    sums = sums.loc[truth.index]
-    # Per-spot normalisation as for the measurements: the panel holds, in the training spots, a median share
-    # `panel_share` of all counts, so a spot's library is estimated as its panel total / panel_share.
     train_counts = pd.concat([counts[n] for n in args.train])
-    panel_share = float(np.median(train_counts[genes].sum(axis=1) / np.maximum(train_counts.sum(axis=1), 1)))
-    library = sums[genes].sum(axis=1).to_numpy() / panel_share
-    pred = np.log1p(sums[eval_genes].div(np.maximum(library, 1e-12), axis=0) * TARGET_SUM)
-    r_ghist = pd.Series(column_pearson(pred.to_numpy(), truth.to_numpy()), index=eval_genes)
-    r_raw = pd.Series(column_pearson(np.log1p(sums[eval_genes].to_numpy()), truth.to_numpy()), index=eval_genes)
-    n_cells = pseudo.obs["n_cells"].reindex(truth.index).to_numpy()
-    r_cells = column_pearson(np.repeat(np.log1p(n_cells)[:, None], len(eval_genes), 1).astype(float), truth.to_numpy())
+    scores = evaluate_on_spots(model, test, truth, train_counts, genes, eval_genes)
+    timings["predict"] = time.perf_counter() - t0
+    r_ghist, r_raw, r_cells, pred = scores["r"], scores["r_raw"], scores["r_cells"], scores["pred"]
     total = time.perf_counter() - start
     print(
-        f"predict_s={timings['predict']:.1f} cells_predicted={test.tables['ghist'].n_obs} "
+        f"predict_s={timings['predict']:.1f} cells_predicted={scores['n_cells']} "
         f"ghist_pearson_raw={np.nanmean(r_raw):.4f} n_cells_only_pearson={np.nanmean(r_cells):.4f}",
         flush=True,
     )

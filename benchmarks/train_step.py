@@ -20,21 +20,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import LoopPoolingNetwork, disk_batch
+from _common import LoopPoolingNetwork, amp_dtype, disk_batch
 
 from ghist._model._losses import ghist_losses
 from ghist._model._network import GHISTNetwork
 
 
-def _steps(net, batch, device, amp, warmup, repeats) -> float:
+def _steps(net, batch, device, amp, warmup, repeats, dtype=None) -> float:
     net.train()
+    dtype = amp_dtype(device, dtype)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
-        if amp
-        else contextlib.nullcontext()
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=dtype) if amp else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda" and dtype == torch.float16)
     times = []
     for i in range(warmup + repeats):
         if device.type == "cuda":
@@ -67,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 + scaler on CUDA)")
+    parser.add_argument("--amp-dtype", choices=["bfloat16", "float16"], help="autocast dtype override")
     parser.add_argument("--baseline", action="store_true", help="also time per-cell loop pooling")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
@@ -106,12 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"params={sum(p.numel() for p in net.parameters())}")
     print(
         f"device={device} threads={torch.get_num_threads()} batch={args.batch} tile={args.tile} cells={n_cells} "
-        f"width={args.width} channels_last={args.channels_last} amp={args.amp}"
+        f"width={args.width} channels_last={args.channels_last} amp={args.amp} amp_dtype={args.amp_dtype}"
     )
     if args.baseline:
-        seconds = _steps(build(LoopPoolingNetwork), batch, device, args.amp, args.warmup, args.repeats)
+        seconds = _steps(build(LoopPoolingNetwork), batch, device, args.amp, args.warmup, args.repeats, args.amp_dtype)
         print(f"baseline_tiles_per_s={args.batch / seconds:.3f}")
-    seconds = _steps(net, batch, device, args.amp, args.warmup, args.repeats)
+    seconds = _steps(net, batch, device, args.amp, args.warmup, args.repeats, args.amp_dtype)
     print(f"s_per_step={seconds:.3f}")
     print(f"tiles_per_s={args.batch / seconds:.3f}")
 

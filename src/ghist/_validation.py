@@ -130,6 +130,35 @@ def rows_annotating(table: AnnData, region: str) -> np.ndarray:
     return (table.obs[region_key].astype(str) == region).to_numpy()
 
 
+def annotating_rows(sdata: SpatialData, table_key: str, region: str, *, what: str) -> tuple[AnnData, str, str]:
+    """The rows of ``sdata.tables[table_key]`` annotating element ``region``, with the table's region and instance keys.
+
+    Raises when the table is not a TableModel annotating ``region`` or when none of its rows does (``what`` names
+    the rows in that message, e.g. ``"cells"``).
+    """
+    table = get_table(sdata, table_key)
+    region_key, instance_key = table_annotation(sdata, table_key, region)
+    table = table[rows_annotating(table, region)]
+    if table.n_obs == 0:
+        raise ValueError(f"Table {table_key!r} has no {what} annotating {region!r}.")
+    return table, region_key, instance_key
+
+
+def positions_of_ids(ids: Sequence[Any] | pd.Index | np.ndarray, index: pd.Index) -> np.ndarray:
+    """Position in ``index`` of each instance id (-1: absent), matching as text when the dtypes differ.
+
+    Tables written by readers often hold instance ids as strings for an integer index of the shapes (or the
+    reverse); comparing as text makes ``"3"`` find ``3``.
+    """
+    index = pd.Index(index)
+    ids = pd.Index(ids)
+    position = index.get_indexer(ids)
+    if (position < 0).any():
+        as_text = pd.Index(index.astype(str)).get_indexer(ids.astype(str))
+        position = np.where(position < 0, as_text, position)
+    return np.asarray(position, dtype=np.int64)
+
+
 def check_genes(var_names: Sequence[str] | pd.Index, genes: Sequence[str] | None, *, where: str) -> list[str]:
     """Return ``genes`` (default: all of ``var_names``), raising a :class:`KeyError` that names missing genes."""
     var_names = pd.Index(var_names)

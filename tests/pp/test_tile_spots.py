@@ -134,15 +134,34 @@ def test_spot_targets_are_the_sums_over_their_cells(spot_sdata, tmp_path):
     assert seen == set(with_cells)  # every spot is fully visible in its own tile
 
 
-def test_default_targets_scale_sections_to_one_library_size(spot_sdata, tmp_path):
+def test_sample_scaling_gives_one_factor_per_section(spot_sdata, tmp_path):
     sdata, _ = spot_sdata
-    tiles = _spot_tiles(sdata, tmp_path, tiling="spots", fold=None, spot_target_sum=1000.0)
+    tiles = _spot_tiles(sdata, tmp_path, tiling="spots", fold=None, spot_target_sum=1000.0, spot_scaling="sample")
     raw = _raw(sdata)
     library = raw.sum(axis=1)
     factor = 1000.0 / np.median(library[library > 0])
     item = next(tiles.all[i] for i in range(len(tiles)) if len(tiles.all[i]["spot_index"]))
     spots = item["spot_index"].numpy()
     np.testing.assert_allclose(item["spot_expr"].numpy(), raw[spots] * factor, rtol=1e-5)
+
+
+def test_default_spot_scaling_removes_each_spots_depth(spot_sdata, tmp_path):
+    sdata, members = spot_sdata
+    tiles = _spot_tiles(sdata, tmp_path, tiling="spots", fold=None, spot_target_sum=1000.0)
+    raw = _raw(sdata)
+    # all genes of the table count in the library size: the panel here is every gene
+    n_cells = np.array([len(members[k]) for k in range(len(members))], dtype=float)
+    typical = np.median(n_cells[n_cells > 0])
+    checked = 0
+    for i in range(len(tiles)):
+        item = tiles.all[i]
+        for row, spot in enumerate(item["spot_index"].tolist()):
+            target = item["spot_expr"][row].numpy()
+            # library size 1000 per typical spot, proportional to the spot's nuclei, same composition as measured
+            np.testing.assert_allclose(target.sum(), 1000.0 * n_cells[spot] / typical, rtol=1e-4)
+            np.testing.assert_allclose(target / target.sum(), raw[spot] / raw[spot].sum(), rtol=1e-4, atol=1e-7)
+            checked += 1
+    assert checked >= 5
 
 
 def test_spots_in_another_coordinate_space(tmp_path):
@@ -297,6 +316,7 @@ def test_cell_level_stores_have_no_spot_items(spot_sdata, tmp_path):
         ({"spot_coverage": 0.0}, ValueError, "spot_coverage"),
         ({"spot_coverage": 1.5}, ValueError, "spot_coverage"),
         ({"spot_target_sum": -1}, ValueError, "spot_target_sum"),
+        ({"spot_scaling": "cell"}, ValueError, "spot_scaling"),
         ({"tiling": "hex"}, ValueError, "tiling"),
         ({"tiling": "spots", "spots_key": None}, ValueError, "pass `spots_key`"),
     ],

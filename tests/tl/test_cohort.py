@@ -22,7 +22,10 @@ def gene_sets(trained):
 @pytest.fixture(scope="module")
 def sequential(cohort, trained, gene_sets):
     slides, _ = cohort
-    return ghist.tl.predict_cohort(slides, trained, gene_sets=gene_sets, per_type=True, progress=False)
+    # on the CPU, as the distributed workers run by default: a GPU's convolutions round differently
+    return ghist.tl.predict_cohort(
+        slides, trained, gene_sets=gene_sets, per_type=True, progress=False, accelerator="cpu"
+    )
 
 
 def test_features(sequential, cohort, trained, gene_sets):

@@ -52,11 +52,24 @@ def test_resume_continues(tiles, tmp_path):
 
 
 def test_fit_without_cell_types(train_sdata_session, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    class CountEpochs(Callback):
+        epochs = 0
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            CountEpochs.epochs += 1
+
     tiles = ghist.pp.make_tiles(train_sdata_session, tile_size=64, path=tmp_path / "t.zarr")
     assert tiles.cell_types is None
-    model = ghist.tl.fit(tiles, width=4, embed_dim=16, max_epochs=1, batch_size=4, progress=False)
+    model = ghist.tl.fit(
+        tiles, width=4, embed_dim=16, max_epochs=2, batch_size=4, progress=False, callbacks=[CountEpochs()]
+    )
     assert model.n_types == 0
     assert model.is_trained_
+    # a user's callback runs beside ghist's own checkpointing and history
+    assert CountEpochs.epochs == 2
+    assert len(model.history_) == 2
 
 
 def test_fit_max_time(tiles):

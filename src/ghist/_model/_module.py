@@ -16,8 +16,13 @@ from ._losses import ghist_losses
 from ._network import GHISTNetwork
 
 
-def augment_batch(batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
-    """Random flips and 90 degree rotations, drawn per tile and applied to image and labels alike."""
+def augment_batch(batch: dict[str, Any], generator: torch.Generator, color_jitter: float = 0.0) -> dict[str, Any]:
+    """Random flips and 90 degree rotations, drawn per tile and applied to image and labels alike.
+
+    With ``color_jitter`` > 0, each tile's standardised channels are also scaled by ``1 + a`` and shifted by
+    ``b`` (``a``, ``b`` uniform in ``[-color_jitter, color_jitter]``, per tile and channel): stain and scanner
+    differences between slides that the network should not learn.
+    """
     images, labels = batch["image"], batch["labels"]
     out_images, out_labels = [], []
     draws = torch.randint(0, 8, (images.shape[0],), generator=generator).tolist()
@@ -29,7 +34,12 @@ def augment_batch(batch: dict[str, Any], generator: torch.Generator) -> dict[str
             image, label = torch.rot90(image, k, dims=(-2, -1)), torch.rot90(label, k, dims=(-2, -1))
         out_images.append(image)
         out_labels.append(label)
-    return {**batch, "image": torch.stack(out_images), "labels": torch.stack(out_labels)}
+    images = torch.stack(out_images)
+    if color_jitter > 0:
+        draws = torch.rand((2, images.shape[0], images.shape[1], 1, 1), generator=generator)
+        gain, shift = (draws * 2 - 1) * color_jitter
+        images = images * (1 + gain.to(images)) + shift.to(images)
+    return {**batch, "image": images, "labels": torch.stack(out_labels)}
 
 
 def spot_pairs(
@@ -65,6 +75,7 @@ class GHISTModule(L.LightningModule):
         weight_decay: float = 1e-4,
         augment: bool = True,
         seed: int = 0,
+        color_jitter: float = 0.0,
     ):
         super().__init__()
         self.network = network
@@ -72,6 +83,7 @@ class GHISTModule(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.augment = augment
+        self.color_jitter = float(color_jitter)
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         self._val_outputs: list[dict[str, np.ndarray]] = []
@@ -95,7 +107,7 @@ class GHISTModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.augment:
-            batch = augment_batch(batch, self._generator)
+            batch = augment_batch(batch, self._generator, self.color_jitter)
         batch = self._prepare(batch)
         losses, _ = self._losses(batch)
         bs = batch["image"].shape[0]

@@ -466,7 +466,8 @@ def neighbourhood_refine(
         Number of nudges. The defaults (``factor=0.003``, ``steps=30``) brought the composition closer to the
         estimate in every tile of simulations with 10-200 cells per tile and 9 types, at any confidence level.
     generator
-        Random generator (on ``cell_probs``' device) for reproducible factors.
+        Random generator for reproducible factors, on any device (the factors are drawn on its device and
+        moved to ``cell_probs``').
 
     Returns
     -------
@@ -507,7 +508,9 @@ def neighbourhood_refine(
     for _ in range(steps):
         counts = torch.bincount(cell_batch * n_types + current, minlength=n_tiles * n_types)
         delta = target - counts.reshape(n_tiles, n_types).to(dtype)
-        u = torch.rand(n, n_types, generator=generator, device=device, dtype=dtype) * factor
+        # Drawn where the generator lives (a CPU generator serves a GPU run, with the same draws as on the CPU).
+        draw_on = generator.device if generator is not None else device
+        u = torch.rand(n, n_types, generator=generator, device=draw_on, dtype=dtype).to(device) * factor
         nudged = (scores + alpha * delta[cell_batch] * u * column_mask).clamp(min=0)
         scores = torch.where(eligible.unsqueeze(1), nudged, scores)
         current = torch.where(eligible, scores.masked_fill(~allowed, -1.0).argmax(dim=1), pred)

@@ -6,8 +6,8 @@ annotating those circles. Here:
 
 - every nucleus gets the spot whose circle holds its centroid (:func:`cells_in_spots`), through the elements'
   coordinate transformations;
-- every spot gets its target: its counts scaled per sample to a fixed median library size
-  (:func:`spot_targets`), on the count scale that the summed per-cell predictions are compared with;
+- every spot gets its target: its counts scaled to a fixed library size per typical spot (:func:`spot_targets`),
+  on the count scale that the summed per-cell predictions are compared with;
 - spot-centred tile origins (:func:`spot_tile_origins`) for ``tiling="spots"``.
 """
 
@@ -25,7 +25,7 @@ from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 
 from .._spatial import image_to_labels_matrix
-from .._validation import _preview, get_counts, get_table, rows_annotating, table_annotation
+from .._validation import _preview, annotating_rows, get_counts, positions_of_ids
 
 logger = logging.getLogger(__name__)
 
@@ -77,18 +77,11 @@ def prepare_spots(
         )
     if len(shapes) == 0:
         raise ValueError(f"Spots {spots_key!r} hold no circle; expected at least one spot.")
-    table = get_table(sdata, table_key)
-    _, instance_key = table_annotation(sdata, table_key, spots_key)
-    table = table[rows_annotating(table, spots_key)]
+    table, _, instance_key = annotating_rows(sdata, table_key, spots_key, what="spots")
     where = f"spot table {table_key!r}"
-    if table.n_obs == 0:
-        raise ValueError(f"The {where} has no row annotating spots {spots_key!r}.")
     ids = table.obs[instance_key]
     shape_index = pd.Index(shapes.index)
-    row = shape_index.get_indexer(ids)
-    if (row < 0).any() and not pd.api.types.is_string_dtype(shape_index.dtype):
-        # Instance ids stored as strings for an integer index (or the reverse): compare as text.
-        row = pd.Index(shape_index.astype(str)).get_indexer(ids.astype(str))
+    row = positions_of_ids(ids, shape_index)
     if (row < 0).any():
         missing = ids[row < 0].tolist()
         raise ValueError(
@@ -115,26 +108,45 @@ def prepare_spots(
     )
 
 
-def spot_targets(spots: SpotData, genes: list[str], target_sum: float | None) -> tuple[np.ndarray, float]:
-    """The spots' training targets ``(S, G)`` on the count scale, and the factor applied to the raw counts.
+def spot_targets(
+    spots: SpotData,
+    genes: list[str],
+    target_sum: float | None,
+    *,
+    scaling: str = "spot",
+    n_cells: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The spots' training targets ``(S, G)`` on the count scale, and the factor ``(S,)`` applied to each spot.
 
-    With ``target_sum``, all counts of the sample are multiplied by one factor, ``target_sum / median library
-    size`` (library size: the spot's total over *all* genes of the table; median over spots with counts), so
-    sections sequenced at different depths land on one scale while a spot with more cells keeps more counts,
-    as the sum over its cells' predictions does. ``None`` keeps the raw counts (factor 1).
+    Library size: a spot's total over *all* genes of the table.
+
+    - ``scaling="spot"``: each spot's counts are scaled to ``target_sum * n_cells / median n_cells`` (median
+      over the spots holding a nucleus): its own sequencing depth is removed, its number of nuclei kept, as the
+      sum of its cells' predictions keeps it. Spots with zero counts get NaN targets (unmeasured).
+    - ``scaling="sample"``: all counts of the sample are multiplied by one factor, ``target_sum / median library
+      size`` (over spots with counts): differences in depth between the spots of a section are kept.
+
+    ``target_sum=None`` keeps the raw counts (factor 1).
     """
     counts = spots.counts
     library = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
-    factor = 1.0
-    if target_sum is not None:
-        positive = library[library > 0]
-        if positive.size == 0:
-            raise ValueError(f"Every spot of {spots.key!r} has zero counts; expected raw counts.")
-        factor = float(target_sum) / float(np.median(positive))
+    factor = np.ones(library.size)
+    positive = library[library > 0]
+    if target_sum is not None and positive.size == 0:
+        raise ValueError(f"Every spot of {spots.key!r} has zero counts; expected raw counts.")
+    if target_sum is not None and scaling == "sample":
+        factor[:] = float(target_sum) / float(np.median(positive))
+    elif target_sum is not None:
+        if n_cells is None or len(n_cells) != library.size:
+            raise ValueError("`scaling='spot'` needs the number of nuclei in each spot (`n_cells`).")
+        n_cells = np.asarray(n_cells, dtype=np.float64)
+        typical = float(np.median(n_cells[n_cells > 0])) if (n_cells > 0).any() else 1.0
+        with np.errstate(divide="ignore"):
+            factor = np.where(library > 0, float(target_sum) * np.maximum(n_cells, 1) / typical / library, np.nan)
     gene_idx = pd.Index(spots.table.var_names).get_indexer(genes)
     block = counts[:, gene_idx]
     block = block.toarray() if sp.issparse(block) else np.asarray(block)
-    return (block.astype(np.float64) * factor).astype(np.float32), factor
+    return (block.astype(np.float64) * factor[:, None]).astype(np.float32), factor
 
 
 def nucleus_centroids(labels: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -19,9 +19,11 @@ Store layout (``path``, zarr v3)::
 With spot-level supervision (``spots_key``; format version 2; no measured cells, so every ``cell_rows`` is -1)::
 
     tiles/cell_spot           (M,) int64   row of each tile cell's spot in its sample's ``spot_expr`` (-1: no spot)
-    samples/<i>/spot_expr     (S_i, G) float32, the spots' counts scaled to a common library size (not log1p)
+    samples/<i>/spot_expr     (S_i, G) float32, the spots' counts times ``spot_factor`` (count scale, not log1p)
+    samples/<i>/spot_factor   (S_i,) float64 the factor applied to each spot's counts (see ``spot_scaling``)
     samples/<i>/spot_n_cells  (S_i,) int64  nuclei whose centroid lies in each spot (over the whole labels)
-    attrs: spot_names (per sample, the spots' instance ids), spot_factors, spot_coverage, spot_target_sum, tiling
+    attrs: spot_names (per sample, the spots' instance ids), spot_factors (median per sample), spot_coverage,
+           spot_target_sum, spot_scaling, tiling
 """
 
 from __future__ import annotations
@@ -52,15 +54,13 @@ from .._spatial import image_pixel_size, image_to_labels_matrix, is_integer_tran
 from .._validation import (
     ValidationError,
     _preview,
+    annotating_rows,
     check_cell_types,
     check_genes,
     check_instances,
     get_counts,
     get_image,
     get_labels,
-    get_table,
-    rows_annotating,
-    table_annotation,
 )
 from ._tile_spots import SpotData, cells_in_spots, nucleus_centroids, prepare_spots, spot_targets, spot_tile_origins
 
@@ -152,7 +152,7 @@ class _Sample:
     width: int
     spots: SpotData | None = None
     spot_expr: np.ndarray | None = None  # (S, G) targets of the chosen genes
-    spot_factor: float = 1.0
+    spot_factor: np.ndarray | None = None  # (S,) factor applied to each spot's counts
     cell_spot: pd.Series | None = None  # nucleus id -> spot row (-1: in no spot), over the whole labels
 
 
@@ -233,12 +233,8 @@ def _prepare_sample(
         )
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
-    table = get_table(sdata, table_key)
-    _, instance_key = table_annotation(sdata, table_key, labels_key)
-    table = table[rows_annotating(table, labels_key)]
+    table, _, instance_key = annotating_rows(sdata, table_key, labels_key, what="cells")
     where = f"table {table_key!r}"
-    if table.n_obs == 0:
-        raise ValueError(f"{where.capitalize()} has no cells annotating labels {labels_key!r}.")
     if layer is not None and layer not in table.layers:
         raise KeyError(f"Layer {layer!r} not found in {where} (have {sorted(table.layers)}).")
     ids = table.obs[instance_key]
@@ -314,13 +310,19 @@ def _assign_spots(sample: _Sample) -> dict[str, float]:
     ids, xy = nucleus_centroids(sample.labels)
     spot = cells_in_spots(xy, sample.spots)
     sample.cell_spot = pd.Series(spot, index=ids)
-    n_cells = np.bincount(spot[spot >= 0], minlength=len(sample.spots.names))
+    n_cells = _spot_n_cells(sample)
     return {
         "n_spots": len(n_cells),
         "n_spots_with_cells": int((n_cells > 0).sum()),
         "median_cells": float(np.median(n_cells[n_cells > 0])) if (n_cells > 0).any() else 0.0,
         "n_cells_in_spots": int(n_cells.sum()),
     }
+
+
+def _spot_n_cells(sample: _Sample) -> np.ndarray:
+    """Number of nuclei whose centroid lies in each spot of the sample (over the whole labels)."""
+    spot = sample.cell_spot.to_numpy()
+    return np.bincount(spot[spot >= 0], minlength=len(sample.spots.names)).astype(np.int64)
 
 
 def _raise_collected(errors: list[tuple[str, Exception]], n_samples: int) -> None:
@@ -563,10 +565,9 @@ def _write_sample_spots(root: zarr.Group, sample: _Sample, index: int, tile_cell
     """Write the sample's spot targets and cell counts; return each tile cell's spot row (-1: in no spot)."""
     group = root.require_group(f"samples/{index}")
     group.create_array("spot_expr", data=np.asarray(sample.spot_expr, dtype=np.float32))
+    group.create_array("spot_n_cells", data=_spot_n_cells(sample))
+    group.create_array("spot_factor", data=np.asarray(sample.spot_factor, dtype=np.float64))
     spot = sample.cell_spot.to_numpy()
-    group.create_array(
-        "spot_n_cells", data=np.bincount(spot[spot >= 0], minlength=len(sample.spots.names)).astype(np.int64)
-    )
     flat = np.concatenate(tile_cells) if tile_cells else np.zeros(0, dtype=np.int64)
     where = sample.cell_spot.index.get_indexer(flat)
     return np.where(where >= 0, spot[np.maximum(where, 0)], -1).astype(np.int64)
@@ -649,6 +650,7 @@ def make_tiles(
     tiling: Literal["grid", "spots"] = "grid",
     spot_coverage: float = 1.0,
     spot_target_sum: float | None = 1e4,
+    spot_scaling: Literal["spot", "sample"] = "spot",
     progress: bool = True,
 ) -> TileSet:
     """Cut training tiles once into an on-disk store, with spatial folds.
@@ -677,10 +679,11 @@ def make_tiles(
     tiles' per-cell ``expr`` is NaN, and cell types are not available (``cell_type_key`` must be ``None``).
     Every nucleus belongs to the spot whose circle holds its centroid (computed over the whole labels and mapped
     through the coordinate transformations, so labels, image and spots may live in different spaces). A spot's
-    target is its counts multiplied by ``spot_target_sum / median library size`` of its sample (library size:
-    total over all genes of the table), so sections of different sequencing depth share one scale while a spot
-    with more cells keeps more counts, as the sum of its cells' predicted counts does; the loss compares that sum
-    with the target on the ``log1p`` scale (:func:`ghist._model._losses.spot_loss`). A tile supervises a spot
+    target is its counts scaled to a library size (total over all genes of the table) of ``spot_target_sum``
+    times its number of nuclei over the sample's median number per spot (``spot_scaling="spot"``), so that
+    neither sections nor spots of different sequencing depth differ in scale, while a spot with more cells keeps
+    more counts, as the sum of its cells' predicted counts does; the loss compares that sum with the target on
+    the ``log1p`` scale (:func:`ghist._model._losses.spot_loss`). A tile supervises a spot
     only when at least ``spot_coverage`` of the spot's nuclei are visible (and not ``-1``) in it; the target of a
     partly visible spot is scaled by its visible fraction of nuclei. The default ``spot_coverage=1`` uses only
     spots whose nuclei are all in the tile: with ``tiling="grid"`` spots cut by a tile edge are then unused, so
@@ -723,7 +726,14 @@ def make_tiles(
     spot_coverage
         Smallest visible fraction of a spot's nuclei for a tile to supervise that spot, in ``(0, 1]``.
     spot_target_sum
-        Median spot library size each sample's spot counts are scaled to; ``None`` keeps raw counts.
+        Library size of a spot with the sample's median number of nuclei, that spot counts are scaled to (see
+        ``spot_scaling``); ``None`` keeps raw counts.
+    spot_scaling
+        ``"spot"``: every spot is scaled on its own, to ``spot_target_sum`` times its number of nuclei over the
+        sample's median number of nuclei per spot, so each spot's sequencing depth (which varies many-fold
+        between the spots of one legacy ST section) is removed and only its composition and cell number are
+        learnt. ``"sample"``: one factor per sample, ``spot_target_sum / median library size``, keeping the
+        depth differences between its spots.
     {progress}
 
     Returns
@@ -737,7 +747,7 @@ def make_tiles(
     >>> loader = torch.utils.data.DataLoader(tiles.train, batch_size=8, shuffle=True, collate_fn=collate_tiles)
 
     """
-    _check_spot_args(spots_key, cell_type_key, tiling, spot_coverage, spot_target_sum)
+    _check_spot_args(spots_key, cell_type_key, tiling, spot_coverage, spot_target_sum, spot_scaling)
     if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 8:
         raise ValueError(f"`tile_size` must be an integer >= 8 pixels; got {tile_size!r}.")
     tile_size = int(tile_size)
@@ -769,8 +779,10 @@ def make_tiles(
     spot_summaries = []
     if spots_key is not None:
         for s in samples:  # before subsetting the genes: the library size counts every gene
-            s.spot_expr, s.spot_factor = spot_targets(s.spots, genes, spot_target_sum)
             spot_summaries.append(_assign_spots(s))
+            s.spot_expr, s.spot_factor = spot_targets(
+                s.spots, genes, spot_target_sum, scaling=spot_scaling, n_cells=_spot_n_cells(s)
+            )
     for s in samples:  # counts of the chosen genes only
         s.table = s.table[:, genes]
         where = f"table {table_key!r}" + (f" of sample {s.name!r}" if len(samples) > 1 else "")
@@ -859,10 +871,11 @@ def make_tiles(
             attrs.update(
                 {
                     "spot_names": [s.spots.names for s in samples],
-                    "spot_factors": [s.spot_factor for s in samples],
+                    "spot_factors": [float(np.nanmedian(s.spot_factor)) for s in samples],
+                    "spot_scaling": spot_scaling,
                     "spot_coverage": float(spot_coverage),
                     "spot_target_sum": None if spot_target_sum is None else float(spot_target_sum),
-                    "spot_expr": "counts * spot_factor (count scale, not log1p)",
+                    "spot_expr": "counts * samples/<i>/spot_factor (count scale, not log1p)",
                 }
             )
         root.attrs[_ATTRS] = json.loads(json.dumps(attrs))
@@ -890,13 +903,13 @@ def make_tiles(
     for s, sm in zip(samples, spot_summaries):
         logger.info(
             "Sample %r: %d of %d spots hold a nucleus centroid (median %.0f nuclei per spot, %d nuclei in spots); "
-            "spot counts scaled by %.3g",
+            "spot counts scaled by %.3g (median over spots)",
             s.name,
             sm["n_spots_with_cells"],
             sm["n_spots"],
             sm["median_cells"],
             sm["n_cells_in_spots"],
-            s.spot_factor,
+            float(np.nanmedian(s.spot_factor)),
         )
         if sm["n_spots_with_cells"] == 0:
             logger.warning("Sample %r: no nucleus lies in any spot; check the spots' transformations.", s.name)
@@ -919,10 +932,17 @@ def make_tiles(
 
 
 def _check_spot_args(
-    spots_key: str | None, cell_type_key: str | None, tiling: str, spot_coverage: float, spot_target_sum: float | None
+    spots_key: str | None,
+    cell_type_key: str | None,
+    tiling: str,
+    spot_coverage: float,
+    spot_target_sum: float | None,
+    spot_scaling: str,
 ) -> None:
     if tiling not in ("grid", "spots"):
         raise ValueError(f"`tiling` must be 'grid' or 'spots'; got {tiling!r}.")
+    if spot_scaling not in ("spot", "sample"):
+        raise ValueError(f"`spot_scaling` must be 'spot' or 'sample'; got {spot_scaling!r}.")
     if spots_key is None:
         if tiling == "spots":
             raise ValueError("`tiling='spots'` centres tiles on spots; pass `spots_key` (the spot circles) too.")

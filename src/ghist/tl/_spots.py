@@ -16,7 +16,7 @@ from spatialdata.models import TableModel, get_table_keys
 from .._constants import GLOBAL_CS, PRED_KEY, REGION_KEY, SPATIAL_KEY, SPOTS_KEY, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._spatial import _find_element, element_transformations
-from .._validation import _preview, get_table, require_key, rows_annotating, table_annotation
+from .._validation import _preview, annotating_rows, get_table, positions_of_ids, require_key, rows_annotating
 
 logger = logging.getLogger(__name__)
 
@@ -175,13 +175,9 @@ def _spot_rows(
             index=pd.Index(index.astype(str), name=None),
         )
         return np.arange(len(index)), obs, SPOT_ID_KEY, REGION_KEY
-    region_key, instance_key = table_annotation(sdata, spots_table_key, spots_key)
-    spot_table = sdata.tables[spots_table_key]
-    rows = rows_annotating(spot_table, spots_key)
-    ids = spot_table.obs[instance_key].to_numpy()[rows]
-    order = pd.Index(spots.index).get_indexer(ids)
-    if (order < 0).any():  # e.g. integer ids in the table, string index in the shapes
-        order = pd.Index(spots.index.astype(str)).get_indexer(pd.Index(ids).astype(str))
+    spot_table, region_key, instance_key = annotating_rows(sdata, spots_table_key, spots_key, what="spots")
+    ids = spot_table.obs[instance_key].to_numpy()
+    order = positions_of_ids(ids, pd.Index(spots.index))
     if (order < 0).any():
         missing = ids[order < 0]
         raise KeyError(
@@ -190,7 +186,7 @@ def _spot_rows(
         )
     obs = pd.DataFrame(
         {region_key: pd.Categorical([spots_key] * len(ids)), instance_key: ids},
-        index=spot_table.obs_names[rows].copy(),
+        index=spot_table.obs_names.copy(),
     )
     return order, obs, instance_key, region_key
 
