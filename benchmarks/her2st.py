@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import spatialdata as sd
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Identity, Scale
@@ -245,6 +246,31 @@ def evaluate_on_spots(
     }
 
 
+class WeightSnapshots(Callback):
+    """Keeps a copy of the network's weights every ``every`` epochs, to be scored after the timed run."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.snapshots: list[tuple[int, dict]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if (trainer.current_epoch + 1) % self.every == 0:
+            state = {k: v.detach().float().cpu().clone() for k, v in pl_module.network.state_dict().items()}
+            self.snapshots.append((trainer.current_epoch + 1, state))
+
+
+def learning_curve(model: ghist.GHISTModel, snapshots, score) -> list[dict]:
+    """``score(model)`` for the model holding each snapshot's weights, in order (the model is restored after)."""
+    final = {k: v.clone() for k, v in model.network.state_dict().items()}
+    curve = []
+    for epoch, state in snapshots:
+        model.network.load_state_dict(state)
+        curve.append({"epoch": epoch, "pearson": score(model)})
+        print(f"curve epoch={epoch} ghist_pearson={curve[-1]['pearson']:.4f}", flush=True)
+    model.network.load_state_dict(final)
+    return curve
+
+
 # ----------------------------------------------------------------------------------------------------------- plot
 def plot(path: Path, r_ghist: pd.Series, r_ridge: pd.Series, spots: pd.DataFrame, true: pd.DataFrame, pred):
     import matplotlib
@@ -295,6 +321,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="folder with one sub-folder per section")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for training")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/ghist_her2st_cache"), help="segmentations")
+    parser.add_argument(
+        "--curve-every", type=int, default=0, help="also score C4 every N epochs, after the timed run (0: off)"
+    )
     parser.add_argument("--baseline-only", action="store_true", help="stop after the ridge baseline")
     args = parser.parse_args()
     logging.getLogger("ghist").setLevel(logging.WARNING)
@@ -363,6 +392,7 @@ def main() -> None:
     timings["make_tiles"] = time.perf_counter() - t0
     print(f"tiles={len(tiles)} cells={tiles.n_cells} make_tiles_s={timings['make_tiles']:.1f}", flush=True)
 
+    snapshots = WeightSnapshots(args.curve_every) if args.curve_every > 0 else None
     t0 = time.perf_counter()
     model = ghist.tl.fit(
         tiles,
@@ -377,6 +407,7 @@ def main() -> None:
         checkpoint_dir=args.out / "checkpoints",
         num_workers=args.num_workers,
         color_jitter=args.color_jitter,
+        callbacks=[snapshots] if snapshots is not None else None,
     )
     timings["fit"] = time.perf_counter() - t0
     history = model.history_
@@ -418,6 +449,12 @@ def main() -> None:
         "timings_s": timings,
         "total_s": total,
     }
+    if snapshots is not None:  # outside the timed run
+
+        def score(m):
+            return float(np.nanmean(evaluate_on_spots(m, test, truth, train_counts, genes, eval_genes)["r"]))
+
+        results["curve"] = learning_curve(model, snapshots.snapshots, score)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     print(
         f"ghist_pearson={np.nanmean(r_ghist):.4f} ridge_pearson={np.nanmean(r_ridge):.4f} "

@@ -42,6 +42,18 @@ accelerator
     ``"auto"`` (GPU when present, else CPU), ``"cpu"``, ``"gpu"``/``"cuda"`` or ``"mps"``."""
 
 
+doc_save_show = """\
+save
+    Path to write the figure to (format from the suffix, e.g. ``.png``, ``.pdf``, ``.svg``), at 150 dpi with a
+    tight bounding box. Missing parent folders are created.
+show
+    Show the figure. ``None`` shows it only when not saving and matplotlib is in interactive mode."""
+
+doc_ax = """\
+ax
+    Axes to draw into. A new figure is created when ``None``."""
+
+
 def doc_params(**kwds: str) -> Callable[[F], F]:
     """Format the decorated function's docstring with the given snippets (scanpy's ``_doc_params``)."""
 

@@ -13,6 +13,7 @@ from matplotlib.patches import Patch
 from spatialdata import SpatialData
 
 from .._constants import CELL_TYPE_KEY, PRED_CELL_TYPE_KEY, PRED_KEY
+from .._docs import doc_ax, doc_params, doc_save_show
 from ._expression import _match_rows, _palette
 from ._utils import _get_ax, _save_or_show
 
@@ -24,6 +25,7 @@ _PROP_PREFIX = "prop:"
 _WHOLE = "whole slide"
 
 
+@doc_params(save_show=doc_save_show, ax=doc_ax)
 def composition(
     data: SpatialData | AnnData,
     *,
@@ -65,12 +67,8 @@ def composition(
         SpatialData: a column of the prediction or the measured table (cells are matched between the tables by
         their label id) whose categories get one bar each, e.g. a region annotation; default the whole slide.
         AnnData: an ``obs`` column; samples are averaged within its categories; default one bar per sample.
-    ax
-        Axes to draw into. A new figure is created when ``None``.
-    save
-        Path to write the figure to (format from the suffix), at 150 dpi. Missing parent folders are created.
-    show
-        Show the figure. ``None`` shows it only when not saving and matplotlib is in interactive mode.
+    {ax}
+    {save_show}
 
     Returns
     -------

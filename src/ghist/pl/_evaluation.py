@@ -12,6 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from .._docs import doc_ax, doc_params, doc_save_show
 from ._utils import _get_ax, _save_or_show
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ _SVG, _OTHER = "#d95f02", "#7570b3"
 _MAX_LABELLED = 60  # above this many genes, gene names are not written under the bars
 
 
+@doc_params(save_show=doc_save_show, ax=doc_ax)
 def gene_correlation(
     eval_df: pd.DataFrame,
     *,
@@ -53,13 +55,8 @@ def gene_correlation(
         Show only the ``top`` best genes (the mean lines still use all genes). ``None`` shows all.
     title
         Axes title.
-    ax
-        Axes to draw into. A new figure is created when ``None``.
-    save
-        Path to write the figure to (format from the suffix, e.g. ``.png``, ``.pdf``, ``.svg``), at 150 dpi with a
-        tight bounding box. Missing parent folders are created.
-    show
-        Show the figure. ``None`` shows it only when not saving and matplotlib is in interactive mode.
+    {ax}
+    {save_show}
 
     Returns
     -------

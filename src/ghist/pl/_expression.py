@@ -17,12 +17,14 @@ from spatialdata import SpatialData
 from spatialdata.models import get_table_keys
 
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY
+from .._docs import doc_ax, doc_params, doc_save_show
 from .._validation import check_genes, get_image, get_table
 from ._utils import _get_ax, _save_or_show
 
 logger = logging.getLogger(__name__)
 
 
+@doc_params(save_show=doc_save_show, ax=doc_ax)
 def expression(
     sdata: SpatialData,
     genes: str | Sequence[str],
@@ -67,10 +69,7 @@ def expression(
         Colour map of expression.
     panel_size
         Side of each panel in inches.
-    save
-        Path to write the figure to.
-    show
-        Show the figure (default: when interactive and not saving).
+    {save_show}
 
     Returns
     -------
@@ -121,6 +120,7 @@ def expression(
     return fig
 
 
+@doc_params(save_show=doc_save_show, ax=doc_ax)
 def cell_types(
     sdata: SpatialData,
     *,
@@ -154,10 +154,7 @@ def cell_types(
         Cell type -> colour (default: tab10/tab20).
     ax
         Axes to draw the predicted map into (only without ``true_key``).
-    save
-        Path to write the figure to.
-    show
-        Show the figure (default: when interactive and not saving).
+    {save_show}
 
     Returns
     -------

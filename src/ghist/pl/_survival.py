@@ -15,6 +15,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from matplotlib.transforms import ScaledTranslation, blended_transform_factory
 from scipy import sparse
 
+from .._docs import doc_ax, doc_params, doc_save_show
 from ..tl._survival import _durations, _events
 from ._utils import _get_ax, _save_or_show
 
@@ -25,6 +26,7 @@ __all__ = ["hazard_ratios", "kaplan_meier"]
 _HIGH, _LOW, _NS = "#c0392b", "#2e6fbd", "#9a9a9a"
 
 
+@doc_params(save_show=doc_save_show, ax=doc_ax)
 def kaplan_meier(
     adata: AnnData,
     feature: str,
@@ -69,13 +71,8 @@ def kaplan_meier(
         Draw the 95% confidence band of each curve.
     title
         Axes title; defaults to the feature name.
-    ax
-        Axes to draw into. A new figure is created when ``None``.
-    save
-        Path to write the figure to (format from the suffix, e.g. ``.png``, ``.pdf``, ``.svg``), at 150 dpi with a
-        tight bounding box. Missing parent folders are created.
-    show
-        Show the figure. ``None`` shows it only when not saving and matplotlib is in interactive mode.
+    {ax}
+    {save_show}
 
     Returns
     -------
@@ -140,6 +137,7 @@ def kaplan_meier(
     return ax
 
 
+@doc_params(save_show=doc_save_show, ax=doc_ax)
 def hazard_ratios(
     result: pd.DataFrame,
     *,
@@ -170,13 +168,8 @@ def hazard_ratios(
         Features with ``q`` (or ``p``) below this are highlighted.
     title
         Axes title.
-    ax
-        Axes to draw into. A new figure is created when ``None``.
-    save
-        Path to write the figure to (format from the suffix, e.g. ``.png``, ``.pdf``, ``.svg``), at 150 dpi with a
-        tight bounding box. Missing parent folders are created.
-    show
-        Show the figure. ``None`` shows it only when not saving and matplotlib is in interactive mode.
+    {ax}
+    {save_show}
 
     Returns
     -------
