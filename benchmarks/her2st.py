@@ -218,6 +218,7 @@ def evaluate_on_spots(
     genes: list[str],
     eval_genes: list[str],
     accelerator: str = "auto",
+    **predict_kwargs,
 ) -> dict:
     """Predict every nucleus of ``test``, sum them per spot and correlate with the measured spots, gene by gene.
 
@@ -226,7 +227,9 @@ def evaluate_on_spots(
     per-gene correlations ``r`` (that normalisation), ``r_raw`` (``log1p`` of the sums), ``r_cells`` (the
     number of nuclei alone), the normalised predictions ``pred`` and the number of predicted cells.
     """
-    ghist.tl.predict(test, model, region_key="spots", progress=False, overwrite=True, accelerator=accelerator)
+    ghist.tl.predict(
+        test, model, region_key="spots", progress=False, overwrite=True, accelerator=accelerator, **predict_kwargs
+    )
     pseudo = ghist.tl.aggregate_to_spots(
         test, table_key="ghist", spots_key="spots", spots_table_key="spot_counts", overwrite=True
     )
@@ -314,6 +317,9 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=128, help="tile side in downsampled pixels")
     parser.add_argument("--spot-scaling", choices=["spot", "sample"], default="spot", help="see make_tiles")
     parser.add_argument("--color-jitter", type=float, default=0.0, help="see fit")
+    parser.add_argument(
+        "--min-train-umi", type=int, default=0, help="QC: leave training spots with fewer counts out of training"
+    )
     parser.add_argument("--n-genes", type=int, default=250)
     parser.add_argument("--n-eval-genes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -333,10 +339,14 @@ def main() -> None:
     start = time.perf_counter()
 
     sections = [*args.train, args.test]
-    sdatas, counts, spots, features = {}, {}, {}, {}
+    sdatas, counts, spots, features, all_counts = {}, {}, {}, {}, {}
     for name in sections:
         t0 = time.perf_counter()
         rgb, spots[name], counts[name] = read_section(name, args.data)
+        all_counts[name] = counts[name]
+        if name in args.train and args.min_train_umi > 0:  # QC of the training spots (both methods)
+            keep = counts[name].sum(axis=1).to_numpy() >= args.min_train_umi
+            spots[name], counts[name] = spots[name][keep], counts[name][keep]
         labels = segment(name, rgb, args.cache)
         t1 = time.perf_counter()
         features[name] = spot_features(rgb, labels, spots[name])
@@ -354,7 +364,8 @@ def main() -> None:
     everywhere = counts[sections[0]].columns
     for name in sections[1:]:
         everywhere = everywhere.intersection(counts[name].columns)
-    genes = choose_genes({n: counts[n] for n in args.train}, everywhere, args.n_genes)
+    # on all training spots, so that the evaluated genes do not depend on --min-train-umi
+    genes = choose_genes({n: all_counts[n] for n in args.train}, everywhere, args.n_genes)
     eval_genes = genes[: args.n_eval_genes]
     print(f"genes={len(genes)} eval_genes={len(eval_genes)} first={eval_genes[:8]}", flush=True)
 

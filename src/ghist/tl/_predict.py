@@ -72,7 +72,8 @@ def predict(
 
     The slide is cut into overlapping tiles read one batch at a time from the (dask-backed) image, so memory
     does not grow with the slide. A nucleus seen by several tiles keeps the prediction of the tile in which
-    most of its pixels were visible. Within each tile, the neighbourhood refinement nudges uncertain cells'
+    most of its pixels were visible and, among those, of the tile where it lies farthest from the edges. Within
+    each tile, the neighbourhood refinement nudges uncertain cells'
     types so that the tile's predicted composition moves toward the composition the network estimated;
     cells moved into a specialist group take that group's expression.
 
@@ -306,13 +307,18 @@ def _tile_inputs(
     yy, xx = np.indices(lab.shape)
     sum_y = np.bincount(local.ravel(), weights=yy.ravel(), minlength=ids.size + 1)[1:]
     sum_x = np.bincount(local.ravel(), weights=xx.ravel(), minlength=ids.size + 1)[1:]
-    centroids = np.stack([sum_x / np.maximum(counts, 1) + x0, sum_y / np.maximum(counts, 1) + y0], axis=1)
+    local_x, local_y = sum_x / np.maximum(counts, 1), sum_y / np.maximum(counts, 1)
+    centroids = np.stack([local_x + x0, local_y + y0], axis=1)
+    # distance from the visible centroid to the nearest tile edge: how much context the network had around it
+    t = grid.tile_size
+    margin = np.minimum(np.minimum(local_x, t - 1 - local_x), np.minimum(local_y, t - 1 - local_y))
     standardised = (rgb.astype(np.float32) - mean[:, None, None]) / std[:, None, None]
     return {
         "image": standardised,
         "labels": local.astype(np.int64),
         "cell_id": ids.astype(np.int64),
         "visible": counts.astype(np.int64),
+        "margin": margin,
         "centroid": centroids,
     }
 
@@ -338,7 +344,7 @@ def _run_tiles(
     mean, std = model.mean, model.std
     groups = {name: [model.cell_types.index(t) for t in members] for name, members in model.cell_type_groups.items()}
     collected: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("cell_id", "visible", "centroid", "expr", "proba", "type", "comp")
+        k: [] for k in ("cell_id", "visible", "margin", "centroid", "expr", "proba", "type", "comp")
     }
     n_tiles = len(grid.origins)
     n_batches = math.ceil(n_tiles / batch_size)
@@ -377,7 +383,7 @@ def _run_tiles(
                 collected["comp"].append(comp[cb].cpu().numpy())
             expr = torch.clamp(expr / model.expr_scale, min=0)
             collected["expr"].append(expr.cpu().numpy())
-            for key in ("cell_id", "visible", "centroid"):
+            for key in ("cell_id", "visible", "margin", "centroid"):
                 collected[key].append(np.concatenate([it[key] for it in items]))
     return {k: (np.concatenate(v) if v else np.empty((0,))) for k, v in collected.items()}
 
@@ -386,8 +392,9 @@ def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _Slid
     ids = parts["cell_id"]
     if ids.size == 0:
         raise ValueError(f"No nucleus of {labels_key!r} lies under the image: nothing to predict.")
-    # For each cell, the tile where most of its nucleus was visible (ties: the first tile).
-    order = np.lexsort((-parts["visible"], ids))
+    # For each cell, the tile where most of its nucleus was visible; among those, the one where it lies farthest
+    # from the edges (most context around it; tiles centred on spots put every supervised cell away from them).
+    order = np.lexsort((-parts["margin"], -parts["visible"], ids))
     first = np.ones(order.size, dtype=bool)
     first[1:] = ids[order][1:] != ids[order][:-1]
     best = order[first]
