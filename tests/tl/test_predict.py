@@ -96,3 +96,68 @@ def test_predict_other_pixel_space(trained):
     assert table.n_obs >= 0.9 * sdata.tables["table"].n_obs
     scores = ghist.tl.evaluate(sdata, cell_type_key="cell_type")
     assert scores.attrs["n_cells"] == table.n_obs
+
+
+def test_tta_averages_the_eight_views(trained, test_sdata):
+    import torch
+
+    from ghist.tl._predict import _forward
+
+    network = trained.network.eval()
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, 64, 64, generator=gen)
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[0, 5:15, 40:52] = 1  # an off-centre, asymmetric nucleus: views differ
+    labels[0, 30:36, 10:30] = 2
+    labels[1, 50:60, 20:26] = 3
+    cell_batch = torch.tensor([0, 0, 1])
+    with torch.inference_mode():
+        averaged = _forward(network, image, labels, cell_batch, 3, tta=True)
+        views = []
+        for flip in (False, True):
+            for k in range(4):
+                img, lab = (image.flip(-1), labels.flip(-1)) if flip else (image, labels)
+                img, lab = torch.rot90(img, k, dims=(-2, -1)), torch.rot90(lab, k, dims=(-2, -1))
+                views.append(network(img, lab, cell_batch, 3))
+        plain = _forward(network, image, labels, cell_batch, 3, tta=False)
+    expected = torch.stack([v["expr"] for v in views]).mean(0)
+    torch.testing.assert_close(averaged["expr"], expected, rtol=1e-4, atol=1e-4)
+    expected_proba = torch.stack([torch.softmax(v["cell_logits"], -1) for v in views]).mean(0)
+    torch.testing.assert_close(averaged["proba"], expected_proba, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(averaged["proba"].sum(-1), torch.ones(3))
+    assert set(averaged["group_expr"]) == set(trained.cell_type_groups)
+    torch.testing.assert_close(plain["expr"], views[0]["expr"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(averaged["expr"], plain["expr"])
+
+
+def test_predict_with_tta(trained, test_sdata):
+    plain = ghist.tl.predict(test_sdata, trained, key_added="plain", progress=False)
+    tta = ghist.tl.predict(test_sdata, trained, key_added="tta", tta=True, progress=False)
+    assert tta.uns["ghist"]["params"]["tta"] is True
+    assert list(tta.obs_names) == list(plain.obs_names)
+    assert np.isfinite(tta.X).all()
+    # the same model seen from 8 orientations: close to, but not the same as, one view
+    assert not np.allclose(tta.X, plain.X)
+    r = np.corrcoef(np.asarray(tta.X).ravel(), np.asarray(plain.X).ravel())[0, 1]
+    assert r > 0.9
+
+
+def test_a_nucleus_keeps_the_tile_where_it_is_most_central():
+    from types import SimpleNamespace
+
+    from ghist.tl._predict import _assemble_table
+
+    # cell 7 is fully visible in tiles 0 and 1 (same pixel count), central only in tile 1;
+    # cell 8 is more visible in tile 0, although nearer its edge there
+    parts = {
+        "cell_id": np.array([7, 7, 8, 8]),
+        "visible": np.array([40, 40, 30, 12]),
+        "margin": np.array([2.0, 20.0, 1.0, 25.0]),
+        "centroid": np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]),
+        "expr": np.array([[0.0], [1.0], [2.0], [3.0]]),
+    }
+    model = SimpleNamespace(genes=["g"], n_types=0, cell_types=[])
+    grid = SimpleNamespace(to_labels=np.eye(3))
+    table = _assemble_table(parts, model, grid, "nuclei")
+    assert table.obs["cell_id"].tolist() == [7, 8]
+    np.testing.assert_allclose(np.asarray(table.X).ravel(), [1.0, 2.0])

@@ -63,6 +63,7 @@ def predict(
     tile_overlap: int = 30,
     batch_size: int = 8,
     region_key: str | None = None,
+    tta: bool = False,
     overwrite: bool = False,
     accelerator: str = "auto",
     seed: int = 0,
@@ -97,6 +98,9 @@ def predict(
     region_key
         A shapes element of ``sdata`` (e.g. spots or an annotated region): only cells whose centroid lies
         inside one of its geometries are predicted.
+    tta
+        Test-time augmentation: average each cell's predicted expression, type probabilities and the tile's
+        composition over the 8 flips and 90° rotations of its tile (as in training), at 8 times the compute.
     overwrite
         Replace an existing ``sdata.tables[key_added]``.
     {accelerator}
@@ -162,7 +166,9 @@ def predict(
         device,
     )
 
-    parts = _run_tiles(grid, image, labels, model, network, device, batch_size, alpha, refine_idx, generator, progress)
+    parts = _run_tiles(
+        grid, image, labels, model, network, device, batch_size, alpha, refine_idx, generator, progress, tta
+    )
     table = _assemble_table(parts, model, grid, labels_key)
     if region is not None:
         keep = cells_in_region(table.obsm[SPATIAL_KEY], region)
@@ -175,6 +181,7 @@ def predict(
             "alpha": float(alpha),
             "refine_types": None if refine_types is None else [str(t) for t in refine_types],
             "tile_overlap": int(tile_overlap),
+            "tta": bool(tta),
             "tile_size": int(model.tile_size),
             "scale": float(grid.scale),
             "region_key": region_key,
@@ -335,6 +342,7 @@ def _run_tiles(
     refine_idx: list[int] | None,
     generator: torch.Generator,
     progress: bool,
+    tta: bool = False,
 ) -> dict[str, np.ndarray]:
     import torch
     from tqdm.auto import tqdm
@@ -361,19 +369,18 @@ def _run_tiles(
             lab = np.stack([np.where(it["labels"] > 0, it["labels"] + off, 0) for it, off in zip(items, offsets)])
             cell_batch = np.concatenate([np.full(it["cell_id"].size, i) for i, it in enumerate(items)])
             n_cells = int(offsets[-1])
-            out = network(
-                torch.from_numpy(np.stack([it["image"] for it in items]))
-                .to(device)
-                .contiguous(memory_format=torch.channels_last),
-                torch.from_numpy(lab).to(device),
-                torch.from_numpy(cell_batch).to(device),
-                n_cells,
-            )
             cb = torch.from_numpy(cell_batch).to(device)
-            expr = out["expr"].float()
+            out = _forward(
+                network,
+                torch.from_numpy(np.stack([it["image"] for it in items])).to(device),
+                torch.from_numpy(lab).to(device),
+                cb,
+                n_cells,
+                tta,
+            )
+            expr = out["expr"]
             if model.n_types:
-                proba = torch.softmax(out["cell_logits"].float(), dim=-1)
-                comp = out["composition"].float()
+                proba, comp = out["proba"], out["composition"]
                 before = proba.argmax(-1)
                 proba, after = neighbourhood_refine(proba, comp, cb, alpha=alpha, types=refine_idx, generator=generator)
                 if groups:
@@ -386,6 +393,32 @@ def _run_tiles(
             for key in ("cell_id", "visible", "margin", "centroid"):
                 collected[key].append(np.concatenate([it[key] for it in items]))
     return {k: (np.concatenate(v) if v else np.empty((0,))) for k, v in collected.items()}
+
+
+def _forward(network, image, labels, cell_batch, n_cells: int, tta: bool) -> dict[str, Any]:
+    """Network outputs in float32 (cell-type logits as probabilities), averaged over the 8 views with ``tta``.
+
+    Cells are pooled by their label ids, so every flipped or rotated view yields its cells in the same order.
+    """
+    import torch
+
+    views = [(k, flip) for flip in (False, True) for k in range(4)] if tta else [(0, False)]
+    sums: dict[str, torch.Tensor] = {}
+    for k, flip in views:
+        img, lab = (image.flip(-1), labels.flip(-1)) if flip else (image, labels)
+        if k:
+            img, lab = torch.rot90(img, k, dims=(-2, -1)), torch.rot90(lab, k, dims=(-2, -1))
+        out = network(img.contiguous(memory_format=torch.channels_last), lab.contiguous(), cell_batch, n_cells)
+        flat = {"expr": out["expr"]}
+        if out.get("cell_logits") is not None:
+            flat["proba"] = torch.softmax(out["cell_logits"].float(), dim=-1)
+            flat["composition"] = out["composition"]
+        flat.update({f"group_expr/{name}": value for name, value in (out.get("group_expr") or {}).items()})
+        for key, value in flat.items():
+            sums[key] = value.float() if key not in sums else sums[key] + value.float()
+    mean: dict[str, Any] = {key: value / len(views) for key, value in sums.items()}
+    mean["group_expr"] = {key.split("/", 1)[1]: mean.pop(key) for key in list(mean) if key.startswith("group_expr/")}
+    return mean
 
 
 def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _SlideGrid, labels_key: str) -> AnnData:
