@@ -89,3 +89,5 @@ def test_fit_bad_inputs(tiles, reference):
         ghist.tl.fit(tiles, cell_type_groups={"x": ["Unicorn"]}, width=4, max_epochs=1)
     with pytest.raises(ValueError, match="max_time"):
         ghist.tl.fit(tiles, max_time="twenty minutes", width=4, max_epochs=1)
+    with pytest.raises(ValueError, match="color_jitter"):
+        ghist.tl.fit(tiles, color_jitter=1.5, width=4, max_epochs=1)
