@@ -223,7 +223,6 @@ def evaluate_on_spots(
     train_counts: pd.DataFrame,
     genes: list[str],
     eval_genes: list[str],
-    accelerator: str = "auto",
     **predict_kwargs,
 ) -> dict:
     """Predict every nucleus of ``test``, sum them per spot and correlate with the measured spots, gene by gene.
@@ -232,10 +231,9 @@ def evaluate_on_spots(
     genes, taking the panel's share of a spot's counts as its median share in the training spots. Returns the
     per-gene correlations ``r`` (that normalisation), ``r_raw`` (``log1p`` of the sums), ``r_cells`` (the
     number of nuclei alone), the normalised predictions ``pred`` and the number of predicted cells.
+    ``predict_kwargs`` go to :func:`ghist.tl.predict` (e.g. ``tile_overlap``, ``tta``, ``accelerator``).
     """
-    ghist.tl.predict(
-        test, model, region_key="spots", progress=False, overwrite=True, accelerator=accelerator, **predict_kwargs
-    )
+    ghist.tl.predict(test, model, region_key="spots", progress=False, overwrite=True, **predict_kwargs)
     pseudo = ghist.tl.aggregate_to_spots(
         test, table_key="ghist", spots_key="spots", spots_table_key="spot_counts", overwrite=True
     )

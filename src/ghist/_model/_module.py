@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, Timer
 
 from .._stats import validation_score
 from ._losses import ghist_losses
-from ._network import GHISTNetwork
+from ._network import GHISTNetwork, dihedral_view
 
 
 def augment_batch(batch: dict[str, Any], generator: torch.Generator, color_jitter: float = 0.0) -> dict[str, Any]:
@@ -28,12 +28,8 @@ def augment_batch(batch: dict[str, Any], generator: torch.Generator, color_jitte
     draws = torch.randint(0, 8, (images.shape[0],), generator=generator).tolist()
     for image, label, draw in zip(images, labels, draws, strict=True):
         k, flip = draw % 4, draw >= 4
-        if flip:
-            image, label = image.flip(-1), label.flip(-1)
-        if k:
-            image, label = torch.rot90(image, k, dims=(-2, -1)), torch.rot90(label, k, dims=(-2, -1))
-        out_images.append(image)
-        out_labels.append(label)
+        out_images.append(dihedral_view(image, k, flip))
+        out_labels.append(dihedral_view(label, k, flip))
     images = torch.stack(out_images)
     if color_jitter > 0:
         draws = torch.rand((2, images.shape[0], images.shape[1], 1, 1), generator=generator)

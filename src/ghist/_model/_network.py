@@ -421,6 +421,17 @@ class GHISTNetwork(nn.Module):
 
 
 # ---------------------------------------------------------------------- inference helpers
+def dihedral_view(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """One of the 8 flips and 90° rotations of the last two axes.
+
+    Mirrored left-right if ``flip``, then turned ``k`` quarter turns; the same view of an image and of its labels
+    keeps them aligned.
+    """
+    if flip:
+        x = x.flip(-1)
+    return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+
 def neighbourhood_refine(
     cell_probs: torch.Tensor,
     composition: torch.Tensor,

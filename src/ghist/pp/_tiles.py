@@ -519,8 +519,7 @@ def _store_tile(
 
 def _spot_tile_plan(sample: _Sample, tile_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Origins (y0, x0) of the spot-centred tiles of a sample and their grid (row, col), for spots with cells."""
-    spot = sample.cell_spot.to_numpy()
-    n_cells = np.bincount(spot[spot >= 0], minlength=len(sample.spots.names))
+    n_cells = _spot_n_cells(sample)
     origins, centres = spot_tile_origins(sample.spots, sample.height, sample.width, tile_size)
     inside = (
         (centres[:, 0] >= 0) & (centres[:, 0] < sample.height) & (centres[:, 1] >= 0) & (centres[:, 1] < sample.width)

@@ -209,7 +209,7 @@ def fit(
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if precision is None:
-        native_bf16 = _cpu_has_bf16() if on_cpu else on_cuda and torch.cuda.is_bf16_supported()
+        native_bf16 = _cpu_has_bf16() if on_cpu else on_cuda and _cuda_has_bf16()
         precision = "bf16-mixed" if native_bf16 else "32-true"
     # NHWC convolutions are what oneDNN (CPU) and cuDNN's tensor cores run fastest, above all in mixed precision.
     model.network.to(memory_format=torch.channels_last)
@@ -284,6 +284,17 @@ def _cpu_has_bf16() -> bool:
 
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def _cuda_has_bf16() -> bool:
+    """Native bfloat16 on the current CUDA device (Ampere, compute capability 8, and later).
+
+    ``torch.cuda.is_bf16_supported()`` also answers True where bfloat16 is only emulated (e.g. a V100), which
+    would make mixed precision slower than float32 there.
+    """
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
 def _parse_duration(text: str) -> timedelta:

@@ -402,23 +402,29 @@ def _forward(network, image, labels, cell_batch, n_cells: int, tta: bool) -> dic
     """
     import torch
 
+    from .._model._network import dihedral_view
+
     views = [(k, flip) for flip in (False, True) for k in range(4)] if tta else [(0, False)]
     sums: dict[str, torch.Tensor] = {}
+    group_sums: dict[str, torch.Tensor] = {}
+
+    def add(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+        store[key] = value.float() if key not in store else store[key] + value.float()
+
     for k, flip in views:
-        img, lab = (image.flip(-1), labels.flip(-1)) if flip else (image, labels)
-        if k:
-            img, lab = torch.rot90(img, k, dims=(-2, -1)), torch.rot90(lab, k, dims=(-2, -1))
+        img, lab = dihedral_view(image, k, flip), dihedral_view(labels, k, flip)
         out = network(img.contiguous(memory_format=torch.channels_last), lab.contiguous(), cell_batch, n_cells)
-        flat = {"expr": out["expr"]}
+        add(sums, "expr", out["expr"])
         if out.get("cell_logits") is not None:
-            flat["proba"] = torch.softmax(out["cell_logits"].float(), dim=-1)
-            flat["composition"] = out["composition"]
-        flat.update({f"group_expr/{name}": value for name, value in (out.get("group_expr") or {}).items()})
-        for key, value in flat.items():
-            sums[key] = value.float() if key not in sums else sums[key] + value.float()
-    mean: dict[str, Any] = {key: value / len(views) for key, value in sums.items()}
-    mean["group_expr"] = {key.split("/", 1)[1]: mean.pop(key) for key in list(mean) if key.startswith("group_expr/")}
-    return mean
+            add(sums, "proba", torch.softmax(out["cell_logits"].float(), dim=-1))
+            add(sums, "composition", out["composition"])
+        for name, value in (out.get("group_expr") or {}).items():
+            add(group_sums, name, value)
+    n = len(views)
+    return {
+        **{key: value / n for key, value in sums.items()},
+        "group_expr": {name: value / n for name, value in group_sums.items()},
+    }
 
 
 def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _SlideGrid, labels_key: str) -> AnnData:
