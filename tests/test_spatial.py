@@ -11,8 +11,8 @@ from spatialdata.models import Image2DModel, Labels2DModel
 from spatialdata.transformations import Affine, Identity, Scale, Sequence, Translation
 
 from ghist._spatial import (
+    element_affine,
     image_pixel_size,
-    image_to_labels_matrix,
     is_integer_translation,
     read_labels_window,
 )
@@ -44,10 +44,10 @@ def _brute_force(labels: np.ndarray, M: np.ndarray, y0: int, x0: int, h: int, w:
     return out
 
 
-# ------------------------------------------------------------------------------------------ image_to_labels_matrix
+# ------------------------------------------------------------------------------------------ element_affine
 def test_matrix_identity():
     sdata = _sdata({"global": Identity()}, {"global": Identity()})
-    np.testing.assert_allclose(image_to_labels_matrix(sdata, "he", "nuclei"), np.eye(3))
+    np.testing.assert_allclose(element_affine(sdata, "he", "nuclei"), np.eye(3))
 
 
 def test_matrix_composes_both_transformations():
@@ -55,7 +55,7 @@ def test_matrix_composes_both_transformations():
         [[0.7 * np.cos(0.3), -0.7 * np.sin(0.3), 5.0], [0.7 * np.sin(0.3), 0.7 * np.cos(0.3), -2.0], [0, 0, 1]]
     )
     sdata = _sdata({"global": _affine(A)}, {"global": Sequence([Scale([2.0, 2.0], axes=("y", "x"))])})
-    M = image_to_labels_matrix(sdata, "he", "nuclei")
+    M = element_affine(sdata, "he", "nuclei")
     np.testing.assert_allclose(M, np.diag([0.5, 0.5, 1.0]) @ A, atol=1e-12)
     # a point goes image -> global -> labels
     p = np.array([12.5, 7.5, 1.0])
@@ -67,20 +67,20 @@ def test_matrix_prefers_global_and_honours_coordinate_system():
         {"global": Scale([2.0, 2.0], axes=("y", "x")), "aligned": Translation([3.0, 4.0], axes=("x", "y"))},
         {"global": Identity(), "aligned": Identity()},
     )
-    np.testing.assert_allclose(image_to_labels_matrix(sdata, "he", "nuclei"), np.diag([2.0, 2.0, 1.0]))
-    M = image_to_labels_matrix(sdata, "he", "nuclei", coordinate_system="aligned")
+    np.testing.assert_allclose(element_affine(sdata, "he", "nuclei"), np.diag([2.0, 2.0, 1.0]))
+    M = element_affine(sdata, "he", "nuclei", coordinate_system="aligned")
     np.testing.assert_allclose(M[:2, 2], [3.0, 4.0])
 
 
 def test_matrix_without_shared_coordinate_system():
     sdata = _sdata({"global": Identity()}, {"other": Identity()})
     with pytest.raises(ValueError, match=r"'he'.*\['global'\].*'nuclei'.*\['other'\]"):
-        image_to_labels_matrix(sdata, "he", "nuclei")
+        element_affine(sdata, "he", "nuclei")
     shared = _sdata({"global": Identity()}, {"global": Identity()})
     with pytest.raises(ValueError, match="'aligned' is not shared"):
-        image_to_labels_matrix(shared, "he", "nuclei", coordinate_system="aligned")
+        element_affine(shared, "he", "nuclei", coordinate_system="aligned")
     with pytest.raises(KeyError, match="'nope'"):
-        image_to_labels_matrix(sdata, "nope", "nuclei")
+        element_affine(sdata, "nope", "nuclei")
 
 
 # ------------------------------------------------------------------------------------------ read_labels_window

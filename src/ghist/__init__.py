@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from . import (
     _logging,  # noqa: F401  (sets up the "ghist" logger)
     datasets,
@@ -11,11 +9,7 @@ from . import (
     pp,
     tl,
 )
-
-try:
-    __version__ = version("ghist")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+from ._version import __version__
 
 __all__ = ["GHISTModel", "__version__", "datasets", "pl", "pp", "tl"]
 

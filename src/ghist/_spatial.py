@@ -54,56 +54,71 @@ def _pick_shared(shared: list[str], coordinate_system: str | None) -> str:
     return GLOBAL_CS if GLOBAL_CS in shared else shared[0]
 
 
-def image_to_labels_matrix(
+def shared_coordinate_system(
+    sdata: SpatialData, src_key: str, dst_key: str, coordinate_system: str | None = None
+) -> str:
+    """The coordinate system through which ``src_key`` and ``dst_key`` are related.
+
+    ``coordinate_system`` when given (it must be shared), else ``"global"`` when both elements have it, else the
+    first shared one in alphabetical order. Raises a :class:`ValueError` naming both elements' systems otherwise.
+    """
+    _, src = _find_element(sdata, src_key)
+    _, dst = _find_element(sdata, dst_key)
+    shared = sorted(set(get_transformation(src, get_all=True)) & set(get_transformation(dst, get_all=True)))
+    if not shared:
+        raise ValueError(
+            f"Elements {src_key!r} (coordinate systems {sorted(get_transformation(src, get_all=True))}) and "
+            f"{dst_key!r} (coordinate systems {sorted(get_transformation(dst, get_all=True))}) share no coordinate "
+            "system; expected both to be registered to one, e.g. with "
+            f"`spatialdata.transformations.set_transformation(element, transformation, {GLOBAL_CS!r})`."
+        )
+    if coordinate_system is not None and coordinate_system not in shared:
+        raise ValueError(
+            f"Coordinate system {coordinate_system!r} is not shared by {src_key!r} and {dst_key!r}; shared: {shared}."
+        )
+    return _pick_shared(shared, coordinate_system)
+
+
+def element_affine(
     sdata: SpatialData,
-    image_key: str,
-    labels_key: str,
+    src_key: str,
+    dst_key: str,
     coordinate_system: str | None = None,
 ) -> np.ndarray:
-    """Affine that maps image pixel coordinates ``(x, y)`` to label pixel coordinates ``(x, y)``.
+    """Affine that maps the intrinsic coordinates ``(x, y)`` of one element to those of another.
 
-    Both elements are mapped to a coordinate system they share (``coordinate_system``, else ``"global"`` when
-    both have it, else the first shared one in alphabetical order) and the labels' transformation is inverted.
+    Both elements are mapped to a coordinate system they share (see :func:`shared_coordinate_system`) and the
+    destination's transformation is inverted. This is the one place where elements are related to each other:
+    image -> labels pixels for tiling and prediction, labels -> spots for spot supervision and aggregation,
+    shapes -> labels for regions of interest.
 
     Parameters
     ----------
     sdata
         The :class:`spatialdata.SpatialData` holding both elements.
-    image_key
-        Key of the image (any raster or vector element works).
-    labels_key
-        Key of the labels.
+    src_key
+        Key of the source element (image, labels, shapes or points).
+    dst_key
+        Key of the destination element.
     coordinate_system
         Coordinate system to go through; must be shared by both elements.
 
     Returns
     -------
-    3x3 matrix ``M`` with ``M @ (x_img, y_img, 1) = (x_lab, y_lab, 1)`` in continuous intrinsic coordinates.
+    3x3 matrix ``M`` with ``M @ (x_src, y_src, 1) = (x_dst, y_dst, 1)`` in continuous intrinsic coordinates.
 
     Examples
     --------
-    >>> M = image_to_labels_matrix(sdata, "he", "nuclei")
+    >>> M = element_affine(sdata, "he", "nuclei")
     >>> M @ [10.5, 20.5, 1.0]  # where image pixel (row 20, col 10)'s centre falls in label pixels
 
     """
-    _, image = _find_element(sdata, image_key)
-    _, labels = _find_element(sdata, labels_key)
-    image_t = element_transformations(image)
-    labels_t = element_transformations(labels)
-    shared = sorted(set(image_t) & set(labels_t))
-    if not shared:
-        raise ValueError(
-            f"Image {image_key!r} (coordinate systems {sorted(image_t)}) and labels {labels_key!r} (coordinate "
-            f"systems {sorted(labels_t)}) share no coordinate system; expected both to be registered to one, e.g. "
-            f"with `spatialdata.transformations.set_transformation(element, transformation, {GLOBAL_CS!r})`."
-        )
-    if coordinate_system is not None and coordinate_system not in shared:
-        raise ValueError(
-            f"Coordinate system {coordinate_system!r} is not shared by image {image_key!r} ({sorted(image_t)}) and "
-            f"labels {labels_key!r} ({sorted(labels_t)}); shared: {shared}."
-        )
-    cs = _pick_shared(shared, coordinate_system)
-    return np.linalg.inv(labels_t[cs]) @ image_t[cs]
+    cs = shared_coordinate_system(sdata, src_key, dst_key, coordinate_system)
+    src = element_transformations(_find_element(sdata, src_key)[1])[cs]
+    dst = element_transformations(_find_element(sdata, dst_key)[1])[cs]
+    if abs(np.linalg.det(dst[:2, :2])) < 1e-12:
+        raise ValueError(f"The transformation of {dst_key!r} to coordinate system {cs!r} is singular.")
+    return np.linalg.inv(dst) @ src
 
 
 def _clean(matrix: np.ndarray) -> np.ndarray:
@@ -151,7 +166,7 @@ def read_labels_window(
     labels
         2D labels ``(y, x)`` (a :class:`xarray.DataArray`, dask- or numpy-backed, or a numpy array).
     matrix
-        Image pixel -> label pixel affine, from :func:`image_to_labels_matrix`.
+        Image pixel -> label pixel affine, from :func:`element_affine`.
     y0, x0
         Top-left image pixel of the window (may lie outside the image).
     height, width
@@ -163,7 +178,7 @@ def read_labels_window(
 
     Examples
     --------
-    >>> M = image_to_labels_matrix(sdata, "he", "nuclei")
+    >>> M = element_affine(sdata, "he", "nuclei")
     >>> window = read_labels_window(sdata.labels["nuclei"], M, 0, 0, 256, 256)
 
     """

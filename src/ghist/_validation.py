@@ -41,14 +41,39 @@ def require_key(sdata: SpatialData, attr: str, key: str) -> Any:
     return elements[key]
 
 
-def get_element(sdata: SpatialData, attr: str, key: str | None) -> tuple[str, Any]:
-    """Resolve an element: an explicit ``key`` must exist; ``None`` picks the only element of that kind."""
-    elements = getattr(sdata, attr)
-    if key is None:
-        if len(elements) != 1:
-            raise ValueError(f"Found {len(elements)} elements in `sdata.{attr}`: {sorted(elements)}. Pass a key.")
-        key = next(iter(elements))
-    return key, require_key(sdata, attr, key)
+ELEMENT_KINDS = ("images", "labels", "shapes", "points", "tables")
+
+
+def check_key_added(
+    sdata: SpatialData,
+    key_added: str,
+    kind: str,
+    *,
+    overwrite: bool | None = False,
+    arg: str = "key_added",
+    where: str = "",
+    hint: str = "",
+) -> None:
+    """Check that a new element may be written to ``sdata.<kind>[key_added]``.
+
+    Element names are unique across kinds, so a name taken by another kind is always an error; one of the same
+    kind only without ``overwrite`` (``None``: the caller offers no overwrite). ``arg`` names the argument in the
+    message, ``where`` says which sample (e.g. ``" of sample 'a'"``) and ``hint`` adds another way out.
+    """
+    if not isinstance(key_added, str) or not key_added:
+        raise ValueError(f"`{arg}` must be a non-empty string; got {key_added!r}.")
+    for attr in ELEMENT_KINDS:
+        if attr != kind and key_added in getattr(sdata, attr):
+            raise ValueError(
+                f"`{arg}={key_added!r}` is already the name of an element of `sdata.{attr}`{where}; element names "
+                f"must be unique: pass another `{arg}`."
+            )
+    if key_added in getattr(sdata, kind) and not overwrite:
+        raise ValueError(
+            f"`sdata.{kind}[{key_added!r}]`{where} already exists; pass another `{arg}`"
+            + (f", {hint}" if hint else "")
+            + (" or `overwrite=True` to replace it." if overwrite is not None else " or delete it first.")
+        )
 
 
 def scale0(element: DataArray | DataTree) -> DataArray:

@@ -14,8 +14,8 @@ from spatialdata.models import ShapesModel, TableModel
 from spatialdata.transformations import Scale, get_transformation
 
 import ghist
+from ghist._model._data import collate_tiles
 from ghist.pp import TileSet, make_tiles
-from ghist.pp._tiles import collate_tiles
 
 RADIUS = 25.0
 

@@ -14,9 +14,10 @@ from spatialdata.models import Image2DModel
 from spatialdata.transformations import Identity, get_transformation, set_transformation
 from torch.utils.data import DataLoader
 
+from ghist._model._data import as_tensors, collate_tiles
 from ghist._validation import ValidationError
 from ghist.pp import TileSet, make_tiles
-from ghist.pp._tiles import SPLIT_NAMES, collate_tiles, row_bands, split_rows
+from ghist.pp._tiles import SPLIT_NAMES, row_bands, split_rows
 
 T = 16  # tile size of most tests: the 96 x 128 sample gives 6 x 8 tiles
 
@@ -97,7 +98,7 @@ def test_item_contents(sdata, tmp_path):
     values = set(item["labels"].unique().tolist())
     assert values - {-1, 0} == set(range(1, n + 1))
     # the image is the raw tile standardised with the TileSet statistics
-    raw = tiles.read(item["tile"], standardise=False)["image"].numpy()
+    raw = as_tensors(tiles.read(item["tile"], standardise=False))["image"].numpy()
     restored = item["image"].numpy() * tiles.std[:, None, None] + tiles.mean[:, None, None]
     np.testing.assert_allclose(restored, raw, atol=1e-3)
     # cell types agree with the table
@@ -113,7 +114,7 @@ def test_edge_tiles_are_padded(tmp_path, make_sdata):
     edge = table[(table["y0"] + 16 > 50) | (table["x0"] + 16 > 70)]
     assert len(edge) > 0
     for _, row in edge.iterrows():
-        item = tiles.read(int(row["tile"]), standardise=False)
+        item = as_tensors(tiles.read(int(row["tile"]), standardise=False))
         h, w = min(16, 50 - row["y0"]), min(16, 70 - row["x0"])
         pad = np.ones((16, 16), dtype=bool)
         pad[:h, :w] = False
@@ -161,7 +162,7 @@ def test_no_cell_in_training_and_held_out_tiles(sdata, tmp_path):
     # the ignored pixels of training tiles are exactly the held-out cells' pixels
     n_ignored = 0
     for item in _items(tiles.train):
-        raw = tiles.read(item["tile"])  # same tile, read again
+        raw = as_tensors(tiles.read(item["tile"]))  # same tile, read again
         stored = np.asarray(tiles._open_arrays()["labels"][item["tile"]])
         ignored = item["labels"].numpy() == -1
         n_ignored += ignored.sum()
@@ -192,7 +193,8 @@ def test_stats_from_training_tiles_only(tmp_path, make_sdata):
     assert set(table.loc[table["row"] < 2, "split"]) == {"test"}
     assert set(table.loc[table["row"] == 2, "split"]) == {"val"}
     pixels = np.concatenate(
-        [tiles.read(t, standardise=False)["image"].numpy().reshape(3, -1) for t in tiles.train.indices], axis=1
+        [tiles.read(t, standardise=False)["image"].reshape(3, -1) for t in tiles.train.indices],
+        axis=1,
     )
     np.testing.assert_allclose(tiles.mean, pixels.mean(axis=1), rtol=1e-5)
     np.testing.assert_allclose(tiles.std, pixels.std(axis=1), rtol=1e-4)
@@ -239,7 +241,7 @@ def _agreement(tiles, sdata) -> tuple[float, float]:
     A = get_transformation(sdata.images["he"], "global").to_affine_matrix(("x", "y"), ("x", "y"))
     agree = total = fg_agree = fg_total = 0
     for t in range(len(tiles)):
-        item = tiles.read(t, standardise=False)
+        item = as_tensors(tiles.read(t, standardise=False))
         orig = _original_ids(item)
         red = item["image"][0].numpy().astype(int)
         truth = np.where(red == 255, 0, red)  # red encodes the nucleus id, 255 on background
@@ -564,7 +566,7 @@ def _nucleus_contrast(tiles) -> float:
     """Mean brightness of background pixels minus that of nucleus pixels (H&E nuclei are dark)."""
     inside, outside = [], []
     for t in range(len(tiles)):
-        item = tiles.read(t, standardise=False)
+        item = as_tensors(tiles.read(t, standardise=False))
         grey, lab = item["image"].numpy().mean(axis=0), item["labels"].numpy()
         inside.append(grey[lab > 0])
         outside.append(grey[lab == 0])

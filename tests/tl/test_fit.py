@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ghist
-from ghist.pp._tiles import collate_tiles
+from ghist._model._data import collate_tiles
 
 
 def _accuracy(model, dataset) -> float:

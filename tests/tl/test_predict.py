@@ -44,7 +44,7 @@ def test_predict_writes_valid_table(trained, test_sdata):
 
 def test_predict_refuses_overwrite(trained, test_sdata):
     ghist.tl.predict(test_sdata, trained, progress=False)
-    with pytest.raises(KeyError, match="overwrite"):
+    with pytest.raises(ValueError, match="overwrite"):
         ghist.tl.predict(test_sdata, trained, progress=False)
     before = test_sdata.tables["table"].copy()
     ghist.tl.predict(test_sdata, trained, overwrite=True, progress=False)

@@ -221,7 +221,7 @@ class GHISTModel:
         ['EPCAM', 'PTPRC']
 
         """
-        from .. import __version__
+        from .._version import __version__
 
         dir_path = Path(dir_path)
         if dir_path.exists() and not overwrite:

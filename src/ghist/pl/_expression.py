@@ -247,11 +247,11 @@ def _spatial_axes(ax: Axes, xy: np.ndarray) -> None:
 
 def _draw_image(ax: Axes, sdata: SpatialData, image_key: str, xy: np.ndarray) -> None:
     """Draw the H&E in the labels' pixel coordinates (through the shared coordinate system)."""
-    from .._spatial import image_to_labels_matrix
+    from .._spatial import element_affine
 
     image = get_image(sdata, image_key)
     labels_key = next(iter(sdata.labels)) if len(sdata.labels) == 1 else None
-    matrix = np.eye(3) if labels_key is None else image_to_labels_matrix(sdata, image_key, labels_key)
+    matrix = np.eye(3) if labels_key is None else element_affine(sdata, image_key, labels_key)
     if abs(matrix[0, 1]) > 1e-6 or abs(matrix[1, 0]) > 1e-6:
         logger.warning("Image %r is rotated relative to the cells; drawn without the rotation.", image_key)
     sx, sy, tx, ty = matrix[0, 0], matrix[1, 1], matrix[0, 2], matrix[1, 2]

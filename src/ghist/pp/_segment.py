@@ -29,7 +29,7 @@ from xarray import DataArray, DataTree
 
 from .._constants import IMAGE_KEY, LABELS_KEY, MICRONS_CS
 from .._docs import doc_image_key, doc_params, doc_progress, doc_sdata
-from .._validation import get_image
+from .._validation import check_key_added, get_image
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def segment_nuclei(
     if method not in SEGMENTATION_METHODS:
         raise ValueError(f"Unknown segmentation `method` {method!r}; expected one of {list(SEGMENTATION_METHODS)}.")
     image = get_image(sdata, image_key)
-    _check_key_added(sdata, key_added, overwrite=overwrite)
+    check_key_added(sdata, key_added, "labels", overwrite=overwrite)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 64:
         raise ValueError(f"`chunk_size` must be an integer >= 64 pixels, got {chunk_size!r}.")
     if not (np.isfinite(min_area_um2) and np.isfinite(max_area_um2) and 0 <= min_area_um2 < max_area_um2):
@@ -214,22 +214,6 @@ def segment_nuclei(
 # ----------------------------------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _check_key_added(sdata: SpatialData, key_added: str, *, overwrite: bool) -> None:
-    if not isinstance(key_added, str) or not key_added:
-        raise ValueError(f"`key_added` must be a non-empty string, got {key_added!r}.")
-    for attr in ("images", "points", "shapes", "tables"):
-        if key_added in getattr(sdata, attr):
-            raise ValueError(
-                f"{key_added!r} already names an element of `sdata.{attr}`; element names must be unique. "
-                "Choose another `key_added`."
-            )
-    if key_added in sdata.labels and not overwrite:
-        raise ValueError(
-            f"Labels {key_added!r} already exist in `sdata.labels`; pass `overwrite=True` to replace them or choose "
-            "another `key_added`."
-        )
 
 
 def _resolve_pixel_size(element: DataArray | DataTree, image_key: str, pixel_size: float | None) -> float:

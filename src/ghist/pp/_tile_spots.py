@@ -24,7 +24,7 @@ from anndata import AnnData
 from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 
-from .._spatial import image_to_labels_matrix
+from .._spatial import element_affine
 from .._validation import _preview, annotating_rows, get_counts, positions_of_ids
 
 logger = logging.getLogger(__name__)
@@ -103,8 +103,8 @@ def prepare_spots(
         names=[str(i) for i in ids],
         centres=centres,
         radius=radius,
-        labels_to_spots=image_to_labels_matrix(sdata, labels_key, spots_key),
-        image_to_spots=image_to_labels_matrix(sdata, image_key, spots_key),
+        labels_to_spots=element_affine(sdata, labels_key, spots_key),
+        image_to_spots=element_affine(sdata, image_key, spots_key),
     )
 
 

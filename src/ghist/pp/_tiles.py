@@ -37,20 +37,18 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 import zarr
 from spatialdata import SpatialData
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .._constants import IMAGE_KEY, LABELS_KEY, TABLE_KEY
 from .._docs import doc_image_key, doc_labels_key, doc_params, doc_progress, doc_table_key
-from .._spatial import image_pixel_size, image_to_labels_matrix, is_integer_translation, read_labels_window
+from .._spatial import element_affine, image_pixel_size, is_integer_translation, read_labels_window
 from .._validation import (
     ValidationError,
     _preview,
@@ -58,15 +56,20 @@ from .._validation import (
     check_cell_types,
     check_genes,
     check_instances,
+    check_key_added,
     get_counts,
     get_image,
     get_labels,
 )
+from .._version import __version__
 from ._tile_spots import SpotData, cells_in_spots, nucleus_centroids, prepare_spots, spot_targets, spot_tile_origins
+
+if TYPE_CHECKING:
+    from .._model._data import TileDataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TileDataset", "TileSet", "collate_tiles", "make_tiles"]
+__all__ = ["TileSet", "make_tiles"]
 
 _FORMAT = "ghist.tiles"
 _FORMAT_VERSION = 2  # 2: spot-level stores; cell-level stores are still written as version 1
@@ -197,14 +200,11 @@ def _sample_matrix(
     sdata: SpatialData, name: str, *, image_key: str, labels_key: str, key_added: str | None
 ) -> np.ndarray:
     """Image -> labels pixel affine of a sample, checked invertible; also refuses an existing ``key_added``."""
-    matrix = image_to_labels_matrix(sdata, image_key, labels_key)
+    matrix = element_affine(sdata, image_key, labels_key)
     if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
         raise ValueError(f"The transformation from image {image_key!r} to labels {labels_key!r} is singular.")
-    if key_added is not None and key_added in sdata.shapes:
-        raise ValueError(
-            f"`key_added={key_added!r}` already exists in `sdata.shapes` of sample {name!r}; pass another key or "
-            "delete it first."
-        )
+    if key_added is not None:
+        check_key_added(sdata, key_added, "shapes", overwrite=None, where=f" of sample {name!r}")
     return matrix
 
 
@@ -864,7 +864,7 @@ def make_tiles(
             "layer": layer,
             "expr": "log1p(counts)",
             "tiling": tiling,
-            "ghist_version": _ghist_version(),
+            "ghist_version": __version__,
         }
         if spots_key is not None:
             attrs.update(
@@ -981,15 +981,6 @@ def _write_tile_meta(
     if cell_spots is not None:
         spots = np.concatenate(cell_spots).astype(np.int64) if cell_spots else np.zeros(0, dtype=np.int64)
         group.create_array("cell_spot", data=spots)
-
-
-def _ghist_version() -> str:
-    try:
-        from ghist import __version__
-
-        return str(__version__)
-    except ImportError:  # pragma: no cover
-        return "unknown"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1297,6 +1288,8 @@ class TileSet:
         >>> ds = tiles.dataset("train")
 
         """
+        from .._model._data import TileDataset
+
         return TileDataset(self, self.indices(split), transform=transform)
 
     @property
@@ -1317,6 +1310,8 @@ class TileSet:
     @property
     def all(self) -> TileDataset:
         """Every tile, whatever its split."""
+        from .._model._data import TileDataset
+
         return TileDataset(self, np.arange(len(self)))
 
     # -- reading ------------------------------------------------------------------------------------------------
@@ -1343,7 +1338,7 @@ class TileSet:
         return arrays
 
     def read(self, tile: int, *, standardise: bool = True) -> dict[str, Any]:
-        """Read one tile as a dict of tensors (see the class docstring).
+        """Read one tile as a dict of numpy arrays (the items of the torch datasets, see the class docstring).
 
         Parameters
         ----------
@@ -1354,7 +1349,7 @@ class TileSet:
 
         Returns
         -------
-        Dict of tensors.
+        Dict of numpy arrays (``"sample"`` and ``"tile"``: int).
 
         Examples
         --------
@@ -1389,11 +1384,11 @@ class TileSet:
         if standardise:
             image = (image - self._mean[:, None, None]) / self._std[:, None, None]
         item = {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "labels": torch.from_numpy(labels),
-            "cell_id": torch.from_numpy(ids.copy()),
-            "expr": torch.from_numpy(expr),
-            "cell_type": torch.from_numpy(cell_type),
+            "image": np.ascontiguousarray(image, dtype=np.float32),
+            "labels": labels,
+            "cell_id": ids.copy(),
+            "expr": expr,
+            "cell_type": cell_type,
             "sample": sample,
             "tile": tile,
         }
@@ -1416,9 +1411,9 @@ class TileSet:
             block = source[spots[ok]] if isinstance(source, np.ndarray) else source.oindex[spots[ok], :]
             expr = (np.asarray(block, dtype=np.float64) * fraction[ok][:, None]).astype(np.float32)
         return {
-            "cell_spot": torch.from_numpy(out_spot),
-            "spot_expr": torch.from_numpy(expr),
-            "spot_index": torch.from_numpy(spots[ok].astype(np.int64)),
+            "cell_spot": out_spot,
+            "spot_expr": expr,
+            "spot_index": spots[ok].astype(np.int64),
         }
 
 
@@ -1427,107 +1422,3 @@ def _maybe_in_memory(array: zarr.Array) -> zarr.Array | np.ndarray:
     if math.prod(array.shape) * array.dtype.itemsize <= _EXPR_IN_MEMORY_BYTES:
         return np.asarray(array[...])
     return array
-
-
-class TileDataset(Dataset):
-    """A torch :class:`~torch.utils.data.Dataset` over some tiles of a :class:`TileSet` (read lazily).
-
-    Parameters
-    ----------
-    tiles
-        The :class:`TileSet`.
-    indices
-        Tile indices of this dataset.
-    transform
-        Applied to every item after it is read.
-
-    Examples
-    --------
-    >>> ds = TileDataset(tiles, tiles.indices("train"))
-    >>> ds[0]["labels"].shape
-
-    """
-
-    def __init__(
-        self, tiles: TileSet, indices: Sequence[int] | np.ndarray, *, transform: Callable[[dict], dict] | None = None
-    ):
-        self.tiles = tiles
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"Index {i} out of range for a dataset of {len(self)} tiles.")
-        item = self.tiles.read(int(self.indices[i]))
-        return self.transform(item) if self.transform is not None else item
-
-    def __repr__(self) -> str:
-        return f"TileDataset of {len(self)} tiles from {str(self.tiles.path)!r}"
-
-
-def collate_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch tile items: stack images and labels, make cell labels batch-unique, concatenate the cells.
-
-    Tile ``b``'s cell ``k`` (label ``k``) becomes label ``offset_b + k`` with ``offset_b`` the number of cells of
-    tiles ``0..b-1``, so batch label ``j > 0`` is row ``j - 1`` of the concatenated per-cell arrays; 0 (background)
-    and -1 (ignore) stay.
-
-    Parameters
-    ----------
-    items
-        Items of a :class:`TileDataset`.
-
-    Returns
-    -------
-    ``"image"`` (B, 3, T, T), ``"labels"`` (B, T, T), ``"cell_id"`` (N,), ``"expr"`` (N, G), ``"cell_type"`` (N,),
-    ``"cell_batch"`` (N,) tile of each cell within the batch, ``"n_cells"`` N (int), ``"sample"`` and ``"tile"`` (B,).
-    Spot-level items also give ``"spot_expr"`` (S, G) (the tiles' spots concatenated), ``"cell_spot"`` (N,) the
-    row of each cell's spot in it (tile ``b``'s spot ``k`` becomes ``k`` plus the number of spots of tiles
-    ``0..b-1``; -1 stays), ``"spot_batch"`` (S,) tile of each spot and ``"spot_index"`` (S,).
-
-    Examples
-    --------
-    >>> loader = DataLoader(tiles.train, batch_size=8, collate_fn=collate_tiles)
-
-    """
-    if len(items) == 0:
-        raise ValueError("collate_tiles got an empty batch.")
-    labels, batch_of_cell = [], []
-    offset = 0
-    for b, item in enumerate(items):
-        lab = item["labels"]
-        n = int(item["cell_id"].shape[0])
-        labels.append(torch.where(lab > 0, lab + offset, lab))
-        batch_of_cell.append(torch.full((n,), b, dtype=torch.int64))
-        offset += n
-    batch = {
-        "image": torch.stack([item["image"] for item in items]),
-        "labels": torch.stack(labels),
-        "cell_id": torch.cat([item["cell_id"] for item in items]),
-        "expr": torch.cat([item["expr"] for item in items]),
-        "cell_type": torch.cat([item["cell_type"] for item in items]),
-        "cell_batch": torch.cat(batch_of_cell),
-        "n_cells": offset,
-        "sample": torch.as_tensor([int(item["sample"]) for item in items], dtype=torch.int64),
-        "tile": torch.as_tensor([int(item["tile"]) for item in items], dtype=torch.int64),
-    }
-    with_spots = ["cell_spot" in item for item in items]
-    if any(with_spots):
-        if not all(with_spots):
-            raise ValueError("collate_tiles got a batch mixing spot-level and cell-level tiles.")
-        cell_spot, spot_batch = [], []
-        n_spots = 0
-        for b, item in enumerate(items):
-            spot = item["cell_spot"]
-            cell_spot.append(torch.where(spot >= 0, spot + n_spots, spot))
-            s = int(item["spot_expr"].shape[0])
-            spot_batch.append(torch.full((s,), b, dtype=torch.int64))
-            n_spots += s
-        batch["cell_spot"] = torch.cat(cell_spot)
-        batch["spot_expr"] = torch.cat([item["spot_expr"] for item in items])
-        batch["spot_batch"] = torch.cat(spot_batch)
-        batch["spot_index"] = torch.cat([item["spot_index"] for item in items])
-    return batch

@@ -48,7 +48,7 @@ from .._constants import (
 )
 from .._docs import doc_params
 from .._spatial import element_transformations
-from .._validation import _preview, require_key, scale0
+from .._validation import _preview, check_key_added, require_key, scale0
 
 logger = logging.getLogger(__name__)
 
@@ -281,25 +281,12 @@ def prepare_xenium(
 # Checks and element lookup
 # --------------------------------------------------------------------------------------------------------------------
 def _check_inplace(sdata: SpatialData, image_key: str, labels_key: str, table_key: str, overwrite: bool) -> None:
-    kinds = ("images", "labels", "points", "shapes", "tables")
-    for key, own, arg in (
+    for key, kind, arg in (
         (image_key, "images", "key_added_image"),
         (labels_key, "labels", "key_added_labels"),
         (table_key, "tables", "key_added_table"),
     ):
-        for attr in kinds:
-            if key not in getattr(sdata, attr):
-                continue
-            if attr != own:
-                raise ValueError(
-                    f"{key!r} is already the name of an element of `sdata.{attr}`; element names must be unique: "
-                    f"pass another `{arg}`."
-                )
-            if not overwrite:
-                raise ValueError(
-                    f"`sdata.{attr}[{key!r}]` already exists; pass other `key_added_*` names, `overwrite=True` to "
-                    "replace it, or `inplace=False` to get a new SpatialData."
-                )
+        check_key_added(sdata, key, kind, overwrite=overwrite, arg=arg, hint="`inplace=False` to get a new SpatialData")
 
 
 def _channel_names(element: DataArray | DataTree) -> list[str]:

@@ -119,8 +119,8 @@ def predict_cohort(
     >>> cohort = ghist.tl.predict_cohort(paths, model, client=Client(n_workers=4))  # doctest: +SKIP
 
     """
-    from .. import __version__
     from .._model import GHISTModel
+    from .._version import __version__
 
     if not isinstance(model, GHISTModel):
         raise TypeError(f"`model` must be a GHISTModel (from `ghist.tl.fit` or `GHISTModel.load`), got {type(model)}.")

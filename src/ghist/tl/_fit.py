@@ -126,10 +126,10 @@ def fit(
     from torch.utils.data import DataLoader
 
     from .._model import GHISTModel
+    from .._model._data import collate_tiles
     from .._model._module import EpochHistory, GHISTModule
     from ..pp import TileSet
     from ..pp._reference import reference_profiles
-    from ..pp._tiles import collate_tiles
 
     if not isinstance(tiles, TileSet):
         raise TypeError(f"`tiles` must be a ghist TileSet from `ghist.pp.make_tiles`, got {type(tiles).__name__}.")

@@ -28,8 +28,8 @@ from .._constants import (
     UNS_KEY,
 )
 from .._docs import doc_accelerator, doc_batch_size, doc_image_key, doc_labels_key, doc_params, doc_progress
-from .._spatial import image_pixel_size, image_to_labels_matrix, read_labels_window
-from .._validation import get_image, get_labels
+from .._spatial import element_affine, image_pixel_size, read_labels_window
+from .._validation import check_key_added, get_image, get_labels
 from ._region import cells_in_region, region_in_labels_space
 
 if TYPE_CHECKING:
@@ -132,15 +132,14 @@ def predict(
     """
     import torch
 
-    from .. import __version__
     from .._model import GHISTModel
+    from .._version import __version__
 
     if not isinstance(model, GHISTModel):
         raise TypeError(f"`model` must be a GHISTModel (from `ghist.tl.fit` or `GHISTModel.load`), got {type(model)}.")
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
-    if key_added in sdata.tables and not overwrite:
-        raise KeyError(f"`sdata.tables[{key_added!r}]` already exists; pass `overwrite=True` to replace it.")
+    check_key_added(sdata, key_added, "tables", overwrite=overwrite)
     if alpha < 0:
         raise ValueError(f"`alpha` must be >= 0, got {alpha}.")
     if not 0 <= tile_overlap < model.tile_size // 2:
@@ -239,7 +238,7 @@ class _SlideGrid:
         xs = _starts(shape[1], size, stride)
         origins = np.array([(y, x) for y in ys for x in xs], dtype=np.int64)
         to_image = np.diag([1 / scale, 1 / scale, 1.0])
-        to_labels = image_to_labels_matrix(sdata, image_key, labels_key) @ to_image
+        to_labels = element_affine(sdata, image_key, labels_key) @ to_image
         return cls(origins, scale, shape, to_labels, size)
 
     def restricted_to(self, region: Any) -> _SlideGrid:

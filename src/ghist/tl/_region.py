@@ -6,8 +6,8 @@ import numpy as np
 import shapely
 from shapely.affinity import affine_transform
 from spatialdata import SpatialData
-from spatialdata.transformations import get_transformation
 
+from .._spatial import element_affine
 from .._validation import require_key
 
 
@@ -17,19 +17,8 @@ def region_in_labels_space(sdata: SpatialData, region_key: str, labels_key: str)
     Circles (points with a ``radius`` column, as spatialdata stores Visium spots) become discs.
     """
     shapes = require_key(sdata, "shapes", region_key)
-    labels = require_key(sdata, "labels", labels_key)
-    shape_cs = get_transformation(shapes, get_all=True)
-    label_cs = get_transformation(labels, get_all=True)
-    common = [cs for cs in shape_cs if cs in label_cs]
-    if not common:
-        raise ValueError(
-            f"Shapes {region_key!r} (coordinate systems {sorted(shape_cs)}) and labels {labels_key!r} "
-            f"({sorted(label_cs)}) share no coordinate system; expected at least one in common."
-        )
-    cs = "global" if "global" in common else common[0]
-    to_cs = shape_cs[cs].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
-    from_cs = np.linalg.inv(label_cs[cs].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
-    matrix = from_cs @ to_cs
+    require_key(sdata, "labels", labels_key)
+    matrix = element_affine(sdata, region_key, labels_key)
     geoms = shapes.geometry.to_numpy()
     if "radius" in shapes.columns:
         radius = shapes["radius"].to_numpy(dtype=float)

@@ -13,10 +13,18 @@ from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 from spatialdata.models import TableModel, get_table_keys
 
-from .._constants import GLOBAL_CS, PRED_KEY, REGION_KEY, SPATIAL_KEY, SPOTS_KEY, UNS_KEY
+from .._constants import PRED_KEY, REGION_KEY, SPATIAL_KEY, SPOTS_KEY, UNS_KEY
 from .._docs import doc_params, doc_sdata
-from .._spatial import _find_element, element_transformations
-from .._validation import _preview, annotating_rows, get_table, positions_of_ids, require_key, rows_annotating
+from .._spatial import element_affine, shared_coordinate_system
+from .._validation import (
+    _preview,
+    annotating_rows,
+    check_key_added,
+    get_table,
+    positions_of_ids,
+    require_key,
+    rows_annotating,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +100,7 @@ def aggregate_to_spots(
         )
     spots = require_key(sdata, "shapes", spots_key)
     key_added = key_added or f"{table_key}_{spots_key}"
-    _check_key_added(sdata, key_added, overwrite)
+    check_key_added(sdata, key_added, "tables", overwrite=overwrite)
     order, obs, instance_key, region_key = _spot_rows(sdata, spots, spots_key, spots_table_key)
 
     regions, _, _ = get_table_keys(table)
@@ -108,7 +116,8 @@ def aggregate_to_spots(
         rows = rows_annotating(table, region)
         if not rows.any():
             continue
-        matrix, systems[region] = _region_to_spots_matrix(sdata, region, spots_key)
+        matrix = element_affine(sdata, region, spots_key)
+        systems[region] = shared_coordinate_system(sdata, region, spots_key)
         xy = centroids[rows, :2]
         in_spots[rows] = xy @ matrix[:2, :2].T + matrix[:2, 2]
     if np.isnan(in_spots).any():
@@ -153,17 +162,6 @@ def aggregate_to_spots(
     return out
 
 
-def _check_key_added(sdata: SpatialData, key_added: str, overwrite: bool) -> None:
-    for attr in ("images", "labels", "shapes", "points"):
-        if key_added in getattr(sdata, attr):
-            raise ValueError(
-                f"`key_added={key_added!r}` is already the name of an element of `sdata.{attr}`; element names must "
-                "be unique: pass another `key_added`."
-            )
-    if key_added in sdata.tables and not overwrite:
-        raise ValueError(f"`sdata.tables[{key_added!r}]` already exists; pass `overwrite=True` or another `key_added`.")
-
-
 def _spot_rows(
     sdata: SpatialData, spots: pd.DataFrame, spots_key: str, spots_table_key: str | None
 ) -> tuple[np.ndarray, pd.DataFrame, str, str]:
@@ -189,24 +187,6 @@ def _spot_rows(
         index=spot_table.obs_names.copy(),
     )
     return order, obs, instance_key, region_key
-
-
-def _region_to_spots_matrix(sdata: SpatialData, region: str, spots_key: str) -> tuple[np.ndarray, str]:
-    """Affine from the intrinsic coordinates of ``region`` to those of the spots, through a shared system."""
-    _, element = _find_element(sdata, region)
-    region_t = element_transformations(element)
-    spots_t = element_transformations(sdata.shapes[spots_key])
-    shared = sorted(set(region_t) & set(spots_t))
-    if not shared:
-        raise ValueError(
-            f"Element {region!r} (coordinate systems {sorted(region_t)}) and spots {spots_key!r} (coordinate systems "
-            f"{sorted(spots_t)}) share no coordinate system; expected both to be registered to one."
-        )
-    cs = GLOBAL_CS if GLOBAL_CS in shared else shared[0]
-    spots_matrix = spots_t[cs]
-    if abs(np.linalg.det(spots_matrix[:2, :2])) < 1e-12:
-        raise ValueError(f"The transformation of spots {spots_key!r} to {cs!r} is singular.")
-    return np.linalg.inv(spots_matrix) @ region_t[cs], cs
 
 
 def _membership(spots: pd.DataFrame, xy: np.ndarray) -> sp.csr_matrix:
