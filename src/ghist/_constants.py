@@ -39,7 +39,3 @@ XENIUM_BREAST_CELL_TYPES = (
     "T",
 )
 
-
-def tiles_key(image_key: str, key_added: str | None = None) -> str:
-    """Shapes element that shows the tile grid cut from ``image_key``."""
-    return key_added or f"{image_key}_ghist_tiles"

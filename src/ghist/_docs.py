@@ -25,10 +25,6 @@ doc_table_key = """\
 table_key
     Key of the measured-cell table in ``sdata.tables``: raw counts annotating ``labels_key``."""
 
-doc_key_added = """\
-key_added
-    Key under which the result is written into ``sdata``."""
-
 doc_batch_size = """\
 batch_size
     Number of 256-pixel tiles processed together."""

@@ -149,13 +149,13 @@ def table_annotation(sdata: SpatialData, table_key: str, region: str) -> tuple[s
     return region_key, instance_key
 
 
-def rows_annotating(table: AnnData, region: str) -> np.ndarray:
+def region_mask(table: AnnData, region: str) -> np.ndarray:
     """Boolean mask of the table rows that annotate ``region``."""
     _, region_key, _ = get_table_keys(table)
     return (table.obs[region_key].astype(str) == region).to_numpy()
 
 
-def annotating_rows(sdata: SpatialData, table_key: str, region: str, *, what: str) -> tuple[AnnData, str, str]:
+def table_of_region(sdata: SpatialData, table_key: str, region: str, *, what: str) -> tuple[AnnData, str, str]:
     """The rows of ``sdata.tables[table_key]`` annotating element ``region``, with the table's region and instance keys.
 
     Raises when the table is not a TableModel annotating ``region`` or when none of its rows does (``what`` names
@@ -163,7 +163,7 @@ def annotating_rows(sdata: SpatialData, table_key: str, region: str, *, what: st
     """
     table = get_table(sdata, table_key)
     region_key, instance_key = table_annotation(sdata, table_key, region)
-    table = table[rows_annotating(table, region)]
+    table = table[region_mask(table, region)]
     if table.n_obs == 0:
         raise ValueError(f"Table {table_key!r} has no {what} annotating {region!r}.")
     return table, region_key, instance_key

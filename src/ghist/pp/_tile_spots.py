@@ -25,7 +25,7 @@ from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 
 from .._spatial import element_affine
-from .._validation import _preview, annotating_rows, get_counts, positions_of_ids
+from .._validation import _preview, table_of_region, get_counts, positions_of_ids
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def prepare_spots(
         )
     if len(shapes) == 0:
         raise ValueError(f"Spots {spots_key!r} hold no circle; expected at least one spot.")
-    table, _, instance_key = annotating_rows(sdata, table_key, spots_key, what="spots")
+    table, _, instance_key = table_of_region(sdata, table_key, spots_key, what="spots")
     where = f"spot table {table_key!r}"
     ids = table.obs[instance_key]
     shape_index = pd.Index(shapes.index)

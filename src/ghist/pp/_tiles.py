@@ -52,7 +52,7 @@ from .._spatial import element_affine, image_pixel_size, is_integer_translation,
 from .._validation import (
     ValidationError,
     _preview,
-    annotating_rows,
+    table_of_region,
     check_cell_types,
     check_genes,
     check_instances,
@@ -233,7 +233,7 @@ def _prepare_sample(
         )
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
-    table, _, instance_key = annotating_rows(sdata, table_key, labels_key, what="cells")
+    table, _, instance_key = table_of_region(sdata, table_key, labels_key, what="cells")
     where = f"table {table_key!r}"
     if layer is not None and layer not in table.layers:
         raise KeyError(f"Layer {layer!r} not found in {where} (have {sorted(table.layers)}).")

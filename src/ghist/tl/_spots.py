@@ -18,12 +18,12 @@ from .._docs import doc_params, doc_sdata
 from .._spatial import element_affine, shared_coordinate_system
 from .._validation import (
     _preview,
-    annotating_rows,
+    table_of_region,
     check_key_added,
     get_table,
     positions_of_ids,
     require_key,
-    rows_annotating,
+    region_mask,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def aggregate_to_spots(
     in_spots = np.full((table.n_obs, 2), np.nan)
     systems: dict[str, str] = {}
     for region in regions:
-        rows = rows_annotating(table, region)
+        rows = region_mask(table, region)
         if not rows.any():
             continue
         matrix = element_affine(sdata, region, spots_key)
@@ -173,7 +173,7 @@ def _spot_rows(
             index=pd.Index(index.astype(str), name=None),
         )
         return np.arange(len(index)), obs, SPOT_ID_KEY, REGION_KEY
-    spot_table, region_key, instance_key = annotating_rows(sdata, spots_table_key, spots_key, what="spots")
+    spot_table, region_key, instance_key = table_of_region(sdata, spots_table_key, spots_key, what="spots")
     ids = spot_table.obs[instance_key].to_numpy()
     order = positions_of_ids(ids, pd.Index(spots.index))
     if (order < 0).any():
