@@ -38,4 +38,3 @@ XENIUM_BREAST_CELL_TYPES = (
     "Plasma",
     "T",
 )
-

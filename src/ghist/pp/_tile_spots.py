@@ -25,7 +25,7 @@ from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 
 from .._spatial import element_affine
-from .._validation import _preview, table_of_region, get_counts, positions_of_ids
+from .._validation import _preview, get_counts, positions_of_ids, table_of_region
 
 logger = logging.getLogger(__name__)
 

@@ -52,7 +52,6 @@ from .._spatial import element_affine, image_pixel_size, is_integer_translation,
 from .._validation import (
     ValidationError,
     _preview,
-    table_of_region,
     check_cell_types,
     check_genes,
     check_instances,
@@ -60,6 +59,7 @@ from .._validation import (
     get_counts,
     get_image,
     get_labels,
+    table_of_region,
 )
 from .._version import __version__
 from ._tile_spots import SpotData, cells_in_spots, nucleus_centroids, prepare_spots, spot_targets, spot_tile_origins

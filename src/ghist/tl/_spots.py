@@ -18,12 +18,12 @@ from .._docs import doc_params, doc_sdata
 from .._spatial import element_affine, shared_coordinate_system
 from .._validation import (
     _preview,
-    table_of_region,
     check_key_added,
     get_table,
     positions_of_ids,
-    require_key,
     region_mask,
+    require_key,
+    table_of_region,
 )
 
 logger = logging.getLogger(__name__)
