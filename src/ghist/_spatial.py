@@ -247,3 +247,68 @@ def image_pixel_size(sdata: SpatialData, element_key: str) -> float | None:
         return None
     area = abs(float(np.linalg.det(matrix[:2, :2])))
     return float(np.sqrt(area)) if area > 0 else None
+
+
+def _extent(element: Any, matrix: np.ndarray) -> np.ndarray:
+    """Bounding box ``(x_min, y_min, x_max, y_max)`` of a raster element's pixels mapped by ``matrix``."""
+    from ._validation import scale0
+
+    array = scale0(element)
+    h, w = array.sizes["y"], array.sizes["x"]
+    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], dtype=np.float64) @ matrix.T
+    return np.r_[corners[:, :2].min(axis=0), corners[:, :2].max(axis=0)]
+
+
+def check_extents(sdata: SpatialData, image_key: str, labels_key: str) -> None:
+    """Refuse labels that cannot be the nuclei of the image; warn where they only partly cover it.
+
+    Both extents are compared in the coordinate system the elements share (tolerance: one pixel of the coarser
+    element):
+
+    - an image and labels with the same transformation but different pixel sizes (labels half or double the
+      image, a missing ``Scale``) would cut every cell against the wrong pixels: :class:`ValueError`;
+    - extents that do not overlap at all: :class:`ValueError`;
+    - labels reaching beyond the image: a warning giving the covered fraction (an image wider than the labels,
+      e.g. a Xenium H&E scanned wider than the morphology image, is usual and passes).
+
+    Examples
+    --------
+    >>> check_extents(sdata, "he", "nuclei")
+
+    """
+    cs = shared_coordinate_system(sdata, image_key, labels_key)
+    image = _find_element(sdata, image_key)[1]
+    labels = _find_element(sdata, labels_key)[1]
+    to_cs_image = element_transformations(image)[cs]
+    to_cs_labels = element_transformations(labels)[cs]
+    box_i, box_l = _extent(image, to_cs_image), _extent(labels, to_cs_labels)
+    px = max(np.sqrt(abs(np.linalg.det(to_cs_image[:2, :2]))), np.sqrt(abs(np.linalg.det(to_cs_labels[:2, :2]))), 1e-12)
+    if np.abs(box_i - box_l).max() <= px + _EPS:
+        return
+
+    def describe(key: str, box: np.ndarray) -> str:
+        return f"{key!r} spans x {box[0]:.6g}..{box[2]:.6g}, y {box[1]:.6g}..{box[3]:.6g}"
+
+    where = f"in coordinate system {cs!r}: {describe(image_key, box_i)}, {describe(labels_key, box_l)}"
+    if np.allclose(to_cs_image, to_cs_labels):
+        raise ValueError(
+            f"Image {image_key!r} and labels {labels_key!r} have the same transformation to {cs!r} but different "
+            f"extents ({where}); labels of a different pixel size need a transformation (e.g. a `Scale`) that maps "
+            "them onto the image, otherwise every nucleus would be matched with the wrong pixels."
+        )
+    overlap = np.r_[np.maximum(box_i[:2], box_l[:2]), np.minimum(box_i[2:], box_l[2:])]
+    width, height = overlap[2] - overlap[0], overlap[3] - overlap[1]
+    if width <= 0 or height <= 0:
+        raise ValueError(
+            f"Image {image_key!r} and labels {labels_key!r} do not overlap ({where}); check their transformations."
+        )
+    area_l = (box_l[2] - box_l[0]) * (box_l[3] - box_l[1])
+    covered = width * height / max(area_l, 1e-12)
+    if covered < 0.999:  # an image wider than the labels is usual (a larger H&E scan); nuclei outside it are not
+        logger.warning(
+            "Image %r covers %.0f%% of labels %r (%s): nuclei outside the image get no prediction.",
+            image_key,
+            100 * covered,
+            labels_key,
+            where,
+        )

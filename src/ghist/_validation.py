@@ -203,8 +203,27 @@ def check_genes(var_names: Sequence[str] | pd.Index, genes: Sequence[str] | None
     return genes
 
 
-def get_counts(adata: AnnData, *, layer: str | None = None, where: str = "the table") -> np.ndarray | sp.spmatrix:
-    """Raw counts matrix (``X`` or ``layers[layer]``), checked for NaN, infinities and negative values."""
+def check_unique_genes(var_names: Sequence[str] | pd.Index, *, where: str) -> None:
+    """Gene names must be unique: a duplicated name would silently pick one of its columns."""
+    index = pd.Index(var_names)
+    if not index.is_unique:
+        dup = index[index.duplicated()].unique().tolist()
+        raise ValueError(
+            f"{where} has duplicated gene names {_preview(dup)}; expected unique `var_names` "
+            "(e.g. `adata.var_names_make_unique()`, or keep one column per gene)."
+        )
+
+
+def get_counts(
+    adata: AnnData, *, layer: str | None = None, where: str = "the table", integer: bool = True
+) -> np.ndarray | sp.spmatrix:
+    """Raw counts matrix (``X`` or ``layers[layer]``), checked to be finite, non-negative and (by default) integer.
+
+    A matrix of non-integer values is almost always already normalised (``log1p``, scaled, ...): taking
+    ``log1p`` of it again would train on the wrong scale without any error, so it is refused, naming the layer to
+    pass instead. ``integer=False`` accepts non-integer (e.g. ambient-corrected) counts.
+    """
+    check_unique_genes(adata.var_names, where=where[:1].upper() + where[1:])
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not found in {where} (have {sorted(adata.layers)}).")
     X = adata.layers[layer] if layer is not None else adata.X
@@ -218,6 +237,16 @@ def get_counts(adata: AnnData, *, layer: str | None = None, where: str = "the ta
         raise ValueError(f"{where} contains {int(bad.sum())} NaN or infinite values; expected finite raw counts.")
     if values.size and values.min() < 0:
         raise ValueError(f"{where} contains negative values (min {values.min()}); expected raw counts >= 0.")
+    if integer and values.size and np.issubdtype(values.dtype, np.floating):
+        fractional = values != np.round(values)
+        if fractional.any():
+            example = float(values[fractional].ravel()[0])
+            source = f"`layers[{layer!r}]`" if layer is not None else "`X`"
+            raise ValueError(
+                f"{where} {source} holds non-integer values ({int(fractional.sum())} of them, e.g. {example:.4g}); "
+                "expected raw counts. It looks normalised (log1p or scaled): pass the raw counts instead, e.g. "
+                f"`layer='counts'` (have layers {sorted(adata.layers)})."
+            )
     return X
 
 

@@ -81,7 +81,7 @@ def reference_profiles(
         raise ValueError(f"Groups of {groupby!r} are not unique as strings: {names}.")
 
     sub = adata[keep][:, genes] if not keep.all() else adata[:, genes]
-    X = get_counts(sub, layer=layer, where="the reference `adata`")
+    X = get_counts(sub, layer=layer, where="the reference `adata`", integer=False)  # warns below instead
     _warn_if_not_counts(X)
     X = X.tocsr().astype(np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
     X = X.log1p() if sp.issparse(X) else np.log1p(X)
