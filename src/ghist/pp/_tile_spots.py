@@ -1,11 +1,11 @@
 """Spot-level supervision for :func:`ghist.pp.make_tiles` (Visium / legacy ST, DESIGN section 3).
 
-A sample then holds, besides the H&E image and the nucleus labels, a ``ShapesModel`` of circles (points with a
-``"radius"`` column, in any coordinate system shared with the labels) and a ``TableModel`` of raw spot counts
-annotating those circles. Here:
+A sample then holds, besides the H&E image and the nucleus labels, a ``ShapesModel`` of spots (circles: points
+with a ``"radius"`` column; or polygons such as Visium HD bins; in any coordinate system shared with the labels)
+and a ``TableModel`` of raw spot counts annotating those spots. Here:
 
-- every nucleus gets the spot whose circle holds its centroid (:func:`cells_in_spots`), through the elements'
-  coordinate transformations;
+- every nucleus gets the one spot holding its centroid (:func:`cells_in_spots`), through the elements' coordinate
+  transformations, by the rule of :mod:`ghist._spot_membership` that aggregation and evaluation use too;
 - every spot gets its target: its counts scaled to a fixed library size per typical spot (:func:`spot_targets`),
   on the count scale that the summed per-cell predictions are compared with;
 - spot-centred tile origins (:func:`spot_tile_origins`) for ``tiling="spots"``.
@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
-from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 
 from .._spatial import element_affine
+from .._spot_membership import SpotGeometry, assign_to_spots, spot_geometry
 from .._validation import _preview, get_counts, positions_of_ids, table_of_region
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,12 @@ class SpotData:
     table: AnnData  # spot rows of the table, all genes
     counts: Any  # X or layer of ``table``
     names: list[str]  # spot instance ids, as strings
-    centres: np.ndarray  # (S, 2) x, y in the shapes' intrinsic coordinates
-    radius: np.ndarray  # (S,) in the same units
+    centres: np.ndarray  # (S, 2) x, y in the shapes' intrinsic coordinates (circle centres, polygon centroids)
+    radius: np.ndarray | None  # (S,) in the same units; None for polygons
     labels_to_spots: np.ndarray  # 3x3: labels pixel (x, y, 1) -> shapes intrinsic
     image_to_spots: np.ndarray  # 3x3: image pixel (x, y, 1) -> shapes intrinsic
+    geometry: SpotGeometry  # every spot of the shapes element, in its order (membership is decided over all)
+    row_of_shape: np.ndarray  # (len(geometry),) row of the table for each spot of the shapes element, or -1
 
 
 def prepare_spots(
@@ -55,28 +57,21 @@ def prepare_spots(
     labels_key: str,
     layer: str | None,
 ) -> SpotData:
-    """Validate and resolve the spot circles and their table of raw counts.
+    """Validate and resolve the spots (circles or polygons) and their table of raw counts.
 
     Raises
     ------
     KeyError
         The spots, the table, its instance key or the layer do not exist.
     ValueError
-        The spots are not circles, the table does not annotate them, or it names spots that do not exist.
+        The spots are neither circles nor polygons, the table does not annotate them, or it names spots that do
+        not exist.
 
     """
     if spots_key not in sdata.shapes:
         raise KeyError(f"Spots {spots_key!r} not found in `sdata.shapes` (have {sorted(sdata.shapes)}).")
     shapes = sdata.shapes[spots_key]
-    geom_types = set(shapes.geometry.geom_type.unique()) if len(shapes) else set()
-    if "radius" not in shapes.columns or geom_types - {"Point"}:
-        raise ValueError(
-            f"Spots {spots_key!r} must be circles (point geometries with a 'radius' column, as "
-            f"`ShapesModel.parse(coords, geometry=0, radius=...)` makes them); found geometries {sorted(geom_types)} "
-            f"and columns {list(shapes.columns)}."
-        )
-    if len(shapes) == 0:
-        raise ValueError(f"Spots {spots_key!r} hold no circle; expected at least one spot.")
+    geometry = spot_geometry(shapes, spots_key)
     table, _, instance_key = table_of_region(sdata, table_key, spots_key, what="spots")
     where = f"spot table {table_key!r}"
     ids = table.obs[instance_key]
@@ -92,19 +87,19 @@ def prepare_spots(
         dup = ids[pd.Index(row).duplicated()].unique().tolist()
         raise ValueError(f"The {where} lists spots {_preview(dup)} more than once.")
     counts = get_counts(table, layer=layer, where=f"the {where}")
-    radius = shapes["radius"].to_numpy(dtype=np.float64)[row]
-    if not np.isfinite(radius).all() or (radius <= 0).any():
-        raise ValueError(f"Spots {spots_key!r} have radii <= 0 or not finite; expected positive radii.")
-    centres = np.c_[shapes.geometry.x.to_numpy(), shapes.geometry.y.to_numpy()][row].astype(np.float64)
+    row_of_shape = np.full(len(geometry), -1, dtype=np.int64)
+    row_of_shape[row] = np.arange(len(row))
     return SpotData(
         key=spots_key,
         table=table,
         counts=counts,
         names=[str(i) for i in ids],
-        centres=centres,
-        radius=radius,
+        centres=geometry.centres[row],
+        radius=None if geometry.radius is None else geometry.radius[row],
         labels_to_spots=element_affine(sdata, labels_key, spots_key),
         image_to_spots=element_affine(sdata, image_key, spots_key),
+        geometry=geometry,
+        row_of_shape=row_of_shape,
     )
 
 
@@ -190,31 +185,17 @@ def nucleus_centroids(labels: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cells_in_spots(centroids_xy: np.ndarray, spots: SpotData) -> np.ndarray:
-    """Index (into the spot table's rows) of the spot whose circle holds each labels-space centroid, or -1.
+    """Row of the spot table of the one spot holding each labels-space centroid, or -1.
 
-    Centroids are mapped into the shapes' own coordinates, where the radius is defined, so any affine between the
-    elements is exact. Where circles overlap, a cell goes to the spot with the nearest centre.
+    Centroids are mapped into the shapes' own coordinates, where the geometry is defined, so any affine between the
+    elements is exact. Which spot holds a cell is decided over every spot of the shapes element by
+    :func:`ghist._spot_membership.assign_to_spots` (nearest centre where spots overlap); a cell whose spot the
+    table does not list gets -1.
     """
     xy = np.asarray(centroids_xy, dtype=np.float64).reshape(-1, 2)
-    if xy.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64)
     m = spots.labels_to_spots
-    mapped = xy @ m[:2, :2].T + m[:2, 2]
-    dist, nearest = cKDTree(spots.centres).query(mapped, k=1)
-    inside = dist <= spots.radius[nearest]
-    if not inside.all() and spots.radius.max() > spots.radius.min():
-        # With unequal radii the nearest centre need not be the containing circle: check a few more.
-        k = min(8, len(spots.centres))
-        dists, idx = cKDTree(spots.centres).query(mapped[~inside], k=k)
-        dists, idx = dists.reshape(-1, k), idx.reshape(-1, k)
-        ok = dists <= spots.radius[idx]
-        first = np.where(ok.any(axis=1), ok.argmax(axis=1), -1)
-        fixed = np.where(first >= 0, idx[np.arange(len(first)), np.maximum(first, 0)], -1)
-        nearest = nearest.copy()
-        nearest[~inside] = np.maximum(fixed, 0)
-        inside = inside.copy()
-        inside[~inside] = fixed >= 0
-    return np.where(inside, nearest, -1).astype(np.int64)
+    shape_pos = assign_to_spots(xy @ m[:2, :2].T + m[:2, 2], spots.geometry)
+    return np.where(shape_pos >= 0, spots.row_of_shape[np.maximum(shape_pos, 0)], -1).astype(np.int64)
 
 
 def spot_tile_origins(

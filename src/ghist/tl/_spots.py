@@ -1,4 +1,4 @@
-"""Per-cell predictions summed into spots (Visium / ST circles), for comparison with spot-level measurements."""
+"""Per-cell predictions summed into spots (Visium / ST circles, Visium HD bins), to compare with spot measurements."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import logging
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import shapely
 from anndata import AnnData
-from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 from spatialdata.models import TableModel, get_table_keys
 
 from .._constants import PRED_KEY, REGION_KEY, SPATIAL_KEY, SPOTS_KEY, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._spatial import element_affine, shared_coordinate_system
+from .._spot_membership import assign_to_spots, membership_matrix, spot_geometry
 from .._validation import (
     _preview,
     check_key_added,
@@ -87,6 +86,35 @@ def aggregate_to_spots(
     """
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
+    key_added = key_added or f"{table_key}_{spots_key}"
+    check_key_added(sdata, key_added, "tables", overwrite=overwrite)
+    out, _ = spot_sums(sdata, table_key=table_key, spots_key=spots_key, spots_table_key=spots_table_key)
+    out.uns[UNS_KEY]["aggregate_to_spots"]["params"]["key_added"] = key_added
+    if key_added in sdata.tables:
+        del sdata.tables[key_added]
+    sdata.tables[key_added] = out
+    logger.info(
+        "Added `sdata.tables[%r]` (%d spots x %d genes): %d of %d cells in a spot, %d spots without cells.",
+        key_added,
+        out.n_obs,
+        out.n_vars,
+        int(out.obs["n_cells"].sum()),
+        sdata.tables[table_key].n_obs,
+        int((out.obs["n_cells"] == 0).sum()),
+    )
+    return out
+
+
+def spot_sums(
+    sdata: SpatialData, *, table_key: str, spots_key: str, spots_table_key: str | None
+) -> tuple[AnnData, np.ndarray]:
+    """The pseudo-spot table of :func:`aggregate_to_spots`, not written to ``sdata``, and each cell's spot.
+
+    The second value is, for every row of the prediction table, the row of the returned table holding the cell,
+    or -1 (outside every spot, or in a spot the spot table does not list).
+    """
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
     table = get_table(sdata, table_key)
     if "spatialdata_attrs" not in table.uns:
         raise ValueError(
@@ -98,10 +126,9 @@ def aggregate_to_spots(
             f"Table {table_key!r} has no `obsm[{SPATIAL_KEY!r}]` (cell centroids); expected the predictions of "
             f"`ghist.tl.predict` (have obsm {sorted(table.obsm)})."
         )
-    spots = require_key(sdata, "shapes", spots_key)
-    key_added = key_added or f"{table_key}_{spots_key}"
-    check_key_added(sdata, key_added, "tables", overwrite=overwrite)
-    order, obs, instance_key, region_key = _spot_rows(sdata, spots, spots_key, spots_table_key)
+    shapes = require_key(sdata, "shapes", spots_key)
+    geometry = spot_geometry(shapes, spots_key)
+    order, obs, instance_key, region_key = _spot_rows(sdata, shapes, spots_key, spots_table_key)
 
     regions, _, _ = get_table_keys(table)
     regions = [regions] if isinstance(regions, str) else list(regions)
@@ -123,8 +150,11 @@ def aggregate_to_spots(
     if np.isnan(in_spots).any():
         raise ValueError(f"Table {table_key!r} has cells with missing (NaN) centroids in `obsm[{SPATIAL_KEY!r}]`.")
 
-    membership = _membership(spots, in_spots)  # all spots x cells
-    membership = membership[order]
+    shape_pos = assign_to_spots(in_spots, geometry)
+    row_of_shape = np.full(len(geometry), -1, dtype=np.int64)
+    row_of_shape[order] = np.arange(len(order))
+    cell_row = np.where(shape_pos >= 0, row_of_shape[np.maximum(shape_pos, 0)], -1)
+    membership = membership_matrix(cell_row, len(order))
     counts = table.X
     counts = counts.expm1() if sp.issparse(counts) else np.expm1(np.asarray(counts, dtype=np.float64))
     summed = membership @ counts
@@ -132,34 +162,22 @@ def aggregate_to_spots(
 
     obs["n_cells"] = np.asarray(membership.sum(axis=1)).ravel().astype(np.int64)
     out = AnnData(X=summed.astype(np.float32), obs=obs, var=pd.DataFrame(index=table.var_names.copy()))
-    out.obsm[SPATIAL_KEY] = _spot_centres(spots)[order]
+    out.obsm[SPATIAL_KEY] = geometry.centres[order]
     out.uns[UNS_KEY] = {
         "aggregate_to_spots": {
             "params": {
                 "table_key": table_key,
                 "spots_key": spots_key,
                 "spots_table_key": spots_table_key,
-                "key_added": key_added,
+                "key_added": None,
                 "coordinate_systems": systems,
                 "value": "sum of expm1(X)",
+                "membership": "one spot per cell: the nearest centre among the spots holding its centroid",
             }
         }
     }
     out = TableModel.parse(out, region=spots_key, region_key=region_key, instance_key=instance_key)
-    if key_added in sdata.tables:
-        del sdata.tables[key_added]
-    sdata.tables[key_added] = out
-    n_empty = int((out.obs["n_cells"] == 0).sum())
-    logger.info(
-        "Added `sdata.tables[%r]` (%d spots x %d genes): %d of %d cells in a spot, %d spots without cells.",
-        key_added,
-        out.n_obs,
-        out.n_vars,
-        int((np.asarray(membership.sum(axis=0)).ravel() > 0).sum()),
-        table.n_obs,
-        n_empty,
-    )
-    return out
+    return out, cell_row
 
 
 def _spot_rows(
@@ -187,38 +205,3 @@ def _spot_rows(
         index=spot_table.obs_names.copy(),
     )
     return order, obs, instance_key, region_key
-
-
-def _membership(spots: pd.DataFrame, xy: np.ndarray) -> sp.csr_matrix:
-    """Sparse 0/1 matrix spots x cells: which cell centroids (in the spots' coordinates) lie in which spot."""
-    geoms = spots.geometry.to_numpy()
-    n_spots, n_cells = len(geoms), len(xy)
-    if n_spots == 0:
-        raise ValueError("The spots element holds no spot.")
-    if "radius" in spots.columns:
-        if (shapely.get_type_id(geoms) != 0).any():
-            raise ValueError("Spots with a `radius` column must be points (circles).")
-        centres = np.c_[shapely.get_x(geoms), shapely.get_y(geoms)]
-        radius = spots["radius"].to_numpy(dtype=np.float64)
-        if not np.isfinite(radius).all() or (radius < 0).any():
-            raise ValueError("Spot radii must be finite and >= 0.")
-        if n_cells == 0:
-            return sp.csr_matrix((n_spots, 0), dtype=np.float64)
-        hits = cKDTree(xy).query_ball_point(centres, r=radius)
-        spot_idx = np.repeat(np.arange(n_spots), [len(h) for h in hits])
-        cell_idx = np.fromiter((c for h in hits for c in h), dtype=np.int64, count=len(spot_idx))
-    else:
-        types = set(shapely.get_type_id(geoms).tolist())
-        if not types <= {3, 6}:  # Polygon, MultiPolygon
-            raise ValueError("Spots must be circles (points with a `radius` column) or polygons.")
-        tree = shapely.STRtree(geoms)
-        cell_idx, spot_idx = tree.query(shapely.points(xy), predicate="intersects")
-    data = np.ones(len(spot_idx), dtype=np.float64)
-    return sp.csr_matrix((data, (spot_idx, cell_idx)), shape=(n_spots, n_cells))
-
-
-def _spot_centres(spots: pd.DataFrame) -> np.ndarray:
-    geoms = spots.geometry.to_numpy()
-    if "radius" not in spots.columns:
-        geoms = shapely.centroid(geoms)
-    return np.c_[shapely.get_x(geoms), shapely.get_y(geoms)].astype(np.float64)
