@@ -2,11 +2,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ghist._model._losses import DEFAULT_LOSS_WEIGHTS, ghist_losses, pixel_targets, spot_loss, tile_composition
+from ghist._model._losses import (
+    DEFAULT_LOSS_WEIGHTS,
+    ghist_losses,
+    pixel_targets,
+    spot_loss,
+    spot_sums,
+    tile_composition,
+)
 from ghist._model._network import GHISTNetwork
 
 SMALL = {"width": 4, "embed_dim": 16, "hidden": 16, "n_heads": 2, "n_tokens": 4}
@@ -245,6 +253,27 @@ def test_spot_loss():
     spot_expr[2] = float("nan")
     torch.testing.assert_close(spot_loss(pred, cell_spot, spot_expr, scale), torch.tensor(0.0))
     assert spot_loss(pred, torch.full((4,), -1), spot_expr, scale) is None
+
+
+def test_spot_sums_are_the_one_spot_comparison():
+    """Loss and validation score share one sum: negative predictions add nothing, huge ones stay finite."""
+    from ghist._model._module import spot_pairs
+
+    scale = 5.0
+    pred = torch.tensor([[scale * math.log(3.0), -4.0], [scale * math.log(2.0), 1e4], [1.0, 1.0]])
+    cell_spot = torch.tensor([0, 0, 1])
+    spot_expr = torch.tensor([[4.0, 1.0], [float("nan"), 0.0], [1.0, 1.0]])
+    sums, keep = spot_sums(pred, cell_spot, spot_expr, scale)
+    assert keep.tolist() == [True, False, False]  # spot 1 unmeasured, spot 2 without cells
+    torch.testing.assert_close(sums[0, 0], torch.tensor(3.0))  # 2 + 1 counts
+    assert torch.isfinite(sums).all()
+    assert float(sums[0, 1]) == pytest.approx(math.expm1(30.0), rel=1e-5)  # -4 clamped to 0, 1e4 to 30
+    pred_log, true_log = spot_pairs(pred, cell_spot, spot_expr, scale)
+    np.testing.assert_allclose(pred_log, torch.log1p(sums[keep]).numpy())
+    np.testing.assert_allclose(true_log, torch.log1p(spot_expr[keep]).numpy())
+    loss = spot_loss(pred, cell_spot, spot_expr, scale)
+    expected = scale**2 * ((torch.log1p(sums[0]) - torch.log1p(spot_expr[0])) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
 
 
 def test_spot_term_in_ghist_losses():

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from ghist._model._module import augment_batch
+from ghist._model._module import GHISTModule, augment_batch
 
 
 def _batch(n: int = 6, size: int = 16) -> dict:
@@ -39,3 +39,20 @@ def test_color_jitter_scales_and_shifts_each_channel_within_bounds():
     assert torch.equal(again["image"], image)
     plain = augment_batch(batch, torch.Generator().manual_seed(2), color_jitter=0.0)
     assert torch.equal(plain["image"], batch["image"])
+
+
+def test_module_passes_its_expr_scale_to_the_losses(monkeypatch):
+    import ghist._model._module as module
+
+    seen = {}
+
+    def fake_losses(out, batch, network, **kwargs):
+        seen.update(kwargs)
+        return {"total": torch.zeros(())}
+
+    monkeypatch.setattr(module, "ghist_losses", fake_losses)
+    net = torch.nn.Module()
+    net.forward = lambda *args: {}
+    lit = GHISTModule(net, expr_scale=2.5)
+    lit._losses({"image": None, "labels": None, "cell_batch": None, "n_cells": 0})
+    assert seen["expr_scale"] == 2.5

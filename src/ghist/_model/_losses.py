@@ -22,7 +22,10 @@ from .._constants import EXPR_SCALE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_LOSS_WEIGHTS", "ghist_losses", "pixel_targets", "spot_loss", "tile_composition"]
+__all__ = ["DEFAULT_LOSS_WEIGHTS", "ghist_losses", "pixel_targets", "spot_loss", "spot_sums", "tile_composition"]
+
+# expm1(30) ~ 1e13 counts per cell: far above any real cell, far below float32 overflow (expm1(89)).
+_MAX_LOG_COUNTS = 30.0
 
 #: Weight of each term in ``"total"``. ``"specialist"`` ``None`` means ``1 / n_types`` (DESIGN).
 DEFAULT_LOSS_WEIGHTS: dict[str, float | None] = {
@@ -87,6 +90,36 @@ def _kl(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_q, p, reduction="sum") / p.shape[0]
 
 
+def spot_sums(
+    expr_pred_scaled: torch.Tensor, cell_spot: torch.Tensor, spot_expr: torch.Tensor, expr_scale: float = EXPR_SCALE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each spot's summed predicted counts ``(S, G)``, and the ``(S,)`` mask of the spots that can be compared.
+
+    A cell's predicted counts are ``expm1(pred / expr_scale)`` with ``pred / expr_scale`` clamped to ``[0, 30]``:
+    below 0 a cell would subtract counts from its spot (and a sum below -1 would make ``log1p`` NaN), above 30 the
+    exponential would overflow. The network's output is ReLU'd, so the lower clamp only guards other callers and
+    never blocks a gradient in training. A spot is compared when it holds a cell and its target is finite (NaN
+    rows of ``spot_expr`` are unmeasured). This is the one definition of the spot comparison: the spot loss
+    (:func:`spot_loss`) and the spot validation score use it both.
+
+    Examples
+    --------
+    >>> pred = 5 * torch.log1p(torch.tensor([[1.0, 0.0], [2.0, 4.0]]))
+    >>> sums, keep = spot_sums(pred, torch.tensor([0, 0]), torch.tensor([[3.0, 4.0], [1.0, 1.0]]), 5.0)
+    >>> sums, keep
+    (tensor([[3., 4.],
+            [0., 0.]]), tensor([ True, False]))
+
+    """
+    n_spots = spot_expr.shape[0]
+    inside = (cell_spot >= 0) & (cell_spot < n_spots)
+    counts = torch.expm1((expr_pred_scaled.float() / expr_scale).clamp(min=0.0, max=_MAX_LOG_COUNTS))
+    idx = cell_spot[inside]
+    sums = counts.new_zeros(n_spots, counts.shape[1]).index_add_(0, idx, counts[inside])
+    has_cells = torch.bincount(idx, minlength=n_spots) > 0
+    return sums, has_cells & torch.isfinite(spot_expr).all(dim=1)
+
+
 def spot_loss(
     expr_pred_scaled: torch.Tensor,
     cell_spot: torch.Tensor,
@@ -96,7 +129,7 @@ def spot_loss(
     """Spot-level supervision (Visium / ST): summed cell predictions against the spot's expression.
 
     Each cell's prediction is brought back to counts with ``expm1(pred / expr_scale)``; the cells of each spot
-    are summed, and ``expr_scale * log1p(sum)`` is compared by MSE with ``expr_scale * log1p(spot_expr)``.
+    are summed (:func:`spot_sums`), and ``expr_scale * log1p(sum)`` is compared by MSE with ``expr_scale * log1p(spot_expr)``.
     Comparing on the same ``expr_scale * log1p`` scale as the cell-level expression MSE keeps the two losses
     commensurate (a spot loss on raw counts would be dominated by a few highly expressed genes), while summing
     in count space is what a spot actually measures.
@@ -124,13 +157,7 @@ def spot_loss(
     tensor(0.)
 
     """
-    n_spots = spot_expr.shape[0]
-    inside = (cell_spot >= 0) & (cell_spot < n_spots)
-    counts = torch.expm1((expr_pred_scaled.float() / expr_scale).clamp(max=30.0))
-    idx = cell_spot[inside]
-    sums = counts.new_zeros(n_spots, counts.shape[1]).index_add_(0, idx, counts[inside])
-    has_cells = torch.bincount(idx, minlength=n_spots) > 0
-    keep = has_cells & torch.isfinite(spot_expr).all(dim=1)
+    sums, keep = spot_sums(expr_pred_scaled, cell_spot, spot_expr, expr_scale)
     if not bool(keep.any()):
         return None
     pred = expr_scale * torch.log1p(sums[keep])

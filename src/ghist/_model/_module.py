@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, Timer
 
 from .._stats import validation_score
-from ._losses import ghist_losses
+from ._losses import ghist_losses, spot_sums
 from ._network import GHISTNetwork, dihedral_view
 
 
@@ -43,13 +43,10 @@ def spot_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``log1p`` of each spot's summed predicted counts and of its target, for spots that hold a cell.
 
-    The same comparison as :func:`ghist._model._losses.spot_loss`, kept as arrays for the validation Pearson.
+    The same comparison as :func:`ghist._model._losses.spot_loss` (both through
+    :func:`~ghist._model._losses.spot_sums`), kept as arrays for the validation Pearson.
     """
-    n_spots = spot_expr.shape[0]
-    inside = (cell_spot >= 0) & (cell_spot < n_spots)
-    counts = torch.expm1((expr_pred_scaled.float() / expr_scale).clamp(min=0, max=30.0))
-    sums = counts.new_zeros(n_spots, counts.shape[1]).index_add_(0, cell_spot[inside], counts[inside])
-    keep = (torch.bincount(cell_spot[inside], minlength=n_spots) > 0) & torch.isfinite(spot_expr).all(dim=1)
+    sums, keep = spot_sums(expr_pred_scaled, cell_spot, spot_expr, expr_scale)
     pred = torch.log1p(sums[keep]).cpu().numpy()
     true = torch.log1p(spot_expr[keep].float().clamp(min=0)).cpu().numpy()
     return pred, true
@@ -99,7 +96,7 @@ class GHISTModule(L.LightningModule):
 
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = self.network(batch["image"], batch["labels"], batch["cell_batch"], int(batch["n_cells"]))
-        return ghist_losses(out, batch, self.network), out
+        return ghist_losses(out, batch, self.network, expr_scale=self.expr_scale), out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.augment:
