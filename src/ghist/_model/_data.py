@@ -1,22 +1,29 @@
 """Batches for the network: torch datasets over tile stores and the collate function that batches them.
 
-Both :func:`ghist.tl.fit` (tiles of a :class:`~ghist.pp.TileSet`) and :func:`ghist.tl.predict` (tiles cut from a
-slide) hand the network batches in one format, built here by :func:`collate_tiles`.
+Both :func:`ghist.tl.fit` (tiles of a :class:`~ghist.pp.TileSet`, :class:`TileDataset`) and :func:`ghist.tl.predict`
+(tiles cut from a slide, :class:`SlideTileDataset`) hand the network batches in one format, built here by
+:func:`collate_tiles`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from scipy import ndimage
+from torch.utils.data import Dataset, get_worker_info
+
+from .._spatial import read_labels_window
 
 if TYPE_CHECKING:
+    from xarray import DataArray
+
     from ..pp import TileSet
 
-__all__ = ["TileDataset", "as_tensors", "collate_tiles"]
+__all__ = ["SlideTileDataset", "TileDataset", "as_tensors", "collate_slide_tiles", "collate_tiles"]
 
 
 def as_tensors(item: dict[str, Any]) -> dict[str, Any]:
@@ -125,4 +132,168 @@ def collate_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch["spot_expr"] = torch.cat([item["spot_expr"] for item in items])
         batch["spot_batch"] = torch.cat(spot_batch)
         batch["spot_index"] = torch.cat([item["spot_index"] for item in items])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- slide tiles
+# Per-cell values of a slide tile that predict needs to choose, for each nucleus, the tile that saw it best.
+SLIDE_CELL_KEYS = ("visible", "margin", "centroid")
+
+
+class SlideTileDataset(Dataset):
+    """A torch :class:`~torch.utils.data.Dataset` over the tiles of a whole slide, read and resampled lazily.
+
+    Tile ``i`` is the ``tile_size`` square at ``origins[i]`` of the working grid: the slide's pixel grid scaled by
+    ``scale`` (the model's pixel size). Its image is resampled (bilinear, white outside the slide) and
+    standardised, its labels are read through ``to_labels`` (nearest neighbour), and its nuclei are renumbered
+    ``1..N`` in the order of their ids. Items have the format of :class:`TileDataset` items (so
+    :func:`collate_tiles` batches both; ``"expr"`` is ``(N, 0)`` and ``"cell_type"`` is -1: nothing is measured),
+    plus, per cell, ``"visible"`` (pixels of the nucleus inside the tile), ``"margin"`` (distance of its visible
+    centroid to the nearest tile edge) and ``"centroid"`` (visible centroid, ``(x, y)`` on the working grid).
+
+    Only the slide region a tile covers is read, when the tile is asked for: the (dask-backed) image and labels stay
+    lazy, and the dataset pickles to DataLoader worker processes, which then read and resample tiles in parallel.
+
+    Parameters
+    ----------
+    image
+        ``(c, y, x)`` RGB image (uint8 values), dask- or numpy-backed.
+    labels
+        ``(y, x)`` nucleus labels.
+    origins
+        ``(n, 2)`` top-left corners ``(y0, x0)`` of the tiles on the working grid.
+    scale
+        Working-grid pixels per image pixel (1: the image's own grid, no resampling).
+    to_labels
+        ``3x3`` affine from working-grid ``(x, y, 1)`` to labels pixel ``(x, y, 1)``.
+    tile_size
+        Side of the tiles, in working-grid pixels.
+    mean, std
+        Per-channel statistics (0-255 scale) standardising the image.
+
+    Examples
+    --------
+    >>> ds = SlideTileDataset(image, labels, origins, scale=1.0, to_labels=np.eye(3), tile_size=256, mean=m, std=s)
+    >>> loader = DataLoader(ds, batch_size=8, collate_fn=collate_slide_tiles, num_workers=4)
+
+    """
+
+    def __init__(
+        self,
+        image: DataArray,
+        labels: DataArray,
+        origins: np.ndarray,
+        *,
+        scale: float,
+        to_labels: np.ndarray,
+        tile_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
+        self.image = image
+        self.labels = labels
+        self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+        self.scale = float(scale)
+        self.to_labels = np.asarray(to_labels, dtype=float)
+        self.tile_size = int(tile_size)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"Index {i} out of range for a dataset of {len(self)} tiles.")
+        i = int(i) % len(self)
+        if get_worker_info() is None:
+            return as_tensors(self.read(i))
+        import dask
+
+        # In a DataLoader worker the workers are the parallelism: read this tile's few chunks in this thread
+        # rather than through a thread pool inherited (and possibly broken) across the fork.
+        with dask.config.set(scheduler="synchronous"):
+            return as_tensors(self.read(i))
+
+    def read(self, i: int) -> dict[str, Any]:
+        """Tile ``i`` as a dict of numpy arrays (``"sample"`` and ``"tile"``: int)."""
+        y0, x0 = (int(v) for v in self.origins[i])
+        size = self.tile_size
+        rgb = self._read_image(y0, x0)
+        lab = read_labels_window(self.labels, self.to_labels, y0, x0, size, size)
+        ids, local = np.unique(lab, return_inverse=True)
+        local = local.reshape(lab.shape)
+        if ids.size and ids[0] == 0:
+            ids = ids[1:]
+        else:
+            local = local + 1  # no background pixel in this tile: ids start at local 1
+        counts = np.bincount(local.ravel(), minlength=ids.size + 1)[1:]
+        yy, xx = np.indices(lab.shape)
+        sum_y = np.bincount(local.ravel(), weights=yy.ravel(), minlength=ids.size + 1)[1:]
+        sum_x = np.bincount(local.ravel(), weights=xx.ravel(), minlength=ids.size + 1)[1:]
+        local_x, local_y = sum_x / np.maximum(counts, 1), sum_y / np.maximum(counts, 1)
+        # Distance from the visible centroid to the nearest tile edge: how much context the network had around it.
+        margin = np.minimum(np.minimum(local_x, size - 1 - local_x), np.minimum(local_y, size - 1 - local_y))
+        image = (rgb.astype(np.float32) - self.mean[:, None, None]) / self.std[:, None, None]
+        n = ids.size
+        return {
+            "image": image,
+            "labels": local.astype(np.int64),
+            "cell_id": ids.astype(np.int64),
+            "expr": np.zeros((n, 0), dtype=np.float32),
+            "cell_type": np.full(n, -1, dtype=np.int64),
+            "sample": 0,
+            "tile": int(i),
+            "visible": counts.astype(np.int64),
+            "margin": margin,
+            "centroid": np.stack([local_x + x0, local_y + y0], axis=1),
+        }
+
+    def _read_image(self, y0: int, x0: int) -> np.ndarray:
+        """RGB tile (3, T, T) uint8 on the working grid, white outside the image."""
+        image, size, scale = self.image, self.tile_size, self.scale
+        h, w = image.sizes["y"], image.sizes["x"]
+        tile = np.full((3, size, size), 255, dtype=np.uint8)
+        if scale == 1.0:
+            ye, xe = min(y0 + size, h), min(x0 + size, w)
+            tile[:, : ye - y0, : xe - x0] = np.asarray(image.data[:, y0:ye, x0:xe])
+            return tile
+        # Pixel centres: working pixel r sits at image coordinate (r + 0.5) / scale - 0.5.
+        src_y0 = max(0, math.floor((y0 + 0.5) / scale - 0.5) - 1)
+        src_x0 = max(0, math.floor((x0 + 0.5) / scale - 0.5) - 1)
+        src_y1 = min(h, math.ceil((y0 + size + 0.5) / scale) + 2)
+        src_x1 = min(w, math.ceil((x0 + size + 0.5) / scale) + 2)
+        if src_y1 <= src_y0 or src_x1 <= src_x0:
+            return tile
+        window = np.asarray(image.data[:, src_y0:src_y1, src_x0:src_x1]).astype(np.float32)
+        offset = ((y0 + 0.5) / scale - 0.5 - src_y0, (x0 + 0.5) / scale - 0.5 - src_x0)
+        for c in range(3):
+            tile[c] = np.clip(
+                ndimage.affine_transform(
+                    window[c], [1 / scale, 1 / scale], offset=offset, output_shape=(size, size), order=1, cval=255.0
+                ),
+                0,
+                255,
+            ).round()
+        return tile
+
+    def __repr__(self) -> str:
+        return f"SlideTileDataset of {len(self)} tiles of {self.tile_size} px (scale {self.scale:.3g})"
+
+
+def collate_slide_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Batch :class:`SlideTileDataset` items with :func:`collate_tiles`, leaving out tiles without a nucleus.
+
+    Returns
+    -------
+    The :func:`collate_tiles` batch plus ``"visible"``, ``"margin"`` and ``"centroid"`` concatenated over the
+    cells, or ``None`` when no tile of the batch holds a nucleus.
+
+    """
+    items = [item for item in items if item["cell_id"].shape[0]]
+    if not items:
+        return None
+    batch = collate_tiles(items)
+    for key in SLIDE_CELL_KEYS:
+        batch[key] = torch.cat([item[key] for item in items])
     return batch

@@ -20,8 +20,10 @@ from ._network import GHISTNetwork
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
-META_FILE = "model.json"
+WEIGHTS_FILE = "weights.pt"  # a plain dict of tensors (torch.save), read back with weights_only=True
+META_FILE = "model.json"  # everything else, as JSON
+LEGACY_FILE = "model.pt"  # ghist 0.1: one pickled dict
+FORMAT_VERSION = 2  # 1: ghist 0.1, one pickled `model.pt`; 2: `weights.pt` (tensors only) + `model.json`
 
 
 class GHISTModel:
@@ -137,9 +139,10 @@ class GHISTModel:
             width=int(width),
             embed_dim=int(embed_dim),
         )
-        self.is_trained_ = False
-        self.history_: pd.DataFrame | None = None
-        self.best_epoch_: int | None = None
+        # Set only by `_mark_trained` (training) and `_from_state` (loading).
+        self._is_trained = False
+        self._history: pd.DataFrame | None = None
+        self._best_epoch: int | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -186,7 +189,7 @@ class GHISTModel:
             else f"{self.n_types} ({', '.join(self.cell_types[:6])}{', ...' * (self.n_types > 6)})"
         )
         lines = [
-            f"GHISTModel ({'trained' if self.is_trained_ else 'untrained'}, {n_params / 1e6:.2f}M parameters)",
+            f"GHISTModel ({'trained' if self.is_trained else 'untrained'}, {n_params / 1e6:.2f}M parameters)",
             f"    genes: {self.n_genes} ({', '.join(self.genes[:5])}{', ...' * (self.n_genes > 5)})",
             f"    cell types: {types}",
             f"    reference profiles: {len(self.reference_names) if self.reference_names else 'none'}",
@@ -197,12 +200,134 @@ class GHISTModel:
             lines.append(f"    best epoch: {self.best_epoch_}")
         return "\n".join(lines)
 
+    # ------------------------------------------------------------------ training state
+    @property
+    def is_trained(self) -> bool:
+        """Whether :func:`ghist.tl.fit` trained the network (or it was loaded from a trained model)."""
+        return self._is_trained
+
+    @property
+    def is_trained_(self) -> bool:
+        """Alias of :attr:`is_trained` (scikit-learn style)."""
+        return self._is_trained
+
+    @property
+    def best_epoch_(self) -> int | None:
+        """Epoch whose weights the model holds (the best validation epoch), or ``None``."""
+        return self._best_epoch
+
+    @property
+    def history_(self) -> pd.DataFrame | None:
+        """Metrics logged after every training epoch, one row per epoch, or ``None``."""
+        return self._history
+
+    def _mark_trained(self, best_epoch: int | None = None, history: pd.DataFrame | None = None) -> None:
+        """Record that training ended with the weights of ``best_epoch``; puts the network in evaluation mode."""
+        self._is_trained = True
+        self._best_epoch = None if best_epoch is None else int(best_epoch)
+        self._history = None if history is None else pd.DataFrame(history).reset_index(drop=True)
+        self.network.eval()
+
+    # ------------------------------------------------------------------ state
+    def _to_state(self) -> dict[str, Any]:
+        """Everything needed to rebuild the model: JSON-able settings and the network's tensors on the CPU.
+
+        Returns
+        -------
+        ``{"settings": {...}, "tensors": {name: tensor}}``. ``settings`` holds the class name, the file format
+        version, the ghist version, the constructor arguments (``init_params``), the training state and the
+        history (lists; NaN as ``None``) and survives ``json.dumps(..., allow_nan=False)``; ``tensors`` is the
+        network's ``state_dict`` (the reference profiles are its ``"reference"`` buffer, on the network's
+        ``expr_scale * log1p`` scale). :meth:`_from_state` rebuilds the model.
+
+        """
+        from .._version import __version__
+
+        history = None
+        if self._history is not None:
+            history = {str(k): [_json_scalar(v) for v in col] for k, col in self._history.to_dict("list").items()}
+        settings = {
+            "class": type(self).__name__,
+            "format_version": FORMAT_VERSION,
+            "ghist_version": __version__,
+            "init_params": json.loads(json.dumps(self.init_params_)),
+            "is_trained": bool(self._is_trained),
+            "best_epoch": self._best_epoch,
+            "history": history,
+        }
+        tensors = {name: value.detach().cpu() for name, value in self.network.state_dict().items()}
+        return {"settings": settings, "tensors": tensors}
+
+    @classmethod
+    def _from_state(cls, state: Mapping[str, Any], *, genes: Sequence[str] | None = None) -> GHISTModel:
+        """Rebuild a model from :meth:`_to_state`'s output (in evaluation mode).
+
+        Parameters
+        ----------
+        state
+            ``{"settings": ..., "tensors": ...}``.
+        genes
+            If given, the genes the caller expects.
+
+        Raises
+        ------
+        ValueError
+            The state is not a GHISTModel's, was written by a newer format, predicts other genes than ``genes``,
+            or its tensors do not fit the network its settings describe.
+
+        """
+        if not isinstance(state, Mapping) or not {"settings", "tensors"} <= set(state):
+            raise ValueError("Expected a model state {'settings': ..., 'tensors': ...} from `GHISTModel._to_state`.")
+        settings, tensors = state["settings"], state["tensors"]
+        if not isinstance(settings, Mapping) or settings.get("class") != cls.__name__:
+            found = settings.get("class") if isinstance(settings, Mapping) else type(settings).__name__
+            raise ValueError(f"The settings describe a {found!r}, not a {cls.__name__}.")
+        version = settings.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"Model file format {version!r} is newer than this ghist reads ({FORMAT_VERSION}); upgrade ghist."
+            )
+        if not isinstance(tensors, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise ValueError("The model's weights must be a dict of name -> tensor.")
+        params = settings.get("init_params")
+        if not isinstance(params, Mapping) or "genes" not in params:
+            raise ValueError("The settings lack the model's `init_params` (genes, cell types, ...).")
+        params = dict(params)
+        if genes is not None and list(genes) != list(params["genes"]):
+            missing = sorted(set(params["genes"]) - set(genes))
+            extra = sorted(set(genes) - set(params["genes"]))
+            raise ValueError(
+                f"The saved model predicts other genes than expected: missing {missing[:5]}, unexpected {extra[:5]} "
+                "(or a different order)."
+            )
+        reference = tensors.get("reference")
+        if reference is not None:
+            # The buffer holds the profiles on the network's scale; the constructor takes them on the log1p scale.
+            reference = (reference.detach().to("cpu", torch.float32) / float(params["expr_scale"])).numpy()
+        try:
+            model = cls(params.pop("genes"), params.pop("cell_types", None), reference=reference, **params)
+            model.network.load_state_dict(dict(tensors))
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"The saved weights do not fit the model the settings describe: {err}") from err
+        model.network.eval()
+        model._is_trained = bool(settings.get("is_trained", True))
+        best = settings.get("best_epoch")
+        model._best_epoch = None if best is None else int(best)
+        model._history = _history_frame(settings.get("history"))
+        return model
+
     # ------------------------------------------------------------------ I/O
     def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Save weights, genes, cell types, groups, statistics and settings into ``dir_path``.
+        """Save the model into directory ``dir_path``: weights as tensors only, everything else as JSON.
 
-        The directory is written next to its destination and moved into place, so an interrupted save never
-        leaves a half-written model behind.
+        ``weights.pt`` holds a plain dict of tensors (the network's ``state_dict``, reference profiles included as
+        its ``"reference"`` buffer), written with :func:`torch.save`; :meth:`load` reads it with
+        ``weights_only=True``, so loading a model file never runs code. ``model.json`` holds the class, file format
+        version, ghist version, constructor arguments (genes, cell types, groups, statistics, pixel size, ...),
+        training state, best epoch and per-epoch history. The directory is written next to its destination and
+        moved into place, so an interrupted save never leaves a half-written model behind.
 
         Parameters
         ----------
@@ -221,28 +346,16 @@ class GHISTModel:
         ['EPCAM', 'PTPRC']
 
         """
-        from .._version import __version__
-
         dir_path = Path(dir_path)
         if dir_path.exists() and not overwrite:
             raise FileExistsError(f"{str(dir_path)!r} already exists; pass `overwrite=True` to replace it.")
         dir_path.parent.mkdir(parents=True, exist_ok=True)
-        reference = self.network.reference
-        payload = {
-            "class": type(self).__name__,
-            "ghist_version": __version__,
-            "init_params": self.init_params_,
-            "reference": None if reference is None else (reference.detach().cpu() / self.expr_scale),
-            "state_dict": self.network.state_dict(),
-            "is_trained": self.is_trained_,
-            "best_epoch": self.best_epoch_,
-            "history": None if self.history_ is None else self.history_.to_dict(orient="list"),
-        }
+        state = self._to_state()
+        settings = {**state["settings"], "weights_file": WEIGHTS_FILE}
         tmp = Path(tempfile.mkdtemp(prefix=f".{dir_path.name}.", dir=dir_path.parent))
         try:
-            torch.save(payload, tmp / MODEL_FILE)
-            meta = {k: payload[k] for k in ("class", "ghist_version", "init_params", "is_trained", "best_epoch")}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            torch.save(state["tensors"], tmp / WEIGHTS_FILE)
+            (tmp / META_FILE).write_text(json.dumps(settings, indent=2, allow_nan=False))
             if dir_path.exists():
                 backup = dir_path.with_name(f".{dir_path.name}.old")
                 shutil.rmtree(backup, ignore_errors=True)
@@ -265,6 +378,9 @@ class GHISTModel:
     ) -> GHISTModel:
         """Load a model saved with :meth:`save`.
 
+        Tensors are read with ``torch.load(..., weights_only=True)``: a model file cannot run code. Directories
+        written by ghist 0.1 (a single ``model.pt``) are read the same way.
+
         Parameters
         ----------
         dir_path
@@ -272,45 +388,126 @@ class GHISTModel:
         genes
             If given, the genes the caller expects; loading fails if the saved model predicts other genes.
         map_location
-            Device to load the weights onto (``"cpu"`` loads GPU-trained models on CPU-only machines).
+            Device to read the tensors onto (``"cpu"`` loads GPU-trained models on CPU-only machines); the
+            returned model is on the CPU.
 
         Returns
         -------
         The model, in evaluation mode.
 
-        """
-        path = Path(dir_path) / MODEL_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"No {MODEL_FILE!r} in {str(dir_path)!r}; expected a directory written by `save`.")
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-        if payload.get("class") != cls.__name__:
-            raise ValueError(f"{str(path)!r} holds a {payload.get('class')!r}, not a {cls.__name__}.")
-        params = dict(payload["init_params"])
-        if genes is not None and list(genes) != params["genes"]:
-            missing = sorted(set(params["genes"]) - set(genes))
-            extra = sorted(set(genes) - set(params["genes"]))
-            raise ValueError(
-                f"The saved model predicts other genes than expected: missing {missing[:5]}, unexpected {extra[:5]} "
-                "(or a different order)."
-            )
-        reference = payload["reference"]
-        model = cls(
-            params.pop("genes"),
-            params.pop("cell_types"),
-            reference=None if reference is None else reference.numpy(),
-            **params,
-        )
-        model.network.load_state_dict(payload["state_dict"])
-        model.network.eval()
-        model.is_trained_ = bool(payload.get("is_trained", True))
-        model.best_epoch_ = payload.get("best_epoch")
-        history = payload.get("history")
-        model.history_ = None if history is None else pd.DataFrame(history)
-        return model
+        Raises
+        ------
+        FileNotFoundError
+            ``dir_path`` holds no saved model.
+        ValueError
+            A file is empty, truncated, not a ghist model file, holds anything but tensors, or does not match the
+            settings (the message names the file).
 
-    def _check_trained(self) -> None:
-        if not self.is_trained_:
-            logger.warning("This GHISTModel has not been trained; its predictions are meaningless. Run `ghist.tl.fit`.")
+        """
+        dir_path = Path(dir_path)
+        weights, meta, legacy = dir_path / WEIGHTS_FILE, dir_path / META_FILE, dir_path / LEGACY_FILE
+        if weights.is_file() or (meta.is_file() and not legacy.is_file()):
+            settings = _read_settings(meta)
+            tensors = _read_tensors(weights, map_location)
+            source = weights
+        elif legacy.is_file():
+            settings, tensors = _read_legacy(legacy, map_location)
+            source = legacy
+        else:
+            raise FileNotFoundError(
+                f"No {WEIGHTS_FILE!r} and {META_FILE!r} in {str(dir_path)!r}; expected a directory written by "
+                "`GHISTModel.save`."
+            )
+        try:
+            return cls._from_state({"settings": settings, "tensors": tensors}, genes=genes)
+        except ValueError as err:
+            if "other genes" in str(err):
+                raise
+            raise ValueError(f"{str(source)!r}: {err}") from err
+
+
+def _json_scalar(value: Any) -> Any:
+    """A plain JSON value: numpy scalars unwrapped, NaN and infinities as ``None``."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _history_frame(history: Any) -> pd.DataFrame | None:
+    if history is None:
+        return None
+    frame = pd.DataFrame(history)
+    # JSON stored NaN as null: bring the metric columns back to floats.
+    for column in frame.columns:
+        converted = pd.to_numeric(frame[column], errors="coerce")
+        if converted.notna().sum() == frame[column].notna().sum():
+            frame[column] = converted.astype(float)
+    return frame
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is missing; expected the JSON settings that `GHISTModel.save` writes.")
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{str(path)!r} is not readable JSON ({err}); expected the settings that `GHISTModel.save` writes."
+        ) from err
+    if not isinstance(settings, dict) or settings.get("class") != GHISTModel.__name__:
+        raise ValueError(
+            f"{str(path)!r} does not describe a GHISTModel; expected the settings `GHISTModel.save` writes."
+        )
+    return settings
+
+
+def _read_tensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
+    expected = "a dict of tensors written by `GHISTModel.save`"
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is missing; expected {expected}.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{str(path)!r} is empty; expected {expected}.")
+    try:
+        tensors = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zips, garbage and refused pickles raise many types
+        raise ValueError(f"{str(path)!r} cannot be read as {expected} ({type(err).__name__}: {err}).") from err
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise ValueError(
+            f"{str(path)!r} holds a {type(tensors).__name__} with other things than tensors; expected {expected}."
+        )
+    return tensors
+
+
+def _read_legacy(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Settings and tensors of a ghist 0.1 ``model.pt`` (one pickled dict), read with ``weights_only=True``."""
+    expected = "a model file written by `GHISTModel.save`"
+    if path.stat().st_size == 0:
+        raise ValueError(f"{str(path)!r} is empty; expected {expected}.")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{str(path)!r} cannot be read safely (with `weights_only=True`) as {expected} "
+            f"({type(err).__name__}: {err}). If it is an old ghist model you trust, load it with the ghist version "
+            "that wrote it and save it again with this one; files are never unpickled with arbitrary code."
+        ) from err
+    if not isinstance(payload, dict) or payload.get("class") != GHISTModel.__name__ or "state_dict" not in payload:
+        raise ValueError(f"{str(path)!r} is not a GHISTModel file; expected {expected}.")
+    history = payload.get("history")
+    settings = {
+        "class": payload["class"],
+        "format_version": 1,
+        "ghist_version": payload.get("ghist_version"),
+        "init_params": payload.get("init_params"),
+        "is_trained": payload.get("is_trained", True),
+        "best_epoch": payload.get("best_epoch"),
+        "history": None if history is None else dict(history),
+    }
+    return settings, payload["state_dict"]
 
 
 def _check_groups(groups: Mapping[str, Sequence[str]] | None, cell_types: Sequence[str] | None) -> dict[str, list[str]]:

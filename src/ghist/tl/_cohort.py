@@ -205,7 +205,7 @@ def _run_distributed(
 
     # A plain dict of CPU tensors, sent once to every worker; each task rebuilds its own model from it, so the
     # user's model is never moved between devices nor shared between threads.
-    [state] = client.scatter([_model_state(model)], broadcast=True, hash=False)
+    [state] = client.scatter([model._to_state()], broadcast=True, hash=False)
     in_memory = [s for s, v in slides.items() if isinstance(v, SpatialData)]
     scattered = dict(zip(in_memory, client.scatter([slides[s] for s in in_memory], hash=False))) if in_memory else {}
     token = uuid.uuid4().hex[:8]
@@ -235,6 +235,7 @@ def _predict_slide(
     """Predict one slide and summarise it; top-level so that dask can run it on a worker."""
     import spatialdata
 
+    from .._model import GHISTModel
     from ..pp import segment_nuclei
     from ._predict import predict
 
@@ -249,7 +250,7 @@ def _predict_slide(
         slide = spatialdata.read_zarr(slide)
     _check_slide(sample, slide, image_key, labels_key, options["segment"])
     if isinstance(model, dict):
-        model = _model_from_state(model)
+        model = GHISTModel._from_state(model)
     # A new in-memory SpatialData sharing the elements: predict and segment_nuclei write into it, not the user's.
     work = SpatialData(images={image_key: slide.images[image_key]})
     segmented = labels_key not in slide.labels
@@ -362,29 +363,7 @@ def _check_gene_sets(gene_sets: Mapping[str, Sequence[str]] | None, panel: Seque
     return out
 
 
-# ---------------------------------------------------------------------------------------------- model shipping
-def _model_state(model: GHISTModel) -> dict[str, Any]:
-    """Everything needed to rebuild ``model``, as plain CPU objects (what :meth:`GHISTModel.save` stores)."""
-    reference = model.network.reference
-    return {
-        "init_params": dict(model.init_params_),
-        "reference": None if reference is None else (reference.detach().cpu() / model.expr_scale).numpy(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.network.state_dict().items()},
-        "is_trained": bool(model.is_trained_),
-    }
-
-
-def _model_from_state(state: dict[str, Any]) -> GHISTModel:
-    from .._model import GHISTModel
-
-    params = dict(state["init_params"])
-    model = GHISTModel(params.pop("genes"), params.pop("cell_types"), reference=state["reference"], **params)
-    model.network.load_state_dict(state["state_dict"])
-    model.network.eval()
-    model.is_trained_ = state["is_trained"]
-    return model
-
-
+# ---------------------------------------------------------------------------------------------- helpers
 def _jsonable(value: Any) -> Any:
     """Plain JSON-like copy of ``value`` (anything else becomes its ``repr``), so that it can be written to zarr."""
     if value is None or isinstance(value, bool | int | float | str):

@@ -87,17 +87,21 @@ def fit(
         With ``augment``, also scale and shift each training tile's standardised colour channels by random amounts
         up to this fraction (e.g. ``0.1``), so that stain differences between slides are not learnt; 0: off.
     accelerator, devices, strategy, precision
-        Passed to :class:`lightning.pytorch.Trainer`: e.g. ``accelerator="gpu", devices=4, strategy="ddp"`` or
-        ``precision="16-mixed"``. ``precision=None`` picks ``"bf16-mixed"`` where bfloat16 is native: CPUs with
-        AVX512-BF16 or AMX (about 3x faster training than float32) and CUDA GPUs from Ampere on (1.7x on an
-        H200 at width 64, 256-px tiles); ``"32-true"`` elsewhere.
+        ``accelerator`` is one of ``"auto"``, ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"mps"`` (``"auto"``: CUDA, then
+        MPS, then the CPU, as :func:`ghist.tl.predict` chooses); the device it resolves to, ``devices``, ``strategy``
+        and ``precision`` go to :class:`lightning.pytorch.Trainer`: e.g. ``accelerator="gpu", devices=4,
+        strategy="ddp"`` or ``precision="16-mixed"``. ``precision=None`` picks ``"bf16-mixed"`` where bfloat16 is
+        native: CPUs with AVX512-BF16 or AMX (about 3x faster training than float32) and CUDA GPUs from Ampere on
+        (1.7x on an H200 at width 64, 256-px tiles); ``"32-true"`` elsewhere.
     seed
         Seed of weights, tile order and augmentation; the same seed gives the same model on the CPU.
     checkpoint_dir
         Where checkpoints (``last.ckpt`` after every epoch, and the best epoch) and the metrics CSV go; a new
         temporary directory by default.
     resume
-        A checkpoint (e.g. ``<checkpoint_dir>/last.ckpt``) to continue training from.
+        A checkpoint (e.g. ``<checkpoint_dir>/last.ckpt``) to continue training from. It is read with
+        ``torch.load(..., weights_only=True)``: a checkpoint holding anything but tensors and plain containers (e.g.
+        state of a user callback that pickles objects) is refused with a ``ValueError`` rather than unpickled.
     num_workers
         DataLoader worker processes.
     progress
@@ -127,6 +131,7 @@ def fit(
 
     from .._model import GHISTModel
     from .._model._data import collate_tiles
+    from .._model._device import lightning_accelerator, resolve_device
     from .._model._module import EpochHistory, GHISTModule
     from ..pp import TileSet
     from ..pp._reference import reference_profiles
@@ -139,8 +144,11 @@ def fit(
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
     if isinstance(color_jitter, bool) or not isinstance(color_jitter, int | float) or not 0 <= color_jitter < 1:
         raise ValueError(f"`color_jitter` must be a fraction in [0, 1), got {color_jitter!r}.")
-    if resume is not None and not Path(resume).exists():
-        raise FileNotFoundError(f"Checkpoint to resume from not found: {str(resume)!r}.")
+    device = resolve_device(accelerator)
+    if resume is not None:
+        if not Path(resume).exists():
+            raise FileNotFoundError(f"Checkpoint to resume from not found: {str(resume)!r}.")
+        _read_checkpoint(resume)  # refuse a damaged or unsafe checkpoint before any training starts
     if isinstance(max_time, str):
         max_time = _parse_duration(max_time)
 
@@ -206,15 +214,14 @@ def fit(
     extra = trainer_kwargs.pop("callbacks", None) or []
     callbacks.extend([extra] if isinstance(extra, Callback) else extra)
 
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    on_cpu, on_cuda = device.type == "cpu", device.type == "cuda"
     if precision is None:
         native_bf16 = _cpu_has_bf16() if on_cpu else on_cuda and _cuda_has_bf16()
         precision = "bf16-mixed" if native_bf16 else "32-true"
     # NHWC convolutions are what oneDNN (CPU) and cuDNN's tensor cores run fastest, above all in mixed precision.
     model.network.to(memory_format=torch.channels_last)
     trainer = L.Trainer(
-        accelerator=accelerator,
+        accelerator=lightning_accelerator(device),
         devices=devices,
         strategy=strategy,
         precision=precision,
@@ -239,20 +246,53 @@ def fit(
         checkpoint_dir,
     )
     with _quiet_lightning(not progress):
-        trainer.fit(module, train_loader, val_loader, ckpt_path=None if resume is None else str(resume))
+        trainer.fit(
+            module,
+            train_loader,
+            val_loader,
+            ckpt_path=None if resume is None else str(resume),
+            # Lightning unpickles checkpoints fully by default; tensors and plain containers are all ghist stores.
+            weights_only=True,
+        )
 
     best = checkpoint.best_model_path or checkpoint.last_model_path
+    best_epoch = None
     if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)
+        state = _read_checkpoint(best)
         module.load_state_dict(state["state_dict"])
-        model.best_epoch_ = int(state.get("epoch", -1))
-    model.network.cpu().to(memory_format=torch.contiguous_format).eval()
-    model.is_trained_ = True
-    model.history_ = history.frame()
-    logger.info(
-        "Finished training: best epoch %s (%s=%s)", model.best_epoch_, monitor, _fmt(checkpoint.best_model_score)
-    )
+        best_epoch = int(state.get("epoch", -1))
+    model.network.cpu().to(memory_format=torch.contiguous_format)
+    model._mark_trained(best_epoch, history.frame())
+    logger.info("Finished training: best epoch %s (%s=%s)", best_epoch, monitor, _fmt(checkpoint.best_model_score))
     return model
+
+
+def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning checkpoint of :func:`fit`, read with ``torch.load(..., weights_only=True)`` (no code runs).
+
+    Raises
+    ------
+    ValueError
+        The file is empty, truncated, not a checkpoint, or holds objects other than tensors and plain containers
+        (the message names the file).
+
+    """
+    import torch
+
+    expected = "a Lightning checkpoint written by `ghist.tl.fit` (e.g. `<checkpoint_dir>/last.ckpt`)"
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"Checkpoint {str(path)!r} is empty; expected {expected}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zips, garbage and refused pickles raise many types
+        raise ValueError(
+            f"Checkpoint {str(path)!r} cannot be read safely (with `weights_only=True`) as {expected} "
+            f"({type(err).__name__}: {err})."
+        ) from err
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict) or "epoch" not in state:
+        raise ValueError(f"Checkpoint {str(path)!r} has no `state_dict` and `epoch`; expected {expected}.")
+    return state
 
 
 def _reference_matrix(

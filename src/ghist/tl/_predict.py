@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scipy import ndimage
 from spatialdata import SpatialData
 from spatialdata.models import TableModel
 
@@ -28,12 +27,11 @@ from .._constants import (
     UNS_KEY,
 )
 from .._docs import doc_accelerator, doc_batch_size, doc_image_key, doc_labels_key, doc_params, doc_progress
-from .._spatial import element_affine, image_pixel_size, read_labels_window
+from .._spatial import element_affine, image_pixel_size
 from .._validation import check_key_added, get_image, get_labels
 from ._region import cells_in_region, region_in_labels_space
 
 if TYPE_CHECKING:
-    import torch
     from xarray import DataArray
 
     from .._model import GHISTModel
@@ -62,12 +60,14 @@ def predict(
     refine_types: Sequence[str] | None = None,
     tile_overlap: int = 30,
     batch_size: int = 8,
-    region_key: str | None = None,
+    roi_key: str | None = None,
     tta: bool = False,
     overwrite: bool = False,
     accelerator: str = "auto",
     seed: int = 0,
+    num_workers: int = 0,
     progress: bool = True,
+    region_key: str | None = None,
 ) -> AnnData:
     """Predict expression, cell type and neighbourhood composition of every nucleus from the H&E image.
 
@@ -95,9 +95,9 @@ def predict(
     tile_overlap
         Overlap of neighbouring tiles, in pixels at the model's resolution.
     {batch_size}
-    region_key
-        A shapes element of ``sdata`` (e.g. spots or an annotated region): only cells whose centroid lies
-        inside one of its geometries are predicted.
+    roi_key
+        A shapes element of ``sdata`` (e.g. spots or an annotated region of interest): only cells whose centroid
+        lies inside one of its geometries are predicted.
     tta
         Test-time augmentation: average each cell's predicted expression, type probabilities and the tile's
         composition over the 8 flips and 90° rotations of its tile (as in training), at 8 times the compute.
@@ -106,7 +106,12 @@ def predict(
     {accelerator}
     seed
         Seed of the refinement's random factors.
+    num_workers
+        DataLoader worker processes reading and resampling tiles while the network runs (0: read them in this
+        process). The predictions do not depend on it.
     {progress}
+    region_key
+        Deprecated alias of ``roi_key`` (spatialdata's ``region_key`` names a table column); will be removed.
 
     Returns
     -------
@@ -130,11 +135,23 @@ def predict(
     >>> sq.gr.nhood_enrichment(table, cluster_key="ghist_cell_type")  # doctest: +SKIP
 
     """
-    import torch
+    from torch.utils.data import DataLoader
 
     from .._model import GHISTModel
+    from .._model._data import SLIDE_CELL_KEYS, SlideTileDataset, collate_slide_tiles
+    from .._model._device import resolve_device
+    from .._model._inference import Predictor, refine_indices
     from .._version import __version__
 
+    if region_key is not None:
+        warnings.warn(
+            "`region_key` of `ghist.tl.predict` is renamed `roi_key`; `region_key` goes in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if roi_key is not None and roi_key != region_key:
+            raise TypeError("Pass `roi_key` only (`region_key` is its deprecated name), not both.")
+        roi_key = region_key
     if not isinstance(model, GHISTModel):
         raise TypeError(f"`model` must be a GHISTModel (from `ghist.tl.fit` or `GHISTModel.load`), got {type(model)}.")
     image = get_image(sdata, image_key)
@@ -144,19 +161,33 @@ def predict(
         raise ValueError(f"`alpha` must be >= 0, got {alpha}.")
     if not 0 <= tile_overlap < model.tile_size // 2:
         raise ValueError(f"`tile_overlap` must be in [0, {model.tile_size // 2}), got {tile_overlap}.")
-    refine_idx = _refine_indices(model, refine_types)
-    model._check_trained()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer) or num_workers < 0:
+        raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
+    refine_indices(model, refine_types)
+    device = resolve_device(accelerator)
+    if not model.is_trained:
+        logger.warning("This GHISTModel has not been trained; its predictions are meaningless. Run `ghist.tl.fit`.")
 
     grid = _SlideGrid.build(sdata, image, image_key, labels_key, model, tile_overlap)
     region = None
-    if region_key is not None:
-        region = region_in_labels_space(sdata, region_key, labels_key)
+    if roi_key is not None:
+        region = region_in_labels_space(sdata, roi_key, labels_key)
         grid = grid.restricted_to(region)
-    device = _resolve_device(accelerator)
-    # A fused copy (batch norm folded into the convolutions, channels-last): same outputs up to float rounding,
-    # faster, and the user's model is left untouched.
-    network = model.network.fuse_for_inference(channels_last=True).to(device)
-    generator = torch.Generator().manual_seed(seed)
+    predictor = Predictor(model, device=device, alpha=alpha, refine_types=refine_types, tta=tta, seed=seed)
+    dataset = SlideTileDataset(
+        image,
+        labels,
+        grid.origins,
+        scale=grid.scale,
+        to_labels=grid.to_labels,
+        tile_size=grid.tile_size,
+        mean=model.mean,
+        std=model.std,
+    )
+    # In order (no shuffling): the refinement draws its random factors batch after batch.
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_slide_tiles, num_workers=num_workers)
     logger.info(
         "Predicting %d tiles of %d px (scale %.3g of the image) on %s",
         len(grid.origins),
@@ -164,10 +195,7 @@ def predict(
         grid.scale,
         device,
     )
-
-    parts = _run_tiles(
-        grid, image, labels, model, network, device, batch_size, alpha, refine_idx, generator, progress, tta
-    )
+    parts = predictor.run(loader, keep=("cell_id", *SLIDE_CELL_KEYS), progress=progress, total=len(loader))
     table = _assemble_table(parts, model, grid, labels_key)
     if region is not None:
         keep = cells_in_region(table.obsm[SPATIAL_KEY], region)
@@ -183,7 +211,7 @@ def predict(
             "tta": bool(tta),
             "tile_size": int(model.tile_size),
             "scale": float(grid.scale),
-            "region_key": region_key,
+            "roi_key": roi_key,
             "seed": int(seed),
             "genes": list(model.genes),
             "cell_types": list(model.cell_types or []),
@@ -266,166 +294,7 @@ def _starts(length: int, size: int, stride: int) -> list[int]:
     return starts
 
 
-def _read_image_tile(image: DataArray, grid: _SlideGrid, y0: int, x0: int) -> np.ndarray:
-    """RGB tile (3, T, T) uint8 on the working grid, white outside the image."""
-    size, scale = grid.tile_size, grid.scale
-    h, w = image.sizes["y"], image.sizes["x"]
-    if scale == 1.0:
-        tile = np.full((3, size, size), 255, dtype=np.uint8)
-        ye, xe = min(y0 + size, h), min(x0 + size, w)
-        tile[:, : ye - y0, : xe - x0] = np.asarray(image.data[:, y0:ye, x0:xe])
-        return tile
-    # Pixel centres: working pixel r sits at image coordinate (r + 0.5) / scale - 0.5.
-    src_y0 = max(0, math.floor((y0 + 0.5) / scale - 0.5) - 1)
-    src_x0 = max(0, math.floor((x0 + 0.5) / scale - 0.5) - 1)
-    src_y1 = min(h, math.ceil((y0 + size + 0.5) / scale) + 2)
-    src_x1 = min(w, math.ceil((x0 + size + 0.5) / scale) + 2)
-    tile = np.full((3, size, size), 255, dtype=np.uint8)
-    if src_y1 <= src_y0 or src_x1 <= src_x0:
-        return tile
-    window = np.asarray(image.data[:, src_y0:src_y1, src_x0:src_x1]).astype(np.float32)
-    offset = ((y0 + 0.5) / scale - 0.5 - src_y0, (x0 + 0.5) / scale - 0.5 - src_x0)
-    for c in range(3):
-        tile[c] = np.clip(
-            ndimage.affine_transform(
-                window[c], [1 / scale, 1 / scale], offset=offset, output_shape=(size, size), order=1, cval=255.0
-            ),
-            0,
-            255,
-        ).round()
-    return tile
-
-
-# ---------------------------------------------------------------------------------------------- inference
-def _tile_inputs(
-    image: DataArray, labels: DataArray, grid: _SlideGrid, index: int, mean: np.ndarray, std: np.ndarray
-) -> dict[str, np.ndarray]:
-    y0, x0 = (int(v) for v in grid.origins[index])
-    rgb = _read_image_tile(image, grid, y0, x0)
-    lab = read_labels_window(labels, grid.to_labels, y0, x0, grid.tile_size, grid.tile_size)
-    ids, local = np.unique(lab, return_inverse=True)
-    local = local.reshape(lab.shape)
-    if ids.size and ids[0] == 0:
-        ids = ids[1:]
-    else:
-        local = local + 1  # no background pixel in this tile: ids start at local 1
-    counts = np.bincount(local.ravel(), minlength=ids.size + 1)[1:]
-    yy, xx = np.indices(lab.shape)
-    sum_y = np.bincount(local.ravel(), weights=yy.ravel(), minlength=ids.size + 1)[1:]
-    sum_x = np.bincount(local.ravel(), weights=xx.ravel(), minlength=ids.size + 1)[1:]
-    local_x, local_y = sum_x / np.maximum(counts, 1), sum_y / np.maximum(counts, 1)
-    centroids = np.stack([local_x + x0, local_y + y0], axis=1)
-    # distance from the visible centroid to the nearest tile edge: how much context the network had around it
-    t = grid.tile_size
-    margin = np.minimum(np.minimum(local_x, t - 1 - local_x), np.minimum(local_y, t - 1 - local_y))
-    standardised = (rgb.astype(np.float32) - mean[:, None, None]) / std[:, None, None]
-    return {
-        "image": standardised,
-        "labels": local.astype(np.int64),
-        "cell_id": ids.astype(np.int64),
-        "visible": counts.astype(np.int64),
-        "margin": margin,
-        "centroid": centroids,
-    }
-
-
-def _run_tiles(
-    grid: _SlideGrid,
-    image: DataArray,
-    labels: DataArray,
-    model: GHISTModel,
-    network: torch.nn.Module,
-    device: torch.device,
-    batch_size: int,
-    alpha: float,
-    refine_idx: list[int] | None,
-    generator: torch.Generator,
-    progress: bool,
-    tta: bool = False,
-) -> dict[str, np.ndarray]:
-    import torch
-    from tqdm.auto import tqdm
-
-    from .._model._network import neighbourhood_refine, specialist_expression
-
-    mean, std = model.mean, model.std
-    groups = {name: [model.cell_types.index(t) for t in members] for name, members in model.cell_type_groups.items()}
-    collected: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("cell_id", "visible", "margin", "centroid", "expr", "proba", "type", "comp")
-    }
-    n_tiles = len(grid.origins)
-    n_batches = math.ceil(n_tiles / batch_size)
-    with torch.inference_mode():
-        for b in tqdm(range(n_batches), desc="ghist.tl.predict", unit="batch", disable=not progress):
-            items = [
-                _tile_inputs(image, labels, grid, i, mean, std)
-                for i in range(b * batch_size, min(n_tiles, (b + 1) * batch_size))
-            ]
-            items = [it for it in items if it["cell_id"].size]
-            if not items:
-                continue
-            offsets = np.cumsum([0] + [it["cell_id"].size for it in items])
-            lab = np.stack([np.where(it["labels"] > 0, it["labels"] + off, 0) for it, off in zip(items, offsets)])
-            cell_batch = np.concatenate([np.full(it["cell_id"].size, i) for i, it in enumerate(items)])
-            n_cells = int(offsets[-1])
-            cb = torch.from_numpy(cell_batch).to(device)
-            out = _forward(
-                network,
-                torch.from_numpy(np.stack([it["image"] for it in items])).to(device),
-                torch.from_numpy(lab).to(device),
-                cb,
-                n_cells,
-                tta,
-            )
-            expr = out["expr"]
-            if model.n_types:
-                proba, comp = out["proba"], out["composition"]
-                before = proba.argmax(-1)
-                proba, after = neighbourhood_refine(proba, comp, cb, alpha=alpha, types=refine_idx, generator=generator)
-                if groups:
-                    expr = specialist_expression(expr, out["group_expr"], before, after, groups)
-                collected["proba"].append(proba.cpu().numpy())
-                collected["type"].append(after.cpu().numpy())
-                collected["comp"].append(comp[cb].cpu().numpy())
-            expr = torch.clamp(expr / model.expr_scale, min=0)
-            collected["expr"].append(expr.cpu().numpy())
-            for key in ("cell_id", "visible", "margin", "centroid"):
-                collected[key].append(np.concatenate([it[key] for it in items]))
-    return {k: (np.concatenate(v) if v else np.empty((0,))) for k, v in collected.items()}
-
-
-def _forward(network, image, labels, cell_batch, n_cells: int, tta: bool) -> dict[str, Any]:
-    """Network outputs in float32 (cell-type logits as probabilities), averaged over the 8 views with ``tta``.
-
-    Cells are pooled by their label ids, so every flipped or rotated view yields its cells in the same order.
-    """
-    import torch
-
-    from .._model._network import dihedral_view
-
-    views = [(k, flip) for flip in (False, True) for k in range(4)] if tta else [(0, False)]
-    sums: dict[str, torch.Tensor] = {}
-    group_sums: dict[str, torch.Tensor] = {}
-
-    def add(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-        store[key] = value.float() if key not in store else store[key] + value.float()
-
-    for k, flip in views:
-        img, lab = dihedral_view(image, k, flip), dihedral_view(labels, k, flip)
-        out = network(img.contiguous(memory_format=torch.channels_last), lab.contiguous(), cell_batch, n_cells)
-        add(sums, "expr", out["expr"])
-        if out.get("cell_logits") is not None:
-            add(sums, "proba", torch.softmax(out["cell_logits"].float(), dim=-1))
-            add(sums, "composition", out["composition"])
-        for name, value in (out.get("group_expr") or {}).items():
-            add(group_sums, name, value)
-    n = len(views)
-    return {
-        **{key: value / n for key, value in sums.items()},
-        "group_expr": {name: value / n for name, value in group_sums.items()},
-    }
-
-
+# ---------------------------------------------------------------------------------------------- table
 def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _SlideGrid, labels_key: str) -> AnnData:
     ids = parts["cell_id"]
     if ids.size == 0:
@@ -470,35 +339,3 @@ def _on_disk_tables(sdata: SpatialData) -> list[str]:
         return [name.split("/", 1)[1] for name in sdata.elements_paths_on_disk() if name.startswith("tables/")]
     except Exception:
         return []
-
-
-def _refine_indices(model: GHISTModel, refine_types: Sequence[str] | None) -> list[int] | None:
-    if refine_types is None:
-        return None
-    if not model.cell_types:
-        raise ValueError("`refine_types` was given but the model has no cell types.")
-    unknown = [t for t in refine_types if t not in model.cell_types]
-    if unknown:
-        raise KeyError(f"`refine_types` names {unknown}, not among the model's cell types {model.cell_types}.")
-    return [model.cell_types.index(t) for t in refine_types]
-
-
-def _resolve_device(accelerator: str) -> torch.device:
-    import torch
-
-    valid = ("auto", "cpu", "gpu", "cuda", "mps")
-    if accelerator not in valid:
-        raise ValueError(f"`accelerator` must be one of {valid}, got {accelerator!r}.")
-    if accelerator == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"`accelerator={accelerator!r}` but no CUDA device is available.")
-        return torch.device("cuda")
-    if accelerator == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("`accelerator='mps'` but MPS is not available.")
-    return torch.device(accelerator)
