@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ghist._model._data import as_tensors, collate_tiles
 from ghist._validation import ValidationError
 from ghist.pp import TileSet, make_tiles
-from ghist.pp._tiles import SPLIT_NAMES, row_bands, split_rows
+from ghist.pp._folds import SPLIT_NAMES, row_bands, split_rows
 
 T = 16  # tile size of most tests: the 96 x 128 sample gives 6 x 8 tiles
 
@@ -620,11 +620,11 @@ def test_multiscale_elements(sdata, tmp_path):
 
 
 def test_lazy_expression_reads_match_in_memory(sdata, tmp_path, monkeypatch):
-    import ghist.pp._tiles as tiles_module
+    import ghist.pp._tile_store as store_module
 
     tiles = _tiles(sdata, tmp_path, cell_type_key="cell_type")
     in_memory = _items(tiles.train)
-    monkeypatch.setattr(tiles_module, "_EXPR_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(store_module, "_EXPR_IN_MEMORY_BYTES", 0)
     lazy = TileSet.open(tiles.path)
     assert not isinstance(lazy._open_arrays()["expr"][0], np.ndarray)  # chunked reads from the store
     for a, b in zip(_items(lazy.train), in_memory):
