@@ -1,11 +1,35 @@
-"""Shared helpers for the network benchmarks: a synthetic tile batch and a naive per-cell pooling network."""
+"""Shared helpers of the benchmarks: the demo's training tiles, a synthetic tile batch, a naive pooling network."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
 
+import ghist
 from ghist._model._network import GHISTNetwork
+
+
+def synthetic_training_tiles(sdata, path: Path, *, tile_size: int = 128, progress: bool = True) -> ghist.pp.TileSet:
+    """Tiles of a whole synthetic training slide, cut like ``ghist demo`` does, through the public API only.
+
+    The slide's test set is another slide, so only a validation band is needed: the last row of tiles is the
+    (unused) test band, the first row validates, the rest trains. Same as the demo's private helper in
+    ``ghist._cli``, repeated here so that the benchmarks do not depend on private names.
+    """
+    n_rows = -(-sdata.images["he"].sizes["y"] // tile_size)
+    shutil.rmtree(path, ignore_errors=True)  # an earlier run's tiles
+    return ghist.pp.make_tiles(
+        sdata,
+        cell_type_key="cell_type",
+        tile_size=tile_size,
+        n_folds=max(2, n_rows),
+        fold=max(2, n_rows),
+        path=path,
+        progress=progress,
+    )
 
 
 def disk_batch(

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +34,9 @@ import pandas as pd
 from anndata import AnnData
 
 import ghist
-from ghist._cli import synthetic_training_tiles
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import synthetic_training_tiles
 
 logger = logging.getLogger("cohort_survival")
 

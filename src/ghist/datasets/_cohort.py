@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import time as _time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from spatialdata import SpatialData
-from tqdm.auto import tqdm
 
 from .._constants import CELL_TYPE_KEY, IMAGE_KEY, LABELS_KEY, TABLE_KEY, XENIUM_BREAST_CELL_TYPES
 from ._synthetic import synthetic
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,9 @@ def synthetic_cohort(
         raise ValueError(f"`composition_sd` must be >= 0, got {composition_sd!r}.")
     if not median_survival > 0 or not follow_up > 0:
         raise ValueError(f"`median_survival` and `follow_up` must be positive, got {median_survival!r}, {follow_up!r}.")
+
+    from spatialdata import SpatialData
+    from tqdm.auto import tqdm
 
     start = _time.perf_counter()
     slide_root, survival_root = np.random.SeedSequence(int(seed)).spawn(2)

@@ -6,15 +6,12 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
-from spatialdata import SpatialData
-from spatialdata.models import Image2DModel, Labels2DModel, TableModel
-from spatialdata.transformations import Affine, Identity, Scale
 
 from .._constants import (
     CELL_TYPE_KEY,
@@ -29,8 +26,10 @@ from .._constants import (
     XENIUM_BREAST_CELL_TYPES,
 )
 from .._validation import check_genes
-from . import _tissue
 from ._profiles import load_profiles
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +221,13 @@ def synthetic(
         raise ValueError(f"`n_cells` must be a positive integer or None, got {n_cells!r}.")
     if not 0 < thinning <= 1:
         raise ValueError(f"`thinning` must be in (0, 1], got {thinning!r}.")
+    # The tissue generator (scipy.ndimage) and SpatialData load here, not on ``import ghist``.
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, Labels2DModel, TableModel
+    from spatialdata.transformations import Affine, Identity, Scale
+
+    from . import _tissue
+
     types = _resolve_cell_types(cell_types)
     weights = _resolve_type_weights(type_weights)
     genes = _select_genes(n_genes)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 from os import PathLike
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from matplotlib.axes import Axes
-from matplotlib.patches import Patch
-from spatialdata import SpatialData
 
 from .._constants import CELL_TYPE_KEY, PRED_CELL_TYPE_KEY, PRED_KEY
 from .._docs import doc_ax, doc_params, doc_save_show
 from ._expression import _match_rows, _palette
 from ._utils import _get_ax, _save_or_show
+
+if TYPE_CHECKING:  # matplotlib loads when a plot is drawn, not on ``import ghist``
+    from matplotlib.axes import Axes
+    from spatialdata import SpatialData
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ def composition(
     >>> ghist.pl.composition(cohort, true_key="true_prop")  # doctest: +SKIP
 
     """
+    from spatialdata import SpatialData
+
     if isinstance(data, SpatialData):
         pred, true, title = _from_sdata(data, pred_key, true_key, cell_type_key, groupby)
     elif isinstance(data, AnnData):
@@ -120,6 +124,8 @@ def composition(
     ax.set_ylim(0, 1)
     ax.set_ylabel("proportion of cells")
     ax.set_title(title, fontsize=10)
+    from matplotlib.patches import Patch
+
     handles = [Patch(facecolor=colors[t], label=t) for t in types]
     if true is not None:
         handles += [

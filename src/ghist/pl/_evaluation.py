@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from os import PathLike
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 
 from .._docs import doc_ax, doc_params, doc_save_show
 from ._utils import _get_ax, _save_or_show
+
+if TYPE_CHECKING:  # matplotlib loads when a plot is drawn, not on ``import ghist``
+    from matplotlib.axes import Axes
+    from matplotlib.lines import Line2D
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,8 @@ def gene_correlation(
         ax.axhline(mean_svg, color=_SVG, ls=":", lw=1.5)
         handles.append(_line_handle(_SVG, f"mean, SVGs = {mean_svg:.3f}"))
     if svg is not None:
+        from matplotlib.patches import Patch
+
         handles = [Patch(color=_SVG, label="SVG"), Patch(color=_OTHER, label="other genes"), *handles]
 
     if n <= _MAX_LABELLED:
@@ -154,4 +158,6 @@ def _svg_mask(eval_df: pd.DataFrame, svg: str | int | Sequence[str] | None, gene
 
 
 def _line_handle(color: str, label: str) -> Line2D:
+    from matplotlib.lines import Line2D
+
     return Line2D([], [], color=color, ls="--" if color == "0.15" else ":", lw=1.4, label=label)

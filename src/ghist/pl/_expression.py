@@ -5,21 +5,23 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from os import PathLike
+from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from spatialdata import SpatialData
 from spatialdata.models import get_table_keys
 
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY
 from .._docs import doc_ax, doc_params, doc_save_show
 from .._validation import check_genes, get_image, get_table
 from ._utils import _get_ax, _save_or_show
+
+if TYPE_CHECKING:  # matplotlib loads when a plot is drawn, not on ``import ghist``
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from spatialdata import SpatialData
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ def expression(
     >>> ghist.pl.expression(sdata, ["EPCAM", "PTPRC"], true_key="table", image_key="he")  # doctest: +SKIP
 
     """
+    import matplotlib.pyplot as plt
+
     pred = get_table(sdata, pred_key)
     genes = check_genes(pred.var_names, genes, where=f"`sdata.tables[{pred_key!r}]`")
     xy = np.asarray(pred.obsm[SPATIAL_KEY], dtype=float) if SPATIAL_KEY in pred.obsm else None
@@ -191,6 +195,8 @@ def cell_types(
         fig, ax = _get_ax(ax, (5.5, 5))
         axes = np.array([ax])
     else:
+        import matplotlib.pyplot as plt
+
         fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, (name, values) in zip(axes, panels):
         for t in categories:

@@ -5,19 +5,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from os import PathLike
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from matplotlib.axes import Axes
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-from matplotlib.transforms import ScaledTranslation, blended_transform_factory
 from scipy import sparse
 
 from .._docs import doc_ax, doc_params, doc_save_show
-from ..tl._survival import _durations, _events
+from .._survival_data import durations, events
 from ._utils import _get_ax, _save_or_show
+
+if TYPE_CHECKING:  # matplotlib and lifelines load when a plot is drawn, not on ``import ghist``
+    from matplotlib.axes import Axes
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ def kaplan_meier(
     if missing:
         raise KeyError(f"Column(s) {missing} not found in `adata.obs` (have {list(adata.obs.columns)}).")
     values = _values(adata, feature, layer)
-    duration = _durations(adata.obs[duration_key], duration_key)
-    event = _events(adata.obs[event_key], event_key)
+    duration = durations(adata.obs[duration_key], duration_key)
+    event = events(adata.obs[event_key], event_key)
 
     ok = np.isfinite(duration) & np.isfinite(event) & values.notna().to_numpy()
     if (~ok).any():
@@ -181,6 +181,10 @@ def hazard_ratios(
     >>> ghist.pl.hazard_ratios(res, top=15, save="forest.pdf")
 
     """
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    from matplotlib.transforms import ScaledTranslation, blended_transform_factory
+
     if not isinstance(result, pd.DataFrame):
         raise TypeError(f"`result` must be the DataFrame returned by `ghist.tl.survival`, got {type(result).__name__}.")
     needed = ["hr", "ci_lower", "ci_upper", "p"]

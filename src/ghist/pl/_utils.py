@@ -5,17 +5,21 @@ from __future__ import annotations
 import logging
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-import matplotlib.pyplot as plt
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+# matplotlib loads inside the functions, so that ``import ghist`` stays light.
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
 
 def _get_ax(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     """Return ``(figure, ax)``, creating a new figure of ``figsize`` inches when ``ax`` is ``None``."""
+    import matplotlib.pyplot as plt
+    from matplotlib.axes import Axes
+
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize)
         return fig, ax
@@ -26,6 +30,9 @@ def _get_ax(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes
 
 def _save_or_show(fig: Figure, save: str | PathLike | None, show: bool | None) -> None:
     """Save ``fig`` to ``save`` (if given) and show it when asked to or, with ``show=None``, when interactive."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     if save is not None:
         path = Path(save)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
-from scipy.stats import false_discovery_control
-from tqdm.auto import tqdm
+
+from .._survival_data import durations, events
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,10 @@ def survival(
     >>> res.query("q < 0.05").head()
 
     """
+    # lifelines and tqdm load here, not on ``import ghist``.
     from lifelines import CoxPHFitter
     from lifelines.exceptions import ConvergenceError
+    from tqdm.auto import tqdm
 
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData of samples x features, got {type(adata).__name__}.")
@@ -93,8 +95,8 @@ def survival(
     if penalizer < 0:
         raise ValueError(f"`penalizer` must be >= 0, got {penalizer}.")
 
-    duration = _durations(adata.obs[duration_key], duration_key)
-    event = _events(adata.obs[event_key], event_key)
+    duration = durations(adata.obs[duration_key], duration_key)
+    event = events(adata.obs[event_key], event_key)
     cov = _encode_covariates(adata.obs, covariates)
     base_ok = np.isfinite(duration) & np.isfinite(event) & adata.obs[covariates].notna().all(axis=1).to_numpy()
     if (~base_ok).any():
@@ -170,6 +172,8 @@ def survival(
 
 def _benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """Benjamini–Hochberg q-values of ``p``; ``NaN`` entries stay ``NaN`` and do not count as tests."""
+    from scipy.stats import false_discovery_control  # scipy.stats takes ~0.3 s to import
+
     p = np.asarray(p, dtype=float)
     q = np.full_like(p, np.nan)
     ok = np.isfinite(p)
@@ -201,41 +205,6 @@ def _check_keys(
         raise ValueError("`features` is empty.")
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not found in `adata.layers` (have {list(adata.layers)}).")
-
-
-def _durations(col: pd.Series, key: str) -> np.ndarray:
-    try:
-        d = pd.to_numeric(col, errors="raise").to_numpy(dtype=float, na_value=np.nan)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"Duration column {key!r} must be numeric, got dtype {col.dtype}.") from err
-    if (d[np.isfinite(d)] < 0).any():
-        raise ValueError(f"Duration column {key!r} has negative values.")
-    return d
-
-
-def _events(col: pd.Series, key: str) -> np.ndarray:
-    """Event indicator as float 0/1 (NaN where missing); anything else is an error."""
-
-    def to_float(v: object) -> float:
-        if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
-            return np.nan
-        if isinstance(v, bool | np.bool_ | int | np.integer | float | np.floating):
-            return float(v)
-        raise TypeError
-
-    try:
-        e = np.array([to_float(v) for v in col.astype(object)], dtype=float)
-    except TypeError as err:
-        raise ValueError(
-            f"Event column {key!r} must be 0/1 or boolean (1 = event observed), got values {list(col.unique()[:5])}."
-        ) from err
-    bad = ~np.isin(e[np.isfinite(e)], (0.0, 1.0))
-    if bad.any():
-        raise ValueError(
-            f"Event column {key!r} must be 0/1 or boolean (1 = event observed), got values "
-            f"{sorted(set(e[np.isfinite(e)][bad].tolist()))[:5]}."
-        )
-    return e
 
 
 def _encode_covariates(obs: pd.DataFrame, covariates: list[str]) -> pd.DataFrame:
