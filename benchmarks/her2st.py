@@ -14,13 +14,13 @@ training spots and measured in every section; the ``--n-eval-genes`` most variab
 
 GHIST: ``ghist.pp.make_tiles(..., spots_key="spots", tiling="spots")`` on B4, C2, C3 (one tile centred on each
 spot, every tile trains: C4 is the test set; targets scaled per spot, ``--spot-scaling``), ``ghist.tl.fit`` for
-``--max-time`` without cell types or reference, then on C4 ``ghist.tl.predict(..., region_key="spots")`` with
-tiles overlapping by just under half a tile (so that every nucleus is predicted from a tile where it lies away
-from the edges, as the spot-centred training tiles put every supervised nucleus; ``--tile-overlap``) and the 8-view
-test-time augmentation (``--no-tta`` to turn off), and ``ghist.tl.aggregate_to_spots``. The defaults (image
-downsampled 4 times to 2.75 µm/px, 64-px tiles = 176 µm) were chosen on the training sections' throughput and a
-GPU comparison at equal steps (64-px tiles at 2.75 µm/px scored as 128-px tiles at 1.38 µm/px, at 2.4 times the
-training steps per second on a CPU). ``--curve-every N`` also scores C4 every N epochs, after the timed run.
+``--max-time`` without cell types or reference, then on C4 ``ghist.tl.predict(..., roi_key="spots")`` with tiles
+overlapping by just under half a tile (so that every nucleus is predicted from a tile where it lies away from the
+edges, as the spot-centred training tiles put every supervised nucleus; ``--tile-overlap``) and the 8-view test-time
+augmentation (``--no-tta`` to turn off), and ``ghist.tl.evaluate(..., spots_key="spots")``. The defaults (image
+downsampled 4 times to 2.75 µm/px, 64-px tiles = 176 µm) were chosen on the training sections' throughput and a GPU
+comparison at equal steps (64-px tiles at 2.75 µm/px scored as 128-px tiles at 1.38 µm/px, at 2.4 times the training
+steps per second on a CPU). ``--curve-every N`` also scores C4 every N epochs, after the timed run.
 
 Baseline, measured in the same run: ridge regression (``sklearn.linear_model.RidgeCV``, one penalty per gene) from
 hand-made features of each spot's disc of full-resolution pixels (RGB and ``rgb2hed`` stain statistics, grey-level
@@ -30,8 +30,9 @@ the log-normalised counts, trained on the B4, C2, C3 spots.
 Metric: per-gene Pearson correlation over the C4 spots between predicted and measured log-normalised expression,
 averaged over the evaluated genes. GHIST's pseudo-spots (summed predicted counts of the nuclei in each spot) are
 log-normalised like the measurements: scaled to 1e4 per spot over all genes, taking the panel's share of a spot's
-counts as the median share in the training spots (``pearson``); ``pearson_raw`` correlates ``log1p`` of the sums
-with the measurements, without per-spot normalisation. Prints one line per phase with its run time, then LAST
+counts as the median share in the training spots (``pearson``; ``ghist.tl.evaluate(..., spots_key="spots",
+library="all", panel_share=<that share>)``); ``pearson_raw`` correlates ``log1p`` of the sums with the
+measurements, without per-spot normalisation. Prints one line per phase with its run time, then LAST
 ``ghist_pearson=... ridge_pearson=... seconds=...``. Writes to ``--out``: ``results.json`` (settings, per-gene
 correlations, timings), ``c4_spots.csv`` (measured and predicted spot expression of the evaluated genes),
 ``her2st_c4.png`` (per-gene correlations of both methods and the best gene's maps) and the trained model.
@@ -57,7 +58,6 @@ from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel, TableMo
 from spatialdata.transformations import Identity, Scale
 
 import ghist
-from ghist._stats import column_pearson
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "her2st"
@@ -233,21 +233,29 @@ def evaluate_on_spots(
     number of nuclei alone), the normalised predictions ``pred`` and the number of predicted cells.
     ``predict_kwargs`` go to :func:`ghist.tl.predict` (e.g. ``tile_overlap``, ``tta``, ``accelerator``).
     """
-    ghist.tl.predict(test, model, region_key="spots", progress=False, overwrite=True, **predict_kwargs)
-    pseudo = ghist.tl.aggregate_to_spots(
-        test, table_key="ghist", spots_key="spots", spots_table_key="spot_counts", overwrite=True
-    )
-    sums = pd.DataFrame(np.asarray(pseudo.X, dtype=np.float64), index=pseudo.obs_names, columns=pseudo.var_names)
-    sums = sums.loc[truth.index]
+    ghist.tl.predict(test, model, roi_key="spots", progress=False, overwrite=True, **predict_kwargs)
     panel_share = float(np.median(train_counts[genes].sum(axis=1) / np.maximum(train_counts.sum(axis=1), 1)))
-    library = sums[genes].sum(axis=1).to_numpy() / panel_share
-    pred = np.log1p(sums[eval_genes].div(np.maximum(library, 1e-12), axis=0) * TARGET_SUM)
-    n_cells = pseudo.obs["n_cells"].reindex(truth.index).to_numpy()
-    only_cells = np.repeat(np.log1p(n_cells)[:, None], len(eval_genes), 1).astype(float)
+    if "ghist_spots" in test.tables:  # written by the previous call (learning curve)
+        del test.tables["ghist_spots"]
+    scores = ghist.tl.evaluate(
+        test,
+        pred_key="ghist",
+        true_key="spot_counts",
+        spots_key="spots",
+        genes=eval_genes,
+        target_sum=TARGET_SUM,
+        library="all",
+        panel_share=panel_share,
+        key_added="ghist_spots",
+    )
+    pseudo = test.tables["ghist_spots"]
+    pred = pseudo[truth.index, eval_genes].to_df(layer="log_normalised").astype(np.float64)
+    sums = pseudo[truth.index, eval_genes].to_df().astype(np.float64)
+    n_cells = pd.Series(np.log1p(pseudo.obs["n_cells"].to_numpy(dtype=float)), index=pseudo.obs_names)
     return {
-        "r": pd.Series(column_pearson(pred.to_numpy(), truth.to_numpy()), index=eval_genes),
-        "r_raw": pd.Series(column_pearson(np.log1p(sums[eval_genes].to_numpy()), truth.to_numpy()), index=eval_genes),
-        "r_cells": column_pearson(only_cells, truth.to_numpy()),
+        "r": scores["pearson"].reindex(eval_genes),
+        "r_raw": np.log1p(sums).corrwith(truth),
+        "r_cells": truth.corrwith(n_cells.reindex(truth.index)).to_numpy(),
         "pred": pred,
         "n_cells": int(test.tables["ghist"].n_obs),
     }
@@ -383,7 +391,7 @@ def main() -> None:
     y_train = np.vstack([log_normalised(counts[n])[eval_genes].to_numpy() for n in args.train])
     truth = log_normalised(counts[args.test])[eval_genes]
     ridge = pd.DataFrame(ridge_predict(x_train, y_train, features[args.test]), index=truth.index, columns=eval_genes)
-    r_ridge = pd.Series(column_pearson(ridge.to_numpy(), truth.to_numpy()), index=eval_genes)
+    r_ridge = ridge.corrwith(truth)
     timings["ridge"] = time.perf_counter() - t0
     print(f"ridge_pearson={np.nanmean(r_ridge):.4f} features={x_train.shape[1]} seconds={timings['ridge']:.1f}")
     if args.baseline_only:

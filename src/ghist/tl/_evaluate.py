@@ -274,8 +274,9 @@ def _log_normalise(counts: np.ndarray, library: np.ndarray, target_sum: float | 
     """``log1p(counts / library * target_sum)`` per row; rows with an empty library stay 0."""
     if target_sum is None:
         return np.log1p(counts)
-    factor = np.divide(float(target_sum), library, out=np.zeros_like(library, dtype=np.float64), where=library > 0)
-    return np.log1p(counts * factor[:, None])
+    library = np.asarray(library, dtype=np.float64)[:, None]
+    scaled = np.divide(counts, library, out=np.zeros_like(counts, dtype=np.float64), where=library > 0)
+    return np.log1p(scaled * float(target_sum))
 
 
 def _scored_genes(pred: AnnData, true: AnnData, pred_key: str, true_key: str, genes: Sequence[str] | None) -> list[str]:
