@@ -166,7 +166,7 @@ def test_the_rule_itself():
 @pytest.mark.parametrize(
     ("frame", "match"),
     [
-        (gpd.GeoDataFrame(geometry=shapely.points([[0, 0]])), "circles .* or polygons"),
+        (gpd.GeoDataFrame(geometry=shapely.points([[0, 0]])), r"circles .* or polygons"),
         (gpd.GeoDataFrame({"radius": [0.0]}, geometry=shapely.points([[0, 0]])), "radii <= 0"),
         (gpd.GeoDataFrame({"radius": [1.0]}, geometry=[shapely.box(0, 0, 1, 1)]), "must all be points"),
         (gpd.GeoDataFrame(geometry=[]), "hold no spot"),

@@ -336,5 +336,5 @@ def test_spots_must_be_circles_or_polygons_listed_in_the_shapes(tmp_path):
         _spot_tiles(sdata, tmp_path)
     add_spots(sdata)
     sdata.shapes["spots"].drop(columns="radius", inplace=True)  # points without a radius are not spots
-    with pytest.raises(ValueError, match="must be circles .* or polygons"):
+    with pytest.raises(ValueError, match=r"must be circles .* or polygons"):
         _spot_tiles(sdata, tmp_path)

@@ -129,7 +129,8 @@ def spot_loss(
     """Spot-level supervision (Visium / ST): summed cell predictions against the spot's expression.
 
     Each cell's prediction is brought back to counts with ``expm1(pred / expr_scale)``; the cells of each spot
-    are summed (:func:`spot_sums`), and ``expr_scale * log1p(sum)`` is compared by MSE with ``expr_scale * log1p(spot_expr)``.
+    are summed (:func:`spot_sums`), and ``expr_scale * log1p(sum)`` is compared by MSE with
+    ``expr_scale * log1p(spot_expr)``.
     Comparing on the same ``expr_scale * log1p`` scale as the cell-level expression MSE keeps the two losses
     commensurate (a spot loss on raw counts would be dominated by a few highly expressed genes), while summing
     in count space is what a spot actually measures.
