@@ -1,8 +1,11 @@
-"""The conventions of STYLE.md, checked on every public function."""
+"""The conventions of STYLE.md, checked on every public function, and the boundaries between modules."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +49,103 @@ def test_docstrings(func):
         if name in ("kwargs", "args"):
             continue
         assert name in doc, f"{func.__qualname__}: parameter {name!r} is not documented"
+
+
+# ------------------------------------------------------------------------------------------ package boundaries
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "ghist"
+MAX_LINES = 700
+# The network benchmarks time the network itself, which is private by design.
+NETWORK_BENCHMARKS = {"forward.py", "train_step.py", "_common.py"}
+FUNCTION_PACKAGES = ("pp", "tl", "pl")
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _private_ghist_names(tree: ast.AST) -> set[str]:
+    """``ghist._x...`` modules imported, and ``ghist._x`` attributes used, in a parsed file."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ghist":
+            modules = [f"ghist.{node.attr}"]
+        else:
+            continue
+        for module in modules:
+            parts = module.split(".")
+            if parts[0] == "ghist" and any(_is_private(p) for p in parts[1:]):
+                found.add(module)
+    return found
+
+
+def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    """Absolute module of a (possibly relative) ``from ... import`` inside ``module``."""
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    base = base[: len(base) - node.level + (1 if is_package else 0)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def test_no_source_file_too_long():
+    long = {
+        str(p.relative_to(ROOT)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"split these by job (at most {MAX_LINES} lines): {long}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [*sorted((ROOT / "benchmarks").glob("*.py")), ROOT / "docs" / "conf.py"],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_scripts_use_public_api(path):
+    names = _private_ghist_names(ast.parse(path.read_text()))
+    if path.parent.name == "benchmarks" and path.name in NETWORK_BENCHMARKS:
+        names = {n for n in names if not (n == "ghist._model" or n.startswith("ghist._model."))}
+    assert not names, f"{path.name} uses private ghist names {sorted(names)}; use (or add) public API"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "docs").rglob("*.md")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_use_public_api(path):
+    hits = sorted(set(re.findall(r"\bghist\._[A-Za-z]\w*", path.read_text())))
+    assert not hits, f"{path.name} uses private ghist names {hits}; use (or add) public API"
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for pkg in FUNCTION_PACKAGES for p in (SRC / pkg).rglob("*.py")),
+    ids=lambda p: str(p.relative_to(SRC)),
+)
+def test_no_private_imports_between_pp_tl_pl(path):
+    """``pp``, ``tl`` and ``pl`` share code through neutral private modules (``ghist._x``), not each other's."""
+    module = ".".join(("ghist", *path.relative_to(SRC).with_suffix("").parts))
+    is_package = path.name == "__init__.py"
+    module = module.removesuffix(".__init__")
+    own = module.split(".")[1]
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(node, module, is_package)
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            parts = target.split(".")
+            if (
+                len(parts) > 2
+                and parts[0] == "ghist"
+                and parts[1] in FUNCTION_PACKAGES
+                and parts[1] != own
+                and _is_private(parts[2])
+            ):
+                bad.append(f"line {node.lineno}: {'.'.join(parts[:3])}")
+                break
+    assert not bad, f"{module} imports private code of another subpackage: {bad}"
