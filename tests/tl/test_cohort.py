@@ -116,3 +116,28 @@ def test_errors(cohort, trained):
         ghist.tl.predict_cohort({"s": "missing.zarr"}, trained, progress=False)
     with pytest.raises(TypeError, match="key_added"):
         ghist.tl.predict_cohort(slides, trained, key_added="x", progress=False)
+
+
+def test_slide_task_rebuilds_the_model_from_its_state(cohort, trained):
+    """Workers get `GHISTModel._to_state()` (JSON-able settings + CPU tensors), not a pickled model."""
+    import json
+
+    from ghist.tl._cohort import _predict_slide
+
+    slides, _ = cohort
+    sample = next(iter(slides))
+    state = trained._to_state()
+    json.dumps(state["settings"], allow_nan=False)
+    options = {
+        "image_key": "he",
+        "labels_key": "nuclei",
+        "gene_sets": {},
+        "per_type": False,
+        "segment": False,
+        "segment_kwargs": {},
+        "score_kwargs": {},
+        "predict_kwargs": {"accelerator": "cpu"},
+    }
+    from_state, _ = _predict_slide(sample, slides[sample], state, options)
+    from_model, _ = _predict_slide(sample, slides[sample], trained, options)
+    np.testing.assert_allclose(from_state, from_model, rtol=1e-6, atol=1e-7)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -19,7 +21,9 @@ def _accuracy(model, dataset) -> float:
 
 def test_fit_learns(trained, tiles):
     history = trained.history_
-    assert trained.is_trained_
+    assert trained.is_trained
+    assert trained.is_trained_  # scikit-learn style alias
+    assert not trained.network.training
     assert len(history) >= 2
     losses = history["train_loss_epoch"].to_numpy()
     assert losses[-1] < 0.7 * losses[0]
@@ -43,12 +47,54 @@ def test_resume_continues(tiles, tmp_path):
     assert first.best_epoch_ == 0
     last = tmp_path / "run" / "last.ckpt"
     assert last.exists()
-    state = torch.load(last, weights_only=False)
+    state = torch.load(last, weights_only=True)  # tensors and plain containers only
     assert state["epoch"] == 0
     resumed = ghist.tl.fit(tiles, max_epochs=3, resume=last, checkpoint_dir=tmp_path / "run2", **kwargs)
     # the resumed run trained epochs 1 and 2 only: its history starts where the first run stopped
     assert resumed.history_["epoch"].tolist() == [1.0, 2.0]
     assert resumed.best_epoch_ in (0, 1, 2)
+
+    # A checkpoint that would run code when unpickled is refused before anything is trained.
+    marker = tmp_path / "pwned"
+    state["callbacks"]["evil"] = _RunsCode(marker)
+    torch.save(state, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match=r"evil\.ckpt.*weights_only=True"):
+        ghist.tl.fit(tiles, max_epochs=2, resume=tmp_path / "evil.ckpt", checkpoint_dir=tmp_path / "run3", **kwargs)
+    assert not marker.exists()
+    assert not (tmp_path / "run3" / "last.ckpt").exists()
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("kind", ["pickle", "empty", "garbage", "truncated", "not_a_checkpoint"])
+def test_resume_refuses_unsafe_or_damaged_checkpoints(tiles, tmp_path, kind):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "bad.ckpt"
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps({"state_dict": _RunsCode(marker), "epoch": 0}))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"PK\x03\x04 not really a zip" * 20)
+    elif kind == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 0}, path)
+        path.write_bytes(path.read_bytes()[:500])
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match=r"bad\.ckpt") as info:
+        ghist.tl.fit(tiles, width=4, embed_dim=16, max_epochs=1, resume=path, progress=False)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
 
 
 def test_fit_without_cell_types(train_sdata_session, tmp_path):
@@ -66,7 +112,7 @@ def test_fit_without_cell_types(train_sdata_session, tmp_path):
         tiles, width=4, embed_dim=16, max_epochs=2, batch_size=4, progress=False, callbacks=[CountEpochs()]
     )
     assert model.n_types == 0
-    assert model.is_trained_
+    assert model.is_trained
     # a user's callback runs beside ghist's own checkpointing and history
     assert CountEpochs.epochs == 2
     assert len(model.history_) == 2
@@ -91,3 +137,5 @@ def test_fit_bad_inputs(tiles, reference):
         ghist.tl.fit(tiles, max_time="twenty minutes", width=4, max_epochs=1)
     with pytest.raises(ValueError, match="color_jitter"):
         ghist.tl.fit(tiles, color_jitter=1.5, width=4, max_epochs=1)
+    with pytest.raises(ValueError, match=r"`accelerator` must be one of .*'auto'.*'mps'"):
+        ghist.tl.fit(tiles, accelerator="tpu", width=4, max_epochs=1)

@@ -72,11 +72,37 @@ def test_predict_region(trained, test_sdata):
 
     circles = gpd.GeoDataFrame({"radius": [40.0, 30.0]}, geometry=[Point(60, 60), Point(140, 120)])
     test_sdata.shapes["spots"] = ShapesModel.parse(circles, transformations={"global": Identity()})
-    table = ghist.tl.predict(test_sdata, trained, region_key="spots", progress=False)
+    table = ghist.tl.predict(test_sdata, trained, roi_key="spots", progress=False)
     xy = table.obsm["spatial"]
     d = np.minimum(np.hypot(xy[:, 0] - 60, xy[:, 1] - 60) / 40, np.hypot(xy[:, 0] - 140, xy[:, 1] - 120) / 30)
     assert (d <= 1.0 + 1e-6).all()
     assert 0 < table.n_obs < test_sdata.tables["table"].n_obs
+    assert table.uns["ghist"]["params"]["roi_key"] == "spots"
+    # The old name still works for one release, with a DeprecationWarning.
+    with pytest.warns(DeprecationWarning, match="roi_key"):
+        old = ghist.tl.predict(test_sdata, trained, region_key="spots", key_added="old", progress=False)
+    np.testing.assert_array_equal(old.X, table.X)
+    with pytest.warns(DeprecationWarning, match="roi_key"), pytest.raises(TypeError, match="roi_key"):
+        ghist.tl.predict(test_sdata, trained, roi_key="spots", region_key="other", key_added="x", progress=False)
+
+
+def test_predict_with_workers_equals_in_process(trained, test_sdata):
+    a = ghist.tl.predict(test_sdata, trained, key_added="a", batch_size=3, progress=False)
+    b = ghist.tl.predict(test_sdata, trained, key_added="b", batch_size=3, num_workers=2, progress=False)
+    assert list(a.obs_names) == list(b.obs_names)
+    np.testing.assert_array_equal(a.X, b.X)
+    np.testing.assert_array_equal(a.obsm["ghist_cell_type_proba"], b.obsm["ghist_cell_type_proba"])
+    assert (a.obs["ghist_cell_type"] == b.obs["ghist_cell_type"]).all()
+    np.testing.assert_array_equal(a.obsm["spatial"], b.obsm["spatial"])
+
+
+def test_predict_warns_on_an_untrained_model(test_sdata, caplog):
+    untrained = ghist.GHISTModel(list(test_sdata.tables["table"].var_names), width=4, embed_dim=8, tile_size=64)
+    assert not untrained.is_trained
+    with caplog.at_level("WARNING", logger="ghist"):
+        table = ghist.tl.predict(test_sdata, untrained, progress=False)
+    assert "not been trained" in caplog.text
+    assert table.n_obs > 0
 
 
 def test_predict_bad_inputs(trained, test_sdata):
@@ -88,6 +114,13 @@ def test_predict_bad_inputs(trained, test_sdata):
         ghist.tl.predict(test_sdata, "model")
     with pytest.raises(KeyError, match="refine_types"):
         ghist.tl.predict(test_sdata, trained, refine_types=["Unicorn"])
+    with pytest.raises(ValueError, match="num_workers"):
+        ghist.tl.predict(test_sdata, trained, num_workers=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        ghist.tl.predict(test_sdata, trained, batch_size=0)
+    with pytest.raises(ValueError, match=r"accelerator.*'auto'"):
+        ghist.tl.predict(test_sdata, trained, accelerator="tpu")
+    assert "ghist" not in test_sdata.tables  # argument errors come before any work
 
 
 def test_predict_other_pixel_space(trained):
@@ -101,7 +134,7 @@ def test_predict_other_pixel_space(trained):
 def test_tta_averages_the_eight_views(trained, test_sdata):
     import torch
 
-    from ghist.tl._predict import _forward
+    from ghist._model._inference import forward_views
 
     network = trained.network.eval()
     gen = torch.Generator().manual_seed(0)
@@ -112,14 +145,14 @@ def test_tta_averages_the_eight_views(trained, test_sdata):
     labels[1, 50:60, 20:26] = 3
     cell_batch = torch.tensor([0, 0, 1])
     with torch.inference_mode():
-        averaged = _forward(network, image, labels, cell_batch, 3, tta=True)
+        averaged = forward_views(network, image, labels, cell_batch, 3, tta=True)
         views = []
         for flip in (False, True):
             for k in range(4):
                 img, lab = (image.flip(-1), labels.flip(-1)) if flip else (image, labels)
                 img, lab = torch.rot90(img, k, dims=(-2, -1)), torch.rot90(lab, k, dims=(-2, -1))
                 views.append(network(img, lab, cell_batch, 3))
-        plain = _forward(network, image, labels, cell_batch, 3, tta=False)
+        plain = forward_views(network, image, labels, cell_batch, 3, tta=False)
     expected = torch.stack([v["expr"] for v in views]).mean(0)
     torch.testing.assert_close(averaged["expr"], expected, rtol=1e-4, atol=1e-4)
     expected_proba = torch.stack([torch.softmax(v["cell_logits"], -1) for v in views]).mean(0)

@@ -447,6 +447,20 @@ def _history_frame(history: Any) -> pd.DataFrame | None:
     return frame
 
 
+def load_error_reason(err: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line.
+
+    torch's own message for a refused pickle advises retrying with ``weights_only=False``, which is what must not be
+    done with a file of unknown origin; keep only the refused object.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refused = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+    text = refused[0] if refused else (lines[0] if lines else "")
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def _read_settings(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{str(path)!r} is missing; expected the JSON settings that `GHISTModel.save` writes.")
@@ -472,7 +486,7 @@ def _read_tensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
     try:
         tensors = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zips, garbage and refused pickles raise many types
-        raise ValueError(f"{str(path)!r} cannot be read as {expected} ({type(err).__name__}: {err}).") from err
+        raise ValueError(f"{str(path)!r} cannot be read as {expected} ({load_error_reason(err)}).") from err
     if not isinstance(tensors, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
     ):
@@ -492,7 +506,7 @@ def _read_legacy(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[st
     except Exception as err:
         raise ValueError(
             f"{str(path)!r} cannot be read safely (with `weights_only=True`) as {expected} "
-            f"({type(err).__name__}: {err}). If it is an old ghist model you trust, load it with the ghist version "
+            f"({load_error_reason(err)}). If it is an old ghist model you trust, load it with the ghist version "
             "that wrote it and save it again with this one; files are never unpickled with arbitrary code."
         ) from err
     if not isinstance(payload, dict) or payload.get("class") != GHISTModel.__name__ or "state_dict" not in payload:

@@ -133,8 +133,7 @@ def fit(
     from .._model._data import collate_tiles
     from .._model._device import lightning_accelerator, resolve_device
     from .._model._module import EpochHistory, GHISTModule
-    from ..pp import TileSet
-    from ..pp._reference import reference_profiles
+    from ..pp import TileSet, reference_profiles
 
     if not isinstance(tiles, TileSet):
         raise TypeError(f"`tiles` must be a ghist TileSet from `ghist.pp.make_tiles`, got {type(tiles).__name__}.")
@@ -279,6 +278,8 @@ def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     import torch
 
+    from .._model._model import load_error_reason
+
     expected = "a Lightning checkpoint written by `ghist.tl.fit` (e.g. `<checkpoint_dir>/last.ckpt`)"
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
@@ -288,7 +289,7 @@ def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as err:  # truncated zips, garbage and refused pickles raise many types
         raise ValueError(
             f"Checkpoint {str(path)!r} cannot be read safely (with `weights_only=True`) as {expected} "
-            f"({type(err).__name__}: {err})."
+            f"({load_error_reason(err)})."
         ) from err
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict) or "epoch" not in state:
         raise ValueError(f"Checkpoint {str(path)!r} has no `state_dict` and `epoch`; expected {expected}.")
