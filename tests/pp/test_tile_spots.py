@@ -338,3 +338,34 @@ def test_spots_must_be_circles_or_polygons_listed_in_the_shapes(tmp_path):
     sdata.shapes["spots"].drop(columns="radius", inplace=True)  # points without a radius are not spots
     with pytest.raises(ValueError, match=r"must be circles .* or polygons"):
         _spot_tiles(sdata, tmp_path)
+
+
+def test_square_spots_train_by_the_shared_rule(tmp_path):
+    """Square bins (Visium HD-like) sharing edges: every nucleus in one square, as aggregation and evaluation see it."""
+    import geopandas as gpd
+    from shapely.geometry import box
+    from spatialdata.transformations import Identity
+
+    from ghist._spot_membership import assign_to_spots, spot_geometry
+
+    sdata = ghist.datasets.synthetic(image_size=256, n_genes=16, seed=0)
+    add_spots(sdata)  # the table; its circles are replaced by squares tiling [0, 240) x [0, 240)
+    centres = np.c_[sdata.shapes["spots"].geometry.x, sdata.shapes["spots"].geometry.y]
+    squares = gpd.GeoDataFrame(geometry=[box(x - 30, y - 30, x + 30, y + 30) for x, y in centres])
+    sdata.shapes["spots"] = ShapesModel.parse(squares, transformations={"global": Identity()})
+    centroids = label_centroids(sdata)
+    ids = np.array(list(centroids))
+    owner = dict(zip(ids, assign_to_spots(np.stack(list(centroids.values())), spot_geometry(squares, "spots"))))
+    members = {k: [c for c in ids if owner[c] == k] for k in range(len(centres))}
+
+    tiles = _spot_tiles(sdata, tmp_path, tiling="spots", fold=None, spot_target_sum=None, tile_size=96)
+    supervised = set()
+    for i in range(len(tiles)):
+        item = tiles.all[i]
+        for cid, s in zip(item["cell_id"].tolist(), item["cell_spot"].tolist(), strict=True):
+            if s >= 0:
+                assert int(item["spot_index"][s]) == owner[cid]
+        for k, spot in enumerate(item["spot_index"].tolist()):
+            assert int((item["cell_spot"] == k).sum()) == len(members[spot])
+            supervised.add(spot)
+    assert len(supervised) >= 5

@@ -16,7 +16,7 @@ from spatialdata.models import get_table_keys
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY, TABLE_KEY, UNS_KEY
 from .._stats import column_pearson, column_spearman, macro_f1
 from .._validation import check_genes, check_key_added, get_counts, get_table, table_of_region
-from ._spots import spot_sums
+from ._spots import pseudo_spots
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _evaluate_spots(
 ) -> pd.DataFrame:
     if key_added is not None:
         check_key_added(sdata, key_added, "tables", overwrite=False)
-    pseudo, _ = spot_sums(sdata, table_key=pred_key, spots_key=spots_key, spots_table_key=true_key)
+    pseudo, _ = pseudo_spots(sdata, table_key=pred_key, spots_key=spots_key, spots_table_key=true_key)
     true, _, _ = table_of_region(sdata, true_key, spots_key, what="spots")
     if true.n_obs < 3:
         raise ValueError(f"Table {true_key!r} has {true.n_obs} spots annotating {spots_key!r}; expected at least 3.")

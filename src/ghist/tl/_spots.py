@@ -88,7 +88,7 @@ def aggregate_to_spots(
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
     key_added = key_added or f"{table_key}_{spots_key}"
     check_key_added(sdata, key_added, "tables", overwrite=overwrite)
-    out, _ = spot_sums(sdata, table_key=table_key, spots_key=spots_key, spots_table_key=spots_table_key)
+    out, _ = pseudo_spots(sdata, table_key=table_key, spots_key=spots_key, spots_table_key=spots_table_key)
     out.uns[UNS_KEY]["aggregate_to_spots"]["params"]["key_added"] = key_added
     if key_added in sdata.tables:
         del sdata.tables[key_added]
@@ -105,7 +105,7 @@ def aggregate_to_spots(
     return out
 
 
-def spot_sums(
+def pseudo_spots(
     sdata: SpatialData, *, table_key: str, spots_key: str, spots_table_key: str | None
 ) -> tuple[AnnData, np.ndarray]:
     """The pseudo-spot table of :func:`aggregate_to_spots`, not written to ``sdata``, and each cell's spot.
