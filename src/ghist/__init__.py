@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# The subpackages load eagerly (so ``ghist.pp`` and friends tab-complete); what makes them heavy (torch, matplotlib,
+# lifelines, ...) loads inside the functions that need it, which tests/test_import.py guards.
 from . import (
     _logging,  # noqa: F401  (sets up the "ghist" logger)
     datasets,

@@ -48,10 +48,10 @@ def build_tissue(rng: np.random.Generator, frame: Frame) -> tuple[Tissue, Candid
     Parameters
     ----------
     rng
-        The generator of the layout; every step draws from it in the order below.
+        The generator of the layout; the steps draw from it one after the other, always in the same order.
     frame
-        The field grid: the labels pixel grid extended by a margin, so that compartments continue across the
-        slide's edges instead of stopping at them.
+        The field grid: the labels pixel grid, extended where the H&E reaches beyond it (a scaled or rotated
+        H&E), so that the image has tissue wherever it has pixels.
 
     Returns
     -------
