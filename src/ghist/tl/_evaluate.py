@@ -111,8 +111,7 @@ def evaluate(
     >>> scores = ghist.tl.evaluate(sdata, cell_type_key="cell_type")  # doctest: +SKIP
     >>> scores.attrs["mean_pearson"]  # doctest: +SKIP
 
-    Spots, against the measured counts of Visium spots (``spatialdata_io.visium`` names them ``"{sample}_table"``
-    and ``"{sample}"``):
+    Spots, against the measured counts of Visium spots (a table annotating the spot circles):
 
     >>> ghist.tl.predict(visium, model, region_key="spots")  # doctest: +SKIP
     >>> scores = ghist.tl.evaluate(visium, true_key="spot_counts", spots_key="spots")  # doctest: +SKIP
