@@ -404,6 +404,91 @@ def test_dataloader(sdata, tmp_path):
     assert sorted(tiles_seen.tolist()) == sorted(tiles.train.indices.tolist())
 
 
+def test_loader(sdata, tmp_path):
+    tiles = _tiles(sdata, tmp_path, fold=2)
+    train = list(tiles.loader("train", batch_size=3))
+    assert sum(b["image"].shape[0] for b in train) == len(tiles.indices("train"))
+    assert sorted(torch.cat([b["tile"] for b in train]).tolist()) == tiles.indices("train").tolist()
+    assert torch.cat([b["tile"] for b in train]).tolist() != tiles.indices("train").tolist()  # shuffled by default
+    again = torch.cat([b["tile"] for b in tiles.loader("train", batch_size=3)])
+    assert again.tolist() == torch.cat([b["tile"] for b in train]).tolist()  # same seed, same order
+    other = torch.cat([b["tile"] for b in tiles.loader("train", batch_size=3, seed=1)])
+    assert other.tolist() != again.tolist()
+    val = torch.cat([b["tile"] for b in tiles.loader("val", batch_size=2)])
+    assert val.tolist() == tiles.indices("val").tolist()  # held-out splits keep their order
+    assert "cell_batch" in train[0]  # collated by collate_tiles
+
+    def flip(item):
+        return {**item, "image": item["image"].flip(-1)}
+
+    plain = next(iter(tiles.loader("test", batch_size=2)))
+    flipped = next(iter(tiles.loader("test", batch_size=2, transform=flip)))
+    assert torch.equal(flipped["image"], plain["image"].flip(-1))
+    with pytest.raises(ValueError, match="split"):
+        tiles.loader("training")
+
+
+def test_importing_ghist_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, ghist, ghist.pp; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------------ cutting
+def _store_arrays(path) -> dict[str, np.ndarray]:
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    names = ["images", "labels", *(f"tiles/{k}" for k in root["tiles"].array_keys())]
+    return {name: np.asarray(root[name][...]) for name in names}
+
+
+def test_grid_plan_is_row_major(make_sdata):
+    from ghist.pp._tile_samples import _prepare_sample
+    from ghist.pp._tile_store import _grid_plan
+
+    sample = _prepare_sample(
+        "0",
+        make_sdata(height=40, width=50),
+        image_key="he",
+        labels_key="nuclei",
+        table_key="table",
+        cell_type_key=None,
+        layer=None,
+        key_added=None,
+    )
+    plan = _grid_plan(sample, T)
+    assert (plan.n_rows, plan.n_cols, len(plan)) == (3, 4, 12)
+    assert plan.on_rows
+    np.testing.assert_array_equal(plan.grid[:5], [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]])
+    np.testing.assert_array_equal(plan.origins, plan.grid * T)
+
+
+@pytest.mark.parametrize("kind", [None, "scale", "affine"])
+def test_strip_reads_match_tile_reads(kind, tmp_path, make_sdata, monkeypatch):
+    """Reading a grid plan by strips of rows is an optimisation only: the store is the same tile by tile."""
+    import dataclasses
+
+    import ghist.pp._tile_store as store
+
+    sdata = make_sdata(seed=3, height=80, width=100, image_transform=kind, chunks=40)
+    strips = _tiles(sdata, tmp_path / "strips", fold=2)  # 40-px image chunks: strips of 3 tile rows
+    grid_plan = store._grid_plan
+    monkeypatch.setattr(store, "_grid_plan", lambda s, t: dataclasses.replace(grid_plan(s, t), on_rows=False))
+    alone = _tiles(sdata, tmp_path / "alone", fold=2)
+    monkeypatch.setattr(store, "_grid_plan", grid_plan)
+    monkeypatch.setattr(store, "_STRIP_BYTES", 1)  # one tile row per strip
+    one_row = _tiles(sdata, tmp_path / "one_row", fold=2)
+    expected = _store_arrays(strips.path)
+    for other in (alone, one_row):
+        got = _store_arrays(other.path)
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
 # ------------------------------------------------------------------------------------------------ samples, genes
 def test_multiple_samples(tmp_path, make_sdata, counts_by_id):
     a = make_sdata(seed=10, n_genes=6)
