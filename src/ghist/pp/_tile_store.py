@@ -60,6 +60,7 @@ _META_KEYS = ("sample", "row", "col", "y0", "x0", "band", "split", "n_pixels", "
 
 
 def _new_meta() -> dict[str, list]:
+    """Per-tile metadata, one entry per stored tile, gathered while cutting (:func:`_write_tile_meta` writes it)."""
     return {k: [] for k in _META_KEYS}
 
 
@@ -389,6 +390,9 @@ def _write_tile_meta(
         group.create_array("cell_spot", data=spots)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------------
 def _maybe_in_memory(array: zarr.Array) -> zarr.Array | np.ndarray:
     """Small expression matrices are read whole (one read instead of chunk reads for every tile)."""
     if math.prod(array.shape) * array.dtype.itemsize <= _EXPR_IN_MEMORY_BYTES:
