@@ -7,13 +7,14 @@ from __future__ import annotations
 from . import (
     _logging,  # noqa: F401  (sets up the "ghist" logger)
     datasets,
+    io,
     pl,
     pp,
     tl,
 )
 from ._version import __version__
 
-__all__ = ["GHISTModel", "__version__", "datasets", "pl", "pp", "tl"]
+__all__ = ["GHISTModel", "__version__", "datasets", "io", "pl", "pp", "tl"]
 
 
 def __getattr__(name: str):

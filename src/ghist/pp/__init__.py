@@ -1,6 +1,7 @@
 """ghist.pp."""
 
 from ._annotate import annotate_cell_types
+from ._detect_tissue import detect_tissue
 from ._reference import reference_profiles
 from ._segment import segment_nuclei
 from ._tiles import make_tiles
@@ -10,6 +11,7 @@ from ._xenium import prepare_xenium
 __all__: list[str] = [
     "TileSet",
     "annotate_cell_types",
+    "detect_tissue",
     "make_tiles",
     "prepare_xenium",
     "reference_profiles",

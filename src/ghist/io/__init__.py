@@ -1,0 +1,5 @@
+"""ghist.io: slide files into SpatialData."""
+
+from ._wsi import read_wsi
+
+__all__ = ["read_wsi"]
