@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import CELL_TYPE_KEY, IMAGE_KEY, LABELS_KEY, TABLE_KEY, XENIUM_BREAST_CELL_TYPES
-from ._synthetic import synthetic
+from ._synthetic import _check_seed, _is_real, _positive, synthetic
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -101,12 +101,14 @@ def synthetic_cohort(
         raise ValueError(f"`n_patients` must be an integer >= 2, got {n_patients!r}.")
     if causal_type not in types:
         raise ValueError(f"`causal_type` must be one of {types}, got {causal_type!r}.")
-    if not np.isfinite(hazard_ratio) or hazard_ratio <= 0:
+    if not _positive(hazard_ratio):
         raise ValueError(f"`hazard_ratio` must be a positive number, got {hazard_ratio!r}.")
-    if not np.isfinite(composition_sd) or composition_sd < 0:
+    if not (_is_real(composition_sd) and np.isfinite(composition_sd) and composition_sd >= 0):
         raise ValueError(f"`composition_sd` must be >= 0, got {composition_sd!r}.")
-    if not median_survival > 0 or not follow_up > 0:
-        raise ValueError(f"`median_survival` and `follow_up` must be positive, got {median_survival!r}, {follow_up!r}.")
+    for name, value in (("median_survival", median_survival), ("follow_up", follow_up), ("pixel_size", pixel_size)):
+        if not _positive(value):
+            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    _check_seed(seed)
 
     from spatialdata import SpatialData
     from tqdm.auto import tqdm

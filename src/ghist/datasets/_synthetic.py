@@ -121,6 +121,20 @@ def _assign_counts(
     return counts, source
 
 
+def _is_real(value: object) -> bool:
+    """A real number that is not a bool: ``True`` is an int to Python but never a meant size or share."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+
+
+def _positive(value: object) -> bool:
+    return _is_real(value) and bool(np.isfinite(value)) and value > 0
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+
+
 def synthetic(
     *,
     image_size: int = 1024,
@@ -207,7 +221,7 @@ def synthetic(
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer) or image_size < 16:
         raise ValueError(f"`image_size` must be an integer >= 16, got {image_size!r}.")
-    if not np.isfinite(pixel_size) or pixel_size <= 0:
+    if not _positive(pixel_size):
         raise ValueError(f"`pixel_size` must be a positive number of microns per pixel, got {pixel_size!r}.")
     if he_transform not in HE_TRANSFORMS:
         raise ValueError(f"`he_transform` must be one of {list(HE_TRANSFORMS)}, got {he_transform!r}.")
@@ -215,12 +229,13 @@ def synthetic(
         raise ValueError(f"`he_scale` must be None with he_transform='identity', got {he_scale!r}; use 'scale'.")
     if he_scale is None:
         he_scale = DEFAULT_HE_SCALE[he_transform]
-    if not np.isfinite(he_scale) or not 0.2 <= he_scale <= 5:
+    if not _is_real(he_scale) or not np.isfinite(he_scale) or not 0.2 <= he_scale <= 5:
         raise ValueError(f"`he_scale` must be between 0.2 and 5 labels pixels per H&E pixel, got {he_scale!r}.")
     if n_cells is not None and (isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1):
         raise ValueError(f"`n_cells` must be a positive integer or None, got {n_cells!r}.")
-    if not 0 < thinning <= 1:
+    if not (_is_real(thinning) and 0 < thinning <= 1):
         raise ValueError(f"`thinning` must be in (0, 1], got {thinning!r}.")
+    _check_seed(seed)
     # The tissue generator (scipy.ndimage) and SpatialData load here, not on ``import ghist``.
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, Labels2DModel, TableModel
@@ -403,8 +418,10 @@ def synthetic_reference(
     """
     if isinstance(n_cells_per_type, bool) or not isinstance(n_cells_per_type, int | np.integer) or n_cells_per_type < 1:
         raise ValueError(f"`n_cells_per_type` must be a positive integer, got {n_cells_per_type!r}.")
-    if not library_size > 0 or not dispersion > 0:
-        raise ValueError(f"`library_size` and `dispersion` must be positive, got {library_size!r}, {dispersion!r}.")
+    for name, value in (("library_size", library_size), ("dispersion", dispersion)):
+        if not _positive(value):
+            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    _check_seed(seed)
     prof = load_profiles()
     genes = check_genes(list(prof.genes), genes, where="the packaged Xenium breast panel")
     types = _resolve_cell_types(cell_types)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._docs import doc_ax, doc_params, doc_save_show
-from ._utils import _get_ax, _save_or_show
+from ._utils import _check_top, _get_ax, _save_or_show
 
 if TYPE_CHECKING:  # matplotlib loads when a plot is drawn, not on ``import ghist``
     from matplotlib.axes import Axes
@@ -74,8 +74,7 @@ def gene_correlation(
         raise TypeError(f"`eval_df` must be a DataFrame indexed by gene, got {type(eval_df).__name__}.")
     if metric not in eval_df.columns:
         raise KeyError(f"Metric {metric!r} not found in `eval_df` (have {list(eval_df.columns)}).")
-    if top is not None and top < 1:
-        raise ValueError(f"`top` must be a positive integer or None, got {top}.")
+    _check_top(top)
     values = pd.to_numeric(eval_df[metric], errors="coerce")
     values.index = values.index.astype(str)
     is_svg = _svg_mask(eval_df, svg, values.index)

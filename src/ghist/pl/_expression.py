@@ -16,7 +16,7 @@ from spatialdata.models import get_table_keys
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY
 from .._docs import doc_ax, doc_params, doc_save_show
 from .._validation import check_genes, get_image, get_table
-from ._utils import _get_ax, _save_or_show
+from ._utils import _check_crop, _check_positive, _check_sdata, _get_ax, _save_or_show
 
 if TYPE_CHECKING:  # matplotlib loads when a plot is drawn, not on ``import ghist``
     from matplotlib.axes import Axes
@@ -85,6 +85,10 @@ def expression(
     """
     import matplotlib.pyplot as plt
 
+    _check_sdata(sdata)
+    _check_positive("size", size)
+    _check_positive("panel_size", panel_size, allow_none=False)
+    _check_crop(crop)
     pred = get_table(sdata, pred_key)
     genes = check_genes(pred.var_names, genes, where=f"`sdata.tables[{pred_key!r}]`")
     xy = np.asarray(pred.obsm[SPATIAL_KEY], dtype=float) if SPATIAL_KEY in pred.obsm else None
@@ -170,6 +174,9 @@ def cell_types(
     >>> ghist.pl.cell_types(sdata, true_key="table", cell_type_key="cell_type")  # doctest: +SKIP
 
     """
+    _check_sdata(sdata)
+    _check_positive("size", size)
+    _check_crop(crop)
     pred = get_table(sdata, pred_key)
     if PRED_CELL_TYPE_KEY not in pred.obs:
         raise KeyError(f"`sdata.tables[{pred_key!r}].obs` has no {PRED_CELL_TYPE_KEY!r}; the model predicts no types.")
@@ -183,7 +190,9 @@ def cell_types(
             raise ValueError("`cell_type_key` is needed with `true_key`: the column of measured cell types.")
         true = get_table(sdata, true_key)
         if cell_type_key not in true.obs:
-            raise KeyError(f"{cell_type_key!r} not found in `sdata.tables[{true_key!r}].obs`.")
+            raise KeyError(
+                f"{cell_type_key!r} not found in `sdata.tables[{true_key!r}].obs` (have {list(true.obs.columns)})."
+            )
         rows = _match_rows(true, pred)
         measured = np.where(rows >= 0, true.obs[cell_type_key].astype(str).to_numpy()[np.maximum(rows, 0)], "n/a")
         panels.append(("measured", measured))

@@ -14,7 +14,7 @@ from scipy import sparse
 
 from .._docs import doc_ax, doc_params, doc_save_show
 from .._survival_data import durations, events
-from ._utils import _get_ax, _save_or_show
+from ._utils import _check_top, _get_ax, _save_or_show
 
 if TYPE_CHECKING:  # matplotlib and lifelines load when a plot is drawn, not on ``import ghist``
     from matplotlib.axes import Axes
@@ -194,8 +194,9 @@ def hazard_ratios(
             f"Column(s) {missing} not found in `result` (have {list(result.columns)}); "
             "pass the output of `ghist.tl.survival`."
         )
-    if top is not None and top < 1:
-        raise ValueError(f"`top` must be a positive integer or None, got {top}.")
+    _check_top(top)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise ValueError(f"`alpha` must be a number in (0, 1), got {alpha!r}.")
     sig_col = "q" if "q" in result.columns else "p"
     df = result[result[needed].notna().all(axis=1) & np.isfinite(result[needed]).all(axis=1)]
     df = df[(df["hr"] > 0) & (df["ci_lower"] > 0)]

@@ -42,3 +42,45 @@ def _save_or_show(fig: Figure, save: str | PathLike | None, show: bool | None) -
         show = save is None and matplotlib.is_interactive()
     if show:
         plt.show()
+
+
+def _check_sdata(sdata: object) -> None:
+    """Plots of the slide need the SpatialData (an AnnData table alone lacks the image and the other table)."""
+    from spatialdata import SpatialData
+
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
+
+
+def _check_positive(name: str, value: object, *, allow_none: bool = True) -> None:
+    """A finite number > 0 (``None`` too when allowed); bools are refused: ``True`` is never a meant size."""
+    import numbers
+
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < float(value) < float("inf")):
+        raise ValueError(f"`{name}` must be a finite number > 0{' or None' if allow_none else ''}; got {value!r}.")
+
+
+def _check_crop(crop: object) -> None:
+    """``(x0, y0, x1, y1)`` with finite numbers, ``x0 < x1`` and ``y0 < y1``, or ``None``."""
+    import numbers
+
+    if crop is None:
+        return
+    values = list(crop) if isinstance(crop, tuple | list) else []
+    ok = len(values) == 4 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+    if (
+        not ok
+        or not all(abs(float(v)) < float("inf") for v in values)
+        or not (values[0] < values[2] and values[1] < values[3])
+    ):
+        raise ValueError(f"`crop` must be (x0, y0, x1, y1) with x0 < x1 and y0 < y1 (finite numbers); got {crop!r}.")
+
+
+def _check_top(top: object) -> None:
+    """``None`` or a positive integer (not a bool, not a float)."""
+    import numbers
+
+    if top is not None and (isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1):
+        raise ValueError(f"`top` must be a positive integer or None, got {top!r}.")

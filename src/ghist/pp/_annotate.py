@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
-from scipy.stats import rankdata
 
 from .._constants import CELL_TYPE_KEY, UNS_KEY
 from .._validation import _preview, check_genes, get_counts
@@ -114,9 +113,15 @@ def annotate_cell_types(
         raise ValueError(f"`method` must be one of {list(_METHODS)}; got {method!r}.")
     if correlation not in _CORRELATIONS:
         raise ValueError(f"`correlation` must be one of {list(_CORRELATIONS)}; got {correlation!r}.")
+    if not isinstance(groupby, str):
+        raise TypeError(f"`groupby` must be the name of a column of `reference.obs`; got {groupby!r}.")
     if groupby not in reference.obs:
         raise KeyError(f"Column {groupby!r} not found in `reference.obs` (have {list(reference.obs.columns)}).")
-    if target_sum is not None and not (np.isfinite(target_sum) and target_sum > 0):
+    if target_sum is not None and (
+        isinstance(target_sum, bool | np.bool_)
+        or not isinstance(target_sum, int | float | np.integer | np.floating)
+        or not (np.isfinite(target_sum) and target_sum > 0)
+    ):
         raise ValueError(f"`target_sum` must be a positive number or None; got {target_sum!r}.")
     for name, value in (("n_neighbors", n_neighbors), ("n_comps", n_comps)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -216,6 +221,8 @@ def _standardise_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _by_correlation(
     query: np.ndarray | sp.spmatrix, profiles: np.ndarray, target_sum: float, correlation: str
 ) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.stats import rankdata  # scipy.stats is slow to import: not on `import ghist`
+
     if correlation == "spearman":
         profiles = rankdata(profiles, axis=1)
     prof, flat_prof = _standardise_rows(profiles)

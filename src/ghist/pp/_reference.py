@@ -56,6 +56,8 @@ def reference_profiles(
     """
     if not isinstance(adata, AnnData):
         raise TypeError(f"Expected an AnnData single-cell reference, got {type(adata).__name__}.")
+    if not isinstance(groupby, str):
+        raise TypeError(f"`groupby` must be the name of a column of `adata.obs`; got {groupby!r}.")
     if groupby not in adata.obs:
         raise KeyError(f"Column {groupby!r} not found in `adata.obs` (have {list(adata.obs.columns)}).")
     genes = check_genes(adata.var_names, genes, where="the reference `adata`")

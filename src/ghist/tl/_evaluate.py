@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -20,6 +21,7 @@ from ._spots import pseudo_spots
 
 logger = logging.getLogger(__name__)
 
+_SQUIDPY_LOGGER = "spatialdata._logging"  # squidpy.gr logs through it (squidpy 1.8)
 NORMALISED_LAYER = "log_normalised"  # layer of the pseudo-spot table written by `evaluate(..., key_added=...)`
 
 
@@ -120,6 +122,7 @@ def evaluate(
     """
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
+    n_svg = _check_n_svg(n_svg)
     if spots_key is None:
         for name, value, default in (
             ("key_added", key_added, None),
@@ -133,13 +136,27 @@ def evaluate(
         raise ValueError("`cell_type_key` scores cell types cell by cell; spots carry none (`spots_key` is set).")
     if library not in ("panel", "all"):
         raise ValueError(f"`library` must be 'panel' or 'all'; got {library!r}.")
-    if target_sum is not None and not (np.isfinite(target_sum) and target_sum > 0):
+    if target_sum is not None and not (_is_real(target_sum) and np.isfinite(target_sum) and target_sum > 0):
         raise ValueError(f"`target_sum` must be a positive number or None; got {target_sum!r}.")
-    if panel_share is not None and (library != "all" or not 0 < panel_share <= 1):
+    if panel_share is not None and (library != "all" or not (_is_real(panel_share) and 0 < panel_share <= 1)):
         raise ValueError(f"`panel_share` needs `library='all'` and a value in (0, 1]; got {panel_share!r}.")
     return _evaluate_spots(
         sdata, pred_key, true_key, spots_key, layer, genes, n_svg, target_sum, library, panel_share, key_added
     )
+
+
+def _is_real(value) -> bool:
+    """A real number that is not a bool (``True`` is an int to Python, never a meant count or share)."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+
+
+def _check_n_svg(n_svg: Sequence[int]) -> list[int]:
+    if isinstance(n_svg, str) or not isinstance(n_svg, Sequence | np.ndarray):
+        raise TypeError(f"`n_svg` must be a sequence of positive integers, e.g. (20, 50); got {n_svg!r}.")
+    bad = [k for k in n_svg if not (_is_real(k) and float(k).is_integer() and k > 0)]
+    if bad:
+        raise ValueError(f"`n_svg` must hold positive integers; got {list(n_svg)!r} ({bad!r} not).")
+    return [int(k) for k in n_svg]
 
 
 def _evaluate_cells(
@@ -354,10 +371,28 @@ def _moran(
 
     adata = AnnData(X=measured[:, ~constant].astype(np.float32), var=pd.DataFrame(index=varying))
     adata.obsm[SPATIAL_KEY] = np.asarray(coords, dtype=np.float64)[:, :2]
-    sq.gr.spatial_neighbors(adata, coord_type="generic", n_neighs=min(6, len(measured) - 1))
-    sq.gr.spatial_autocorr(adata, mode="moran", genes=varying, n_perms=None, show_progress_bar=False)
+    # `spatial_neighbors_knn` is the same 6-nearest-neighbour graph as the former
+    # `spatial_neighbors(coord_type="generic", n_neighs=6)`, which is deprecated in squidpy 1.8.2 (removed in 1.9).
+    with _quiet_squidpy():
+        sq.gr.spatial_neighbors_knn(adata, n_neighs=min(6, len(measured) - 1))
+        sq.gr.spatial_autocorr(adata, mode="moran", genes=varying, n_perms=None, show_progress_bar=False)
     moran[~constant] = adata.uns["moranI"]["I"].reindex(varying).to_numpy()
     return moran
+
+
+@contextmanager
+def _quiet_squidpy() -> Iterator[None]:
+    """Hold back squidpy's INFO lines ("Creating graph ..."), logged through spatialdata's console logger.
+
+    They describe an internal step of ``evaluate`` the user did not ask for; warnings and errors still show.
+    """
+    squid_logger = logging.getLogger(_SQUIDPY_LOGGER)
+    level = squid_logger.level
+    squid_logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        squid_logger.setLevel(level)
 
 
 def _cell_type_scores(

@@ -86,7 +86,8 @@ def aggregate_to_spots(
     """
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
-    key_added = key_added or f"{table_key}_{spots_key}"
+    # only None means "the default name": "" or 0 is a mistake to report, not to replace silently
+    key_added = f"{table_key}_{spots_key}" if key_added is None else key_added
     check_key_added(sdata, key_added, "tables", overwrite=overwrite)
     out, _ = pseudo_spots(sdata, table_key=table_key, spots_key=spots_key, spots_table_key=spots_table_key)
     out.uns[UNS_KEY]["aggregate_to_spots"]["params"]["key_added"] = key_added
@@ -156,6 +157,14 @@ def pseudo_spots(
     cell_row = np.where(shape_pos >= 0, row_of_shape[np.maximum(shape_pos, 0)], -1)
     membership = membership_matrix(cell_row, len(order))
     counts = table.X
+    values = counts.data if sp.issparse(counts) else np.asarray(counts)
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"Table {table_key!r} holds dtype {values.dtype}; expected the log1p predictions of ghist.")
+    if values.size and not np.isfinite(values).all():
+        raise ValueError(
+            f"Table {table_key!r} `X` holds {int((~np.isfinite(values)).sum())} NaN or infinite values; expected the "
+            "finite log1p predictions of `ghist.tl.predict`."
+        )
     counts = counts.expm1() if sp.issparse(counts) else np.expm1(np.asarray(counts, dtype=np.float64))
     summed = membership @ counts
     summed = summed.toarray() if sp.issparse(summed) else np.asarray(summed)

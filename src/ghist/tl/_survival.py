@@ -92,8 +92,12 @@ def survival(
         features = [features]
     features = list(adata.var_names) if features is None else list(features)
     _check_keys(adata, duration_key, event_key, covariates, features, layer)
-    if penalizer < 0:
-        raise ValueError(f"`penalizer` must be >= 0, got {penalizer}.")
+    if (
+        isinstance(penalizer, bool | np.bool_)
+        or not isinstance(penalizer, int | float | np.integer | np.floating)
+        or not (np.isfinite(penalizer) and penalizer >= 0)
+    ):
+        raise ValueError(f"`penalizer` must be a finite number >= 0, got {penalizer!r}.")
 
     duration = durations(adata.obs[duration_key], duration_key)
     event = events(adata.obs[event_key], event_key)
