@@ -176,3 +176,54 @@ def test_spot_mode_errors(test_sdata):
     test_sdata.tables["taken"] = test_sdata.tables["spot_counts"].copy()
     with pytest.raises(ValueError, match="already exists"):
         ghist.tl.evaluate(test_sdata, true_key="spot_counts", spots_key="spots", key_added="taken")
+
+
+def _moran_knn6(values: np.ndarray, coords: np.ndarray) -> float:
+    """Moran's I over the 6-nearest-neighbour graph with row-normalised weights, computed without squidpy."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(values)
+    _, idx = NearestNeighbors(n_neighbors=7).fit(coords).kneighbors(coords)
+    W = np.zeros((n, n))
+    for i, row in enumerate(idx):
+        W[i, [j for j in row if j != i][:6]] = 1.0
+    W /= W.sum(axis=1, keepdims=True)
+    z = values - values.mean()
+    return float(n / W.sum() * (z @ W @ z) / (z @ z))
+
+
+def test_moran_i_is_that_of_the_6_nearest_neighbour_graph(test_sdata):
+    """The graph built with `spatial_neighbors_knn` is the 6-NN graph of the former `spatial_neighbors` call."""
+    _perfect(test_sdata)
+    truth = test_sdata.tables["table"]
+    scores = ghist.tl.evaluate(test_sdata)
+    X = np.log1p(truth.X.toarray() if hasattr(truth.X, "toarray") else np.asarray(truth.X, dtype=float))
+    coords = np.asarray(truth.obsm["spatial"], dtype=float)[:, :2]
+    for j in np.flatnonzero(X.std(0) > 0)[:5]:
+        gene = truth.var_names[j]
+        assert scores.loc[gene, "moran_i"] == pytest.approx(_moran_knn6(X[:, j], coords), rel=1e-5, abs=1e-7)
+
+
+def test_evaluate_is_quiet(test_sdata, recwarn, capsys, caplog):
+    """No deprecation warning from ghist's own squidpy calls, and none of squidpy's INFO lines on the console."""
+    import logging
+    import warnings
+
+    _perfect(test_sdata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        ghist.tl.evaluate(test_sdata)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning | DeprecationWarning)]
+    captured = capsys.readouterr()
+    assert "Creating graph" not in captured.out + captured.err
+    assert logging.getLogger("spatialdata._logging").level != logging.CRITICAL  # restored, not left muted
+    assert "Creating graph" not in caplog.text
+
+
+def test_import_ghist_does_not_load_scipy_stats_or_sklearn():
+    import subprocess
+    import sys
+
+    code = "import sys, ghist; bad = [m for m in ('scipy.stats', 'sklearn') if m in sys.modules]; assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
