@@ -170,6 +170,14 @@ class SlideTileDataset(Dataset):
         Side of the tiles, in working-grid pixels.
     mean, std
         Per-channel statistics (0-255 scale) standardising the image.
+    labels_key
+        Name of the labels element, for error messages.
+
+    Raises
+    ------
+    ValueError
+        When a tile is read: its labels hold a negative id (ids are ``0`` for background and positive for nuclei)
+        or an id beyond ``int64``. Checked per tile, as tiles are read, so the slide is read once.
 
     Examples
     --------
@@ -189,6 +197,7 @@ class SlideTileDataset(Dataset):
         tile_size: int,
         mean: Sequence[float],
         std: Sequence[float],
+        labels_key: str = "labels",
     ):
         self.image = image
         self.labels = labels
@@ -198,6 +207,7 @@ class SlideTileDataset(Dataset):
         self.tile_size = int(tile_size)
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
+        self.labels_key = str(labels_key)
 
     def __len__(self) -> int:
         return len(self.origins)
@@ -223,6 +233,7 @@ class SlideTileDataset(Dataset):
         lab = read_labels_window(self.labels, self.to_labels, y0, x0, size, size)
         ids, local = np.unique(lab, return_inverse=True)
         local = local.reshape(lab.shape)
+        self._check_ids(ids, i)
         if ids.size and ids[0] == 0:
             ids = ids[1:]
         else:
@@ -248,6 +259,21 @@ class SlideTileDataset(Dataset):
             "margin": margin,
             "centroid": np.stack([local_x + x0, local_y + y0], axis=1),
         }
+
+    def _check_ids(self, ids: np.ndarray, i: int) -> None:
+        """Refuse ids that would turn background into a cell (negative) or overflow the int64 cell ids."""
+        if not ids.size:
+            return
+        if ids[0] < 0:
+            raise ValueError(
+                f"Labels {self.labels_key!r} hold negative ids (smallest {int(ids[0])}, in tile {i}); expected 0 for "
+                "background and positive integers for nuclei. Relabel, e.g. `labels.where(labels > 0, 0)`."
+            )
+        if ids.dtype == np.uint64 and ids[-1] > np.iinfo(np.int64).max:
+            raise ValueError(
+                f"Labels {self.labels_key!r} hold ids up to {int(ids[-1])} (in tile {i}); expected ids that fit in "
+                "int64. Relabel them consecutively, e.g. with `skimage.segmentation.relabel_sequential`."
+            )
 
     def _read_image(self, y0: int, x0: int) -> np.ndarray:
         """RGB tile (3, T, T) uint8 on the working grid, white outside the image."""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,7 +30,7 @@ from .._constants import (
     UNS_KEY,
 )
 from .._docs import doc_accelerator, doc_batch_size, doc_image_key, doc_labels_key, doc_params, doc_progress
-from .._spatial import element_affine, image_pixel_size
+from .._spatial import check_extents, element_affine, image_pixel_size
 from .._validation import check_key_added, get_image, get_labels
 from ._region import cells_in_region, region_in_labels_space
 
@@ -152,10 +155,17 @@ def predict(
         if roi_key is not None and roi_key != region_key:
             raise TypeError("Pass `roi_key` only (`region_key` is its deprecated name), not both.")
         roi_key = region_key
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(
+            f"`sdata` must be a SpatialData with the H&E image and the nucleus labels, got {type(sdata).__name__}"
+            + (" (a table: pass the SpatialData that holds it and its image)." if isinstance(sdata, AnnData) else ".")
+        )
     if not isinstance(model, GHISTModel):
         raise TypeError(f"`model` must be a GHISTModel (from `ghist.tl.fit` or `GHISTModel.load`), got {type(model)}.")
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
+    # Labels of another pixel size under the same transformation would pair every nucleus with the wrong pixels.
+    check_extents(sdata, image_key, labels_key)
     check_key_added(sdata, key_added, "tables", overwrite=overwrite)
     if alpha < 0:
         raise ValueError(f"`alpha` must be >= 0, got {alpha}.")
@@ -185,6 +195,7 @@ def predict(
         tile_size=grid.tile_size,
         mean=model.mean,
         std=model.std,
+        labels_key=labels_key,
     )
     # In order (no shuffling): the refinement draws its random factors batch after batch.
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_slide_tiles, num_workers=num_workers)
@@ -324,18 +335,59 @@ def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _Slid
 
 
 def _write_table(sdata: SpatialData, table: AnnData, key: str, overwrite: bool) -> None:
-    if key in sdata.tables and overwrite:
-        del sdata.tables[key]
-        if sdata.is_backed() and key in _on_disk_tables(sdata):
-            sdata.delete_element_from_disk(key)
-    sdata.tables[key] = table
-    if sdata.is_backed():
-        sdata.write_element(key)
-        logger.info("Wrote table %r to %s", key, sdata.path)
+    """Put ``table`` at ``sdata.tables[key]`` (and on disk when backed), all or nothing.
 
-
-def _on_disk_tables(sdata: SpatialData) -> list[str]:
+    On a zarr-backed SpatialData the table is first written completely under a temporary name; only then is the old
+    table moved aside, the new folder moved in (renames within the store) and the in-memory dict updated. Any
+    failure before that leaves the store and ``sdata`` as they were; the temporary element is removed.
+    """
+    del overwrite  # checked by `check_key_added` before any work
+    if not sdata.is_backed() or sdata.path is None:
+        sdata.tables[key] = table
+        return
+    tables_dir = Path(sdata.path) / "tables"
+    tmp, old = f"{key}__ghist_tmp", f"{key}__ghist_old"
+    for name in (tmp, old):
+        if name in sdata:
+            raise ValueError(f"`sdata` has an element {name!r}; `ghist.tl.predict` needs that name to write {key!r}.")
+        _remove(tables_dir / name)  # left on disk by a run killed mid-way
     try:
-        return [name.split("/", 1)[1] for name in sdata.elements_paths_on_disk() if name.startswith("tables/")]
-    except Exception:
-        return []
+        sdata.tables[tmp] = table
+        sdata.write_element(tmp)
+    except BaseException:
+        sdata.tables.pop(tmp, None)
+        if (tables_dir / tmp).exists():
+            _remove(tables_dir / tmp)
+            _consolidate(sdata)
+        raise
+    finally:
+        sdata.tables.pop(tmp, None)
+    target = tables_dir / key
+    had_old = target.exists()
+    try:
+        if had_old:
+            os.replace(target, tables_dir / old)
+        os.replace(tables_dir / tmp, target)
+    except BaseException:
+        if had_old and not target.exists() and (tables_dir / old).exists():
+            os.replace(tables_dir / old, target)
+        _remove(tables_dir / tmp)
+        _consolidate(sdata)
+        raise
+    _remove(tables_dir / old)
+    sdata.tables[key] = table
+    _consolidate(sdata)
+    logger.info("Wrote table %r to %s", key, sdata.path)
+
+
+def _consolidate(sdata: SpatialData) -> None:
+    # The store's consolidated metadata lists the elements by name: rewrite it after folders moved or went away.
+    if sdata.has_consolidated_metadata():
+        sdata.write_consolidated_metadata()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
