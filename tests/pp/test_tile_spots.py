@@ -369,3 +369,52 @@ def test_square_spots_train_by_the_shared_rule(tmp_path):
             assert int((item["cell_spot"] == k).sum()) == len(members[spot])
             supervised.add(spot)
     assert len(supervised) >= 5
+
+
+# ------------------------------------------------------------------------------------------------ footprint
+def _square_spots(sdata):
+    import geopandas as gpd
+    from shapely.geometry import box
+    from spatialdata.transformations import Identity
+
+    centres = np.c_[sdata.shapes["spots"].geometry.x, sdata.shapes["spots"].geometry.y]
+    squares = gpd.GeoDataFrame(geometry=[box(x - 30, y - 30, x + 30, y + 30) for x, y in centres])
+    sdata.shapes["spots"] = ShapesModel.parse(squares, transformations={"global": Identity()})
+
+
+@pytest.mark.parametrize("layout", ["inscribed", "squares", "gapped"])
+def test_nuclei_lost_between_touching_circles_are_reported(layout, tmp_path, caplog):
+    """Circles inscribed in 60-px square bins miss the bins' corners (1 - pi/4 of the area): warn, suggest squares."""
+    sdata = ghist.datasets.synthetic(image_size=256, n_genes=8, seed=0)
+    members = add_spots(sdata, radius=25.0 if layout == "gapped" else 30.0, step=60.0, first=30.0)
+    if layout == "squares":
+        _square_spots(sdata)
+    centroids = label_centroids(sdata)
+    # nuclei among the 4 x 4 spots: within the squares [0, 240]^2, or within a radius of the centres' box [30, 210]^2
+    reach = 0.0 if layout == "squares" else 25.0 if layout == "gapped" else 30.0
+    lo, hi = (0.0, 240.0) if layout == "squares" else (30.0, 210.0)
+    among = [
+        c
+        for c, (x, y) in centroids.items()
+        if np.hypot(max(lo - x, 0.0, x - hi), max(lo - y, 0.0, y - hi)) <= reach + 1e-9
+    ]
+    in_circles = {c for m in members.values() for c in m}
+    with caplog.at_level(logging.INFO, logger="ghist"):
+        _spot_tiles(sdata, tmp_path, tiling="spots", fold=None)
+    info = [r.getMessage() for r in caplog.records if "lie in no spot and supervise nothing" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "among the" in r.getMessage()]
+    assert len(info) == 1
+    if layout == "squares":
+        assert f": 0 of the {len(among)} nuclei" in info[0]
+        assert not warned
+        return
+    lost = len([c for c in among if c not in in_circles])
+    assert f": {lost} of the {len(among)} nuclei" in info[0]
+    if layout == "gapped":  # Visium-like gaps between spots are by design: logged, not warned
+        assert not warned
+        return
+    share = round(100 * lost / len(among))
+    assert 12 <= share <= 30  # about 1 - pi / 4 = 21%
+    assert len(warned) == 1
+    assert f"{share}% of the {len(among)} nuclei among the spots 'spots' lie in no spot" in warned[0]
+    assert "polygons (squares" in warned[0]

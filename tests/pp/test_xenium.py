@@ -347,3 +347,58 @@ def test_errors():
         ghist.pp.prepare_xenium(sdata, key_added_image="x", key_added_labels="x")
     with pytest.raises(ValueError, match="integer nucleus label ids"):
         ghist.pp.prepare_xenium(sdata, nucleus_to_cell={"a": CELL_IDS[0]})
+
+
+# ------------------------------------------------------------------------------------------------ make_tiles on raw
+def _with_rgb_he(sdata: SpatialData) -> SpatialData:
+    """The reader's output plus an RGB copy of the H&E as "he" (make_tiles refuses the RGBA original)."""
+    rgb = _values(sdata.images["he_image"])[:3]
+    t = get_transformation(sdata.images["he_image"], get_all=True)
+    sdata.images["he"] = Image2DModel.parse(rgb, dims=("c", "y", "x"), transformations=t)
+    return sdata
+
+
+def _raw_tiles(sdata, tmp_path, **kwargs):
+    kwargs = {"tile_size": 16, "fold": None, "progress": False, "path": tmp_path / "t.zarr", **kwargs}
+    return ghist.pp.make_tiles(sdata, **kwargs)
+
+
+def test_make_tiles_on_raw_cell_labels_warns_they_are_whole_cells(tmp_path, caplog):
+    import logging
+
+    sdata = _with_rgb_he(xenium_like(region="cell_labels"))
+    table = sdata.tables["table"]  # as the reader: every cell of the table has its cell label
+    sdata.tables["table"] = table[np.isin(table.obs["cell_labels"], _values(sdata.labels["cell_labels"]))].copy()
+    with caplog.at_level(logging.WARNING, logger="ghist"):
+        tiles = _raw_tiles(sdata, tmp_path, labels_key="cell_labels")
+    assert len(tiles) > 0  # a deliberate choice still works ...
+    (warning,) = [r.getMessage() for r in caplog.records if "prepare_xenium" in r.getMessage()]
+    assert "whole-cell masks" in warning  # ... but not silently
+    assert "not nuclei" in warning
+    assert "'cell_labels'" in warning
+    assert "Sample '0'" in warning
+
+
+@pytest.mark.parametrize("region", ["cell_labels", "cell_circles"])
+def test_make_tiles_on_raw_nucleus_labels_points_to_prepare_xenium(region, tmp_path):
+    sdata = _with_rgb_he(xenium_like(region=region))
+    match = r"raw `spatialdata_io.xenium` output.*not the nuclei of labels 'nucleus_labels'.*prepare_xenium\(sdata\)"
+    with pytest.raises(ValueError, match=match):
+        _raw_tiles(sdata, tmp_path, labels_key="nucleus_labels")
+    with pytest.raises(ValueError, match=r"Sample 'b': .*prepare_xenium"):
+        _raw_tiles({"b": sdata}, tmp_path, labels_key="nucleus_labels")
+    if region == "cell_circles":  # the circles' table does not annotate the cell labels either
+        with pytest.raises(ValueError, match=r"not the nuclei of labels 'cell_labels'.*prepare_xenium"):
+            _raw_tiles(sdata, tmp_path, labels_key="cell_labels")
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_prepared_xenium_tiles_without_a_word(tmp_path, caplog):
+    import logging
+
+    sdata = xenium_like(region="cell_labels")
+    ghist.pp.prepare_xenium(sdata, inplace=True, key_added_table="prepared")
+    with caplog.at_level(logging.WARNING, logger="ghist"):
+        tiles = _raw_tiles(sdata, tmp_path, table_key="prepared")
+    assert len(tiles) > 0
+    assert not [r for r in caplog.records if "prepare_xenium" in r.getMessage()]

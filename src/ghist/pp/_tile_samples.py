@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
-from .._spatial import element_affine, image_pixel_size
+from .._spatial import check_extents, element_affine, image_pixel_size
 from .._validation import (
     ValidationError,
     _preview,
@@ -23,12 +23,14 @@ from .._validation import (
     check_genes,
     check_instances,
     check_key_added,
+    check_unique_genes,
     get_counts,
     get_image,
     get_labels,
     table_of_region,
 )
-from ._tile_spots import SpotData, cells_in_spots, nucleus_centroids, prepare_spots, spot_targets
+from ._tile_spots import SpotData, cells_in_spots, nucleus_centroids, prepare_spots, spot_footprint, spot_targets
+from ._xenium import check_not_raw_xenium
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,11 @@ class _Sample:
     cell_spot: pd.Series | None = None  # nucleus id -> spot row (-1: in no spot), over the whole labels
 
 
+def _kind(value: Any) -> str:
+    name = type(value).__name__
+    return f"an {name}" if name[:1].lower() in "aeiou" else f"a {name}"
+
+
 def _as_samples(sdata_or_list: Any) -> list[tuple[str, SpatialData]]:
     if isinstance(sdata_or_list, SpatialData):
         return [("0", sdata_or_list)]
@@ -102,15 +109,18 @@ def _as_samples(sdata_or_list: Any) -> list[tuple[str, SpatialData]]:
     elif isinstance(sdata_or_list, Sequence) and not isinstance(sdata_or_list, str):
         items = [(str(i), v) for i, v in enumerate(sdata_or_list)]
     else:
+        hint = ""
+        if type(sdata_or_list).__name__ == "AnnData":  # a table alone lacks the H&E and the nuclei
+            hint = " (a table alone: put it in a SpatialData with the H&E image and the nucleus labels it annotates)"
         raise TypeError(
-            f"Expected a SpatialData, a list of SpatialData or a dict name -> SpatialData; got "
-            f"{type(sdata_or_list).__name__}."
+            f"`sdata` must be a SpatialData, a list of SpatialData or a dict name -> SpatialData; got "
+            f"{_kind(sdata_or_list)}{hint}."
         )
     if not items:
         raise ValueError("No samples given: expected at least one SpatialData.")
-    bad = [name for name, s in items if not isinstance(s, SpatialData)]
+    bad = [f"Sample {name!r} is {_kind(s)}" for name, s in items if not isinstance(s, SpatialData)]
     if bad:
-        raise TypeError(f"Samples {bad} are not SpatialData objects.")
+        raise TypeError(f"{'; '.join(bad)}; expected every sample to be a `spatialdata.SpatialData`.")
     return items
 
 
@@ -138,6 +148,9 @@ def _sample_matrix(
     matrix = element_affine(sdata, image_key, labels_key)
     if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
         raise ValueError(f"The transformation from image {image_key!r} to labels {labels_key!r} is singular.")
+    # Labels of another size under the image's own transformation would pair every nucleus with the wrong pixels
+    # and only show up later as poor folds: refuse them here, where the sample can be named.
+    check_extents(sdata, image_key, labels_key)
     if key_added is not None:
         check_key_added(sdata, key_added, "shapes", overwrite=None, where=f" of sample {name!r}")
     return matrix
@@ -166,10 +179,13 @@ def _prepare_sample(
             layer=layer,
             key_added=key_added,
         )
+    check_not_raw_xenium(sdata, labels_key=labels_key, table_key=table_key, sample=name)
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
     table, _, instance_key = table_of_region(sdata, table_key, labels_key, what="cells")
     where = f"table {table_key!r}"
+    # before genes are chosen: pandas would fail deep inside on a duplicated name
+    check_unique_genes(table.var_names, where=f"Table {table_key!r}")
     if layer is not None and layer not in table.layers:
         raise KeyError(f"Layer {layer!r} not found in {where} (have {sorted(table.layers)}).")
     ids = table.obs[instance_key]
@@ -240,8 +256,8 @@ def _prepare_spot_sample(
     )
 
 
-def _assign_spots(sample: _Sample) -> dict[str, float]:
-    """Give every nucleus of the sample the spot holding its centroid; return a summary."""
+def _assign_spots(sample: _Sample) -> dict[str, Any]:
+    """Give every nucleus of the sample the spot holding its centroid; return a summary (see :func:`_report`)."""
     ids, xy = nucleus_centroids(sample.labels)
     spot = cells_in_spots(xy, sample.spots)
     sample.cell_spot = pd.Series(spot, index=ids)
@@ -251,6 +267,8 @@ def _assign_spots(sample: _Sample) -> dict[str, float]:
         "n_spots_with_cells": int((n_cells > 0).sum()),
         "median_cells": float(np.median(n_cells[n_cells > 0])) if (n_cells > 0).any() else 0.0,
         "n_cells_in_spots": int(n_cells.sum()),
+        "kind": sample.spots.geometry.kind,
+        **spot_footprint(xy, sample.spots),
     }
 
 
@@ -260,12 +278,13 @@ def _spot_n_cells(sample: _Sample) -> np.ndarray:
     return np.bincount(spot[spot >= 0], minlength=len(sample.spots.names)).astype(np.int64)
 
 
-def _raise_collected(errors: list[tuple[str, Exception]], n_samples: int) -> None:
+def _raise_collected(errors: list[tuple[str, Exception]], named: bool) -> None:
+    """Raise the problems of the samples: one alone, prefixed with its sample when the user named the samples."""
     if not errors:
         return
     if len(errors) == 1:
         name, err = errors[0]
-        if n_samples == 1 or isinstance(err, ValidationError) or type(err) not in (KeyError, ValueError, TypeError):
+        if not named or isinstance(err, ValidationError) or type(err) not in (KeyError, ValueError, TypeError):
             raise err
         msg = err.args[0] if err.args else str(err)
         raise type(err)(f"Sample {name!r}: {msg}") from err
@@ -300,8 +319,11 @@ def _cell_type_categories(samples: list[_Sample]) -> list[str] | None:
     return names
 
 
-def _prepare_samples(named: list[tuple[str, SpatialData]], **kwargs: Any) -> list[_Sample]:
-    """:func:`_prepare_sample` of every sample (``kwargs``), raising the problems of all samples together."""
+def _prepare_samples(named: list[tuple[str, SpatialData]], *, name_samples: bool, **kwargs: Any) -> list[_Sample]:
+    """:func:`_prepare_sample` of every sample (``kwargs``), raising the problems of all samples together.
+
+    ``name_samples``: the samples came as a list or dict, so a problem of one of them names it.
+    """
     samples: list[_Sample] = []
     errors: list[tuple[str, Exception]] = []
     for name, sdata in named:
@@ -309,13 +331,13 @@ def _prepare_samples(named: list[tuple[str, SpatialData]], **kwargs: Any) -> lis
             samples.append(_prepare_sample(name, sdata, **kwargs))
         except (KeyError, ValueError, TypeError) as err:
             errors.append((name, err))
-    _raise_collected(errors, len(named))
+    _raise_collected(errors, name_samples or len(named) > 1)
     return samples
 
 
 def _set_spot_targets(
     samples: list[_Sample], genes: list[str], *, target_sum: float | None, scaling: str
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """Give every nucleus its spot and every spot its target of ``genes``; return a summary per sample.
 
     Must run before :func:`_subset_genes`: a spot's library size counts every gene of its table.

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import shapely
 from anndata import AnnData
+from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 
 from .._spatial import element_affine
@@ -29,7 +31,19 @@ from .._validation import _preview, get_counts, positions_of_ids, table_of_regio
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SpotData", "cells_in_spots", "nucleus_centroids", "prepare_spots", "spot_targets", "spot_tile_origins"]
+__all__ = [
+    "SpotData",
+    "cells_in_spots",
+    "nucleus_centroids",
+    "prepare_spots",
+    "spot_footprint",
+    "spot_targets",
+    "spot_tile_origins",
+]
+
+# Circles whose neighbours' centres are at most this many diameters apart are taken to tile the plane (bins drawn as
+# inscribed circles) rather than to be Visium/ST spots with gaps by design (1.8 and 2 diameters apart).
+_TOUCHING = 1.1
 
 
 @dataclass
@@ -196,6 +210,58 @@ def cells_in_spots(centroids_xy: np.ndarray, spots: SpotData) -> np.ndarray:
     m = spots.labels_to_spots
     shape_pos = assign_to_spots(xy @ m[:2, :2].T + m[:2, 2], spots.geometry)
     return np.where(shape_pos >= 0, spots.row_of_shape[np.maximum(shape_pos, 0)], -1).astype(np.int64)
+
+
+def spot_footprint(centroids_xy: np.ndarray, spots: SpotData) -> dict[str, Any]:
+    """How many nuclei lie among the spots, and how many of those fall in no spot.
+
+    The spots' footprint is their convex hull (of the polygons, or of the circles: the points within the largest
+    radius of the centres' hull), so nuclei beyond the outer spots do not count. ``contiguous``: the spots are meant
+    to tile the plane (polygons, or circles whose neighbours' centres are at most 1.1 diameters apart, as when bins
+    are drawn as inscribed circles), so the nuclei between them are lost by the geometry, not by design of the assay
+    (Visium and legacy ST spots are 1.8 and 2 diameters apart).
+
+    Parameters
+    ----------
+    centroids_xy
+        ``(n, 2)`` nucleus centroids in the labels' pixel space (x, y).
+    spots
+        From :func:`prepare_spots`.
+
+    Returns
+    -------
+    ``{"n_cells_near_spots", "n_cells_between_spots", "contiguous", "spacing"}``; ``spacing``, the median distance
+    between neighbouring spot centres, in the shapes' units.
+
+    Examples
+    --------
+    >>> spot_footprint(xy, spots)["n_cells_between_spots"]
+
+    """
+    geometry = spots.geometry
+    m = spots.labels_to_spots
+    xy = np.asarray(centroids_xy, dtype=np.float64).reshape(-1, 2) @ m[:2, :2].T + m[:2, 2]
+    if geometry.radius is not None:
+        size = 2 * float(np.median(geometry.radius))
+        hull = shapely.convex_hull(shapely.multipoints(geometry.centres))
+        margin = float(geometry.radius.max())
+    else:
+        size = float(np.sqrt(np.median(shapely.area(geometry.polygons))))
+        hull = shapely.convex_hull(shapely.multipoints(shapely.get_coordinates(geometry.polygons)))
+        margin = 0.0
+    if len(geometry) > 1:
+        spacing = float(np.median(cKDTree(geometry.centres).query(geometry.centres, k=2)[0][:, 1]))
+    else:
+        spacing = size
+    in_spot = assign_to_spots(xy, geometry) >= 0
+    tolerance = 1e-9 * max(1.0, float(np.abs(geometry.centres).max()))
+    near = in_spot | (shapely.distance(hull, shapely.points(xy)) <= margin + tolerance)
+    return {
+        "n_cells_near_spots": int(near.sum()),
+        "n_cells_between_spots": int((near & ~in_spot).sum()),
+        "contiguous": bool(geometry.radius is None or spacing <= _TOUCHING * size),
+        "spacing": spacing,
+    }
 
 
 def spot_tile_origins(

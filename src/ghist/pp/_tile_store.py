@@ -28,14 +28,18 @@ With spot-level supervision (``spots_key``; format version 2; no measured cells,
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -46,6 +50,8 @@ from tqdm.auto import tqdm
 from .._spatial import is_integer_translation, read_labels_window
 from ._tile_samples import _Sample, _spot_n_cells
 from ._tile_spots import spot_tile_origins
+
+logger = logging.getLogger(__name__)
 
 _FORMAT = "ghist.tiles"
 _FORMAT_VERSION = 2  # 2: spot-level stores; cell-level stores are still written as version 1
@@ -64,16 +70,86 @@ def _new_meta() -> dict[str, list]:
     return {k: [] for k in _META_KEYS}
 
 
-def _new_store_path(path: str | os.PathLike | None) -> Path:
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                total += os.path.getsize(os.path.join(root, name))
+    return total
+
+
+def _remove_folder(folder: str, owner_pid: int) -> None:
+    """Finalizer of :class:`_TempFolder`: remove the folder, in the process that made it only."""
+    if os.getpid() != owner_pid:  # a forked DataLoader worker holds a copy of the owner: never delete from there
+        return
+    size = _folder_bytes(Path(folder))
+    shutil.rmtree(folder, ignore_errors=True)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("Removed the temporary tile store %s (%.1f MB)", folder, size / 2**20)
+
+
+class _TempFolder:
+    """A temporary folder holding a tile store, removed once nothing refers to this owner any more.
+
+    Every :class:`~ghist.pp.TileSet` of the store (also those from :meth:`~ghist.pp.TileSet.with_fold` or reopened
+    at its path) holds the owner, so the folder lives exactly as long as some tile set of it. Only the creating
+    process removes it: a pickled owner (sent to DataLoader workers) comes back as the live owner in the creating
+    process and as an inert copy anywhere else.
+    """
+
+    _live: ClassVar[weakref.WeakValueDictionary[str, _TempFolder]] = weakref.WeakValueDictionary()
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="ghist_tiles_"))
+        self.pid = os.getpid()
+        self._finalizer: weakref.finalize | None = weakref.finalize(self, _remove_folder, str(self.folder), self.pid)
+        _TempFolder._live[os.path.realpath(self.folder)] = self
+        logger.debug("Made the temporary folder %s for a tile store", self.folder)
+
+    @classmethod
+    def _restore(cls, folder: str, pid: int) -> _TempFolder:
+        live = cls._live.get(os.path.realpath(folder))
+        if live is not None and live.pid == pid:
+            return live
+        inert = cls.__new__(cls)  # in another process: refers to the folder, never removes it
+        inert.folder, inert.pid, inert._finalizer = Path(folder), pid, None
+        return inert
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int]]:
+        return _TempFolder._restore, (str(self.folder), self.pid)
+
+    @classmethod
+    def owning(cls, path: Path) -> _TempFolder | None:
+        """The live owner of the temporary folder holding ``path``, if any (a store reopened at its path)."""
+        return cls._live.get(os.path.realpath(Path(path).parent))
+
+    def remove(self) -> None:
+        """Remove the folder now (a failed ``make_tiles``)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def log_created(self, path: Path) -> None:
+        logger.info(
+            "Tile store written to the temporary folder %s (%.1f MB); it is removed once no TileSet of it is used "
+            "any more (pass `path` to keep it).",
+            path,
+            _folder_bytes(self.folder) / 2**20,
+        )
+
+
+def _new_store_path(path: str | os.PathLike | None) -> tuple[Path, _TempFolder | None]:
+    """Where to write a new store, with the owner of its temporary folder when ``path`` is None."""
     if path is None:
-        return Path(tempfile.mkdtemp(prefix="ghist_tiles_")) / "tiles.zarr"
+        owner = _TempFolder()
+        return owner.folder / "tiles.zarr", owner
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(
             f"`path` {str(path)!r} already exists and is not empty; pass a new path, or reopen a tile store with "
             "`ghist.pp.TileSet.open(path)`."
         )
-    return path
+    return path, None
 
 
 def _channel_sums(image: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:

@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["make_tiles"]
 
+_SPOT_MISS_WARN = 0.1  # share of the nuclei among spots that fall in none, above which tiling spots warns
+
 
 @dataclass(frozen=True)
 class _Options:
@@ -95,7 +97,7 @@ class _Inputs:
     samples: list[_Sample]
     genes: list[str]
     cell_types: list[str] | None
-    spot_summaries: list[dict[str, float]]  # per sample, with spots only
+    spot_summaries: list[dict[str, Any]]  # per sample, with spots only
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,9 @@ def make_tiles(
     fold
         The test band, 1-based (top band first). ``None``: every tile trains (no validation or test).
     path
-        Directory of the new zarr store; must not exist or be empty. Default: a new temporary directory.
+        Directory of the new zarr store; must not exist or be empty. Default: a new temporary directory, removed
+        once no :class:`TileSet` of it (this one, those of :meth:`TileSet.with_fold`, their datasets and loaders)
+        is used any more; pass ``path`` to keep the store.
     key_added
         If given, also write the grid of kept tiles as polygons to ``sdata.shapes[key_added]`` of every sample
         (columns ``tile``, ``row``, ``col``, ``split``, ``n_cells``), in the image's coordinate systems.
@@ -240,9 +244,16 @@ def make_tiles(
         progress=progress,
     )
     inputs = _validate(sdata, genes, opts)
-    path = _new_store_path(path)
-    plans = _plan(inputs.samples, opts)
-    tiles, cut = _write(path, inputs, plans, opts)
+    path, owner = _new_store_path(path)
+    try:
+        plans = _plan(inputs.samples, opts)
+        tiles, cut = _write(path, inputs, plans, opts)
+    except BaseException:
+        if owner is not None:  # the temporary folder too, not only the store inside it
+            owner.remove()
+        raise
+    if owner is not None:
+        owner.log_created(path)
     _report(tiles, inputs, cut, opts)
     if key_added is not None:
         _add_tile_shapes(tiles, inputs.samples, opts)
@@ -260,6 +271,7 @@ def _validate(
     """Check every sample before any work (problems of all samples at once); choose the genes and cell types."""
     samples = _prepare_samples(
         _as_samples(sdata),
+        name_samples=not isinstance(sdata, SpatialData),
         image_key=opts.image_key,
         labels_key=opts.labels_key,
         table_key=opts.table_key,
@@ -403,6 +415,7 @@ def _report(tiles: TileSet, inputs: _Inputs, cut: _Cut, opts: _Options) -> None:
         )
         if sm["n_spots_with_cells"] == 0:
             logger.warning("Sample %r: no nucleus lies in any spot; check the spots' transformations.", s.name)
+        _report_spot_footprint(s.name, opts.spots_key, sm)
     unseen = sum(c["n_table_unseen"] for c in cut.cells)
     if unseen:
         logger.info("%d table cells fall in no tile (outside the image) and were left out.", unseen)
@@ -411,6 +424,47 @@ def _report(tiles: TileSet, inputs: _Inputs, cut: _Cut, opts: _Options) -> None:
     for split in SPLIT_NAMES if opts.fold is not None else ("train",):
         if len(tiles.indices(split)) == 0:
             logger.warning("The %s split has no tile with nuclei.", split)
+
+
+def _report_spot_footprint(name: str, spots_key: str | None, sm: dict[str, Any]) -> None:
+    """Log the share of nuclei among the spots that lie in no spot; warn where the geometry, not the assay, loses them.
+
+    Circles inscribed in square bins leave 1 - pi / 4 = 21% of the area between them: the nuclei there get no target.
+    Visium / ST spots have gaps by design (only logged).
+    """
+    near, between = sm["n_cells_near_spots"], sm["n_cells_between_spots"]
+    share = between / near if near else 0.0
+    logger.info(
+        "Sample %r: %d of the %d nuclei among the spots %r (%.0f%%) lie in no spot and supervise nothing.",
+        name,
+        between,
+        near,
+        spots_key,
+        100 * share,
+    )
+    if share <= _SPOT_MISS_WARN or not sm["contiguous"]:
+        return
+    if sm["kind"] == "circles":
+        logger.warning(
+            "Sample %r: %.0f%% of the %d nuclei among the spots %r lie in no spot: the circles touch their "
+            "neighbours (%.3g apart), as if drawn inside square bins, so the corners between them are lost. For "
+            "binned data (e.g. Visium HD), pass the bins as polygons (squares, e.g. `shapely.box`) so every nucleus "
+            "is in its bin.",
+            name,
+            100 * share,
+            near,
+            spots_key,
+            sm["spacing"],
+        )
+    else:
+        logger.warning(
+            "Sample %r: %.0f%% of the %d nuclei among the polygons %r lie in none of them: the polygons leave gaps; "
+            "check their geometry and transformations.",
+            name,
+            100 * share,
+            near,
+            spots_key,
+        )
 
 
 def _add_tile_shapes(tiles: TileSet, samples: list[_Sample], opts: _Options) -> None:

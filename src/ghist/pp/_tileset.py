@@ -17,7 +17,7 @@ import zarr
 
 from .._validation import _preview
 from ._folds import SPLIT_NAMES, TRAIN, _check_folds, _check_splits, _ignored_cells, _tile_splits
-from ._tile_store import _ATTRS, _FORMAT, _FORMAT_VERSION, _maybe_in_memory
+from ._tile_store import _ATTRS, _FORMAT, _FORMAT_VERSION, _maybe_in_memory, _TempFolder
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -83,6 +83,8 @@ class TileSet:
                 f"up to {_FORMAT_VERSION}. Update ghist."
             )
         self._attrs = attrs
+        # A store in a temporary folder of make_tiles lives as long as some TileSet of it: hold its owner.
+        self._owner = _TempFolder.owning(self._path)
         tiles = root["tiles"]
         self._sample = np.asarray(tiles["sample"][:], dtype=np.int64)
         self._row = np.asarray(tiles["row"][:], dtype=np.int64)

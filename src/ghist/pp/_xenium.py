@@ -289,6 +289,69 @@ def _check_inplace(sdata: SpatialData, image_key: str, labels_key: str, table_ke
         check_key_added(sdata, key, kind, overwrite=overwrite, arg=arg, hint="`inplace=False` to get a new SpatialData")
 
 
+_RAW_XENIUM_REGIONS = {"cell_labels", "cell_circles", "cell_boundaries"}
+_RAW_XENIUM_LABELS = {"cell_labels", "nucleus_labels"}
+
+
+def _raw_xenium_regions(sdata: SpatialData, table_key: str) -> list[str] | None:
+    """The regions of ``sdata.tables[table_key]`` when it is the cell table of ``spatialdata_io.xenium``, else None.
+
+    The reader's signature (module docstring): labels ``cell_labels``/``nucleus_labels``, and a table annotating the
+    cells (``cell_labels``, ``cell_circles`` or ``cell_boundaries``) with string ids in ``obs["cell_id"]``, which
+    :func:`prepare_xenium` has not rewritten.
+    """
+    if not _RAW_XENIUM_LABELS & set(sdata.labels) or table_key not in sdata.tables:
+        return None
+    table = sdata.tables[table_key]
+    if TableModel.ATTRS_KEY not in table.uns or "prepare_xenium" in table.uns.get(UNS_KEY, {}):
+        return None
+    regions = get_table_keys(table)[0]
+    regions = [regions] if isinstance(regions, str) else list(regions)
+    cell_id = table.obs.get("cell_id")
+    if not regions or not set(regions) <= _RAW_XENIUM_REGIONS or cell_id is None:
+        return None
+    return None if pd.api.types.is_integer_dtype(cell_id.dtype) else regions
+
+
+def check_not_raw_xenium(sdata: SpatialData, *, labels_key: str, table_key: str, sample: str = "0") -> None:
+    """Stop tiling straight from ``spatialdata_io.xenium`` output, which :func:`prepare_xenium` must convert first.
+
+    - ``labels_key="cell_labels"`` with the reader's table: whole-cell masks (nucleus and cytoplasm) would be taken
+      for nuclei, while ghist predicts per nucleus of the H&E: a warning;
+    - any other labels (``"nucleus_labels"``) with that table: the table annotates the cells, not the nuclei, and
+      nucleus ids are not cell ids: a :class:`ValueError` naming :func:`prepare_xenium`.
+
+    Examples
+    --------
+    >>> check_not_raw_xenium(sdata, labels_key="nuclei", table_key="table")
+
+    """
+    regions = _raw_xenium_regions(sdata, table_key)
+    if regions is None:
+        return
+    fix = (
+        "Run `sdata = ghist.pp.prepare_xenium(sdata)` first: it labels every Xenium nucleus with its cell's id and "
+        "rewrites the table to annotate those nuclei; then tile its result (labels 'nuclei', table 'table')."
+    )
+    if labels_key == "cell_labels" and labels_key in regions:
+        logger.warning(
+            "Sample %r: labels %r and table %r are raw `spatialdata_io.xenium` output: %r are whole-cell masks "
+            "(nucleus and cytoplasm), not nuclei, so training would pair each cell's expression with its whole "
+            "segmented area while ghist predicts per nucleus. %s",
+            sample,
+            labels_key,
+            table_key,
+            labels_key,
+            fix,
+        )
+        return
+    if labels_key not in regions:
+        raise ValueError(
+            f"Table {table_key!r} is raw `spatialdata_io.xenium` output: it annotates the cells {regions} with string "
+            f"ids in `obs['cell_id']`, not the nuclei of labels {labels_key!r} (nucleus ids are not cell ids). {fix}"
+        )
+
+
 def _channel_names(element: DataArray | DataTree) -> list[str]:
     image = scale0(element)
     return [str(c).lower() for c in image.coords["c"].values] if "c" in image.coords else []
