@@ -19,19 +19,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train on synthetic(seed=0), predict unseen synthetic(seed=1), evaluate")
     demo.add_argument("--out", default="ghist_demo_output", help="output folder (figure, metrics, model)")
-    demo.add_argument("--width", type=int, default=32, help="backbone width (64 = published architecture)")
-    demo.add_argument("--max-time", default="00:08:00", help="training budget, HH:MM:SS")
-    demo.add_argument("--max-epochs", type=int, default=200)
-    demo.add_argument("--image-size", type=int, default=None, help="synthetic slide size in pixels")
-    demo.add_argument("--tile-size", type=int, default=128, help="training tile size in pixels")
+    demo.add_argument("--width", type=_positive_int, default=32, help="backbone width (64 = published architecture)")
+    demo.add_argument("--max-time", type=_duration, default="00:08:00", help="training budget, HH:MM:SS")
+    demo.add_argument(
+        "--max-steps", type=_positive_int, default=None, help="optimisation steps (default: until --max-time)"
+    )
+    demo.add_argument(
+        "--max-epochs", type=_positive_int, default=None, help="passes over the tiles (default: no limit)"
+    )
+    demo.add_argument("--image-size", type=_positive_int, default=None, help="synthetic slide size in pixels")
+    demo.add_argument("--tile-size", type=_positive_int, default=128, help="training tile size in pixels")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
+    # Bad arguments fail here, before minutes of data generation and training.
     args = parser.parse_args(argv)
     if args.command == "demo":
         metrics = run_demo(
             out=Path(args.out),
             width=args.width,
             max_time=args.max_time,
+            max_steps=args.max_steps,
             max_epochs=args.max_epochs,
             image_size=args.image_size,
             tile_size=args.tile_size,
@@ -42,12 +49,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _duration(text: str) -> str:
+    from .tl._fit import _check_max_time
+
+    try:
+        _check_max_time(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected HH:MM:SS (e.g. 00:08:00), got {text!r}: {err}") from None
+    return text
+
+
 def run_demo(
     *,
     out: Path,
     width: int = 32,
     max_time: str = "00:08:00",
-    max_epochs: int = 200,
+    max_steps: int | None = None,
+    max_epochs: int | None = None,
     image_size: int | None = None,
     tile_size: int = 128,
     seed: int = 0,
@@ -77,6 +105,7 @@ def run_demo(
         reference=reference,
         width=width,
         max_time=max_time,
+        max_steps=max_steps,
         max_epochs=max_epochs,
         seed=seed,
         checkpoint_dir=out / "checkpoints",
@@ -107,6 +136,7 @@ def run_demo(
         "fraction_predicted": scores.attrs["fraction_predicted"],
         "best_epoch": model.best_epoch_,
         "epochs": len(model.history_),
+        "steps": int(model.history_["step"].iloc[-1]),
         "minutes": (time.perf_counter() - start) / 60,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -49,6 +49,7 @@ def trained(tiles, reference, tmp_path_factory):
         batch_size=4,
         lr=3e-3,
         seed=0,
+        precision="32-true",  # what the predict/evaluate tests expect of it, whatever the CPU
         progress=False,
         checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
     )

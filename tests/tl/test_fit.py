@@ -50,8 +50,8 @@ def test_resume_continues(tiles, tmp_path):
     state = torch.load(last, weights_only=True)  # tensors and plain containers only
     assert state["epoch"] == 0
     resumed = ghist.tl.fit(tiles, max_epochs=3, resume=last, checkpoint_dir=tmp_path / "run2", **kwargs)
-    # the resumed run trained epochs 1 and 2 only: its history starts where the first run stopped
-    assert resumed.history_["epoch"].tolist() == [1.0, 2.0]
+    # the resumed run trained epochs 1 and 2; its history carries the first run's epoch 0
+    assert resumed.history_["epoch"].tolist() == [0.0, 1.0, 2.0]
     assert resumed.best_epoch_ in (0, 1, 2)
 
     # A checkpoint that would run code when unpickled is refused before anything is trained.

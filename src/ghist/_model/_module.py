@@ -55,8 +55,9 @@ def spot_pairs(
 class GHISTModule(L.LightningModule):
     """Trains a :class:`GHISTNetwork`: AdamW with a linear decay to 0 over the training budget.
 
-    The budget is the larger fraction used of ``max_epochs`` and ``max_time``, so a time-limited run still
-    ends with a fully decayed learning rate.
+    The budget is whichever of the trainer's ``max_steps``, ``max_epochs`` and ``max_time`` ends first (the
+    largest fraction used), so a time-limited run still ends with a fully decayed learning rate; on resume the
+    steps and time already used count.
     """
 
     def __init__(
@@ -164,15 +165,24 @@ class GHISTModule(L.LightningModule):
 
 
 class EpochHistory(Callback):
-    """Collects the logged metrics of every epoch into a DataFrame (``GHISTModel.history_``)."""
+    """Collects the logged metrics of every epoch into a DataFrame (``GHISTModel.history_``).
+
+    The rows are part of every checkpoint (plain floats), so that a resumed run's history starts at epoch 0.
+    """
 
     def __init__(self):
         self.rows: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        row = {"epoch": float(trainer.current_epoch)}
+        row = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step)}
         row.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         self.rows.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [dict(row) for row in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [dict(row) for row in state_dict.get("rows", [])]
 
     def frame(self) -> pd.DataFrame:
         """The metrics, one row per epoch."""

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
+import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +25,39 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Optimisation steps trained when neither ``max_steps``, ``max_epochs`` nor ``max_time`` is given.
+DEFAULT_MAX_STEPS = 3000
+#: Below this many optimisation steps, :func:`fit` warns that the model is unlikely to be useful.
+MIN_USEFUL_STEPS = 300
+#: ``patience=None``: early stopping waits for epochs spanning about this many steps (and at least 10 epochs).
+PATIENCE_STEPS = 500
+#: What :class:`lightning.pytorch.Trainer` accepts as ``precision`` (``None``: ghist chooses).
+PRECISIONS = (
+    "32-true",
+    "32",
+    32,
+    "bf16-mixed",
+    "bf16-true",
+    "bf16",
+    "16-mixed",
+    "16-true",
+    "16",
+    16,
+    "64-true",
+    "64",
+    64,
+    "transformer-engine",
+    "transformer-engine-float16",
+    None,
+)
+# Lightning messages that say nothing to a ghist user (ghist says what matters in its own words).
+_LIGHTNING_NOISE = (
+    r"Checkpoint directory .* exists and is not empty",
+    r"The dirpath has changed from",
+    r".*isinstance\(treespec, LeafSpec\)",
+    r".*does not have many workers",
+)
+
 
 def fit(
     tiles: TileSet,
@@ -30,8 +67,11 @@ def fit(
     cell_type_groups: Mapping[str, Sequence[str]] | None = None,
     width: int = 64,
     embed_dim: int = 256,
-    max_epochs: int = 50,
+    max_steps: int | None = None,
+    max_epochs: int | None = None,
     max_time: str | timedelta | None = None,
+    early_stopping: bool = True,
+    patience: int | None = None,
     batch_size: int = 8,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
@@ -50,10 +90,13 @@ def fit(
 ) -> GHISTModel:
     """Train the GHIST network on tiles cut by :func:`ghist.pp.make_tiles`.
 
-    Trains on the training band with AdamW (learning rate decaying linearly to 0 over the budget, the
-    larger fraction used of ``max_epochs`` and ``max_time``), random flips and 90° rotations; after every epoch
-    it scores the validation band (mean gene Pearson plus cell-type macro F1), writes a checkpoint, and at
-    the end keeps the weights of the best epoch.
+    Trains on the training band with AdamW (learning rate decaying linearly to 0 over the budget: whichever of
+    ``max_steps``, ``max_epochs`` and ``max_time`` ends first), random flips and 90° rotations; after every epoch
+    it scores the validation band (mean gene Pearson plus cell-type macro F1), writes a checkpoint, stops early
+    when that score has not improved for ``patience`` epochs, and at the end keeps the weights of the best epoch.
+
+    Without any budget, it trains for 3,000 optimisation steps (``DEFAULT_MAX_STEPS``); with only ``max_time``, until
+    the time is up. It warns when it trained fewer than 300 steps, or when the best validation score is near chance.
 
     Parameters
     ----------
@@ -73,10 +116,20 @@ def fit(
         quickly on a CPU.
     embed_dim
         Size of the per-cell embedding.
+    max_steps
+        Maximum number of optimisation steps (batches); ``None``: no step limit if ``max_epochs`` or ``max_time``
+        is given, else 3,000.
     max_epochs
-        Maximum number of passes over the training tiles.
+        Maximum number of passes over the training tiles; ``None``: no epoch limit.
     max_time
-        Wall-clock budget, e.g. ``"00:20:00"`` (``"DD:HH:MM:SS"`` or ``"HH:MM:SS"``) or a :class:`~datetime.timedelta`.
+        Wall-clock budget of training, e.g. ``"00:20:00"`` (``"DD:HH:MM:SS"`` or ``"HH:MM:SS"``) or a
+        :class:`~datetime.timedelta` (a bare number is refused: its unit would be a guess). With ``resume``, the
+        time already used by the run resumed counts.
+    early_stopping
+        Stop when the validation score has not improved for ``patience`` epochs (not without validation tiles).
+    patience
+        Epochs without improvement before stopping early; ``None``: the epochs of about 500 optimisation steps, at
+        least 10.
     batch_size
         Tiles per optimisation step.
     lr, weight_decay
@@ -90,14 +143,16 @@ def fit(
         ``accelerator`` is one of ``"auto"``, ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"mps"`` (``"auto"``: CUDA, then
         MPS, then the CPU, as :func:`ghist.tl.predict` chooses); the device it resolves to, ``devices``, ``strategy``
         and ``precision`` go to :class:`lightning.pytorch.Trainer`: e.g. ``accelerator="gpu", devices=4,
-        strategy="ddp"`` or ``precision="16-mixed"``. ``precision=None`` picks ``"bf16-mixed"`` where bfloat16 is
-        native: CPUs with AVX512-BF16 or AMX (about 3x faster training than float32) and CUDA GPUs from Ampere on
-        (1.7x on an H200 at width 64, 256-px tiles); ``"32-true"`` elsewhere.
+        strategy="ddp"`` or ``precision="16-mixed"``. ``precision=None`` picks ``"bf16-mixed"`` on CUDA GPUs from
+        Ampere on (1.7x faster on an H200 at width 64, 256-px tiles) and ``"32-true"`` everywhere else, so that a
+        seed gives the same model on any CPU. ``precision="bf16-mixed"`` on a CPU with AVX512-BF16 or AMX trains up
+        to about 3x faster per step, but learns less per step at small widths (a tiny test fit reached cell-type
+        accuracy 0.16 with it, 0.68 in float32): compare on your data before relying on it.
     seed
         Seed of weights, tile order and augmentation; the same seed gives the same model on the CPU.
     checkpoint_dir
-        Where checkpoints (``last.ckpt`` after every epoch, and the best epoch) and the metrics CSV go; a new
-        temporary directory by default.
+        Where checkpoints (``last.ckpt`` after every epoch, and the best epoch) and the metrics CSV (``logs/``) go;
+        by default a temporary directory, removed once the best weights are in the returned model.
     resume
         A checkpoint (e.g. ``<checkpoint_dir>/last.ckpt``) to continue training from. It is read with
         ``torch.load(..., weights_only=True)``: a checkpoint holding anything but tensors and plain containers (e.g.
@@ -105,7 +160,7 @@ def fit(
     num_workers
         DataLoader worker processes.
     progress
-        Show a progress bar.
+        Show a progress bar (Lightning's banners and tips are never shown).
     **trainer_kwargs
         Other :class:`lightning.pytorch.Trainer` arguments; ``callbacks=[...]`` are run after ghist's own
         (checkpointing, history, progress bar).
@@ -113,19 +168,20 @@ def fit(
     Returns
     -------
     The trained :class:`ghist.GHISTModel` (weights of the best validation epoch; ``history_`` holds the per-epoch
-    metrics).
+    metrics and optimisation ``step``, including those of a run resumed from).
 
     Examples
     --------
     >>> import ghist
     >>> sdata = ghist.datasets.synthetic(image_size=256, n_genes=20, seed=0)
     >>> tiles = ghist.pp.make_tiles(sdata, cell_type_key="cell_type", tile_size=64)
-    >>> model = ghist.tl.fit(tiles, width=4, embed_dim=16, max_epochs=1, progress=False)  # doctest: +SKIP
+    >>> model = ghist.tl.fit(tiles, width=4, embed_dim=16, max_steps=20, progress=False)  # doctest: +SKIP
+    >>> model = ghist.tl.fit(tiles, width=32, max_time="00:10:00")  # doctest: +SKIP
 
     """
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
@@ -139,17 +195,25 @@ def fit(
         raise TypeError(f"`tiles` must be a ghist TileSet from `ghist.pp.make_tiles`, got {type(tiles).__name__}.")
     if len(tiles.train) == 0:
         raise ValueError(f"{tiles!r}\nhas no training tiles; cut more tiles or use fewer folds.")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
+    for name, value in (("width", width), ("embed_dim", embed_dim), ("batch_size", batch_size)):
+        _check_int(name, value, 1)
+    for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs), ("patience", patience)):
+        _check_int(name, value, 1, optional=True)
+    _check_int("num_workers", num_workers, 0)
+    _check_number("lr", lr, positive=True)
+    _check_number("weight_decay", weight_decay, positive=False)
     if isinstance(color_jitter, bool) or not isinstance(color_jitter, int | float) or not 0 <= color_jitter < 1:
         raise ValueError(f"`color_jitter` must be a fraction in [0, 1), got {color_jitter!r}.")
+    if isinstance(precision, bool) or precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {list(PRECISIONS)}, got {precision!r}.")
+    max_time = _check_max_time(max_time)
     device = resolve_device(accelerator)
     if resume is not None:
         if not Path(resume).exists():
             raise FileNotFoundError(f"Checkpoint to resume from not found: {str(resume)!r}.")
         _read_checkpoint(resume)  # refuse a damaged or unsafe checkpoint before any training starts
-    if isinstance(max_time, str):
-        max_time = _parse_duration(max_time)
+    if max_steps is None and max_epochs is None and max_time is None:
+        max_steps = DEFAULT_MAX_STEPS
 
     profiles, profile_names = _reference_matrix(reference, reference_groupby, tiles.genes, reference_profiles)
 
@@ -195,8 +259,13 @@ def fit(
     if not has_val:
         logger.warning("No validation tiles: the last epoch is kept instead of the best validation epoch.")
 
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tempfile.mkdtemp(prefix="ghist_fit_"))
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    temporary = checkpoint_dir is None
+    if temporary:
+        checkpoint_dir = Path(tempfile.mkdtemp(prefix="ghist_fit_"))
+    else:
+        checkpoint_dir = Path(checkpoint_dir)
+        _warn_if_old_checkpoints(checkpoint_dir, resume)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     monitor, mode = ("val_score", "max") if has_val else ("train_loss_epoch", "min")
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir,
@@ -204,10 +273,25 @@ def fit(
         monitor=monitor,
         mode=mode,
         save_top_k=1,
-        save_last=True,
+        # After the epoch's history row is written, so that a checkpoint carries the whole history.
+        save_on_train_epoch_end=True,
+    )
+    # Lightning 2.6's `save_last` writes `last.ckpt` only in epochs that improve the monitored score, which would
+    # make a resume restart from the best epoch rather than the last one: a second, unmonitored checkpoint does it.
+    last = ModelCheckpoint(
+        dirpath=checkpoint_dir,
+        filename="last",
+        save_top_k=1,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
     )
     history = EpochHistory()
-    callbacks: list[Callback] = [checkpoint, history]
+    callbacks: list[Callback] = [checkpoint, last, history]
+    if early_stopping and has_val:
+        if patience is None:
+            steps_per_epoch = math.ceil(len(tiles.train) / batch_size)
+            patience = max(10, math.ceil(PATIENCE_STEPS / steps_per_epoch))
+        callbacks.append(EarlyStopping(monitor="val_score", mode="max", patience=patience, check_finite=False))
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     extra = trainer_kwargs.pop("callbacks", None) or []
@@ -215,55 +299,152 @@ def fit(
 
     on_cpu, on_cuda = device.type == "cpu", device.type == "cuda"
     if precision is None:
-        native_bf16 = _cpu_has_bf16() if on_cpu else on_cuda and _cuda_has_bf16()
-        precision = "bf16-mixed" if native_bf16 else "32-true"
+        # Not bf16 on CPUs even where native: results would then depend on the CPU (see the docstring).
+        precision = "bf16-mixed" if on_cuda and _cuda_has_bf16() else "32-true"
     # NHWC convolutions are what oneDNN (CPU) and cuDNN's tensor cores run fastest, above all in mixed precision.
     model.network.to(memory_format=torch.channels_last)
-    trainer = L.Trainer(
-        accelerator=lightning_accelerator(device),
-        devices=devices,
-        strategy=strategy,
-        precision=precision,
-        max_epochs=max_epochs,
-        max_time=max_time,
-        callbacks=callbacks,
-        logger=CSVLogger(checkpoint_dir, name="logs"),
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        deterministic=True if on_cpu else "warn",
-        default_root_dir=checkpoint_dir,
-        **trainer_kwargs,
+    budget = ", ".join(
+        f"{name} {value}"
+        for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs), ("max_time", max_time))
+        if value is not None
     )
     logger.info(
-        "Training GHIST (width=%d, %s) on %d tiles, validating on %d; checkpoints in %s",
+        "Training GHIST (width=%d, precision %s, %s) on %d tiles, validating on %d; checkpoints in %s",
         width,
         precision,
+        budget,
         len(tiles.train),
         len(tiles.val),
         checkpoint_dir,
     )
-    with _quiet_lightning(not progress):
-        trainer.fit(
-            module,
-            train_loader,
-            val_loader,
-            ckpt_path=None if resume is None else str(resume),
-            # Lightning unpickles checkpoints fully by default; tensors and plain containers are all ghist stores.
-            weights_only=True,
+    try:
+        with _quiet_lightning():
+            trainer = L.Trainer(
+                accelerator=lightning_accelerator(device),
+                devices=devices,
+                strategy=strategy,
+                precision=precision,
+                max_steps=-1 if max_steps is None else max_steps,
+                # -1: no epoch limit (Lightning's None would mean 1000 epochs)
+                max_epochs=-1 if max_epochs is None else max_epochs,
+                max_time=max_time,
+                callbacks=callbacks,
+                logger=CSVLogger(checkpoint_dir, name="logs"),
+                enable_progress_bar=progress,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                log_every_n_steps=1,
+                deterministic=True if on_cpu else "warn",
+                default_root_dir=checkpoint_dir,
+                **trainer_kwargs,
+            )
+            trainer.fit(
+                module,
+                train_loader,
+                val_loader,
+                ckpt_path=None if resume is None else str(resume),
+                # Lightning unpickles checkpoints fully by default; tensors and plain containers are all ghist stores.
+                weights_only=True,
+            )
+
+        best = checkpoint.best_model_path or last.best_model_path
+        best_epoch = None
+        if best:
+            state = _read_checkpoint(best)
+            module.load_state_dict(state["state_dict"])
+            best_epoch = int(state.get("epoch", -1))
+    finally:
+        if temporary:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    model.network.cpu().to(memory_format=torch.contiguous_format)
+    frame = history.frame()
+    model._mark_trained(best_epoch, frame)
+    logger.info(
+        "Finished training after %d optimisation steps: best epoch %s (%s=%s)%s",
+        trainer.global_step,
+        best_epoch,
+        monitor,
+        _fmt(checkpoint.best_model_score),
+        f"; removed the temporary checkpoints in {checkpoint_dir}" if temporary else "",
+    )
+    _warn_if_weak(frame, best_epoch, trainer.global_step, model.n_types)
+    return model
+
+
+def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}{' (or None)' if optional else ''}, got {value!r}.")
+
+
+def _check_number(name: str, value: Any, *, positive: bool) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ValueError(f"`{name}` must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}.")
+
+
+def _check_max_time(max_time: Any) -> timedelta | None:
+    if max_time is None:
+        return None
+    if isinstance(max_time, str):
+        parsed = _parse_duration(max_time)
+    elif isinstance(max_time, timedelta):
+        parsed = max_time
+    else:
+        raise ValueError(
+            f"`max_time` must be a string 'HH:MM:SS' (or 'DD:HH:MM:SS') or a datetime.timedelta, got {max_time!r} "
+            f"({type(max_time).__name__}); e.g. '00:10:00' for ten minutes."
+        )
+    if parsed.total_seconds() < 1:
+        raise ValueError(f"`max_time` must allow at least one step (1 second or more), got {max_time!r}.")
+    return parsed
+
+
+def _warn_if_old_checkpoints(checkpoint_dir: Path, resume: str | os.PathLike | None) -> None:
+    """Say so when a run is about to replace the checkpoints of another run (not the one it resumes)."""
+    if not checkpoint_dir.is_dir():
+        return
+    old = sorted(p.name for p in checkpoint_dir.glob("*.ckpt"))
+    resuming_here = resume is not None and Path(resume).resolve().parent == checkpoint_dir.resolve()
+    if old and not resuming_here:
+        logger.warning(
+            "`checkpoint_dir` %s already holds checkpoints of an earlier run (%s); `last.ckpt` will be replaced.",
+            checkpoint_dir,
+            ", ".join(old),
         )
 
-    best = checkpoint.best_model_path or checkpoint.last_model_path
-    best_epoch = None
-    if best:
-        state = _read_checkpoint(best)
-        module.load_state_dict(state["state_dict"])
-        best_epoch = int(state.get("epoch", -1))
-    model.network.cpu().to(memory_format=torch.contiguous_format)
-    model._mark_trained(best_epoch, history.frame())
-    logger.info("Finished training: best epoch %s (%s=%s)", best_epoch, monitor, _fmt(checkpoint.best_model_score))
-    return model
+
+def _warn_if_weak(history, best_epoch: int | None, steps: int, n_types: int) -> None:
+    """Warn when training was too short to be useful or the best validation score is near chance."""
+    if steps < MIN_USEFUL_STEPS:
+        logger.warning(
+            "Trained for %d optimisation steps; results are unlikely to be useful below ~%d: raise `max_time` "
+            "(or `max_steps`).",
+            steps,
+            MIN_USEFUL_STEPS,
+        )
+    if history is None or history.empty or "val_score" not in history.columns:
+        return
+    rows = history[history["epoch"] == best_epoch] if best_epoch is not None else history.iloc[[-1]]
+    best = (rows if len(rows) else history.iloc[[-1]]).iloc[-1]
+    if n_types > 1 and "val_f1" in history.columns and np.isfinite(best["val_f1"]):
+        chance = 1.0 / n_types
+        if best["val_f1"] < chance + 0.05:
+            logger.warning(
+                "The best validation cell-type macro F1 (%.3f) is near chance (1/%d cell types = %.3f): the model "
+                "has not learnt cell types; train longer or check the cell-type labels.",
+                best["val_f1"],
+                n_types,
+                chance,
+            )
+    if "val_pearson" in history.columns and np.isfinite(best["val_pearson"]) and best["val_pearson"] < 0.05:
+        logger.warning(
+            "The best validation mean gene Pearson (%.3f) is near chance (0): the model has not learnt expression; "
+            "train longer.",
+            best["val_pearson"],
+        )
 
 
 def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -320,13 +501,6 @@ def _reference_matrix(
     return matrix, [str(n) for n in reference.obs_names]
 
 
-def _cpu_has_bf16() -> bool:
-    import torch
-
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
 def _cuda_has_bf16() -> bool:
     """Native bfloat16 on the current CUDA device (Ampere, compute capability 8, and later).
 
@@ -353,20 +527,23 @@ def _fmt(value: Any) -> str:
 
 
 class _quiet_lightning:
-    """Silence Lightning's informational banner (accelerator, TPU, ...) when progress is off."""
+    """Silence Lightning's informational banners (accelerator, TPU, tips) and warnings that ghist handles itself."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self):
         self._levels: dict[str, int] = {}
+        self._warnings = warnings.catch_warnings()
 
     def __enter__(self):
-        if self.enabled:
-            for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-                log = logging.getLogger(name)
-                self._levels[name] = log.level
-                log.setLevel(logging.WARNING)
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            log = logging.getLogger(name)
+            self._levels[name] = log.level
+            log.setLevel(logging.WARNING)
+        self._warnings.__enter__()
+        for pattern in _LIGHTNING_NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
         return self
 
     def __exit__(self, *exc):
+        self._warnings.__exit__(*exc)
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
