@@ -3,8 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import spatialdata
+from spatialdata.models import Labels2DModel
 
 import ghist
+from ghist._validation import ValidationError
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +107,21 @@ def test_errors(cohort, trained):
     slides, _ = cohort
     with pytest.raises(ValueError, match="empty"):
         ghist.tl.predict_cohort({}, trained, progress=False)
-    with pytest.raises(KeyError, match="image 'hne' not found"):
+    with pytest.raises(ValidationError, match="Image 'hne' not found") as info:
         ghist.tl.predict_cohort(slides, trained, image_key="hne", progress=False)
+    assert len(info.value.problems) == len(slides)  # every slide's problem, each naming its slide
+    assert all(p.startswith(f"Slide {s!r}:") for p, s in zip(info.value.problems, slides))
     no_labels = {"s": spatialdata.SpatialData(images={"he": next(iter(slides.values())).images["he"]})}
-    with pytest.raises(KeyError, match="segment=True"):
+    with pytest.raises(ValidationError, match="segment=True"):
         ghist.tl.predict_cohort(no_labels, trained, segment=False, progress=False)
     with pytest.raises(KeyError, match="none of its genes"):
         ghist.tl.predict_cohort(slides, trained, gene_sets={"x": ["NOPE"]}, progress=False)
-    with pytest.raises(FileNotFoundError, match=r"missing\.zarr"):
+    with pytest.raises(ValidationError, match=r"Slide 's': no SpatialData zarr store at 'missing\.zarr'"):
         ghist.tl.predict_cohort({"s": "missing.zarr"}, trained, progress=False)
     with pytest.raises(TypeError, match="key_added"):
         ghist.tl.predict_cohort(slides, trained, key_added="x", progress=False)
+    with pytest.raises(ValueError, match="on_error"):
+        ghist.tl.predict_cohort(slides, trained, on_error="ignore", progress=False)
 
 
 def test_slide_task_rebuilds_the_model_from_its_state(cohort, trained):
@@ -141,3 +147,137 @@ def test_slide_task_rebuilds_the_model_from_its_state(cohort, trained):
     from_state, _ = _predict_slide(sample, slides[sample], state, options)
     from_model, _ = _predict_slide(sample, slides[sample], trained, options)
     np.testing.assert_allclose(from_state, from_model, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- bad slides, cache
+def _float_image(slide):
+    image = slide.images["he"].astype("float32") / 255
+    return spatialdata.SpatialData(images={"he": image}, labels={"nuclei": slide.labels["nuclei"]})
+
+
+def _empty_labels(slide):
+    labels = Labels2DModel.parse(np.zeros(slide.labels["nuclei"].shape, dtype=np.int32), dims=("y", "x"))
+    return spatialdata.SpatialData(images={"he": slide.images["he"]}, labels={"nuclei": labels})
+
+
+def _half_labels(slide):
+    labels = Labels2DModel.parse(np.asarray(slide.labels["nuclei"])[::2, ::2], dims=("y", "x"))
+    return spatialdata.SpatialData(images={"he": slide.images["he"]}, labels={"nuclei": labels})
+
+
+@pytest.fixture
+def count_work(monkeypatch):
+    """Counts the slides that get predicted (after the up-front checks)."""
+    from ghist.tl import _cohort
+
+    calls = []
+    real = _cohort._predict_one
+
+    def counting(sample, *args, **kwargs):
+        calls.append(sample)
+        return real(sample, *args, **kwargs)
+
+    monkeypatch.setattr(_cohort, "_predict_one", counting)
+    return calls
+
+
+def test_every_slide_is_checked_before_any_work(cohort, trained, count_work, tmp_path):
+    slides, _ = cohort
+    good, other = list(slides.values())[:2]
+    broken = tmp_path / "broken.zarr"
+    broken.mkdir()
+    bad = {
+        "good": good,
+        "float": _float_image(other),
+        "half": _half_labels(other),
+        "gone": tmp_path / "gone.zarr",
+        "broken": broken,
+    }
+    with pytest.raises(ValidationError) as info:
+        ghist.tl.predict_cohort(bad, trained, progress=False, accelerator="cpu")
+    text = str(info.value)
+    assert "Slide 'float': Image 'he' has dtype float32" in text
+    assert "Slide 'half': Image 'he' and labels 'nuclei' have the same transformation" in text
+    assert "Slide 'gone': no SpatialData zarr store" in text
+    assert "Slide 'broken': cannot open" in text
+    assert "'good'" not in text
+    assert count_work == []  # nothing predicted
+
+
+def test_skip_keeps_the_finished_slides_and_the_cache_resumes(cohort, trained, count_work, tmp_path, caplog):
+    import json
+
+    slides, _ = cohort
+    first, second, third = list(slides)
+    mixed = {
+        first: slides[first],
+        "float": _float_image(slides[second]),  # refused up front
+        "empty": _empty_labels(slides[second]),  # fails while predicted
+        third: slides[third],
+    }
+    cache = tmp_path / "cache"
+    with caplog.at_level("WARNING", logger="ghist"):
+        adata = ghist.tl.predict_cohort(
+            mixed, trained, on_error="skip", cache_dir=cache, progress=False, accelerator="cpu"
+        )
+    assert list(adata.obs_names) == [first, third]
+    failed = adata.uns["ghist_cohort"]["failed"]
+    assert list(failed) == ["float", "empty"]
+    assert failed["float"].startswith("ValidationError: Image 'he' has dtype float32")
+    assert failed["empty"].startswith("ValueError: No nucleus of 'nuclei'")
+    json.dumps(adata.uns["ghist_cohort"], allow_nan=False)
+    assert "'empty'" in caplog.text
+    assert "'float'" in caplog.text
+    assert count_work == [first, "empty", third]
+    assert len(list(cache.glob("*.npz"))) == 2
+    assert not list(cache.glob(".tmp-*"))
+
+    # A rerun predicts only what is not finished; the same settings give the same rows.
+    count_work.clear()
+    with caplog.at_level("INFO", logger="ghist"):
+        again = ghist.tl.predict_cohort(
+            mixed, trained, on_error="skip", cache_dir=cache, progress=False, accelerator="cpu"
+        )
+    assert count_work == ["empty"]
+    assert "Reused 2 of 4 slides" in caplog.text
+    assert again.uns["ghist_cohort"]["cached"] == [first, third]
+    np.testing.assert_array_equal(again.X, adata.X)
+    # Other settings: nothing is reused.
+    count_work.clear()
+    ghist.tl.predict_cohort(
+        {first: slides[first]}, trained, cache_dir=cache, progress=False, accelerator="cpu", alpha=0.0
+    )
+    assert count_work == [first]
+
+
+def test_an_error_names_its_slide_and_keeps_its_type(cohort, trained, tmp_path):
+    slides, _ = cohort
+    first, second = list(slides)[:2]
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"^Slide 'empty': No nucleus of 'nuclei'") as info:
+        ghist.tl.predict_cohort(
+            {first: slides[first], "empty": _empty_labels(slides[second])},
+            trained,
+            cache_dir=cache,
+            progress=False,
+            accelerator="cpu",
+        )
+    assert type(info.value) is ValueError
+    assert info.value.__cause__ is not None
+    assert len(list(cache.glob("*.npz"))) == 1  # the slide finished before the failure is kept
+
+
+def test_distributed_skip_writes_the_cache_on_the_client(cohort, trained, tmp_path):
+    from distributed import Client
+
+    slides, _ = cohort
+    first, second = list(slides)[:2]
+    cache = tmp_path / "cache"
+    mixed = {first: slides[first], "empty": _empty_labels(slides[second])}
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        adata = ghist.tl.predict_cohort(mixed, trained, client=client, on_error="skip", cache_dir=cache, progress=False)
+    assert list(adata.obs_names) == [first]
+    assert adata.uns["ghist_cohort"]["failed"]["empty"].startswith("ValueError: No nucleus")
+    assert len(list(cache.glob("*.npz"))) == 1
+    local = ghist.tl.predict_cohort({first: slides[first]}, trained, cache_dir=cache, progress=False, accelerator="cpu")
+    assert local.uns["ghist_cohort"]["cached"] == [first]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -17,6 +20,7 @@ from spatialdata import SpatialData
 
 from .._constants import IMAGE_KEY, LABELS_KEY, PRED_CELL_TYPE_KEY, PRED_KEY
 from .._docs import doc_image_key, doc_labels_key, doc_params, doc_progress
+from .._validation import ValidationError
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -44,6 +48,8 @@ def predict_cohort(
     segment: bool = True,
     segment_kwargs: Mapping[str, Any] | None = None,
     score_kwargs: Mapping[str, Any] | None = None,
+    on_error: Literal["raise", "skip"] = "raise",
+    cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     **predict_kwargs: Any,
 ) -> AnnData:
@@ -64,6 +70,10 @@ def predict_cohort(
     worker); the model's weights are sent once to every worker (:meth:`~distributed.Client.scatter`) and the
     prediction runs on the workers' CPUs (unless ``accelerator`` says otherwise). Without a client, slides are
     predicted one after the other in this process.
+
+    Every slide is checked before any slide is predicted (image and labels keys, image dtype and channels,
+    labels dtype, the extents of image and labels, that a path opens as a SpatialData store), and every problem
+    found is reported at once, naming its slide. An error while a slide is predicted names the slide too.
 
     Parameters
     ----------
@@ -91,6 +101,17 @@ def predict_cohort(
         Extra arguments of :func:`scanpy.tl.score_genes` (e.g. ``ctrl_size``, ``n_bins``). Defaults here:
         ``random_state=0`` (reproducible scores) and ``n_bins`` the number of genes // 10, between 1 and 25 (so
         that small panels still have control genes in every expression bin).
+    on_error
+        ``"raise"``: a slide that fails its checks stops the run before any work (one
+        :class:`~ghist._validation.ValidationError` lists the problems of every slide), and an error while
+        predicting a slide is raised, naming the slide. ``"skip"``: such slides are left out of the result (with a
+        warning) and listed in ``uns["ghist_cohort"]["failed"]``; the other slides are returned.
+    cache_dir
+        A folder keeping each finished slide's features (one ``.npz`` file per slide, written as soon as the slide
+        is done), keyed by its sample id and a fingerprint of the model's weights and of these settings. A rerun
+        with the same folder, model and settings reuses the slides finished before (e.g. after a failure or an
+        interruption) instead of predicting them again. Sample ids name slides across runs: a different slide
+        under a reused sample id is not detected.
     {progress}
     **predict_kwargs
         Passed on to :func:`ghist.tl.predict` (e.g. ``alpha``, ``batch_size``, ``accelerator``, ``seed``).
@@ -104,7 +125,10 @@ def predict_cohort(
       ``per_type``) and ``score:<name>`` (with ``gene_sets``);
     - ``var["kind"]``: ``"count"``, ``"prop"``, ``"expr"``, ``"expr_by_type"`` or ``"score"``;
     - ``obs["segmented"]``: whether the slide's nuclei were segmented here;
-    - ``uns["ghist_cohort"]["params"]``: the settings of the run.
+    - ``uns["ghist_cohort"]["params"]``: the settings of the run;
+    - ``uns["ghist_cohort"]["failed"]``: sample id -> ``"ExceptionType: message"`` of the slides left out
+      (with ``on_error="skip"``; empty otherwise), and ``uns["ghist_cohort"]["cached"]``: the sample ids whose
+      features were read from ``cache_dir``.
 
     Examples
     --------
@@ -112,6 +136,11 @@ def predict_cohort(
     >>> cohort = ghist.tl.predict_cohort(slides, model, gene_sets={{"immune": ["PTPRC", "CD3E"]}})  # doctest: +SKIP
     >>> cohort.obs = cohort.obs.join(clinical)  # doctest: +SKIP
     >>> ghist.tl.survival(cohort, duration_key="time", event_key="event")  # doctest: +SKIP
+
+    Keep going past broken slides, and resume an interrupted run:
+
+    >>> cohort = ghist.tl.predict_cohort(slides, model, on_error="skip", cache_dir="cohort_cache")  # doctest: +SKIP
+    >>> cohort.uns["ghist_cohort"]["failed"]  # doctest: +SKIP
 
     With a cluster, one task per slide:
 
@@ -131,11 +160,21 @@ def predict_cohort(
     reserved = sorted(set(predict_kwargs) & set(_RESERVED))
     if reserved:
         raise TypeError(f"{reserved} are set by `predict_cohort`; pass `image_key`/`labels_key` to it directly.")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"`on_error` must be 'raise' or 'skip', got {on_error!r}.")
     samples = [str(s) for s in slides]
     if len(set(samples)) != len(samples):
         raise ValueError("Sample ids of `slides` are not unique once converted to strings.")
-    for sample, slide in slides.items():
-        _check_slide(str(sample), slide, image_key, labels_key, segment)
+    slides = {str(sample): slide for sample, slide in slides.items()}
+    wrong = [
+        f"{sample!r} is a {type(slide).__name__}"
+        for sample, slide in slides.items()
+        if not isinstance(slide, SpatialData | str | os.PathLike)
+    ]
+    if wrong:
+        raise TypeError(
+            f"Slides must be a SpatialData or the path of a SpatialData zarr store; slide {'; slide '.join(wrong)}."
+        )
     gene_sets = _check_gene_sets(gene_sets, model.genes)
     names, kinds = _feature_names(model, gene_sets, per_type)
     options = {
@@ -148,15 +187,58 @@ def predict_cohort(
         "score_kwargs": dict(score_kwargs or {}),
         "predict_kwargs": dict(predict_kwargs),
     }
-    start = time.perf_counter()
-    if client is None:
-        results = _run_local(slides, model, options, progress)
-    else:
+    if client is not None:
         options["predict_kwargs"].setdefault("accelerator", "cpu")
-        results = _run_distributed(slides, model, {**options, "in_worker": True}, client, progress)
 
-    X = np.vstack([results[s][0] for s in slides])
-    obs = pd.DataFrame({"segmented": [bool(results[s][1]) for s in slides]}, index=pd.Index(samples))
+    # Every slide is checked before any is predicted, so that a bad slide late in the list costs no work.
+    failed: dict[str, str] = {}
+    problems = {
+        sample: _slide_problems(sample, slide, image_key, labels_key, segment) for sample, slide in slides.items()
+    }
+    problems = {sample: found for sample, found in problems.items() if found}
+    if problems and on_error == "raise":
+        raise ValidationError([f"Slide {sample!r}: {p}" for sample, found in problems.items() for p in found])
+    for sample, found in problems.items():
+        failed[sample] = "ValidationError: " + "; ".join(found)
+        logger.warning("Skipping slide %r: %s", sample, "; ".join(found))
+
+    cache = _Cache(cache_dir, model, options, names) if cache_dir is not None else None
+    results: dict[str, tuple[np.ndarray, bool]] = {}
+    todo = {sample: slide for sample, slide in slides.items() if sample not in problems}
+    cached = []
+    if cache is not None:
+        for sample in list(todo):
+            hit = cache.load(sample)
+            if hit is not None:
+                results[sample] = hit
+                cached.append(sample)
+                del todo[sample]
+        logger.info("Reused %d of %d slides from the cache %s", len(cached), len(slides), os.fspath(cache_dir))
+
+    def done(sample: str, result: tuple[np.ndarray, bool]) -> None:
+        results[sample] = result
+        if cache is not None:
+            cache.save(sample, result)
+
+    def fail(sample: str, err: BaseException) -> None:
+        if on_error == "raise":
+            raise err
+        failed[sample] = f"{type(err).__name__}: {_message(err, sample)}"
+        logger.warning("Slide %r failed and is left out: %s", sample, failed[sample])
+
+    start = time.perf_counter()
+    if todo and client is None:
+        _run_local(todo, model, options, progress, done, fail)
+    elif todo:
+        _run_distributed(todo, model, {**options, "in_worker": True}, client, progress, done, fail)
+    finished = [sample for sample in slides if sample in results]
+    if not finished:
+        raise ValueError(
+            "No slide could be predicted: " + "; ".join(f"{sample!r}: {msg}" for sample, msg in failed.items())
+        )
+
+    X = np.vstack([results[s][0] for s in finished])
+    obs = pd.DataFrame({"segmented": [bool(results[s][1]) for s in finished]}, index=pd.Index(finished))
     var = pd.DataFrame({"kind": pd.Categorical(kinds, categories=list(FEATURE_KINDS))}, index=pd.Index(names))
     adata = AnnData(X=X, obs=obs, var=var)
     adata.uns[COHORT_UNS_KEY] = {
@@ -173,8 +255,14 @@ def predict_cohort(
             "genes": list(model.genes),
             "cell_types": list(model.cell_types or []),
             "ghist_version": __version__,
-        }
+            "on_error": on_error,
+            "cache_dir": None if cache_dir is None else os.fspath(cache_dir),
+        },
+        "failed": {sample: failed[sample] for sample in slides if sample in failed},
+        "cached": cached,
     }
+    if failed:
+        logger.warning("%d of %d slides failed and are left out: %s", len(failed), len(slides), sorted(failed))
     logger.info(
         "Predicted %d slides (%d segmented here) into %d features in %.1f s",
         adata.n_obs,
@@ -186,20 +274,33 @@ def predict_cohort(
 
 
 # ---------------------------------------------------------------------------------------------- runners
+Done = Callable[[str, tuple[np.ndarray, bool]], None]
+Fail = Callable[[str, BaseException], None]
+
+
 def _run_local(
-    slides: Mapping[str, Any], model: GHISTModel, options: dict[str, Any], progress: bool
-) -> dict[str, tuple[np.ndarray, bool]]:
+    slides: Mapping[str, Any], model: GHISTModel, options: dict[str, Any], progress: bool, done: Done, fail: Fail
+) -> None:
     from tqdm.auto import tqdm
 
-    results = {}
     for sample, slide in tqdm(slides.items(), desc="ghist.tl.predict_cohort", unit="slide", disable=not progress):
-        results[sample] = _predict_slide(str(sample), slide, model, options)
-    return results
+        try:
+            result = _predict_slide(sample, slide, model, options)
+        except Exception as err:  # `fail` raises it again, or records it with `on_error="skip"`
+            fail(sample, err)
+        else:
+            done(sample, result)
 
 
 def _run_distributed(
-    slides: Mapping[str, Any], model: GHISTModel, options: dict[str, Any], client: Client, progress: bool
-) -> dict[str, tuple[np.ndarray, bool]]:
+    slides: Mapping[str, Any],
+    model: GHISTModel,
+    options: dict[str, Any],
+    client: Client,
+    progress: bool,
+    done: Done,
+    fail: Fail,
+) -> None:
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -213,42 +314,65 @@ def _run_distributed(
     for sample, slide in slides.items():
         arg = scattered.get(sample, slide if isinstance(slide, SpatialData) else os.fspath(slide))
         fut = client.submit(
-            _predict_slide, str(sample), arg, state, options, key=f"ghist-predict-{sample}-{token}", pure=False
+            _predict_slide, sample, arg, state, options, key=f"ghist-predict-{sample}-{token}", pure=False
         )
         futures[fut.key] = (sample, fut)
-    results = {}
     try:
         bar = tqdm(total=len(futures), desc="ghist.tl.predict_cohort", unit="slide", disable=not progress)
         with bar:
+            # Results are handled here, on the client, as they arrive: the cache is written by this process only.
             for fut in as_completed([f for _, f in futures.values()]):
-                results[futures[fut.key][0]] = fut.result()  # re-raises a task's error here
+                sample = futures[fut.key][0]
+                try:
+                    result = fut.result()  # re-raises the task's error (which names the slide) here
+                except Exception as err:  # `fail` raises it again, or records it
+                    fail(sample, err)
+                else:
+                    done(sample, result)
                 bar.update()
     finally:
         client.cancel([f for _, f in futures.values()] + [state, *scattered.values()])
-    return results
 
 
 # ---------------------------------------------------------------------------------------------- one slide
 def _predict_slide(
     sample: str, slide: SpatialData | str, model: GHISTModel | dict[str, Any], options: dict[str, Any]
 ) -> tuple[np.ndarray, bool]:
-    """Predict one slide and summarise it; top-level so that dask can run it on a worker."""
-    import spatialdata
+    """Predict one slide and summarise it; top-level so that dask can run it on a worker.
 
-    from .._model import GHISTModel
-    from ..pp import segment_nuclei
-    from ._predict import predict
-
+    Any error is raised again with the slide named in its message (same type where it can be rebuilt).
+    """
     if options.get("in_worker"):
         import dask
 
         # One slide is one task: read its image blocks in this thread rather than submitting nested tasks.
         with dask.config.set(scheduler="synchronous"):
             return _predict_slide(sample, slide, model, {**options, "in_worker": False})
+    try:
+        return _predict_one(sample, slide, model, options)
+    except Exception as err:
+        named = _name_slide(err, sample)
+        if named is err:
+            raise
+        raise named from err
+
+
+def _predict_one(
+    sample: str, slide: SpatialData | str, model: GHISTModel | dict[str, Any], options: dict[str, Any]
+) -> tuple[np.ndarray, bool]:
+    import spatialdata
+
+    from .._model import GHISTModel
+    from ..pp import segment_nuclei
+    from ._predict import predict
+
     image_key, labels_key = options["image_key"], options["labels_key"]
     if not isinstance(slide, SpatialData):
         slide = spatialdata.read_zarr(slide)
-    _check_slide(sample, slide, image_key, labels_key, options["segment"])
+    # Checked up front already; again here for stores read on a worker (cheap: nothing is computed).
+    problems = _slide_problems(sample, slide, image_key, labels_key, options["segment"])
+    if problems:
+        raise ValidationError(problems)
     if isinstance(model, dict):
         model = GHISTModel._from_state(model)
     # A new in-memory SpatialData sharing the elements: predict and segment_nuclei write into it, not the user's.
@@ -324,22 +448,43 @@ def _feature_names(model: GHISTModel, gene_sets: dict[str, list[str]], per_type:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _check_slide(sample: str, slide: Any, image_key: str, labels_key: str, segment: bool) -> None:
-    if isinstance(slide, str | os.PathLike):
-        if not Path(slide).exists():
-            raise FileNotFoundError(f"Slide {sample!r}: no SpatialData zarr store at {os.fspath(slide)!r}.")
-        return
+def _slide_problems(sample: str, slide: Any, image_key: str, labels_key: str, segment: bool) -> list[str]:
+    """What is wrong with one slide (empty: nothing), without computing anything: stores are opened lazily."""
+    import spatialdata
+
+    from .._spatial import check_extents
+    from .._validation import get_image, get_labels
+
     if not isinstance(slide, SpatialData):
-        raise TypeError(f"Slide {sample!r} must be a SpatialData or the path of a zarr store, got {type(slide)}.")
-    if image_key not in slide.images:
-        raise KeyError(
-            f"Slide {sample!r}: image {image_key!r} not found in `sdata.images` (have {sorted(slide.images)})."
-        )
-    if labels_key not in slide.labels and not segment:
-        raise KeyError(
-            f"Slide {sample!r}: labels {labels_key!r} not found in `sdata.labels` (have {sorted(slide.labels)}); "
-            "pass `segment=True` to segment the nuclei with `ghist.pp.segment_nuclei`."
-        )
+        path = Path(slide)
+        if not path.exists():
+            return [f"no SpatialData zarr store at {os.fspath(slide)!r}."]
+        try:
+            slide = spatialdata.read_zarr(path)
+        except Exception as err:  # any reason it cannot be read is this slide's problem
+            return [f"cannot open {os.fspath(slide)!r} as a SpatialData zarr store ({type(err).__name__}: {err})."]
+    problems = []
+    try:
+        get_image(slide, image_key)
+    except (KeyError, ValueError) as err:
+        problems.append(_message(err, sample))
+    if labels_key not in slide.labels:
+        if not segment:
+            problems.append(
+                f"labels {labels_key!r} not found in `sdata.labels` (have {sorted(slide.labels)}); pass "
+                "`segment=True` to segment the nuclei with `ghist.pp.segment_nuclei`."
+            )
+        return problems
+    try:
+        get_labels(slide, labels_key)
+    except (KeyError, ValueError) as err:
+        problems.append(_message(err, sample))
+    if not problems:
+        try:
+            check_extents(slide, image_key, labels_key)
+        except (KeyError, ValueError) as err:
+            problems.append(_message(err, sample))
+    return problems
 
 
 def _check_gene_sets(gene_sets: Mapping[str, Sequence[str]] | None, panel: Sequence[str]) -> dict[str, list[str]]:
@@ -361,6 +506,109 @@ def _check_gene_sets(gene_sets: Mapping[str, Sequence[str]] | None, panel: Seque
             )
         out[str(name)] = kept
     return out
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _message(err: BaseException, sample: str) -> str:
+    """The text of an error, without the quotes a KeyError adds nor the slide prefix."""
+    msg = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    msg = str(msg)
+    prefix = f"Slide {sample!r}: "
+    return msg[len(prefix) :] if msg.startswith(prefix) else msg
+
+
+def _name_slide(err: Exception, sample: str) -> Exception:
+    """``err`` with ``Slide 'x': `` before its message, of the same type where it can be rebuilt from a message."""
+    prefix = f"Slide {sample!r}: "
+    if isinstance(err, ValidationError):
+        if all(p.startswith(prefix) for p in err.problems):
+            return err
+        return ValidationError([p if p.startswith(prefix) else prefix + p for p in err.problems])
+    msg = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    if str(msg).startswith(prefix):
+        return err
+    try:
+        named = type(err)(prefix + str(msg))
+    except Exception:  # types whose constructor wants more than a message
+        named = RuntimeError(f"{prefix}{type(err).__name__}: {msg}")
+    return named
+
+
+# ---------------------------------------------------------------------------------------------- cache
+class _Cache:
+    """One ``.npz`` file per finished slide, named by the sample id and a fingerprint of the model and settings."""
+
+    def __init__(self, folder: str | os.PathLike, model: GHISTModel, options: dict[str, Any], names: list[str]):
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"`cache_dir` {os.fspath(folder)!r} exists and is not a folder.")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.names = names
+        self.fingerprint = _fingerprint(model, options, names)
+
+    def _file(self, sample: str) -> Path:
+        # Sample ids may hold any character: the file name carries a digest of it; the file the id itself.
+        return self.folder / f"{hashlib.sha256(sample.encode()).hexdigest()[:20]}-{self.fingerprint[:20]}.npz"
+
+    def load(self, sample: str) -> tuple[np.ndarray, bool] | None:
+        path = self._file(sample)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if str(npz["sample"]) != sample or str(npz["fingerprint"]) != self.fingerprint:
+                    return None
+                features, segmented = npz["features"].astype(np.float64), bool(npz["segmented"])
+        except Exception as err:  # an unreadable cache file is predicted again, not trusted
+            logger.warning("Ignoring the unreadable cache file %s (%s: %s)", path, type(err).__name__, err)
+            return None
+        if features.shape != (len(self.names),):
+            return None
+        return features, segmented
+
+    def save(self, sample: str, result: tuple[np.ndarray, bool]) -> None:
+        features, segmented = result
+        path = self._file(sample)
+        # Written next to its final name, then renamed: a crash never leaves a half-written file under that name.
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh,
+                    features=np.asarray(features, dtype=np.float64),
+                    segmented=np.asarray(bool(segmented)),
+                    sample=np.asarray(sample),
+                    fingerprint=np.asarray(self.fingerprint),
+                )
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _fingerprint(model: GHISTModel, options: dict[str, Any], names: list[str]) -> str:
+    """Digest of the model's weights and settings, of the cohort options and of the feature names."""
+    import torch
+
+    from .._version import __version__
+
+    state = model._to_state()
+    h = hashlib.sha256()
+    settings = {k: v for k, v in state["settings"].items() if k != "history"}
+    h.update(json.dumps(settings, sort_keys=True, default=repr).encode())
+    for name in sorted(state["tensors"]):
+        tensor = state["tensors"][name]
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    run = {k: v for k, v in options.items() if k != "in_worker"}
+    h.update(json.dumps(_jsonable(run), sort_keys=True).encode())
+    h.update(json.dumps(names).encode())
+    h.update(__version__.encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- helpers
