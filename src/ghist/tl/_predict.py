@@ -105,7 +105,9 @@ def predict(
         Test-time augmentation: average each cell's predicted expression, type probabilities and the tile's
         composition over the 8 flips and 90° rotations of its tile (as in training), at 8 times the compute.
     overwrite
-        Replace an existing ``sdata.tables[key_added]``.
+        Replace an existing ``sdata.tables[key_added]``. On a zarr-backed ``sdata`` the new table is written in full
+        under a temporary name before the old one is replaced, so a failure leaves the old table, on disk and in
+        memory.
     {accelerator}
     seed
         Seed of the refinement's random factors.
