@@ -56,6 +56,13 @@ def _check_spot_args(
         raise ValueError(f"`tiling` must be 'grid' or 'spots'; got {tiling!r}.")
     if spot_scaling not in ("spot", "sample"):
         raise ValueError(f"`spot_scaling` must be 'spot' or 'sample'; got {spot_scaling!r}.")
+    # checked with or without spots: a bad value is a mistake either way
+    if isinstance(spot_coverage, bool) or not isinstance(spot_coverage, int | float) or not 0 < spot_coverage <= 1:
+        raise ValueError(f"`spot_coverage` must be a fraction in (0, 1]; got {spot_coverage!r}.")
+    if spot_target_sum is not None and (
+        isinstance(spot_target_sum, bool) or not isinstance(spot_target_sum, int | float) or not spot_target_sum > 0
+    ):
+        raise ValueError(f"`spot_target_sum` must be a positive number or None; got {spot_target_sum!r}.")
     if spots_key is None:
         if tiling == "spots":
             raise ValueError("`tiling='spots'` centres tiles on spots; pass `spots_key` (the spot circles) too.")
@@ -65,12 +72,6 @@ def _check_spot_args(
             f"`cell_type_key={cell_type_key!r}` was given with `spots_key={spots_key!r}`; spot-level tiles carry no "
             "cell types (the table annotates spots, not cells). Pass `cell_type_key=None`."
         )
-    if isinstance(spot_coverage, bool) or not isinstance(spot_coverage, int | float) or not 0 < spot_coverage <= 1:
-        raise ValueError(f"`spot_coverage` must be a fraction in (0, 1]; got {spot_coverage!r}.")
-    if spot_target_sum is not None and (
-        isinstance(spot_target_sum, bool) or not isinstance(spot_target_sum, int | float) or not spot_target_sum > 0
-    ):
-        raise ValueError(f"`spot_target_sum` must be a positive number or None; got {spot_target_sum!r}.")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -182,6 +183,8 @@ def _prepare_sample(
     check_not_raw_xenium(sdata, labels_key=labels_key, table_key=table_key, sample=name)
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
+    # first: labels of the wrong extent would also make the table's ids look missing
+    matrix = _sample_matrix(sdata, name, image_key=image_key, labels_key=labels_key, key_added=key_added)
     table, _, instance_key = table_of_region(sdata, table_key, labels_key, what="cells")
     where = f"table {table_key!r}"
     # before genes are chosen: pandas would fail deep inside on a duplicated name
@@ -202,7 +205,6 @@ def _prepare_sample(
     _check_label_ids(label_ids, labels_key)
     check_instances(ids, label_ids, table_key=table_key, labels_key=labels_key)
     types = check_cell_types(table, cell_type_key, table_key=table_key)
-    matrix = _sample_matrix(sdata, name, image_key=image_key, labels_key=labels_key, key_added=key_added)
     return _Sample(
         name=name,
         sdata=sdata,
@@ -233,12 +235,12 @@ def _prepare_spot_sample(
     """A sample supervised by spots: the table annotates the spot circles, no cell is measured."""
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
+    matrix = _sample_matrix(sdata, name, image_key=image_key, labels_key=labels_key, key_added=key_added)
     spots = prepare_spots(
         sdata, spots_key=spots_key, table_key=table_key, image_key=image_key, labels_key=labels_key, layer=layer
     )
     label_ids = _label_ids(labels)
     _check_label_ids(label_ids, labels_key)
-    matrix = _sample_matrix(sdata, name, image_key=image_key, labels_key=labels_key, key_added=key_added)
     return _Sample(
         name=name,
         sdata=sdata,
