@@ -443,6 +443,7 @@ def neighbourhood_refine(
     factor: float = 0.003,
     steps: int = 30,
     generator: torch.Generator | None = None,
+    jitter: float = 1e-3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nudge uncertain cells' types so each tile's predicted composition moves toward the estimated one.
 
@@ -450,9 +451,12 @@ def neighbourhood_refine(
     ``delta[b, t] = composition[b, t] * n_b - #{cells of b predicted as t}`` is computed for all tiles at once
     (one ``bincount`` over ``tile * T + type``). Each cell whose top probability is at most ``confidence`` and
     whose predicted type is in ``types`` gets ``alpha * delta[b, t] * u`` added to its score for each type ``t``
-    in ``types``, with a small random positive factor ``u ~ Uniform(0, factor)`` drawn per cell and type, and
-    takes the best of ``types``. This is repeated ``steps`` times with the gap recomputed from the updated types
-    (``steps=1`` is a single nudge): the nudges shrink as the gap closes, so the composition approaches the
+    in ``types``, with a small random positive factor ``u = factor / 2 * (1 + jitter * (r - 1/2))``,
+    ``r ~ Uniform(0, 1)`` drawn per cell and type, and takes the best of ``types``. The random part only breaks
+    ties: the paper's ``Uniform(0, factor)`` (same mean) let the seed decide most types of a weak model, whose
+    cells are all uncertain (134 of 149 cells changed type between two seeds; none with ``jitter=1e-3``).
+    This is repeated ``steps`` times with the gap recomputed from the updated types (``steps=1`` is a single
+    nudge): the nudges shrink as the gap closes, so the composition approaches the
     estimate instead of overshooting it, which a single large nudge does when many cells are uncertain. The
     scores are finally clipped at 0 and renormalised. Confident cells and cells of other types are unchanged.
 
@@ -472,13 +476,15 @@ def neighbourhood_refine(
     confidence
         Cells whose top probability exceeds this are left alone.
     factor
-        Upper end of the random positive factor multiplying each nudge.
+        Twice the mean of the positive factor multiplying each nudge.
     steps
         Number of nudges. The defaults (``factor=0.003``, ``steps=30``) brought the composition closer to the
         estimate in every tile of simulations with 10-200 cells per tile and 9 types, at any confidence level.
     generator
         Random generator for reproducible factors, on any device (the factors are drawn on its device and
         moved to ``cell_probs``').
+    jitter
+        Relative spread of the factor around its mean (ties between equally nudged types are broken at random).
 
     Returns
     -------
@@ -521,7 +527,8 @@ def neighbourhood_refine(
         delta = target - counts.reshape(n_tiles, n_types).to(dtype)
         # Drawn where the generator lives (a CPU generator serves a GPU run, with the same draws as on the CPU).
         draw_on = generator.device if generator is not None else device
-        u = torch.rand(n, n_types, generator=generator, device=draw_on, dtype=dtype).to(device) * factor
+        r = torch.rand(n, n_types, generator=generator, device=draw_on, dtype=dtype).to(device)
+        u = 0.5 * factor * (1 + jitter * (r - 0.5))
         nudged = (scores + alpha * delta[cell_batch] * u * column_mask).clamp(min=0)
         scores = torch.where(eligible.unsqueeze(1), nudged, scores)
         current = torch.where(eligible, scores.masked_fill(~allowed, -1.0).argmax(dim=1), pred)
