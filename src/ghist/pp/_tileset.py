@@ -51,6 +51,10 @@ class TileSet:
     Batch them with ``tiles.loader("train")`` (a :class:`~torch.utils.data.DataLoader` with
     ``collate_fn=ghist._model._data.collate_tiles``, see :meth:`loader`).
 
+    A store that :func:`make_tiles` wrote to a temporary folder (no ``path``) lives as long as a :class:`TileSet` of
+    it does (this one, those of :meth:`with_fold` or reopened at its path, and their datasets and loaders); then
+    the folder is removed. Copies pickled to DataLoader workers never remove it.
+
     Parameters
     ----------
     path
