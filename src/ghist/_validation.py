@@ -84,6 +84,20 @@ def scale0(element: DataArray | DataTree) -> DataArray:
     return element
 
 
+def raster_levels(element: DataArray | DataTree) -> list[tuple[float, float, DataArray]]:
+    """Every pyramid level of a raster element as ``(downsample_y, downsample_x, array)``, finest first.
+
+    Downsamples are measured from the shapes (full-resolution size over the level's size), as spatialdata derives
+    the levels' transformations; a single-scale element is one level with downsample 1.
+    """
+    if not isinstance(element, DataTree):
+        return [(1.0, 1.0, element)]
+    arrays = [next(iter(element[name].ds.data_vars.values())) for name in element.children]
+    arrays.sort(key=lambda a: -a.sizes["y"] * a.sizes["x"])
+    full_y, full_x = arrays[0].sizes["y"], arrays[0].sizes["x"]
+    return [(full_y / a.sizes["y"], full_x / a.sizes["x"], a) for a in arrays]
+
+
 def get_image(sdata: SpatialData, image_key: str) -> DataArray:
     """Full-resolution H&E image, checked to be RGB ``uint8`` with dims ``(c, y, x)``."""
     if image_key not in sdata.images:

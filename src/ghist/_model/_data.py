@@ -144,7 +144,8 @@ class SlideTileDataset(Dataset):
     """A torch :class:`~torch.utils.data.Dataset` over the tiles of a whole slide, read and resampled lazily.
 
     Tile ``i`` is the ``tile_size`` square at ``origins[i]`` of the working grid: the slide's pixel grid scaled by
-    ``scale`` (the model's pixel size). Its image is resampled (bilinear, white outside the slide) and
+    ``scale`` (the model's pixel size). Its image is resampled (area mean from the nearest pyramid level when the
+    grid is coarser, bilinear when finer; white outside the slide) and
     standardised, its labels are read through ``to_labels`` (nearest neighbour), and its nuclei are renumbered
     ``1..N`` in the order of their ids. Items have the format of :class:`TileDataset` items (so
     :func:`collate_tiles` batches both; ``"expr"`` is ``(N, 0)`` and ``"cell_type"`` is -1: nothing is measured),
@@ -172,6 +173,12 @@ class SlideTileDataset(Dataset):
         Per-channel statistics (0-255 scale) standardising the image.
     labels_key
         Name of the labels element, for error messages.
+    levels
+        The image's pyramid, ``(downsample_y, downsample_x, array)`` finest first (see
+        :func:`ghist._validation.raster_levels`); default: ``image`` alone. A working grid coarser than the image
+        is read from the coarsest level that is at least as fine, and averaged over each working pixel's area
+        (anti-aliased, as pyramid levels and training tiles cut at a pixel size are); a finer one is interpolated
+        bilinearly from full resolution.
 
     Raises
     ------
@@ -198,8 +205,10 @@ class SlideTileDataset(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         labels_key: str = "labels",
+        levels: Sequence[tuple[float, float, DataArray]] | None = None,
     ):
         self.image = image
+        self.levels = list(levels) if levels is not None else [(1.0, 1.0, image)]
         self.labels = labels
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
         self.scale = float(scale)
@@ -277,34 +286,88 @@ class SlideTileDataset(Dataset):
 
     def _read_image(self, y0: int, x0: int) -> np.ndarray:
         """RGB tile (3, T, T) uint8 on the working grid, white outside the image."""
-        image, size, scale = self.image, self.tile_size, self.scale
-        h, w = image.sizes["y"], image.sizes["x"]
+        size = self.tile_size
         tile = np.full((3, size, size), 255, dtype=np.uint8)
-        if scale == 1.0:
+        if self.scale == 1.0:
+            image = self.image
+            h, w = image.sizes["y"], image.sizes["x"]
             ye, xe = min(y0 + size, h), min(x0 + size, w)
             tile[:, : ye - y0, : xe - x0] = np.asarray(image.data[:, y0:ye, x0:xe])
             return tile
-        # Pixel centres: working pixel r sits at image coordinate (r + 0.5) / scale - 0.5.
-        src_y0 = max(0, math.floor((y0 + 0.5) / scale - 0.5) - 1)
-        src_x0 = max(0, math.floor((x0 + 0.5) / scale - 0.5) - 1)
-        src_y1 = min(h, math.ceil((y0 + size + 0.5) / scale) + 2)
-        src_x1 = min(w, math.ceil((x0 + size + 0.5) / scale) + 2)
-        if src_y1 <= src_y0 or src_x1 <= src_x0:
+        level, (dy, dx) = self._level
+        sy, sx = self.scale * dy, self.scale * dx  # working pixels per level pixel (<= 1 unless upsampling)
+        if abs(sy - 1) < 1e-6 and abs(sx - 1) < 1e-6:  # a pyramid level at the working pixel size
+            h, w = level.sizes["y"], level.sizes["x"]
+            ye, xe = min(y0 + size, h), min(x0 + size, w)
+            if ye > y0 and xe > x0:
+                tile[:, : ye - y0, : xe - x0] = np.asarray(level.data[:, y0:ye, x0:xe])
             return tile
-        window = np.asarray(image.data[:, src_y0:src_y1, src_x0:src_x1]).astype(np.float32)
-        offset = ((y0 + 0.5) / scale - 0.5 - src_y0, (x0 + 0.5) / scale - 0.5 - src_x0)
-        for c in range(3):
-            tile[c] = np.clip(
-                ndimage.affine_transform(
-                    window[c], [1 / scale, 1 / scale], offset=offset, output_shape=(size, size), order=1, cval=255.0
-                ),
-                0,
-                255,
-            ).round()
-        return tile
+        if sy < 1 or sx < 1:
+            return _area_resample(level, y0, x0, size, sy, sx)
+        return _bilinear_resample(self.levels[0][2], y0, x0, size, self.scale)
+
+    @property
+    def _level(self) -> tuple[DataArray, tuple[float, float]]:
+        """The coarsest pyramid level that is at least as fine as the working grid, and its downsample (y, x)."""
+        target = 1 / self.scale
+        fine_enough = [(dy, dx, a) for dy, dx, a in self.levels if dy <= target * 1.001 and dx <= target * 1.001]
+        dy, dx, array = fine_enough[-1] if fine_enough else self.levels[0]
+        return array, (dy, dx)
 
     def __repr__(self) -> str:
         return f"SlideTileDataset of {len(self)} tiles of {self.tile_size} px (scale {self.scale:.3g})"
+
+
+def _area_weights(start: int, size: int, scale: float, length: int) -> tuple[np.ndarray, int, int]:
+    """Weights ``(size, n)`` averaging the source pixels under each output pixel, and the source range read.
+
+    Output pixel ``r`` covers source ``[(start + r) / scale, (start + r + 1) / scale)``; each source pixel counts
+    by the length of its overlap (area averaging: anti-aliased, like a pyramid level made by block means). Source
+    pixels outside ``[0, length)`` are glass: their share goes to white, added by the caller.
+    """
+    edges = (start + np.arange(size + 1, dtype=np.float64)) / scale
+    lo, hi = max(0, math.floor(edges[0])), min(length, math.ceil(edges[-1]))
+    if hi <= lo:
+        return np.zeros((size, 0)), lo, lo
+    pixels = np.arange(lo, hi, dtype=np.float64)
+    overlap = np.minimum(edges[1:, None], pixels[None, :] + 1) - np.maximum(edges[:-1, None], pixels[None, :])
+    return np.clip(overlap, 0, None) * scale, lo, hi
+
+
+def _area_resample(image: DataArray, y0: int, x0: int, size: int, sy: float, sx: float) -> np.ndarray:
+    """Tile of the working grid (``sy``, ``sx`` working pixels per image pixel, <= 1) by area averaging."""
+    wy, ylo, yhi = _area_weights(y0, size, sy, image.sizes["y"])
+    wx, xlo, xhi = _area_weights(x0, size, sx, image.sizes["x"])
+    if yhi <= ylo or xhi <= xlo:
+        return np.full((3, size, size), 255, dtype=np.uint8)
+    window = np.asarray(image.data[:, ylo:yhi, xlo:xhi], dtype=np.float64)
+    inside = wy.sum(axis=1)[:, None] * wx.sum(axis=1)[None, :]  # fraction of each output pixel over the image
+    tile = np.einsum("yi,cij,xj->cyx", wy, window, wx) + 255.0 * (1 - inside)
+    return np.clip(tile, 0, 255).round().astype(np.uint8)
+
+
+def _bilinear_resample(image: DataArray, y0: int, x0: int, size: int, scale: float) -> np.ndarray:
+    """Tile of the working grid finer than the image (``scale`` > 1 working pixels per image pixel), bilinear."""
+    h, w = image.sizes["y"], image.sizes["x"]
+    tile = np.full((3, size, size), 255, dtype=np.uint8)
+    # Pixel centres: working pixel r sits at image coordinate (r + 0.5) / scale - 0.5.
+    src_y0 = max(0, math.floor((y0 + 0.5) / scale - 0.5) - 1)
+    src_x0 = max(0, math.floor((x0 + 0.5) / scale - 0.5) - 1)
+    src_y1 = min(h, math.ceil((y0 + size + 0.5) / scale) + 2)
+    src_x1 = min(w, math.ceil((x0 + size + 0.5) / scale) + 2)
+    if src_y1 <= src_y0 or src_x1 <= src_x0:
+        return tile
+    window = np.asarray(image.data[:, src_y0:src_y1, src_x0:src_x1]).astype(np.float32)
+    offset = ((y0 + 0.5) / scale - 0.5 - src_y0, (x0 + 0.5) / scale - 0.5 - src_x0)
+    for c in range(3):
+        tile[c] = np.clip(
+            ndimage.affine_transform(
+                window[c], [1 / scale, 1 / scale], offset=offset, output_shape=(size, size), order=1, cval=255.0
+            ),
+            0,
+            255,
+        ).round()
+    return tile
 
 
 def collate_slide_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

@@ -86,7 +86,7 @@ def detect_tissue(
     from spatialdata.transformations import get_transformation
 
     from .._spatial import image_pixel_size
-    from .._validation import check_key_added, get_image, require_key
+    from .._validation import check_key_added, get_image, raster_levels, require_key
 
     get_image(sdata, image_key)  # RGB uint8 (c, y, x) or raise
     element = require_key(sdata, "images", image_key)
@@ -101,7 +101,7 @@ def detect_tissue(
         raise ValueError(f"`threshold` must be 'otsu' or a saturation in [0, 1]; got {threshold!r}.")
 
     pixel_size = image_pixel_size(sdata, image_key)
-    levels = _levels(element)
+    levels = [(dx, array) for _, dx, array in raster_levels(element)]
     full_h, full_w = levels[0][1].shape[1:]
     target = resolution / pixel_size if pixel_size else max(1.0, max(full_h, full_w) / _FALLBACK_SIDE)
     um = pixel_size or 1.0  # µm per full-resolution pixel (1: the µm arguments are pixels)
@@ -163,17 +163,6 @@ def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     if not ok or value < 0 or (value == 0 and not allow_zero):
         expected = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"`{name}` must be a finite number {expected}; got {value!r}.")
-
-
-def _levels(element: Any) -> list[tuple[float, Any]]:
-    """(downsample, DataArray) of every pyramid level, finest first."""
-    from xarray import DataTree
-
-    if not isinstance(element, DataTree):
-        return [(1.0, element)]
-    arrays = [next(iter(element[name].ds.data_vars.values())) for name in sorted(element.children)]
-    full = arrays[0].sizes["x"]
-    return sorted(((full / a.sizes["x"], a) for a in arrays), key=lambda pair: pair[0])
 
 
 def _working_image(levels: list[tuple[float, Any]], target: float) -> tuple[np.ndarray, float]:

@@ -31,7 +31,7 @@ from .._constants import (
 )
 from .._docs import doc_accelerator, doc_batch_size, doc_image_key, doc_labels_key, doc_params, doc_progress
 from .._spatial import check_extents, element_affine, image_pixel_size
-from .._validation import check_key_added, get_image, get_labels
+from .._validation import check_key_added, get_image, get_labels, raster_levels
 from ._region import cells_in_region, region_in_labels_space
 
 if TYPE_CHECKING:
@@ -198,6 +198,7 @@ def predict(
         mean=model.mean,
         std=model.std,
         labels_key=labels_key,
+        levels=raster_levels(sdata.images[image_key]),
     )
     # In order (no shuffling): the refinement draws its random factors batch after batch.
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_slide_tiles, num_workers=num_workers)
