@@ -83,10 +83,9 @@ def _remove_folder(folder: str, owner_pid: int) -> None:
     """Finalizer of :class:`_TempFolder`: remove the folder, in the process that made it only."""
     if os.getpid() != owner_pid:  # a forked DataLoader worker holds a copy of the owner: never delete from there
         return
-    size = _folder_bytes(Path(folder))
+    size = _folder_bytes(Path(folder)) if logger.isEnabledFor(logging.DEBUG) else 0  # a walk over every chunk file
     shutil.rmtree(folder, ignore_errors=True)
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("Removed the temporary tile store %s (%.1f MB)", folder, size / 2**20)
+    logger.debug("Removed the temporary tile store %s (%.1f MB)", folder, size / 2**20)
 
 
 class _TempFolder:
