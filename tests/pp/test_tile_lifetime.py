@@ -39,10 +39,12 @@ def test_temporary_store_is_removed_with_its_last_tileset(sdata, tmpdir_, caplog
     assert any(str(tiles.path) in r.getMessage() and "MB" in r.getMessage() for r in caplog.records)
     len(tiles.train[0]["cell_id"])  # reading keeps it
     assert folder.exists()
-    del tiles
-    gc.collect()
+    with caplog.at_level(logging.DEBUG, logger="ghist"):
+        del tiles
+        gc.collect()
     assert not folder.exists()
     assert _folders(tmpdir_) == []
+    assert any(f"Removed the temporary tile store {folder}" in r.getMessage() for r in caplog.records)
 
 
 def test_many_runs_leave_no_litter(sdata, tmpdir_):
