@@ -12,6 +12,7 @@ neighbour, never blending instance ids).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -204,6 +205,93 @@ def read_labels_window(
     x_lo, x_hi = int(lx.min()), int(lx.max()) + 1
     box = _read_box(labels, y_lo, y_hi, x_lo, x_hi)
     return box[ly - y_lo, lx - x_lo]
+
+
+def read_image_window(
+    levels: list[tuple[float, float, DataArray]], scale: float, y0: int, x0: int, h: int, w: int
+) -> np.ndarray:
+    """An RGB window ``(3, h, w)`` ``uint8`` of the working grid, white outside the image.
+
+    The working grid is the full-resolution pixel grid scaled by ``scale`` (working pixels per image pixel, e.g. the
+    image's µm per pixel over a model's). It is read from the coarsest pyramid level that is at least as fine
+    (``levels`` from :func:`ghist._validation.raster_levels`, finest first): as is when that level has the working
+    pixel size, area-averaged when it is finer (anti-aliased, like the pyramid levels themselves and block-mean
+    downsampling), interpolated bilinearly from full resolution when the working grid is finer than the image.
+    Used alike by :func:`ghist.pp.make_tiles` (``pixel_size=``) and :func:`ghist.tl.predict`, so that training and
+    prediction tiles at one pixel size are made the same way.
+
+    Examples
+    --------
+    >>> window = read_image_window(raster_levels(sdata.images["he"]), 0.5 / 2.0, 0, 0, 64, 64)
+
+    """
+    target = 1 / scale
+    fine_enough = [lv for lv in levels if lv[0] <= target * 1.001 and lv[1] <= target * 1.001]
+    dy, dx, level = fine_enough[-1] if fine_enough else levels[0]
+    sy, sx = scale * dy, scale * dx  # working pixels per level pixel (<= 1 unless upsampling)
+    if abs(sy - 1) < 1e-6 and abs(sx - 1) < 1e-6:  # a level at the working pixel size (scale 1: the image itself)
+        window = np.full((3, h, w), 255, dtype=np.uint8)
+        ye, xe = min(y0 + h, level.sizes["y"]), min(x0 + w, level.sizes["x"])
+        if ye > y0 and xe > x0:
+            window[:, : ye - y0, : xe - x0] = np.asarray(level.data[:, y0:ye, x0:xe])
+        return window
+    if sy < 1 or sx < 1:
+        return _area_resample(level, y0, x0, h, w, sy, sx)
+    return _bilinear_resample(levels[0][2], y0, x0, h, w, scale)
+
+
+def _area_weights(start: int, size: int, scale: float, length: int) -> tuple[np.ndarray, int, int]:
+    """Weights ``(size, n)`` averaging the source pixels under each output pixel, and the source range read.
+
+    Output pixel ``r`` covers source ``[(start + r) / scale, (start + r + 1) / scale)``; each source pixel counts
+    by the length of its overlap (area averaging: anti-aliased, like a pyramid level made by block means). Source
+    pixels outside ``[0, length)`` are glass: their share goes to white, added by the caller.
+    """
+    edges = (start + np.arange(size + 1, dtype=np.float64)) / scale
+    lo, hi = max(0, math.floor(edges[0])), min(length, math.ceil(edges[-1]))
+    if hi <= lo:
+        return np.zeros((size, 0)), lo, lo
+    pixels = np.arange(lo, hi, dtype=np.float64)
+    overlap = np.minimum(edges[1:, None], pixels[None, :] + 1) - np.maximum(edges[:-1, None], pixels[None, :])
+    return np.clip(overlap, 0, None) * scale, lo, hi
+
+
+def _area_resample(image: DataArray, y0: int, x0: int, h: int, w: int, sy: float, sx: float) -> np.ndarray:
+    """Window of the working grid (``sy``, ``sx`` working pixels per image pixel, <= 1) by area averaging."""
+    wy, ylo, yhi = _area_weights(y0, h, sy, image.sizes["y"])
+    wx, xlo, xhi = _area_weights(x0, w, sx, image.sizes["x"])
+    if yhi <= ylo or xhi <= xlo:
+        return np.full((3, h, w), 255, dtype=np.uint8)
+    window = np.asarray(image.data[:, ylo:yhi, xlo:xhi], dtype=np.float64)
+    inside = wy.sum(axis=1)[:, None] * wx.sum(axis=1)[None, :]  # fraction of each output pixel over the image
+    tile = np.einsum("yi,cij,xj->cyx", wy, window, wx) + 255.0 * (1 - inside)
+    return np.clip(tile, 0, 255).round().astype(np.uint8)
+
+
+def _bilinear_resample(image: DataArray, y0: int, x0: int, h: int, w: int, scale: float) -> np.ndarray:
+    """Window of the working grid finer than the image (``scale`` > 1 working pixels per image pixel), bilinear."""
+    from scipy import ndimage
+
+    height, width = image.sizes["y"], image.sizes["x"]
+    tile = np.full((3, h, w), 255, dtype=np.uint8)
+    # Pixel centres: working pixel r sits at image coordinate (r + 0.5) / scale - 0.5.
+    src_y0 = max(0, math.floor((y0 + 0.5) / scale - 0.5) - 1)
+    src_x0 = max(0, math.floor((x0 + 0.5) / scale - 0.5) - 1)
+    src_y1 = min(height, math.ceil((y0 + h + 0.5) / scale) + 2)
+    src_x1 = min(width, math.ceil((x0 + w + 0.5) / scale) + 2)
+    if src_y1 <= src_y0 or src_x1 <= src_x0:
+        return tile
+    window = np.asarray(image.data[:, src_y0:src_y1, src_x0:src_x1]).astype(np.float32)
+    offset = ((y0 + 0.5) / scale - 0.5 - src_y0, (x0 + 0.5) / scale - 0.5 - src_x0)
+    for c in range(3):
+        tile[c] = np.clip(
+            ndimage.affine_transform(
+                window[c], [1 / scale, 1 / scale], offset=offset, output_shape=(h, w), order=1, cval=255.0
+            ),
+            0,
+            255,
+        ).round()
+    return tile
 
 
 def image_pixel_size(sdata: SpatialData, element_key: str) -> float | None:

@@ -7,16 +7,14 @@ Both :func:`ghist.tl.fit` (tiles of a :class:`~ghist.pp.TileSet`, :class:`TileDa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import Dataset, get_worker_info
 
-from .._spatial import read_labels_window
+from .._spatial import read_image_window, read_labels_window
 
 if TYPE_CHECKING:
     from xarray import DataArray
@@ -286,88 +284,10 @@ class SlideTileDataset(Dataset):
 
     def _read_image(self, y0: int, x0: int) -> np.ndarray:
         """RGB tile (3, T, T) uint8 on the working grid, white outside the image."""
-        size = self.tile_size
-        tile = np.full((3, size, size), 255, dtype=np.uint8)
-        if self.scale == 1.0:
-            image = self.image
-            h, w = image.sizes["y"], image.sizes["x"]
-            ye, xe = min(y0 + size, h), min(x0 + size, w)
-            tile[:, : ye - y0, : xe - x0] = np.asarray(image.data[:, y0:ye, x0:xe])
-            return tile
-        level, (dy, dx) = self._level
-        sy, sx = self.scale * dy, self.scale * dx  # working pixels per level pixel (<= 1 unless upsampling)
-        if abs(sy - 1) < 1e-6 and abs(sx - 1) < 1e-6:  # a pyramid level at the working pixel size
-            h, w = level.sizes["y"], level.sizes["x"]
-            ye, xe = min(y0 + size, h), min(x0 + size, w)
-            if ye > y0 and xe > x0:
-                tile[:, : ye - y0, : xe - x0] = np.asarray(level.data[:, y0:ye, x0:xe])
-            return tile
-        if sy < 1 or sx < 1:
-            return _area_resample(level, y0, x0, size, sy, sx)
-        return _bilinear_resample(self.levels[0][2], y0, x0, size, self.scale)
-
-    @property
-    def _level(self) -> tuple[DataArray, tuple[float, float]]:
-        """The coarsest pyramid level that is at least as fine as the working grid, and its downsample (y, x)."""
-        target = 1 / self.scale
-        fine_enough = [(dy, dx, a) for dy, dx, a in self.levels if dy <= target * 1.001 and dx <= target * 1.001]
-        dy, dx, array = fine_enough[-1] if fine_enough else self.levels[0]
-        return array, (dy, dx)
+        return read_image_window(self.levels, self.scale, y0, x0, self.tile_size, self.tile_size)
 
     def __repr__(self) -> str:
         return f"SlideTileDataset of {len(self)} tiles of {self.tile_size} px (scale {self.scale:.3g})"
-
-
-def _area_weights(start: int, size: int, scale: float, length: int) -> tuple[np.ndarray, int, int]:
-    """Weights ``(size, n)`` averaging the source pixels under each output pixel, and the source range read.
-
-    Output pixel ``r`` covers source ``[(start + r) / scale, (start + r + 1) / scale)``; each source pixel counts
-    by the length of its overlap (area averaging: anti-aliased, like a pyramid level made by block means). Source
-    pixels outside ``[0, length)`` are glass: their share goes to white, added by the caller.
-    """
-    edges = (start + np.arange(size + 1, dtype=np.float64)) / scale
-    lo, hi = max(0, math.floor(edges[0])), min(length, math.ceil(edges[-1]))
-    if hi <= lo:
-        return np.zeros((size, 0)), lo, lo
-    pixels = np.arange(lo, hi, dtype=np.float64)
-    overlap = np.minimum(edges[1:, None], pixels[None, :] + 1) - np.maximum(edges[:-1, None], pixels[None, :])
-    return np.clip(overlap, 0, None) * scale, lo, hi
-
-
-def _area_resample(image: DataArray, y0: int, x0: int, size: int, sy: float, sx: float) -> np.ndarray:
-    """Tile of the working grid (``sy``, ``sx`` working pixels per image pixel, <= 1) by area averaging."""
-    wy, ylo, yhi = _area_weights(y0, size, sy, image.sizes["y"])
-    wx, xlo, xhi = _area_weights(x0, size, sx, image.sizes["x"])
-    if yhi <= ylo or xhi <= xlo:
-        return np.full((3, size, size), 255, dtype=np.uint8)
-    window = np.asarray(image.data[:, ylo:yhi, xlo:xhi], dtype=np.float64)
-    inside = wy.sum(axis=1)[:, None] * wx.sum(axis=1)[None, :]  # fraction of each output pixel over the image
-    tile = np.einsum("yi,cij,xj->cyx", wy, window, wx) + 255.0 * (1 - inside)
-    return np.clip(tile, 0, 255).round().astype(np.uint8)
-
-
-def _bilinear_resample(image: DataArray, y0: int, x0: int, size: int, scale: float) -> np.ndarray:
-    """Tile of the working grid finer than the image (``scale`` > 1 working pixels per image pixel), bilinear."""
-    h, w = image.sizes["y"], image.sizes["x"]
-    tile = np.full((3, size, size), 255, dtype=np.uint8)
-    # Pixel centres: working pixel r sits at image coordinate (r + 0.5) / scale - 0.5.
-    src_y0 = max(0, math.floor((y0 + 0.5) / scale - 0.5) - 1)
-    src_x0 = max(0, math.floor((x0 + 0.5) / scale - 0.5) - 1)
-    src_y1 = min(h, math.ceil((y0 + size + 0.5) / scale) + 2)
-    src_x1 = min(w, math.ceil((x0 + size + 0.5) / scale) + 2)
-    if src_y1 <= src_y0 or src_x1 <= src_x0:
-        return tile
-    window = np.asarray(image.data[:, src_y0:src_y1, src_x0:src_x1]).astype(np.float32)
-    offset = ((y0 + 0.5) / scale - 0.5 - src_y0, (x0 + 0.5) / scale - 0.5 - src_x0)
-    for c in range(3):
-        tile[c] = np.clip(
-            ndimage.affine_transform(
-                window[c], [1 / scale, 1 / scale], offset=offset, output_shape=(size, size), order=1, cval=255.0
-            ),
-            0,
-            255,
-        ).round()
-    return tile
 
 
 def collate_slide_tiles(items: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

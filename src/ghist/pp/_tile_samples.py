@@ -7,8 +7,9 @@ run never fails half-way on a bad input.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -95,6 +96,47 @@ class _Sample:
     spot_expr: np.ndarray | None = None  # (S, G) targets of the chosen genes
     spot_factor: np.ndarray | None = None  # (S,) factor applied to each spot's counts
     cell_spot: pd.Series | None = None  # nucleus id -> spot row (-1: in no spot), over the whole labels
+    scale: float = 1.0  # working-grid pixels per image pixel (``pixel_size=``); height/width/matrix are the grid's
+    reader: Callable[[int, int, int, int], np.ndarray] | None = None  # (y0, x0, h, w) -> RGB window, when scale != 1
+
+
+def _at_pixel_size(sample: _Sample, pixel_size: float, image_key: str) -> None:
+    """Put a sample on the grid of ``pixel_size`` µm per pixel: tiles are then cut from that grid.
+
+    The image is read from the nearest pyramid level that is not coarser and area-averaged
+    (:func:`ghist._spatial.read_image_window`, as :func:`ghist.tl.predict` reads slides); labels are resampled by
+    nearest neighbour through the composed affine, so cells keep their ids.
+    """
+    if sample.pixel_size is None:
+        raise ValueError(
+            f"Sample {sample.name!r}: image {image_key!r} has no 'microns' coordinate system, so it cannot be cut at "
+            f"pixel_size={pixel_size:g} µm/px; give it one (e.g. `set_transformation(image, Scale([p, p], "
+            "axes=('y', 'x')), 'microns')`) or pass `pixel_size=None`."
+        )
+    scale = sample.pixel_size / pixel_size
+    if abs(scale - 1) < 1e-3:
+        return
+    from .._spatial import read_image_window
+    from .._validation import raster_levels
+
+    levels = raster_levels(sample.sdata.images[image_key])
+    to_image = np.diag([1 / scale, 1 / scale, 1.0])  # working (x, y, 1) -> image (x, y, 1)
+    sample.reader = partial(read_image_window, levels, scale)
+    sample.scale = scale
+    sample.height = max(1, round(sample.height * scale))
+    sample.width = max(1, round(sample.width * scale))
+    sample.matrix = sample.matrix @ to_image
+    if sample.spots is not None:
+        sample.spots.image_to_spots = sample.spots.image_to_spots @ to_image
+    logger.info(
+        "Sample %r: cutting at %.4g µm/px (image at %.4g µm/px, %d x %d px on that grid)",
+        sample.name,
+        pixel_size,
+        sample.pixel_size,
+        sample.width,
+        sample.height,
+    )
+    sample.pixel_size = float(pixel_size)
 
 
 def _kind(value: Any) -> str:

@@ -292,7 +292,10 @@ def _windows(sample: _Sample, plan: _TilePlan, tile_size: int) -> Iterator[tuple
     for ys, ye, tiles in _strips(sample, plan, t):
         image, lab_strip, dy = sample.image.data, None, 0
         if ys is not None:
-            image, dy = np.asarray(sample.image.data[:, ys:ye, :]), ys
+            if sample.reader is None:
+                image, dy = np.asarray(sample.image.data[:, ys:ye, :]), ys
+            else:
+                dy = ys
             if labels_by_strip:
                 lab_strip = read_labels_window(sample.labels, sample.matrix, ys, 0, ye - ys, sample.width)
         for k in tiles.tolist():
@@ -302,7 +305,10 @@ def _windows(sample: _Sample, plan: _TilePlan, tile_size: int) -> Iterator[tuple
                 lab = lab_strip[y0 - dy : y0 - dy + h, x0 : x0 + w]
             else:
                 lab = read_labels_window(sample.labels, sample.matrix, y0, x0, h, w)
-            yield k, lab, partial(_image_window, image, y0 - dy, x0, h, w)
+            if sample.reader is not None:  # another pixel size: resampled from the pyramid, tile by tile
+                yield k, lab, partial(sample.reader, y0, x0, h, w)
+            else:
+                yield k, lab, partial(_image_window, image, y0 - dy, x0, h, w)
 
 
 def _cut_tiles(
@@ -435,7 +441,10 @@ def _tile_grid_shapes(sample: _Sample, tiles: pd.DataFrame, tile_size: int, imag
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import get_transformation
 
-    geometry = [box(x0, y0, x0 + tile_size, y0 + tile_size) for y0, x0 in zip(tiles["y0"], tiles["x0"])]
+    f = 1 / sample.scale  # tile origins are on the grid of `pixel_size`; shapes are in the image's pixels
+    geometry = [
+        box(x0 * f, y0 * f, (x0 + tile_size) * f, (y0 + tile_size) * f) for y0, x0 in zip(tiles["y0"], tiles["x0"])
+    ]
     frame = gpd.GeoDataFrame(tiles.reset_index(drop=True), geometry=geometry)
     transformations = get_transformation(sample.sdata.images[image_key], get_all=True)
     return ShapesModel.parse(frame, transformations=transformations)

@@ -28,6 +28,7 @@ from .._version import __version__
 from ._folds import SPLIT_NAMES, _check_folds, _check_splits, row_bands, split_rows
 from ._tile_samples import (
     _as_samples,
+    _at_pixel_size,
     _cell_type_categories,
     _check_spot_args,
     _check_tile_size,
@@ -81,8 +82,15 @@ class _Options:
     spot_target_sum: float | None
     spot_scaling: str
     progress: bool
+    pixel_size: float | None = None
 
     def __post_init__(self) -> None:
+        if self.pixel_size is not None:
+            ok = not isinstance(self.pixel_size, bool) and isinstance(self.pixel_size, int | float | np.number)
+            if not ok or not math.isfinite(self.pixel_size) or self.pixel_size <= 0:
+                raise ValueError(
+                    f"`pixel_size` must be a positive number of µm per pixel or None; got {self.pixel_size!r}."
+                )
         _check_spot_args(
             self.spots_key, self.cell_type_key, self.tiling, self.spot_coverage, self.spot_target_sum, self.spot_scaling
         )
@@ -128,6 +136,7 @@ def make_tiles(
     spot_coverage: float = 1.0,
     spot_target_sum: float | None = 1e4,
     spot_scaling: Literal["spot", "sample"] = "spot",
+    pixel_size: float | None = None,
     progress: bool = True,
 ) -> TileSet:
     """Cut training tiles once into an on-disk store, with spatial folds.
@@ -213,6 +222,12 @@ def make_tiles(
         between the spots of one legacy ST section) is removed and only its composition and cell number are
         learnt. ``"sample"``: one factor per sample, ``spot_target_sum / median library size``, keeping the
         depth differences between its spots.
+    pixel_size
+        Cut the tiles at this many µm per pixel instead of the images' own (e.g. ``2.75`` for legacy ST spots of
+        100 µm, or to train on slides scanned at several magnifications). Each image is read from its nearest
+        pyramid level that is not coarser and area-averaged to that grid, exactly as :func:`ghist.tl.predict`
+        reads slides for a model of that pixel size; labels follow by nearest neighbour. ``tile_size`` is then in
+        pixels of that grid, and every sample needs a ``"microns"`` coordinate system.
     {progress}
 
     Returns
@@ -242,6 +257,7 @@ def make_tiles(
         spot_target_sum=spot_target_sum,
         spot_scaling=spot_scaling,
         progress=progress,
+        pixel_size=pixel_size,
     )
     inputs = _validate(sdata, genes, opts)
     path, owner = _new_store_path(path)
@@ -280,6 +296,9 @@ def _validate(
         key_added=opts.key_added,
         spots_key=opts.spots_key,
     )
+    if opts.pixel_size is not None:
+        for sample in samples:
+            _at_pixel_size(sample, opts.pixel_size, opts.image_key)
     genes = _choose_genes(samples, genes, opts.table_key)
     spot_summaries = []
     if opts.spots_key is not None:
