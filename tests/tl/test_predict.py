@@ -37,7 +37,7 @@ def test_predict_writes_valid_table(trained, test_sdata):
     assert (hit == table.obs["cell_id"].to_numpy()).mean() > 0.9
     assert table.uns["ghist"]["params"]["alpha"] == 2.0
     # squidpy accepts the table as it is
-    sq.gr.spatial_neighbors(table, coord_type="generic", n_neighs=6)
+    sq.gr.spatial_neighbors_knn(table, n_neighs=6)
     sq.gr.nhood_enrichment(table, cluster_key="ghist_cell_type", n_perms=10, seed=0, show_progress_bar=False)
     assert "ghist_cell_type_nhood_enrichment" in table.uns
 

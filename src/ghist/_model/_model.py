@@ -84,12 +84,24 @@ class GHISTModel:
         pixel_size: float | None = None,
         expr_scale: float = EXPR_SCALE,
     ):
+        if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
+            raise TypeError(f"`genes` must be a list of gene names; got {type(genes).__name__} {genes!r:.60}.")
         genes = [str(g) for g in genes]
         if len(genes) == 0:
             raise ValueError("`genes` is empty; expected at least one gene to predict.")
-        if len(set(genes)) != len(genes):
-            raise ValueError("`genes` contains duplicates; expected unique gene names.")
+        _check_unique(genes, "genes")
+        if isinstance(cell_types, str):
+            raise TypeError(f"`cell_types` must be a list of cell type names or None; got the string {cell_types!r}.")
         cell_types = None if cell_types is None else [str(t) for t in cell_types]
+        if cell_types is not None:
+            _check_unique(cell_types, "cell_types")
+        _check_int("width", width, 1)
+        _check_int("embed_dim", embed_dim, 1)
+        # five levels halve the tile four times; batch norm needs more than one value per channel at the deepest
+        _check_int("tile_size", tile_size, 32)
+        if pixel_size is not None:
+            _check_positive("pixel_size", pixel_size)
+        _check_positive("expr_scale", expr_scale)
         groups = _check_groups(cell_type_groups, cell_types)
         if reference is not None:
             reference = np.asarray(reference, dtype=np.float32)
@@ -522,6 +534,24 @@ def _read_legacy(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[st
         "history": None if history is None else dict(history),
     }
     return settings, payload["state_dict"]
+
+
+def _check_unique(names: list[str], arg: str) -> None:
+    seen: set[str] = set()
+    duplicated = sorted({n for n in names if n in seen or seen.add(n)})
+    if duplicated:
+        raise ValueError(f"`{arg}` lists {duplicated[:5]} more than once; expected unique names.")
+
+
+def _check_int(arg: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"`{arg}` must be an integer >= {minimum}; got {value!r}.")
+
+
+def _check_positive(arg: str, value: Any) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, int | float | np.number) and np.isfinite(value)
+    if not ok or value <= 0:
+        raise ValueError(f"`{arg}` must be a finite number > 0; got {value!r}.")
 
 
 def _check_groups(groups: Mapping[str, Sequence[str]] | None, cell_types: Sequence[str] | None) -> dict[str, list[str]]:

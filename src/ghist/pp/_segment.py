@@ -154,6 +154,9 @@ def segment_nuclei(
     check_key_added(sdata, key_added, "labels", overwrite=overwrite)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 64:
         raise ValueError(f"`chunk_size` must be an integer >= 64 pixels, got {chunk_size!r}.")
+    for name, value in (("min_area_um2", min_area_um2), ("max_area_um2", max_area_um2)):
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            raise ValueError(f"`{name}` must be a number of µm²; got {value!r}.")
     if not (np.isfinite(min_area_um2) and np.isfinite(max_area_um2) and 0 <= min_area_um2 < max_area_um2):
         raise ValueError(
             f"Expected 0 <= `min_area_um2` < `max_area_um2`, got min_area_um2={min_area_um2!r}, "

@@ -74,6 +74,8 @@ class TileSet:
     _UNSET: Any = object()
 
     def __init__(self, path: str | os.PathLike, *, fold: int | None = _UNSET, n_folds: int | None = None):
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"`path` must be the folder of a tile store (str or Path); got {type(path).__name__}.")
         self._path = Path(path)
         if not (self._path / "zarr.json").exists():
             raise FileNotFoundError(f"No tile store at {str(self._path)!r}; make one with `ghist.pp.make_tiles`.")

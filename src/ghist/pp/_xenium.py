@@ -173,7 +173,7 @@ def prepare_xenium(
     """
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
-    if not (np.isfinite(pixel_size) and pixel_size > 0):
+    if isinstance(pixel_size, bool) or not (np.isfinite(pixel_size) and pixel_size > 0):
         raise ValueError(f"`pixel_size` must be a positive number of µm per 'global' unit; got {pixel_size!r}.")
     keys = [key_added_image, key_added_labels, key_added_table]
     if len(set(keys)) != 3:

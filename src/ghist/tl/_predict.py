@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -136,7 +137,7 @@ def predict(
     >>> sdata = ghist.datasets.synthetic(seed=1)
     >>> table = ghist.tl.predict(sdata, model)  # doctest: +SKIP
     >>> import squidpy as sq
-    >>> sq.gr.spatial_neighbors(table)  # doctest: +SKIP
+    >>> sq.gr.spatial_neighbors_knn(table)  # doctest: +SKIP
     >>> sq.gr.nhood_enrichment(table, cluster_key="ghist_cell_type")  # doctest: +SKIP
 
     """
@@ -169,8 +170,8 @@ def predict(
     # Labels of another pixel size under the same transformation would pair every nucleus with the wrong pixels.
     check_extents(sdata, image_key, labels_key)
     check_key_added(sdata, key_added, "tables", overwrite=overwrite)
-    if alpha < 0:
-        raise ValueError(f"`alpha` must be >= 0, got {alpha}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"`alpha` must be a finite number >= 0 (0: no refinement); got {alpha!r}.")
     if not 0 <= tile_overlap < model.tile_size // 2:
         raise ValueError(f"`tile_overlap` must be in [0, {model.tile_size // 2}), got {tile_overlap}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
