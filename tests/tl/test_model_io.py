@@ -42,7 +42,7 @@ def test_save_refuses_overwrite_and_load_checks(trained, tmp_path):
 
 
 def test_model_validates_arguments():
-    with pytest.raises(ValueError, match="duplicates"):
+    with pytest.raises(ValueError, match="more than once"):
         ghist.GHISTModel(["A", "A"])
     with pytest.raises(ValueError, match="reference"):
         ghist.GHISTModel(["A", "B"], reference=np.zeros((3, 5)))
