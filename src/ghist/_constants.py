@@ -15,6 +15,7 @@ INSTANCE_KEY = "cell_id"
 CELL_TYPE_KEY = "cell_type"
 SPATIAL_KEY = "spatial"
 PRED_CELL_TYPE_KEY = "ghist_cell_type"
+PRED_CELL_TYPE_SCORE_KEY = "ghist_cell_type_score"  # types of models without cell types, from the reference
 PRED_PROBA_KEY = "ghist_cell_type_proba"
 PRED_COMPOSITION_KEY = "ghist_composition"
 UNS_KEY = "ghist"

@@ -23,6 +23,7 @@ from .._constants import (
     INSTANCE_KEY,
     LABELS_KEY,
     PRED_CELL_TYPE_KEY,
+    PRED_CELL_TYPE_SCORE_KEY,
     PRED_COMPOSITION_KEY,
     PRED_KEY,
     PRED_PROBA_KEY,
@@ -125,7 +126,9 @@ def predict(
     a zarr store). It annotates ``labels_key`` (``obs["region"]``, ``obs["cell_id"]``) and holds:
 
     - ``X``: predicted expression on the ``log1p(counts)`` scale;
-    - ``obs["ghist_cell_type"]``: predicted cell type (categorical);
+    - ``obs["ghist_cell_type"]``: predicted cell type (categorical). A model trained without cell types (e.g. on
+      spots) but with reference profiles gives each cell the profile its predicted expression correlates with best,
+      with that correlation in ``obs["ghist_cell_type_score"]``, so squidpy's cluster analyses work on it too;
     - ``obsm["ghist_cell_type_proba"]``: class probabilities after refinement;
     - ``obsm["ghist_composition"]``: the cell-type composition the network estimated around the cell;
     - ``obsm["spatial"]``: nucleus centroids in the labels' pixel coordinates;
@@ -335,7 +338,28 @@ def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _Slid
         table.obsm[PRED_COMPOSITION_KEY] = pd.DataFrame(
             parts["comp"][best], index=table.obs_names, columns=model.cell_types
         )
+    elif model.reference_names:
+        _types_from_reference(table, model)
     return table
+
+
+def _types_from_reference(table: AnnData, model: GHISTModel) -> None:
+    """Cell types of a model trained without them (e.g. on spots) that holds reference profiles.
+
+    Each cell gets the profile its predicted expression correlates with best (Pearson over the genes, on the
+    ``log1p`` scale), as :func:`ghist.pp.annotate_cell_types` does for measured cells; the correlation is its score.
+    Cells with a constant prediction get no type.
+    """
+    profiles = model.network.reference.detach().cpu().numpy().astype(np.float64) / model.expr_scale
+    X = np.asarray(table.X, dtype=np.float64)
+    Xc = X - X.mean(axis=1, keepdims=True)
+    Pc = profiles - profiles.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (Xc @ Pc.T) / np.outer(np.linalg.norm(Xc, axis=1), np.linalg.norm(Pc, axis=1))
+    known = np.isfinite(r).all(axis=1)
+    codes = np.where(known, np.nan_to_num(r, nan=-np.inf).argmax(axis=1), -1)
+    table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(codes, categories=list(model.reference_names))
+    table.obs[PRED_CELL_TYPE_SCORE_KEY] = np.where(known, np.nan_to_num(r, nan=-np.inf).max(axis=1), np.nan)
 
 
 def _write_table(sdata: SpatialData, table: AnnData, key: str, overwrite: bool) -> None:
