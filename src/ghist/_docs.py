@@ -27,7 +27,7 @@ table_key
 
 doc_batch_size = """\
 batch_size
-    Number of 256-pixel tiles processed together."""
+    Number of tiles processed together."""
 
 doc_progress = """\
 progress

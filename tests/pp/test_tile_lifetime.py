@@ -115,14 +115,10 @@ def test_pickled_copies_share_the_owner(sdata, tmpdir_):
 
 
 def test_dataloader_workers_do_not_remove_the_store(sdata, tmpdir_):
-    from torch.utils.data import DataLoader
-
-    from ghist._model._data import collate_tiles
-
     tiles = _tiles(sdata, fold=None)
     path = tiles.path
     for _ in range(2):  # workers start and exit twice
-        loader = DataLoader(tiles.train, batch_size=2, num_workers=2, collate_fn=collate_tiles)
+        loader = tiles.loader("train", batch_size=2, num_workers=2, shuffle=False)
         seen = torch.cat([batch["tile"] for batch in loader])
         assert sorted(seen.tolist()) == tiles.indices("train").tolist()
         del loader

@@ -21,7 +21,28 @@ if TYPE_CHECKING:
 
     from ..pp import TileSet
 
-__all__ = ["SlideTileDataset", "TileDataset", "as_tensors", "collate_slide_tiles", "collate_tiles"]
+__all__ = [
+    "SlideTileDataset",
+    "TileDataset",
+    "as_tensors",
+    "collate_slide_tiles",
+    "collate_tiles",
+    "worker_context",
+]
+
+
+def worker_context(num_workers: int) -> str | None:
+    """Start method of DataLoader worker processes: ``"forkserver"`` where it exists, else the platform's default.
+
+    A worker forked from a process that already runs threads (dask's pool, zarr's IO loop, a notebook's kernel)
+    inherits their locks in whatever state they were, and can wait on one forever: the test suite hung that way.
+    Workers started from a clean server process only receive the pickled dataset (stores reopen per process).
+    """
+    import multiprocessing
+
+    if num_workers <= 0:
+        return None
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
 
 
 def as_tensors(item: dict[str, Any]) -> dict[str, Any]:

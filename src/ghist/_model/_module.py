@@ -105,16 +105,28 @@ class GHISTModule(L.LightningModule):
         batch = self._prepare(batch)
         losses, _ = self._losses(batch)
         bs = batch["image"].shape[0]
-        self.log("train_loss", losses["total"], prog_bar=True, batch_size=bs, on_step=True, on_epoch=True)
+        self.log(
+            "train_loss",
+            losses["total"],
+            prog_bar=True,
+            batch_size=bs,
+            on_step=True,
+            on_epoch=True,
+            sync_dist=self._distributed,
+        )
         for name, value in losses.items():
             if name != "total":
-                self.log(f"train/{name}", value, batch_size=bs, on_step=False, on_epoch=True)
+                self.log(
+                    f"train/{name}", value, batch_size=bs, on_step=False, on_epoch=True, sync_dist=self._distributed
+                )
         return losses["total"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         batch = self._prepare(batch)
         losses, out = self._losses(batch)
-        self.log("val_loss", losses["total"], prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log(
+            "val_loss", losses["total"], prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=self._distributed
+        )
         record = {
             "expr_pred": out["expr"].float().cpu().numpy(),
             "expr_true": batch["expr"].float().cpu().numpy(),
@@ -128,11 +140,23 @@ class GHISTModule(L.LightningModule):
             )
         self._val_outputs.append(record)
 
+    @property
+    def _distributed(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized()
+
     def on_validation_epoch_end(self) -> None:
-        if not self._val_outputs:
+        outputs, self._val_outputs = self._val_outputs, []
+        merged = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]} if outputs else None
+        if self._distributed:
+            # Each process validated its share of the tiles: score all of them together, the same on every process
+            # (a Pearson or F1 of per-process scores would not be the score of the whole validation band).
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, merged)
+            parts = [g for g in gathered if g]
+            merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
+        if merged is None:
             return
-        merged = {k: np.concatenate([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
-        self._val_outputs.clear()
         # Spot-level supervision: the expression score is on the spots (summed cells vs measured spots).
         level = "spot" if "spot_pred" in merged else "expr"
         scores = validation_score(

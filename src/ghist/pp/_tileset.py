@@ -390,7 +390,7 @@ class TileSet:
         import torch
         from torch.utils.data import DataLoader
 
-        from .._model._data import collate_tiles
+        from .._model._data import collate_tiles, worker_context
 
         return DataLoader(
             self.dataset(split, transform=transform),
@@ -399,6 +399,7 @@ class TileSet:
             num_workers=num_workers,
             collate_fn=collate_tiles,
             generator=torch.Generator().manual_seed(int(seed)),
+            multiprocessing_context=worker_context(num_workers),
         )
 
     # -- reading ------------------------------------------------------------------------------------------------

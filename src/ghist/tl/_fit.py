@@ -147,7 +147,11 @@ def fit(
         Ampere on (1.7x faster on an H200 at width 64, 256-px tiles) and ``"32-true"`` everywhere else, so that a
         seed gives the same model on any CPU. ``precision="bf16-mixed"`` on a CPU with AVX512-BF16 or AMX trains up
         to about 3x faster per step, but learns less per step at small widths (a tiny test fit reached cell-type
-        accuracy 0.16 with it, 0.68 in float32): compare on your data before relying on it.
+        accuracy 0.16 with it, 0.68 in float32): compare on your data before relying on it. Data-parallel training
+        (``strategy="ddp"``, several GPUs or nodes through Lightning, or ``devices=2, accelerator="cpu"`` with gloo)
+        splits each epoch's tiles between the processes, scores validation over all of them and, on GPUs,
+        synchronises batch norm (``sync_batchnorm=True`` unless given); ``batch_size`` is per process. From a
+        notebook use ``strategy="ddp_notebook"``; on a cluster, launch the script as Lightning documents (``srun``).
     seed
         Seed of weights, tile order and augmentation; the same seed gives the same model on the CPU.
     checkpoint_dir
@@ -186,7 +190,7 @@ def fit(
     from torch.utils.data import DataLoader
 
     from .._model import GHISTModel
-    from .._model._data import collate_tiles
+    from .._model._data import collate_tiles, worker_context
     from .._model._device import lightning_accelerator, resolve_device
     from .._model._module import EpochHistory, GHISTModule
     from ..pp import TileSet, reference_profiles
@@ -249,10 +253,17 @@ def fit(
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
+        multiprocessing_context=worker_context(num_workers),
     )
     has_val = len(tiles.val) > 0
     val_loader = (
-        DataLoader(tiles.val, batch_size=batch_size, collate_fn=collate_tiles, num_workers=num_workers)
+        DataLoader(
+            tiles.val,
+            batch_size=batch_size,
+            collate_fn=collate_tiles,
+            num_workers=num_workers,
+            multiprocessing_context=worker_context(num_workers),
+        )
         if has_val
         else None
     )
@@ -317,6 +328,10 @@ def fit(
         len(tiles.val),
         checkpoint_dir,
     )
+    if isinstance(strategy, str) and "ddp" in strategy and device.type == "cuda":
+        # Per-process batches are small: batch-norm statistics over all processes' tiles, as one process would see
+        # (torch synchronises batch norm on GPUs only).
+        trainer_kwargs.setdefault("sync_batchnorm", True)
     try:
         with _quiet_lightning():
             trainer = L.Trainer(

@@ -147,7 +147,7 @@ def predict(
     from torch.utils.data import DataLoader
 
     from .._model import GHISTModel
-    from .._model._data import SLIDE_CELL_KEYS, SlideTileDataset, collate_slide_tiles
+    from .._model._data import SLIDE_CELL_KEYS, SlideTileDataset, collate_slide_tiles, worker_context
     from .._model._device import resolve_device
     from .._model._inference import Predictor, refine_indices
     from .._version import __version__
@@ -205,7 +205,13 @@ def predict(
         levels=raster_levels(sdata.images[image_key]),
     )
     # In order (no shuffling): the refinement draws its random factors batch after batch.
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_slide_tiles, num_workers=num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=collate_slide_tiles,
+        num_workers=num_workers,
+        multiprocessing_context=worker_context(num_workers),
+    )
     logger.info(
         "Predicting %d tiles of %d px (scale %.3g of the image) on %s",
         len(grid.origins),
