@@ -117,6 +117,8 @@ def test_pickled_copies_share_the_owner(sdata, tmpdir_):
 def test_dataloader_workers_do_not_remove_the_store(sdata, tmpdir_):
     tiles = _tiles(sdata, fold=None)
     path = tiles.path
+    # the worker server's socket lives in the system temporary folder (a pytest path would exceed AF_UNIX's limit)
+    tempfile.tempdir = None
     for _ in range(2):  # workers start and exit twice
         loader = tiles.loader("train", batch_size=2, num_workers=2, shuffle=False)
         seen = torch.cat([batch["tile"] for batch in loader])

@@ -167,14 +167,13 @@ def predict_cohort(
         raise ValueError("Sample ids of `slides` are not unique once converted to strings.")
     slides = {str(sample): slide for sample, slide in slides.items()}
     wrong = [
-        f"{sample!r} is a {type(slide).__name__}"
+        f"Slide {sample!r}: expected a SpatialData or the path of a SpatialData zarr store, got a "
+        f"{type(slide).__name__}."
         for sample, slide in slides.items()
         if not isinstance(slide, SpatialData | str | os.PathLike)
     ]
     if wrong:
-        raise TypeError(
-            f"Slides must be a SpatialData or the path of a SpatialData zarr store; slide {'; slide '.join(wrong)}."
-        )
+        raise TypeError(" ".join(wrong))
     gene_sets = _check_gene_sets(gene_sets, model.genes)
     names, kinds = _feature_names(model, gene_sets, per_type)
     options = {

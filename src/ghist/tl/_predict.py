@@ -344,7 +344,7 @@ def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _Slid
         table.obsm[PRED_COMPOSITION_KEY] = pd.DataFrame(
             parts["comp"][best], index=table.obs_names, columns=model.cell_types
         )
-    elif model.reference_names:
+    elif getattr(model, "reference_names", None):
         _types_from_reference(table, model)
     return table
 
