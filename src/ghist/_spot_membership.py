@@ -23,7 +23,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import shapely
-from scipy.spatial import cKDTree
 
 __all__ = ["SpotGeometry", "assign_to_spots", "membership_matrix", "spot_geometry"]
 
@@ -139,6 +138,8 @@ def assign_to_spots(xy: np.ndarray, spots: SpotGeometry) -> np.ndarray:
         raise ValueError("Cell centroids must be finite; found NaN or infinite coordinates.")
     if spots.radius is not None:
         reach = float(spots.radius.max())
+        from scipy.spatial import cKDTree  # loaded when needed: it weighs on `import ghist`
+
         pairs = cKDTree(xy).sparse_distance_matrix(
             cKDTree(spots.centres), max_distance=reach * (1 + 1e-9), output_type="ndarray"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -14,13 +15,6 @@ from typing import Any, Literal
 import dask.array as da
 import numpy as np
 import zarr
-from scipy import ndimage as ndi
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import maximum_bipartite_matching
-from skimage.color import hed_from_rgb
-from skimage.filters import threshold_otsu
-from skimage.morphology import disk
-from skimage.segmentation import watershed
 from spatialdata import SpatialData
 from spatialdata.models import Labels2DModel
 from spatialdata.transformations import get_transformation
@@ -358,8 +352,11 @@ def _owned_objects(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _hematoxylin_lut() -> np.ndarray:
     """``(256, 3)`` contribution of each 8-bit value of each RGB channel to the hematoxylin density."""
+    from skimage.color import hed_from_rgb
+
     # Same colour deconvolution as :func:`skimage.color.rgb2hed`: optical densities log(max(v / 255, 1e-6)) /
     # log(1e-6) of the three channels, times the first column of the inverse stain matrix. Being linear per channel,
     # it is a table lookup on uint8 input.
@@ -367,12 +364,9 @@ def _hematoxylin_lut() -> np.ndarray:
     return (density[:, None] * hed_from_rgb[:, 0][None, :]).astype(np.float32)
 
 
-_HEMATOXYLIN_LUT = _hematoxylin_lut()
-
-
 def _hematoxylin(rgb: np.ndarray) -> np.ndarray:
     """Hematoxylin optical density (``float32``, >= 0) of a ``(..., 3)`` uint8 RGB array."""
-    lut = _HEMATOXYLIN_LUT
+    lut = _hematoxylin_lut()
     hema = lut[rgb[..., 0], 0] + lut[rgb[..., 1], 1] + lut[rgb[..., 2], 2]
     return np.maximum(hema, 0, out=hema)
 
@@ -396,6 +390,8 @@ def _downsampled_rgb(element: DataArray | DataTree, max_side: int = 2048) -> np.
 
 def _otsu_threshold(element: DataArray | DataTree, background_gray: float) -> float:
     """Otsu's threshold of the hematoxylin density over the tissue of a downsampled copy of the whole image."""
+    from skimage.filters import threshold_otsu
+
     small = _downsampled_rgb(element)
     hema = _hematoxylin(small)
     tissue = small.mean(axis=-1) < background_gray
@@ -409,6 +405,8 @@ def _watershed_segmenter(
     element: DataArray | DataTree, pixel_size: float, method_kwargs: dict[str, Any]
 ) -> tuple[_Segmenter, float]:
     """The per-window watershed segmenter and the margin (pixels) its filters need on top of the nucleus size."""
+    from skimage.morphology import disk
+
     unknown = sorted(set(method_kwargs) - set(WATERSHED_DEFAULTS))
     if unknown:
         raise TypeError(
@@ -443,6 +441,8 @@ def _watershed_segmenter(
 
 def _fill_small_holes(mask: np.ndarray, max_hole: float) -> np.ndarray:
     """Fill the background components of ``mask`` no larger than ``max_hole`` pixels that do not touch its edge."""
+    from scipy import ndimage as ndi
+
     holes, n = ndi.label(~mask)
     if n == 0:
         return mask
@@ -458,6 +458,10 @@ def _watershed_window(
     rgb: np.ndarray, *, threshold: float, sigma: float, blob_sigma: float, footprint: np.ndarray, max_hole: float
 ) -> np.ndarray:
     """Instance labels (``int32``) of the nuclei of one RGB window."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+    from skimage.segmentation import watershed
+
     hema = _hematoxylin(rgb)
     smooth = ndi.gaussian_filter(hema, sigma) if sigma > 0 else hema
     mask = smooth > threshold
@@ -550,6 +554,9 @@ def _segmentation_scores(true: np.ndarray, pred: np.ndarray, iou: float = 0.5) -
     A true and a predicted object match when their intersection over union is at least ``iou``; each object matches
     at most one other (a maximum matching, which for ``iou > 0.5`` is the unique one).
     """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+
     true = np.asarray(true)
     pred = np.asarray(pred)
     if true.shape != pred.shape:

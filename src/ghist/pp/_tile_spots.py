@@ -22,7 +22,6 @@ import pandas as pd
 import scipy.sparse as sp
 import shapely
 from anndata import AnnData
-from scipy.spatial import cKDTree
 from spatialdata import SpatialData
 
 from .._spatial import element_affine
@@ -250,6 +249,8 @@ def spot_footprint(centroids_xy: np.ndarray, spots: SpotData) -> dict[str, Any]:
         hull = shapely.convex_hull(shapely.multipoints(shapely.get_coordinates(geometry.polygons)))
         margin = 0.0
     if len(geometry) > 1:
+        from scipy.spatial import cKDTree  # loaded when needed: it weighs on `import ghist`
+
         spacing = float(np.median(cKDTree(geometry.centres).query(geometry.centres, k=2)[0][:, 1]))
     else:
         spacing = size
