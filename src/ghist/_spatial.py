@@ -337,6 +337,34 @@ def image_pixel_size(sdata: SpatialData, element_key: str) -> float | None:
     return float(np.sqrt(area)) if area > 0 else None
 
 
+def region_in_pixels(sdata: SpatialData, shapes_key: str, element_key: str) -> Any:
+    """Union of the geometries of ``sdata.shapes[shapes_key]`` in the pixel coordinates of another element.
+
+    Circles (points with a ``"radius"`` column, as spatialdata stores Visium spots) become discs. Used for regions of
+    interest: tissue polygons restricting :func:`ghist.pp.segment_nuclei` (image pixels) and
+    :func:`ghist.tl.predict` (labels pixels).
+
+    Examples
+    --------
+    >>> tissue = region_in_pixels(sdata, "tissue", "he")
+
+    """
+    import shapely
+    from shapely.affinity import affine_transform
+
+    from ._validation import require_key
+
+    shapes = require_key(sdata, "shapes", shapes_key)
+    matrix = element_affine(sdata, shapes_key, element_key)
+    geoms = shapes.geometry.to_numpy()
+    if "radius" in shapes.columns:
+        geoms = shapely.buffer(geoms, shapes["radius"].to_numpy(dtype=float), quad_segs=16)
+    if geoms.size == 0:
+        raise ValueError(f"Shapes {shapes_key!r} hold no geometry; expected at least one region.")
+    params = [matrix[0, 0], matrix[0, 1], matrix[1, 0], matrix[1, 1], matrix[0, 2], matrix[1, 2]]
+    return affine_transform(shapely.union_all(geoms), params)
+
+
 def _extent(element: Any, matrix: np.ndarray) -> np.ndarray:
     """Bounding box ``(x_min, y_min, x_max, y_max)`` of a raster element's pixels mapped by ``matrix``."""
     from ._validation import scale0

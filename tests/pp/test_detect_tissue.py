@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import spatialdata as sd
@@ -77,3 +79,21 @@ def test_bad_inputs(he):
     with pytest.raises(ValueError, match="already exists"):
         ghist.pp.detect_tissue(sdata)
     ghist.pp.detect_tissue(sdata, overwrite=True)
+
+
+def test_segmentation_skips_blocks_outside_the_tissue(he, caplog):
+    sdata = _slide(he, multiscale=False)
+    ghist.pp.detect_tissue(sdata, resolution=4.0, min_area_um2=500.0)
+    ghist.pp.segment_nuclei(sdata, key_added="all", chunk_size=128, progress=False)
+    with caplog.at_level("INFO", logger="ghist"):
+        ghist.pp.segment_nuclei(sdata, key_added="in_tissue", roi_key="tissue", chunk_size=128, progress=False)
+    n_read, n_all = (int(v) for v in re.search(r"Segmenting (\d+) of (\d+) blocks", caplog.text).groups())
+    assert n_all == 30  # 768 x 640 px in 128-px blocks
+    assert n_read < 0.75 * n_all
+    everywhere, in_tissue = np.asarray(sdata.labels["all"]), np.asarray(sdata.labels["in_tissue"])
+    # the glass has no nuclei anyway: the same nuclei, found from fewer blocks
+    assert np.unique(in_tissue).size > 50
+    assert np.unique(in_tissue).size == pytest.approx(np.unique(everywhere).size, rel=0.05)
+    assert not in_tissue[700:, :400].any()  # a glass-only corner was never segmented
+    with pytest.raises(KeyError, match="nope"):
+        ghist.pp.segment_nuclei(sdata, key_added="x", roi_key="nope", progress=False)

@@ -69,6 +69,7 @@ def segment_nuclei(
     overwrite: bool = False,
     progress: bool = True,
     model: Any = None,
+    roi_key: str | None = None,
     **method_kwargs: Any,
 ) -> None:
     """Segment the nuclei of an H&E image into instance labels, chunk by chunk.
@@ -123,6 +124,9 @@ def segment_nuclei(
     {progress}
     model
         The model object (or path to its weights) of the ``"stardist"`` and ``"cellpose"`` methods.
+    roi_key
+        Shapes of ``sdata`` (e.g. from :func:`ghist.pp.detect_tissue`): only blocks touching them are read and
+        segmented, so the glass of a whole slide costs nothing.
     **method_kwargs
         Options of the method, see above.
 
@@ -182,9 +186,15 @@ def segment_nuclei(
             max_diameter_px,
         )
 
+    region = None
+    if roi_key is not None:
+        from .._spatial import region_in_pixels
+
+        region = region_in_pixels(sdata, roi_key, image_key)
     store = _segment_blocks(
         image.data,
         segmenter,
+        region=region,
         chunk_size=int(chunk_size),
         halo=int(halo),
         min_area_px=min_area_px,
@@ -269,6 +279,7 @@ def _segment_blocks(
     min_area_px: float,
     max_area_px: float,
     progress: bool,
+    region: Any = None,
 ) -> zarr.Array:
     """Segment ``image`` (``c, y, x``) block by block into a compressed in-memory Zarr array of global ids.
 
@@ -285,6 +296,15 @@ def _segment_blocks(
         fill_value=0,
     )
     blocks = list(_blocks(height, width, chunk_size))
+    if region is not None:  # blocks that do not touch the region of interest (e.g. glass) are not read at all
+        import shapely
+
+        boxes = shapely.box(*np.array([(x0, y0, x1, y1) for y0, y1, x0, x1 in blocks], dtype=float).T)
+        inside = shapely.intersects(boxes, region)
+        logger.info(
+            "Segmenting %d of %d blocks (the rest lie outside the region of interest)", inside.sum(), len(blocks)
+        )
+        blocks = [b for b, ok in zip(blocks, inside) if ok]
     next_id = 1
     for y0, y1, x0, x1 in tqdm(blocks, desc="Segmenting nuclei", unit="chunk", disable=not progress):
         wy0, wy1, wx0, wx1 = max(y0 - halo, 0), min(y1 + halo, height), max(x0 - halo, 0), min(x1 + halo, width)
