@@ -5,6 +5,8 @@ Each check names the argument, element, key or gene at fault, what was expected 
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -42,6 +44,24 @@ def require_key(sdata: SpatialData, attr: str, key: str) -> Any:
 
 
 ELEMENT_KINDS = ("images", "labels", "shapes", "points", "tables")
+
+
+def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    """``value`` must be an integer (not a bool) of at least ``minimum``; ``None`` too when ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}{' (or None)' if optional else ''}, got {value!r}.")
+
+
+def check_number(name: str, value: Any, *, positive: bool = True, optional: bool = False) -> None:
+    """``value`` must be a finite real number (not a bool), ``> 0`` or (``positive=False``) ``>= 0``."""
+    if optional and value is None:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not ok or not (value > 0 if positive else value >= 0):
+        expected = ("> 0" if positive else ">= 0") + (" (or None)" if optional else "")
+        raise ValueError(f"`{name}` must be a finite number {expected}, got {value!r}.")
 
 
 def check_key_added(

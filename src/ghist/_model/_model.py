@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from .._constants import EXPR_SCALE
+from .._validation import check_int, check_number
 from ._network import GHISTNetwork
 
 logger = logging.getLogger(__name__)
@@ -95,13 +96,13 @@ class GHISTModel:
         cell_types = None if cell_types is None else [str(t) for t in cell_types]
         if cell_types is not None:
             _check_unique(cell_types, "cell_types")
-        _check_int("width", width, 1)
-        _check_int("embed_dim", embed_dim, 1)
+        check_int("width", width, 1)
+        check_int("embed_dim", embed_dim, 1)
         # five levels halve the tile four times; batch norm needs more than one value per channel at the deepest
-        _check_int("tile_size", tile_size, 32)
+        check_int("tile_size", tile_size, 32)
         if pixel_size is not None:
-            _check_positive("pixel_size", pixel_size)
-        _check_positive("expr_scale", expr_scale)
+            check_number("pixel_size", pixel_size)
+        check_number("expr_scale", expr_scale)
         groups = _check_groups(cell_type_groups, cell_types)
         if reference is not None:
             reference = np.asarray(reference, dtype=np.float32)
@@ -541,17 +542,6 @@ def _check_unique(names: list[str], arg: str) -> None:
     duplicated = sorted({n for n in names if n in seen or seen.add(n)})
     if duplicated:
         raise ValueError(f"`{arg}` lists {duplicated[:5]} more than once; expected unique names.")
-
-
-def _check_int(arg: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"`{arg}` must be an integer >= {minimum}; got {value!r}.")
-
-
-def _check_positive(arg: str, value: Any) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float | np.number) and np.isfinite(value)
-    if not ok or value <= 0:
-        raise ValueError(f"`{arg}` must be a finite number > 0; got {value!r}.")
 
 
 def _check_groups(groups: Mapping[str, Sequence[str]] | None, cell_types: Sequence[str] | None) -> dict[str, list[str]]:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._constants import GLOBAL_CS, IMAGE_KEY, MICRONS_CS
+from .._validation import check_number
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -88,8 +89,7 @@ def read_wsi(
         isinstance(max_levels, bool) or not isinstance(max_levels, int | np.integer) or max_levels < 1
     ):
         raise ValueError(f"`max_levels` must be a positive integer or None; got {max_levels!r}.")
-    if pixel_size is not None:
-        _check_pixel_size(pixel_size)
+    check_number("pixel_size", pixel_size, optional=True)
 
     slide = _open(path)
     mpp, source = _pixel_size(slide, path, pixel_size)
@@ -130,13 +130,6 @@ def read_wsi(
 
 
 read_wsi.__doc__ = read_wsi.__doc__.replace("{formats}", _FORMATS)
-
-
-def _check_pixel_size(pixel_size: Any) -> None:
-    if isinstance(pixel_size, bool) or not isinstance(pixel_size, int | float | np.number) or not pixel_size > 0:
-        raise ValueError(f"`pixel_size` must be a positive number of µm per pixel; got {pixel_size!r}.")
-    if not math.isfinite(float(pixel_size)):
-        raise ValueError(f"`pixel_size` must be finite; got {pixel_size!r}.")
 
 
 def _open(path: Path) -> Any:

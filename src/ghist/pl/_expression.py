@@ -15,8 +15,8 @@ from spatialdata.models import get_table_keys
 
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY
 from .._docs import doc_ax, doc_params, doc_save_show
-from .._validation import check_genes, get_image, get_table
-from ._utils import _check_crop, _check_positive, _check_sdata, _get_ax, _save_or_show
+from .._validation import check_genes, check_number, get_image, get_table
+from ._utils import _check_crop, _check_sdata, _get_ax, _save_or_show
 
 if TYPE_CHECKING:  # matplotlib loads when a plot is drawn, not on ``import ghist``
     from matplotlib.axes import Axes
@@ -86,8 +86,8 @@ def expression(
     import matplotlib.pyplot as plt
 
     _check_sdata(sdata)
-    _check_positive("size", size)
-    _check_positive("panel_size", panel_size, allow_none=False)
+    check_number("size", size, optional=True)
+    check_number("panel_size", panel_size)
     _check_crop(crop)
     pred = get_table(sdata, pred_key)
     genes = check_genes(pred.var_names, genes, where=f"`sdata.tables[{pred_key!r}]`")
@@ -175,7 +175,7 @@ def cell_types(
 
     """
     _check_sdata(sdata)
-    _check_positive("size", size)
+    check_number("size", size, optional=True)
     _check_crop(crop)
     pred = get_table(sdata, pred_key)
     if PRED_CELL_TYPE_KEY not in pred.obs:

@@ -52,16 +52,6 @@ def _check_sdata(sdata: object) -> None:
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
 
 
-def _check_positive(name: str, value: object, *, allow_none: bool = True) -> None:
-    """A finite number > 0 (``None`` too when allowed); bools are refused: ``True`` is never a meant size."""
-    import numbers
-
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 < float(value) < float("inf")):
-        raise ValueError(f"`{name}` must be a finite number > 0{' or None' if allow_none else ''}; got {value!r}.")
-
-
 def _check_crop(crop: object) -> None:
     """``(x0, y0, x1, y1)`` with finite numbers, ``x0 < x1`` and ``y0 < y1``, or ``None``."""
     import numbers

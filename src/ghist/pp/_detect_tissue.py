@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -86,14 +85,14 @@ def detect_tissue(
     from spatialdata.transformations import get_transformation
 
     from .._spatial import image_pixel_size
-    from .._validation import check_key_added, get_image, raster_levels, require_key
+    from .._validation import check_key_added, check_number, get_image, raster_levels, require_key
 
     get_image(sdata, image_key)  # RGB uint8 (c, y, x) or raise
     element = require_key(sdata, "images", image_key)
     check_key_added(sdata, key_added, "shapes", overwrite=overwrite)
-    _check_positive("resolution", resolution)
-    _check_positive("min_area_um2", min_area_um2, allow_zero=True)
-    _check_positive("closing_um", closing_um, allow_zero=True)
+    check_number("resolution", resolution)
+    check_number("min_area_um2", min_area_um2, positive=False)
+    check_number("closing_um", closing_um, positive=False)
     if isinstance(threshold, str):
         if threshold != "otsu":
             raise ValueError(f"`threshold` must be 'otsu' or a saturation in [0, 1]; got {threshold!r}.")
@@ -156,13 +155,6 @@ def detect_tissue(
         cut,
     )
     return shapes
-
-
-def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        expected = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be a finite number {expected}; got {value!r}.")
 
 
 def _working_image(levels: list[tuple[float, Any]], target: float) -> tuple[np.ndarray, float]:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .._constants import IMAGE_KEY, LABELS_KEY, TABLE_KEY
 from .._docs import doc_image_key, doc_labels_key, doc_params, doc_progress, doc_table_key
+from .._validation import check_number
 from .._version import __version__
 from ._folds import SPLIT_NAMES, _check_folds, _check_splits, row_bands, split_rows
 from ._tile_samples import (
@@ -85,12 +86,7 @@ class _Options:
     pixel_size: float | None = None
 
     def __post_init__(self) -> None:
-        if self.pixel_size is not None:
-            ok = not isinstance(self.pixel_size, bool) and isinstance(self.pixel_size, int | float | np.number)
-            if not ok or not math.isfinite(self.pixel_size) or self.pixel_size <= 0:
-                raise ValueError(
-                    f"`pixel_size` must be a positive number of µm per pixel or None; got {self.pixel_size!r}."
-                )
+        check_number("pixel_size", self.pixel_size, optional=True)
         _check_spot_args(
             self.spots_key, self.cell_type_key, self.tiling, self.spot_coverage, self.spot_target_sum, self.spot_scaling
         )

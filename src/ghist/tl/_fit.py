@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import os
 import shutil
 import tempfile
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anndata import AnnData
 
-from .._validation import check_genes
+from .._validation import check_genes, check_int, check_number
 
 if TYPE_CHECKING:
     from .._model import GHISTModel
@@ -200,12 +199,12 @@ def fit(
     if len(tiles.train) == 0:
         raise ValueError(f"{tiles!r}\nhas no training tiles; cut more tiles or use fewer folds.")
     for name, value in (("width", width), ("embed_dim", embed_dim), ("batch_size", batch_size)):
-        _check_int(name, value, 1)
+        check_int(name, value, 1)
     for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs), ("patience", patience)):
-        _check_int(name, value, 1, optional=True)
-    _check_int("num_workers", num_workers, 0)
-    _check_number("lr", lr, positive=True)
-    _check_number("weight_decay", weight_decay, positive=False)
+        check_int(name, value, 1, optional=True)
+    check_int("num_workers", num_workers, 0)
+    check_number("lr", lr, positive=True)
+    check_number("weight_decay", weight_decay, positive=False)
     if isinstance(color_jitter, bool) or not isinstance(color_jitter, int | float) or not 0 <= color_jitter < 1:
         raise ValueError(f"`color_jitter` must be a fraction in [0, 1), got {color_jitter!r}.")
     if isinstance(precision, bool) or precision not in PRECISIONS:
@@ -384,20 +383,6 @@ def fit(
     )
     _warn_if_weak(frame, best_epoch, trainer.global_step, model.n_types)
     return model
-
-
-def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}{' (or None)' if optional else ''}, got {value!r}.")
-
-
-def _check_number(name: str, value: Any, *, positive: bool) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-    ok = ok and (value > 0 if positive else value >= 0)
-    if not ok:
-        raise ValueError(f"`{name}` must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}.")
 
 
 def _check_max_time(max_time: Any) -> timedelta | None:
