@@ -59,3 +59,25 @@ def validation_score(
     parts = [v for v in (pearson, f1) if np.isfinite(v)]
     scores["score"] = float(sum(parts)) if parts else 0.0
     return scores
+
+
+def standardise_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows centred and scaled to unit norm; second value: rows whose norm is zero (correlation undefined)."""
+    centred = values - values.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(centred, axis=1, keepdims=True)
+    flat = norm[:, 0] <= 1e-12
+    return centred / np.where(flat[:, None], 1.0, norm), flat
+
+
+def best_correlated(values: np.ndarray, profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``values``, the row of ``profiles`` it correlates best with (Pearson) and that correlation.
+
+    Constant rows get -1 and NaN; constant profiles never win.
+    """
+    prof, flat_prof = standardise_rows(np.asarray(profiles, dtype=np.float64))
+    cells, flat = standardise_rows(np.asarray(values, dtype=np.float64))
+    corr = cells @ prof.T
+    corr[:, flat_prof] = -np.inf
+    best = corr.argmax(axis=1)
+    score = corr[np.arange(len(best)), best]
+    return np.where(flat, -1, best), np.where(flat, np.nan, score)

@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import CELL_TYPE_KEY, UNS_KEY
+from .._stats import best_correlated, standardise_rows
 from .._validation import _preview, check_genes, get_counts
 from ._reference import reference_profiles
 
@@ -210,14 +211,6 @@ def _log_normalised(block: np.ndarray | sp.spmatrix, target_sum: float) -> np.nd
     return np.log1p(block / np.where(lib > 0, lib, 1.0) * target_sum)
 
 
-def _standardise_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows centred and scaled to unit norm; second value: rows whose norm is zero (correlation undefined)."""
-    centred = values - values.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(centred, axis=1, keepdims=True)
-    flat = norm[:, 0] <= 1e-12
-    return centred / np.where(flat[:, None], 1.0, norm), flat
-
-
 def _by_correlation(
     query: np.ndarray | sp.spmatrix, profiles: np.ndarray, target_sum: float, correlation: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -225,8 +218,7 @@ def _by_correlation(
 
     if correlation == "spearman":
         profiles = rankdata(profiles, axis=1)
-    prof, flat_prof = _standardise_rows(profiles)
-    if flat_prof.all():
+    if standardise_rows(profiles)[1].all():
         raise ValueError("Every reference profile is constant over the shared genes; cannot correlate.")
     n = query.shape[0]
     codes = np.full(n, -1, dtype=np.int64)
@@ -235,13 +227,9 @@ def _by_correlation(
         block = _log_normalised(query[start : start + _BLOCK_ROWS], target_sum)
         if correlation == "spearman":
             block = rankdata(block, axis=1)
-        cells, flat = _standardise_rows(block)
-        corr = cells @ prof.T
-        corr[:, flat_prof] = -np.inf
-        best = corr.argmax(axis=1)
-        best_score = corr[np.arange(len(best)), best]
-        codes[start : start + len(best)] = np.where(flat, -1, best)
-        score[start : start + len(best)] = np.where(flat, np.nan, best_score)
+        best, best_score = best_correlated(block, profiles)
+        codes[start : start + len(best)] = best
+        score[start : start + len(best)] = best_score
     return codes, score
 
 

@@ -353,19 +353,15 @@ def _types_from_reference(table: AnnData, model: GHISTModel) -> None:
     """Cell types of a model trained without them (e.g. on spots) that holds reference profiles.
 
     Each cell gets the profile its predicted expression correlates with best (Pearson over the genes, on the
-    ``log1p`` scale), as :func:`ghist.pp.annotate_cell_types` does for measured cells; the correlation is its score.
-    Cells with a constant prediction get no type.
+    ``log1p`` scale), by the same rule as :func:`ghist.pp.annotate_cell_types` for measured cells; the correlation is
+    its score. Cells with a constant prediction get no type; constant profiles are never chosen.
     """
+    from .._stats import best_correlated
+
     profiles = model.network.reference.detach().cpu().numpy().astype(np.float64) / model.expr_scale
-    X = np.asarray(table.X, dtype=np.float64)
-    Xc = X - X.mean(axis=1, keepdims=True)
-    Pc = profiles - profiles.mean(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (Xc @ Pc.T) / np.outer(np.linalg.norm(Xc, axis=1), np.linalg.norm(Pc, axis=1))
-    known = np.isfinite(r).all(axis=1)
-    codes = np.where(known, np.nan_to_num(r, nan=-np.inf).argmax(axis=1), -1)
+    codes, score = best_correlated(np.asarray(table.X, dtype=np.float64), profiles)
     table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(codes, categories=list(model.reference_names))
-    table.obs[PRED_CELL_TYPE_SCORE_KEY] = np.where(known, np.nan_to_num(r, nan=-np.inf).max(axis=1), np.nan)
+    table.obs[PRED_CELL_TYPE_SCORE_KEY] = score
 
 
 def _write_table(sdata: SpatialData, table: AnnData, key: str, overwrite: bool) -> None:
