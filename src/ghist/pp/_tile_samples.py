@@ -247,19 +247,24 @@ def _prepare_sample(
     _check_label_ids(label_ids, labels_key)
     check_instances(ids, label_ids, table_key=table_key, labels_key=labels_key)
     types = check_cell_types(table, cell_type_key, table_key=table_key)
+    return _new_sample(name, sdata, image_key, image, labels, matrix, table=table, table_ids=ids, types=types)
+
+
+def _new_sample(
+    name: str, sdata: SpatialData, image_key: str, image: Any, labels: Any, matrix: np.ndarray, **fields: Any
+) -> _Sample:
+    """A sample on its image's own pixel grid (:func:`_at_pixel_size` may move it to another)."""
     return _Sample(
         name=name,
         sdata=sdata,
         image=image,
         labels=labels,
         matrix=matrix,
-        table=table,
-        table_ids=ids,
         counts=None,
-        types=types,
         pixel_size=image_pixel_size(sdata, image_key),
         height=int(image.sizes["y"]),
         width=int(image.sizes["x"]),
+        **fields,
     )
 
 
@@ -283,20 +288,9 @@ def _prepare_spot_sample(
     )
     label_ids = _label_ids(labels)
     _check_label_ids(label_ids, labels_key)
-    return _Sample(
-        name=name,
-        sdata=sdata,
-        image=image,
-        labels=labels,
-        matrix=matrix,
-        table=spots.table,
-        table_ids=np.zeros(0, dtype=np.int64),  # no measured cell
-        counts=None,
-        types=None,
-        pixel_size=image_pixel_size(sdata, image_key),
-        height=int(image.sizes["y"]),
-        width=int(image.sizes["x"]),
-        spots=spots,
+    no_cell = np.zeros(0, dtype=np.int64)  # spots are measured, cells are not
+    return _new_sample(
+        name, sdata, image_key, image, labels, matrix, table=spots.table, table_ids=no_cell, types=None, spots=spots
     )
 
 
