@@ -25,6 +25,9 @@ from ._constants import GLOBAL_CS, MICRONS_CS
 logger = logging.getLogger(__name__)
 
 _XY = ("x", "y")
+# Relative pixel-size difference under which an image is used on its own grid, without resampling (scanners of one
+# magnification differ by a few percent): the one rule for training tiles and prediction.
+SAME_PIXEL_SIZE_TOLERANCE = 0.05
 # Tolerance for treating a matrix entry as an exact integer / zero; also the nudge applied before flooring so that a
 # pixel centre that lands on a label-pixel edge up to round-off goes consistently to the higher pixel.
 _EPS = 1e-6

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
-from .._spatial import check_extents, element_affine, image_pixel_size
+from .._spatial import SAME_PIXEL_SIZE_TOLERANCE, check_extents, element_affine, image_pixel_size
 from .._validation import (
     ValidationError,
     _preview,
@@ -114,7 +114,7 @@ def _at_pixel_size(sample: _Sample, pixel_size: float, image_key: str) -> None:
             "axes=('y', 'x')), 'microns')`) or pass `pixel_size=None`."
         )
     scale = sample.pixel_size / pixel_size
-    if abs(scale - 1) < 1e-3:
+    if abs(scale - 1) <= SAME_PIXEL_SIZE_TOLERANCE:  # as predict: no resampling for a few percent
         return
     from .._spatial import read_image_window
     from .._validation import raster_levels

@@ -32,7 +32,7 @@ from .._constants import (
     UNS_KEY,
 )
 from .._docs import doc_accelerator, doc_batch_size, doc_image_key, doc_labels_key, doc_params, doc_progress
-from .._spatial import check_extents, element_affine, image_pixel_size
+from .._spatial import SAME_PIXEL_SIZE_TOLERANCE, check_extents, element_affine, image_pixel_size
 from .._validation import check_key_added, get_image, get_labels, raster_levels
 from ._region import cells_in_region, region_in_labels_space
 
@@ -42,9 +42,6 @@ if TYPE_CHECKING:
     from .._model import GHISTModel
 
 logger = logging.getLogger(__name__)
-
-# Relative pixel-size difference under which a slide is used as is, without resampling to the model's pixel size.
-_RESAMPLE_TOLERANCE = 0.05
 
 
 @doc_params(
@@ -273,7 +270,7 @@ class _SlideGrid:
         slide_px = image_pixel_size(sdata, image_key)
         if model.pixel_size is not None and slide_px is not None:
             ratio = slide_px / model.pixel_size
-            if abs(ratio - 1) > _RESAMPLE_TOLERANCE:
+            if abs(ratio - 1) > SAME_PIXEL_SIZE_TOLERANCE:
                 scale = ratio
                 logger.info("Resampling %r from %.3g to the model's %.3g um/px", image_key, slide_px, model.pixel_size)
         elif model.pixel_size is not None:
