@@ -11,7 +11,8 @@ from spatialdata.models import Image2DModel
 from spatialdata.transformations import Affine, Identity, Scale, get_transformation
 
 import ghist
-from ghist.pp._segment import _hematoxylin, _resolve_pixel_size, _segmentation_f1, _segmentation_scores
+from ghist.pp._segment import _resolve_pixel_size, _segmentation_f1, _segmentation_scores
+from ghist.pp._segment_backends import _hematoxylin
 
 PIXEL_SIZE = 0.5
 

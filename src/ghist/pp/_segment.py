@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import os
+import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, Literal
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Literal, NamedTuple
 
 import dask.array as da
 import numpy as np
@@ -23,25 +24,17 @@ from xarray import DataArray, DataTree
 
 from .._constants import IMAGE_KEY, LABELS_KEY, MICRONS_CS
 from .._docs import doc_image_key, doc_params, doc_progress, doc_sdata
-from .._validation import check_key_added, get_image
+from .._validation import check_int, check_key_added, get_image
+from ._segment_backends import WATERSHED_DEFAULTS, make_backend
 
 logger = logging.getLogger(__name__)
 
 SegmentationMethod = Literal["watershed", "stardist", "cellpose"]
 SEGMENTATION_METHODS: tuple[str, ...] = ("watershed", "stardist", "cellpose")
 
-# Defaults of the watershed backend (``**method_kwargs``), physical sizes in µm.
-WATERSHED_DEFAULTS: dict[str, Any] = {
-    "threshold": "otsu",
-    "threshold_factor": 0.85,
-    "sigma_um": 0.5,
-    "blob_sigma_um": (2.0, 3.0),
-    "min_distance_um": 2.5,
-    "max_hole_um2": 20.0,
-    "background_gray": 215.0,
-}
-
-_Segmenter = Callable[[np.ndarray], np.ndarray]
+# Default cap on worker threads: each holds a window and its float intermediates (about 0.4 GB at the default
+# chunk_size of 2048), and up to twice as many finished blocks wait to be stitched, so 8 workers stay near 5 GB.
+MAX_DEFAULT_WORKERS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -54,6 +47,7 @@ _Segmenter = Callable[[np.ndarray], np.ndarray]
     image_key=doc_image_key,
     progress=doc_progress,
     watershed_defaults=", ".join(f"``{k}={v!r}``" for k, v in WATERSHED_DEFAULTS.items()),
+    max_workers=MAX_DEFAULT_WORKERS,
 )
 def segment_nuclei(
     sdata: SpatialData,
@@ -70,6 +64,7 @@ def segment_nuclei(
     progress: bool = True,
     model: Any = None,
     roi_key: str | None = None,
+    n_workers: int | None = None,
     **method_kwargs: Any,
 ) -> None:
     """Segment the nuclei of an H&E image into instance labels, chunk by chunk.
@@ -78,6 +73,11 @@ def segment_nuclei(
     own, so memory is bounded by the chunk size, not the slide size. A nucleus belongs to the block that holds its
     centroid and receives one id, even when it crosses a block border; ids are unique over the slide and numbered
     block after block. The labels are kept compressed in memory.
+
+    Blocks are segmented by ``n_workers`` threads at once and stitched in block order, so the labels, ids included,
+    are the same for any ``n_workers``. Threads, not processes: the watershed's numpy, SciPy and scikit-image steps
+    release the GIL, and threads share the (possibly lazy, file-backed) image and the model without copying them.
+    At most ``2 * n_workers`` blocks are in flight, so memory grows with ``n_workers``, not with the slide.
 
     Three ``method`` values are available.
 
@@ -93,13 +93,17 @@ def segment_nuclei(
         ``background_gray`` (pixels whose mean RGB value is above it count as glass, not tissue, for Otsu's
         threshold). Defaults: {watershed_defaults}.
     ``"stardist"``
-        A :class:`stardist.models.StarDist2D` passed as ``model`` (or the path of a saved model folder); each block,
-        percentile-normalised, goes through ``model.predict_instances(block, **method_kwargs)``. Needs
-        ``pip install 'ghist[stardist]'``; no weights are downloaded.
+        A :class:`stardist.models.StarDist2D` passed as ``model``, or the path of a local model folder (its
+        ``config.json`` and ``*.h5`` weights, as ``StarDist2D`` saves them); each block, percentile-normalised, goes
+        through ``model.predict_instances(block, **method_kwargs)``. Needs ``pip install 'ghist[stardist]'``; no
+        weights are downloaded.
     ``"cellpose"``
-        A :class:`cellpose.models.CellposeModel` passed as ``model`` (or the path of its weights); each block goes
-        through ``model.eval(block, **method_kwargs)``. Needs ``pip install 'ghist[cellpose]'``; no weights are
-        downloaded.
+        A :class:`cellpose.models.CellposeModel` passed as ``model``, or the path of a local weights file; each block
+        goes through ``model.eval(block, **method_kwargs)`` (with Cellpose 3, ``channels=[0, 0]`` unless given:
+        the RGB image is read as grey). Needs ``pip install 'ghist[cellpose]'``; no weights are downloaded.
+
+    The models are called by one thread at a time (their frameworks use all cores for one block already); the
+    other workers read and stitch blocks meanwhile.
 
     Parameters
     ----------
@@ -115,7 +119,7 @@ def segment_nuclei(
     min_area_um2, max_area_um2
         Nuclei smaller or larger than these areas (µm²) are discarded.
     chunk_size
-        Side of the square blocks processed one at a time, in pixels.
+        Side of the square blocks segmented one at a time (per worker), in pixels.
     halo
         Context read around each block, in pixels. By default twice the diameter of the largest nucleus allowed,
         plus a margin for smoothing.
@@ -127,6 +131,10 @@ def segment_nuclei(
     roi_key
         Shapes of ``sdata`` (e.g. from :func:`ghist.pp.detect_tissue`): only blocks touching them are read and
         segmented, so the glass of a whole slide costs nothing.
+    n_workers
+        Number of blocks segmented at once, by as many threads. By default the CPUs this process may use
+        (:func:`os.sched_getaffinity`), at most {max_workers}. ``1`` segments block after block in the calling
+        thread. The result does not depend on it.
     **method_kwargs
         Options of the method, see above.
 
@@ -134,13 +142,15 @@ def segment_nuclei(
     -------
     Nothing; writes ``sdata.labels[key_added]``: a :class:`~spatialdata.models.Labels2DModel` of ``int32`` nucleus ids
     (0 = background) with the image's transformations, so it lives in the image's pixel space. When ``sdata`` is
-    backed by a Zarr store, the element is also written to disk.
+    backed by a Zarr store, the element is also written to disk. Logs (INFO) the number of nuclei, the megapixels
+    segmented (those of the blocks read: inside the region of interest when ``roi_key`` is given), the seconds
+    taken and the throughput in Mpx/s.
 
     Examples
     --------
     >>> import ghist
     >>> sdata = ghist.datasets.synthetic(seed=0)
-    >>> ghist.pp.segment_nuclei(sdata, key_added="nuclei_he", progress=False)
+    >>> ghist.pp.segment_nuclei(sdata, key_added="nuclei_he", n_workers=2, progress=False)
     >>> sdata.labels["nuclei_he"]  # doctest: +SKIP
 
     """
@@ -150,6 +160,8 @@ def segment_nuclei(
         raise ValueError(f"Unknown segmentation `method` {method!r}; expected one of {list(SEGMENTATION_METHODS)}.")
     image = get_image(sdata, image_key)
     check_key_added(sdata, key_added, "labels", overwrite=overwrite)
+    check_int("n_workers", n_workers, 1, optional=True)
+    n_workers = default_n_workers() if n_workers is None else int(n_workers)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 64:
         raise ValueError(f"`chunk_size` must be an integer >= 64 pixels, got {chunk_size!r}.")
     for name, value in (("min_area_um2", min_area_um2), ("max_area_um2", max_area_um2)):
@@ -166,16 +178,10 @@ def segment_nuclei(
     max_area_px = max_area_um2 / pixel_size**2
     max_diameter_px = 2.0 * math.sqrt(max_area_px / math.pi)
 
-    if method == "watershed":
-        if model is not None:
-            raise ValueError("`model` is used by method='stardist' or 'cellpose' only; method='watershed' needs none.")
-        segmenter, margin = _watershed_segmenter(element, pixel_size, method_kwargs)
-    elif method == "stardist":
-        segmenter, margin = _stardist_segmenter(model, method_kwargs), 0.0
-    else:
-        segmenter, margin = _cellpose_segmenter(model, method_kwargs), 0.0
+    start = time.perf_counter()
+    backend = make_backend(method, element, pixel_size, model, method_kwargs)
     if halo is None:
-        halo = math.ceil(2.0 * max_diameter_px + margin) + 2
+        halo = math.ceil(2.0 * max_diameter_px + backend.margin) + 2
     elif isinstance(halo, bool) or not isinstance(halo, int | np.integer) or halo < 0:
         raise ValueError(f"`halo` must be a non-negative integer (pixels), got {halo!r}.")
     elif halo < max_diameter_px:
@@ -191,16 +197,18 @@ def segment_nuclei(
         from .._spatial import region_in_pixels
 
         region = region_in_pixels(sdata, roi_key, image_key)
-    store = _segment_blocks(
+    store, mpx = _segment_blocks(
         image.data,
-        segmenter,
+        backend.segment,
         region=region,
         chunk_size=int(chunk_size),
         halo=int(halo),
         min_area_px=min_area_px,
         max_area_px=max_area_px,
         progress=progress,
+        n_workers=n_workers,
     )
+    seconds = time.perf_counter() - start
     n_nuclei = int(store.attrs["n_objects"])
     labels = Labels2DModel.parse(
         # ``inline_array`` and a name of our own: spatialdata takes "original-from-zarr" arrays for files on disk.
@@ -209,7 +217,17 @@ def segment_nuclei(
         transformations=copy.deepcopy(get_transformation(element, get_all=True)),
     )
     sdata.labels[key_added] = labels
-    logger.info("Segmented %d nuclei of image %r into `sdata.labels[%r]`.", n_nuclei, image_key, key_added)
+    logger.info(
+        "Segmented %d nuclei of image %r into `sdata.labels[%r]`: %.2f Mpx in %.1f s, %.2f Mpx/s (%d worker%s).",
+        n_nuclei,
+        image_key,
+        key_added,
+        mpx,
+        seconds,
+        mpx / max(seconds, 1e-9),
+        n_workers,
+        "" if n_workers == 1 else "s",
+    )
     if sdata.is_backed():
         if f"labels/{key_added}" in sdata.elements_paths_on_disk():
             # spatialdata refuses to overwrite a folder inside its own store; the new labels live in memory, so the
@@ -262,17 +280,62 @@ def _blocks(height: int, width: int, chunk_size: int) -> Iterator[tuple[int, int
             yield y0, min(y0 + chunk_size, height), x0, min(x0 + chunk_size, width)
 
 
-def _read_rgb(image: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+def default_n_workers() -> int:
+    """The CPUs this process may run on (its affinity, not the machine's count), at most ``MAX_DEFAULT_WORKERS``."""
+    try:
+        n_cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        n_cpus = os.cpu_count() or 1
+    return max(1, min(n_cpus, MAX_DEFAULT_WORKERS))
+
+
+def _read_rgb(image: Any, y0: int, y1: int, x0: int, x1: int, *, scheduler: str | None = None) -> np.ndarray:
     """A ``(y, x, 3)`` uint8 window of a ``(c, y, x)`` (dask or numpy) array."""
     window = image[:, y0:y1, x0:x1]
     if hasattr(window, "compute"):
-        window = window.compute()
+        window = window.compute(scheduler=scheduler)
     return np.ascontiguousarray(np.moveaxis(np.asarray(window), 0, -1))
+
+
+Block = tuple[int, int, int, int]
+
+
+class _BlockResult(NamedTuple):
+    window: Block  # the block with its halo: wy0, wy1, wx0, wx1
+    local: np.ndarray  # labels of the window, ids of its own
+    keep: np.ndarray  # over the local ids: the objects this block owns
+
+
+def _ordered(work: Callable[[Block], _BlockResult], blocks: Iterable[Block], n_workers: int) -> Iterator[_BlockResult]:
+    """``work(block)`` of each block, in block order, computed by ``n_workers`` threads.
+
+    At most ``2 * n_workers`` blocks are submitted and not yet consumed, so memory does not grow with the slide.
+    """
+    if n_workers == 1:
+        yield from map(work, blocks)
+        return
+    todo = iter(blocks)
+    pending: deque[Future[_BlockResult]] = deque()
+    with ThreadPoolExecutor(n_workers, thread_name_prefix="ghist-segment") as pool:
+        try:
+            for block in todo:
+                pending.append(pool.submit(work, block))
+                if len(pending) == 2 * n_workers:
+                    break
+            while pending:
+                result = pending.popleft().result()
+                block = next(todo, None)
+                if block is not None:
+                    pending.append(pool.submit(work, block))
+                yield result
+        finally:  # an error (or an abandoned generator) must not leave queued blocks running
+            for future in pending:
+                future.cancel()
 
 
 def _segment_blocks(
     image: Any,
-    segmenter: _Segmenter,
+    segmenter: Callable[[np.ndarray], np.ndarray],
     *,
     chunk_size: int,
     halo: int,
@@ -280,12 +343,15 @@ def _segment_blocks(
     max_area_px: float,
     progress: bool,
     region: Any = None,
-) -> zarr.Array:
+    n_workers: int = 1,
+) -> tuple[zarr.Array, float]:
     """Segment ``image`` (``c, y, x``) block by block into a compressed in-memory Zarr array of global ids.
 
     Each block is segmented with ``halo`` pixels of context. It keeps the objects whose centroid falls inside it,
     whose area is within bounds and that do not touch the cut edge of its window (those are too large to be whole),
     and writes them, with ids continuing those of the previous blocks, onto pixels no earlier block has claimed.
+    Blocks are segmented by ``n_workers`` threads but numbered and written in block order, so the result does not
+    depend on ``n_workers``. Returns the array and the megapixels of the blocks segmented.
     """
     _, height, width = image.shape
     out = zarr.create_array(
@@ -305,10 +371,15 @@ def _segment_blocks(
             "Segmenting %d of %d blocks (the rest lie outside the region of interest)", inside.sum(), len(blocks)
         )
         blocks = [b for b, ok in zip(blocks, inside) if ok]
-    next_id = 1
-    for y0, y1, x0, x1 in tqdm(blocks, desc="Segmenting nuclei", unit="chunk", disable=not progress):
+    mpx = [(y1 - y0) * (x1 - x0) / 1e6 for y0, y1, x0, x1 in blocks]
+    # Worker threads read their window with dask's synchronous scheduler: the blocks are the parallelism, and a
+    # thread pool per worker would only oversubscribe the cores.
+    scheduler = None if n_workers == 1 else "synchronous"
+
+    def work(block: Block) -> _BlockResult:
+        y0, y1, x0, x1 = block
         wy0, wy1, wx0, wx1 = max(y0 - halo, 0), min(y1 + halo, height), max(x0 - halo, 0), min(x1 + halo, width)
-        local = np.asarray(segmenter(_read_rgb(image, wy0, wy1, wx0, wx1)))
+        local = np.asarray(segmenter(_read_rgb(image, wy0, wy1, wx0, wx1, scheduler=scheduler)))
         if local.shape != (wy1 - wy0, wx1 - wx0):
             raise RuntimeError(
                 f"The segmentation method returned shape {local.shape} for a window of shape {(wy1 - wy0, wx1 - wx0)}."
@@ -321,21 +392,36 @@ def _segment_blocks(
             max_area_px=max_area_px,
         )
         keep[0] = False
-        n_kept = int(np.count_nonzero(keep))
-        if n_kept == 0:
-            continue
-        if next_id + n_kept > np.iinfo(np.int32).max:
-            raise OverflowError("More nuclei than int32 labels can number.")
-        lut = np.zeros(keep.size, dtype=np.int32)  # local id -> global id (0 for dropped objects and background)
-        lut[keep] = np.arange(next_id, next_id + n_kept, dtype=np.int32)
-        ids = lut[local]
-        current = out[wy0:wy1, wx0:wx1]
-        free = current == 0
-        current[free] = ids[free]
-        out[wy0:wy1, wx0:wx1] = current
-        next_id += n_kept
+        return _BlockResult((wy0, wy1, wx0, wx1), local, keep)
+
+    next_id = 1
+    bar = tqdm(
+        total=sum(mpx),
+        desc="Segmenting nuclei",
+        unit="Mpx",
+        # rate_noinv: always Mpx/s (tqdm's default turns slow rates into s/Mpx).
+        bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} Mpx [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]",
+        disable=not progress,
+    )
+    with bar:
+        for block_mpx, (window, local, keep) in zip(mpx, _ordered(work, blocks, n_workers)):
+            n_kept = int(np.count_nonzero(keep))
+            if n_kept:
+                if next_id + n_kept > np.iinfo(np.int32).max:
+                    raise OverflowError("More nuclei than int32 labels can number.")
+                lut = np.zeros(keep.size, dtype=np.int32)  # local id -> global id (0: dropped objects, background)
+                lut[keep] = np.arange(next_id, next_id + n_kept, dtype=np.int32)
+                ids = lut[local]
+                wy0, wy1, wx0, wx1 = window
+                current = out[wy0:wy1, wx0:wx1]
+                free = current == 0
+                current[free] = ids[free]
+                out[wy0:wy1, wx0:wx1] = current
+                next_id += n_kept
+            bar.set_postfix(nuclei=next_id - 1, refresh=False)
+            bar.update(block_mpx)
     out.attrs["n_objects"] = next_id - 1
-    return out
+    return out, float(sum(mpx))
 
 
 def _owned_objects(
@@ -365,202 +451,6 @@ def _owned_objects(
         if cut:
             keep[np.unique(edge)] = False
     return keep
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Watershed backend
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _hematoxylin_lut() -> np.ndarray:
-    """``(256, 3)`` contribution of each 8-bit value of each RGB channel to the hematoxylin density."""
-    from skimage.color import hed_from_rgb
-
-    # Same colour deconvolution as :func:`skimage.color.rgb2hed`: optical densities log(max(v / 255, 1e-6)) /
-    # log(1e-6) of the three channels, times the first column of the inverse stain matrix. Being linear per channel,
-    # it is a table lookup on uint8 input.
-    density = np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)
-    return (density[:, None] * hed_from_rgb[:, 0][None, :]).astype(np.float32)
-
-
-def _hematoxylin(rgb: np.ndarray) -> np.ndarray:
-    """Hematoxylin optical density (``float32``, >= 0) of a ``(..., 3)`` uint8 RGB array."""
-    lut = _hematoxylin_lut()
-    hema = lut[rgb[..., 0], 0] + lut[rgb[..., 1], 1] + lut[rgb[..., 2], 2]
-    return np.maximum(hema, 0, out=hema)
-
-
-def _downsampled_rgb(element: DataArray | DataTree, max_side: int = 2048) -> np.ndarray:
-    """A ``(y, x, 3)`` copy of the image with its longer side about ``max_side``; uses a coarse scale when present."""
-    if isinstance(element, DataTree):
-        arrays = [next(iter(element[name].ds.data_vars.values())) for name in sorted(element.children)]
-        arrays.sort(key=lambda a: a.sizes["y"] * a.sizes["x"])
-        large = [a for a in arrays if max(a.sizes["y"], a.sizes["x"]) >= max_side]
-        array = large[0] if large else arrays[-1]
-    else:
-        array = element
-    data = array.data
-    step = max(1, math.ceil(max(data.shape[1:]) / max_side))
-    small = data[:, ::step, ::step]
-    if hasattr(small, "compute"):
-        small = small.compute()
-    return np.moveaxis(np.asarray(small), 0, -1)
-
-
-def _otsu_threshold(element: DataArray | DataTree, background_gray: float) -> float:
-    """Otsu's threshold of the hematoxylin density over the tissue of a downsampled copy of the whole image."""
-    from skimage.filters import threshold_otsu
-
-    small = _downsampled_rgb(element)
-    hema = _hematoxylin(small)
-    tissue = small.mean(axis=-1) < background_gray
-    values = hema[tissue] if np.count_nonzero(tissue) >= max(100, 0.01 * tissue.size) else hema.ravel()
-    if values.size == 0 or np.ptp(values) == 0:
-        raise ValueError("The H&E image is uniform; cannot threshold its hematoxylin channel.")
-    return float(threshold_otsu(values))
-
-
-def _watershed_segmenter(
-    element: DataArray | DataTree, pixel_size: float, method_kwargs: dict[str, Any]
-) -> tuple[_Segmenter, float]:
-    """The per-window watershed segmenter and the margin (pixels) its filters need on top of the nucleus size."""
-    from skimage.morphology import disk
-
-    unknown = sorted(set(method_kwargs) - set(WATERSHED_DEFAULTS))
-    if unknown:
-        raise TypeError(
-            f"Unknown option(s) {unknown} for method='watershed'; expected some of {sorted(WATERSHED_DEFAULTS)}."
-        )
-    opts = {**WATERSHED_DEFAULTS, **method_kwargs}
-    for name in ("sigma_um", "min_distance_um", "max_hole_um2", "threshold_factor"):
-        value = opts[name]
-        if isinstance(value, bool) or not np.isscalar(value) or not np.isfinite(value) or value < 0:
-            raise ValueError(f"Option `{name}` of method='watershed' must be a number >= 0, got {value!r}.")
-    threshold = opts["threshold"]
-    if isinstance(threshold, str):
-        if threshold != "otsu":
-            raise ValueError(f"Option `threshold` must be 'otsu' or a number, got {threshold!r}.")
-        threshold = _otsu_threshold(element, float(opts["background_gray"])) * float(opts["threshold_factor"])
-        logger.info("Hematoxylin threshold (Otsu over the tissue, whole image): %.4g", threshold)
-    elif isinstance(threshold, bool) or not np.isscalar(threshold) or not np.isfinite(threshold):
-        raise ValueError(f"Option `threshold` must be 'otsu' or a number, got {threshold!r}.")
-    sigma = float(opts["sigma_um"]) / pixel_size
-    blob_sigma = np.maximum(np.atleast_1d(np.asarray(opts["blob_sigma_um"], dtype=float)) / pixel_size, 0.5)
-    footprint = disk(max(1, round(float(opts["min_distance_um"]) / pixel_size)))
-    max_hole = float(opts["max_hole_um2"]) / pixel_size**2
-    threshold = float(threshold)
-
-    def segment(rgb: np.ndarray) -> np.ndarray:
-        return _watershed_window(
-            rgb, threshold=threshold, sigma=sigma, blob_sigma=blob_sigma, footprint=footprint, max_hole=max_hole
-        )
-
-    return segment, 4.0 * max(sigma, blob_sigma.max()) + footprint.shape[0]
-
-
-def _fill_small_holes(mask: np.ndarray, max_hole: float) -> np.ndarray:
-    """Fill the background components of ``mask`` no larger than ``max_hole`` pixels that do not touch its edge."""
-    from scipy import ndimage as ndi
-
-    holes, n = ndi.label(~mask)
-    if n == 0:
-        return mask
-    size = np.bincount(holes.ravel(), minlength=n + 1)
-    fill = size <= max_hole
-    fill[0] = False
-    edge = np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]])
-    fill[np.unique(edge)] = False
-    return mask | fill[holes]
-
-
-def _watershed_window(
-    rgb: np.ndarray, *, threshold: float, sigma: float, blob_sigma: float, footprint: np.ndarray, max_hole: float
-) -> np.ndarray:
-    """Instance labels (``int32``) of the nuclei of one RGB window."""
-    from scipy import ndimage as ndi
-    from skimage.morphology import disk
-    from skimage.segmentation import watershed
-
-    hema = _hematoxylin(rgb)
-    smooth = ndi.gaussian_filter(hema, sigma) if sigma > 0 else hema
-    mask = smooth > threshold
-    mask = ndi.binary_opening(mask, structure=disk(1))
-    mask = _fill_small_holes(mask, max_hole)
-    if not mask.any():
-        return np.zeros(mask.shape, dtype=np.int32)
-    # Nucleus-sized blobs of hematoxylin (scale-normalised Laplacian of Gaussian) seed the watershed, which splits
-    # touching nuclei along the valleys of the blob response.
-    blob = np.max([-ndi.gaussian_laplace(hema, b) * b**2 for b in np.atleast_1d(blob_sigma)], axis=0)
-    seeds = mask & (blob > 0) & (blob == ndi.maximum_filter(blob, footprint=footprint))
-    markers, n = ndi.label(seeds, structure=np.ones((3, 3)))
-    labels = watershed(-blob, markers, mask=mask)
-    # Foreground pieces that no seed reached become objects of their own.
-    rest, n_rest = ndi.label(mask & (labels == 0))
-    if n_rest:
-        labels = np.where(rest > 0, rest + n, labels)
-    return labels.astype(np.int32)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Optional model backends
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _stardist_segmenter(model: Any, method_kwargs: dict[str, Any]) -> _Segmenter:
-    try:
-        from csbdeep.utils import normalize
-        from stardist.models import StarDist2D
-    except ImportError as err:
-        raise ImportError(
-            "method='stardist' needs the optional dependency `stardist`; install it with "
-            "`pip install 'ghist[stardist]'`."
-        ) from err
-    if model is None:
-        raise ValueError(
-            "method='stardist' needs `model=`: a `stardist.models.StarDist2D` with weights, or the path of a saved "
-            "StarDist model folder (ghist downloads no weights)."
-        )
-    if isinstance(model, str | os.PathLike):
-        path = Path(model)
-        if not path.is_dir():
-            raise FileNotFoundError(f"StarDist model folder {str(path)!r} not found.")
-        model = StarDist2D(None, name=path.name, basedir=str(path.parent))
-    if not hasattr(model, "predict_instances"):
-        raise TypeError(f"`model` must be a StarDist2D model (with `predict_instances`), got {type(model).__name__}.")
-
-    def segment(rgb: np.ndarray) -> np.ndarray:
-        labels, _ = model.predict_instances(normalize(rgb, 1, 99.8, axis=(0, 1)), **method_kwargs)
-        return np.asarray(labels, dtype=np.int32)
-
-    return segment
-
-
-def _cellpose_segmenter(model: Any, method_kwargs: dict[str, Any]) -> _Segmenter:
-    try:
-        from cellpose import models
-    except ImportError as err:
-        raise ImportError(
-            "method='cellpose' needs the optional dependency `cellpose`; install it with "
-            "`pip install 'ghist[cellpose]'`."
-        ) from err
-    if model is None:
-        raise ValueError(
-            "method='cellpose' needs `model=`: a `cellpose.models.CellposeModel` with weights, or the path of a "
-            "weights file (ghist downloads no weights)."
-        )
-    if isinstance(model, str | os.PathLike):
-        if not Path(model).is_file():
-            raise FileNotFoundError(f"Cellpose weights file {str(model)!r} not found.")
-        model = models.CellposeModel(pretrained_model=str(model))
-    if not hasattr(model, "eval"):
-        raise TypeError(f"`model` must be a Cellpose model (with `eval`), got {type(model).__name__}.")
-
-    def segment(rgb: np.ndarray) -> np.ndarray:
-        masks = model.eval(rgb, **method_kwargs)[0]
-        return np.asarray(masks, dtype=np.int32)
-
-    return segment
 
 
 # ----------------------------------------------------------------------------------------------------------------------

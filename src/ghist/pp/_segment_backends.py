@@ -1,0 +1,289 @@
+"""Per-window nucleus segmenters of ``segment_nuclei``: the watershed (no model) and the StarDist/Cellpose models."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from xarray import DataArray, DataTree
+
+logger = logging.getLogger(__name__)
+
+# Defaults of the watershed backend (``**method_kwargs``), physical sizes in µm.
+WATERSHED_DEFAULTS: dict[str, Any] = {
+    "threshold": "otsu",
+    "threshold_factor": 0.85,
+    "sigma_um": 0.5,
+    "blob_sigma_um": (2.0, 3.0),
+    "min_distance_um": 2.5,
+    "max_hole_um2": 20.0,
+    "background_gray": 215.0,
+}
+
+_Segmenter = Callable[[np.ndarray], np.ndarray]
+
+
+class Backend(NamedTuple):
+    """A per-window segmenter, safe to call from several threads, and the margin (pixels) it needs around a nucleus."""
+
+    segment: _Segmenter
+    margin: float
+
+
+def make_backend(
+    method: str, element: DataArray | DataTree, pixel_size: float, model: Any, method_kwargs: dict[str, Any]
+) -> Backend:
+    """The backend of ``method``; the arguments are checked here, before any block is read."""
+    if method == "watershed":
+        if model is not None:
+            raise ValueError("`model` is used by method='stardist' or 'cellpose' only; method='watershed' needs none.")
+        segment, margin = _watershed_segmenter(element, pixel_size, method_kwargs)
+        # Pure numpy/scipy/skimage on arrays of its own: safe to run in several threads.
+        return Backend(segment, margin)
+    segment = (
+        _stardist_segmenter(model, method_kwargs) if method == "stardist" else _cellpose_segmenter(model, method_kwargs)
+    )
+    # One model object is shared by the worker threads. TensorFlow/PyTorch models are not documented as safe to call
+    # concurrently and already use every core for one window, so calls are serialised; reading the next window and
+    # stitching the last one still overlap with them.
+    return Backend(_serialised(segment), 0.0)
+
+
+def _serialised(segment: _Segmenter) -> _Segmenter:
+    lock = threading.Lock()
+
+    def locked(rgb: np.ndarray) -> np.ndarray:
+        with lock:
+            return segment(rgb)
+
+    return locked
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Watershed backend
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _hematoxylin_lut() -> np.ndarray:
+    """``(256, 3)`` contribution of each 8-bit value of each RGB channel to the hematoxylin density."""
+    from skimage.color import hed_from_rgb
+
+    # Same colour deconvolution as :func:`skimage.color.rgb2hed`: optical densities log(max(v / 255, 1e-6)) /
+    # log(1e-6) of the three channels, times the first column of the inverse stain matrix. Being linear per channel,
+    # it is a table lookup on uint8 input.
+    density = np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)
+    return (density[:, None] * hed_from_rgb[:, 0][None, :]).astype(np.float32)
+
+
+def _hematoxylin(rgb: np.ndarray) -> np.ndarray:
+    """Hematoxylin optical density (``float32``, >= 0) of a ``(..., 3)`` uint8 RGB array."""
+    lut = _hematoxylin_lut()
+    hema = lut[rgb[..., 0], 0] + lut[rgb[..., 1], 1] + lut[rgb[..., 2], 2]
+    return np.maximum(hema, 0, out=hema)
+
+
+def _downsampled_rgb(element: DataArray | DataTree, max_side: int = 2048) -> np.ndarray:
+    """A ``(y, x, 3)`` copy of the image with its longer side about ``max_side``; uses a coarse scale when present."""
+    if isinstance(element, DataTree):
+        arrays = [next(iter(element[name].ds.data_vars.values())) for name in sorted(element.children)]
+        arrays.sort(key=lambda a: a.sizes["y"] * a.sizes["x"])
+        large = [a for a in arrays if max(a.sizes["y"], a.sizes["x"]) >= max_side]
+        array = large[0] if large else arrays[-1]
+    else:
+        array = element
+    data = array.data
+    step = max(1, math.ceil(max(data.shape[1:]) / max_side))
+    small = data[:, ::step, ::step]
+    if hasattr(small, "compute"):
+        small = small.compute()
+    return np.moveaxis(np.asarray(small), 0, -1)
+
+
+def _otsu_threshold(element: DataArray | DataTree, background_gray: float) -> float:
+    """Otsu's threshold of the hematoxylin density over the tissue of a downsampled copy of the whole image."""
+    from skimage.filters import threshold_otsu
+
+    small = _downsampled_rgb(element)
+    hema = _hematoxylin(small)
+    tissue = small.mean(axis=-1) < background_gray
+    values = hema[tissue] if np.count_nonzero(tissue) >= max(100, 0.01 * tissue.size) else hema.ravel()
+    if values.size == 0 or np.ptp(values) == 0:
+        raise ValueError("The H&E image is uniform; cannot threshold its hematoxylin channel.")
+    return float(threshold_otsu(values))
+
+
+def _watershed_segmenter(
+    element: DataArray | DataTree, pixel_size: float, method_kwargs: dict[str, Any]
+) -> tuple[_Segmenter, float]:
+    """The per-window watershed segmenter and the margin (pixels) its filters need on top of the nucleus size."""
+    from skimage.morphology import disk
+
+    unknown = sorted(set(method_kwargs) - set(WATERSHED_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"Unknown option(s) {unknown} for method='watershed'; expected some of {sorted(WATERSHED_DEFAULTS)}."
+        )
+    opts = {**WATERSHED_DEFAULTS, **method_kwargs}
+    for name in ("sigma_um", "min_distance_um", "max_hole_um2", "threshold_factor"):
+        value = opts[name]
+        if isinstance(value, bool) or not np.isscalar(value) or not np.isfinite(value) or value < 0:
+            raise ValueError(f"Option `{name}` of method='watershed' must be a number >= 0, got {value!r}.")
+    threshold = opts["threshold"]
+    if isinstance(threshold, str):
+        if threshold != "otsu":
+            raise ValueError(f"Option `threshold` must be 'otsu' or a number, got {threshold!r}.")
+        threshold = _otsu_threshold(element, float(opts["background_gray"])) * float(opts["threshold_factor"])
+        logger.info("Hematoxylin threshold (Otsu over the tissue, whole image): %.4g", threshold)
+    elif isinstance(threshold, bool) or not np.isscalar(threshold) or not np.isfinite(threshold):
+        raise ValueError(f"Option `threshold` must be 'otsu' or a number, got {threshold!r}.")
+    sigma = float(opts["sigma_um"]) / pixel_size
+    blob_sigma = np.maximum(np.atleast_1d(np.asarray(opts["blob_sigma_um"], dtype=float)) / pixel_size, 0.5)
+    footprint = disk(max(1, round(float(opts["min_distance_um"]) / pixel_size)))
+    max_hole = float(opts["max_hole_um2"]) / pixel_size**2
+    threshold = float(threshold)
+
+    def segment(rgb: np.ndarray) -> np.ndarray:
+        return _watershed_window(
+            rgb, threshold=threshold, sigma=sigma, blob_sigma=blob_sigma, footprint=footprint, max_hole=max_hole
+        )
+
+    return segment, 4.0 * max(sigma, blob_sigma.max()) + footprint.shape[0]
+
+
+def _fill_small_holes(mask: np.ndarray, max_hole: float) -> np.ndarray:
+    """Fill the background components of ``mask`` no larger than ``max_hole`` pixels that do not touch its edge."""
+    from scipy import ndimage as ndi
+
+    holes, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    size = np.bincount(holes.ravel(), minlength=n + 1)
+    fill = size <= max_hole
+    fill[0] = False
+    edge = np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]])
+    fill[np.unique(edge)] = False
+    return mask | fill[holes]
+
+
+def _watershed_window(
+    rgb: np.ndarray, *, threshold: float, sigma: float, blob_sigma: float, footprint: np.ndarray, max_hole: float
+) -> np.ndarray:
+    """Instance labels (``int32``) of the nuclei of one RGB window."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+    from skimage.segmentation import watershed
+
+    hema = _hematoxylin(rgb)
+    smooth = ndi.gaussian_filter(hema, sigma) if sigma > 0 else hema
+    mask = smooth > threshold
+    mask = ndi.binary_opening(mask, structure=disk(1))
+    mask = _fill_small_holes(mask, max_hole)
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=np.int32)
+    # Nucleus-sized blobs of hematoxylin (scale-normalised Laplacian of Gaussian) seed the watershed, which splits
+    # touching nuclei along the valleys of the blob response.
+    blob = np.max([-ndi.gaussian_laplace(hema, b) * b**2 for b in np.atleast_1d(blob_sigma)], axis=0)
+    seeds = mask & (blob > 0) & (blob == ndi.maximum_filter(blob, footprint=footprint))
+    markers, n = ndi.label(seeds, structure=np.ones((3, 3)))
+    labels = watershed(-blob, markers, mask=mask)
+    # Foreground pieces that no seed reached become objects of their own.
+    rest, n_rest = ndi.label(mask & (labels == 0))
+    if n_rest:
+        labels = np.where(rest > 0, rest + n, labels)
+    return labels.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optional model backends
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _stardist_segmenter(model: Any, method_kwargs: dict[str, Any]) -> _Segmenter:
+    try:
+        from csbdeep.utils import normalize
+        from stardist.models import StarDist2D
+    except ImportError as err:
+        raise ImportError(
+            "method='stardist' needs the optional dependency `stardist`; install it with "
+            "`pip install 'ghist[stardist]'`."
+        ) from err
+    if model is None:
+        raise ValueError(
+            "method='stardist' needs `model=`: a `stardist.models.StarDist2D` with weights, or the path of a saved "
+            "StarDist model folder (ghist downloads no weights)."
+        )
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"StarDist model folder {str(path)!r} not found (`model` must be a local folder; ghist downloads no "
+                "pretrained models)."
+            )
+        # Without weights StarDist2D would log a line and carry on with random ones.
+        weights = [p for p in path.iterdir() if p.suffix in (".h5", ".hdf5")]
+        if not (path / "config.json").is_file() or not weights:
+            raise FileNotFoundError(
+                f"StarDist model folder {str(path)!r} must hold `config.json` and a weights file (*.h5 or *.hdf5); "
+                f"it holds {sorted(p.name for p in path.iterdir())}."
+            )
+        model = StarDist2D(None, name=path.name, basedir=str(path.parent))
+    if not hasattr(model, "predict_instances"):
+        raise TypeError(f"`model` must be a StarDist2D model (with `predict_instances`), got {type(model).__name__}.")
+
+    def segment(rgb: np.ndarray) -> np.ndarray:
+        labels, _ = model.predict_instances(normalize(rgb, 1, 99.8, axis=(0, 1)), **method_kwargs)
+        return np.asarray(labels, dtype=np.int32)
+
+    return segment
+
+
+def _cellpose_segmenter(model: Any, method_kwargs: dict[str, Any]) -> _Segmenter:
+    try:
+        from cellpose import models
+    except ImportError as err:
+        raise ImportError(
+            "method='cellpose' needs the optional dependency `cellpose`; install it with "
+            "`pip install 'ghist[cellpose]'`."
+        ) from err
+    if model is None:
+        raise ValueError(
+            "method='cellpose' needs `model=`: a `cellpose.models.CellposeModel` with weights, or the path of a "
+            "weights file (ghist downloads no weights)."
+        )
+    if isinstance(model, str | os.PathLike):
+        # A path that does not exist would make Cellpose fall back to downloading its default model.
+        if not Path(model).is_file():
+            raise FileNotFoundError(
+                f"Cellpose weights file {str(model)!r} not found (`model` must be a local file; ghist downloads no "
+                "pretrained models)."
+            )
+        model = models.CellposeModel(pretrained_model=str(model))
+    if not hasattr(model, "eval"):
+        raise TypeError(f"`model` must be a Cellpose model (with `eval`), got {type(model).__name__}.")
+    kwargs = dict(method_kwargs)
+    if _major_version("cellpose") < 4:
+        # Cellpose 3 networks take two channels and would use R and G of an RGB image; H&E goes in as grey.
+        kwargs.setdefault("channels", [0, 0])
+
+    def segment(rgb: np.ndarray) -> np.ndarray:
+        masks = model.eval(rgb, **kwargs)[0]
+        return np.asarray(masks, dtype=np.int32)
+
+    return segment
+
+
+def _major_version(package: str) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version(package).split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 0
