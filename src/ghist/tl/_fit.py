@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anndata import AnnData
 
+from .._spatial import SAME_PIXEL_SIZE_TOLERANCE
 from .._validation import check_genes, check_int, check_number
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def fit(
     strategy: str = "auto",
     precision: str | int | None = None,
     seed: int = 0,
+    pixel_size: float | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     num_workers: int = 0,
@@ -153,6 +155,11 @@ def fit(
         notebook use ``strategy="ddp_notebook"``; on a cluster, launch the script as Lightning documents (``srun``).
     seed
         Seed of weights, tile order and augmentation; the same seed gives the same model on the CPU.
+    pixel_size
+        µm per pixel of the tiles' images, which :func:`ghist.tl.predict` resamples every slide to. Needed only when
+        the tiles do not know it (their images had no ``"microns"`` coordinate system): training without it raises
+        a ``ValueError``. When the tiles know it, a value more than 5% off is refused and the tiles' own is kept.
+        With ``resume``, it must be the one the checkpoint was trained at.
     checkpoint_dir
         Where checkpoints (``last.ckpt`` after every epoch, and the best epoch) and the metrics CSV (``logs/``) go;
         by default a temporary directory, removed once the best weights are in the returned model.
@@ -211,10 +218,12 @@ def fit(
         raise ValueError(f"`precision` must be one of {list(PRECISIONS)}, got {precision!r}.")
     max_time = _check_max_time(max_time)
     device = resolve_device(accelerator)
+    pixel_size = _model_pixel_size(tiles, pixel_size)
     if resume is not None:
         if not Path(resume).exists():
             raise FileNotFoundError(f"Checkpoint to resume from not found: {str(resume)!r}.")
-        _read_checkpoint(resume)  # refuse a damaged or unsafe checkpoint before any training starts
+        # refuse a damaged or unsafe checkpoint, or one trained at another pixel size, before any training starts
+        _check_resumed_pixel_size(_read_checkpoint(resume), resume, pixel_size)
     if max_steps is None and max_epochs is None and max_time is None:
         max_steps = DEFAULT_MAX_STEPS
 
@@ -232,7 +241,7 @@ def fit(
         tile_size=tiles.tile_size,
         mean=tiles.mean,
         std=tiles.std,
-        pixel_size=tiles.pixel_size,
+        pixel_size=pixel_size,
     )
     module = GHISTModule(
         model.network,
@@ -296,7 +305,7 @@ def fit(
         save_on_train_epoch_end=True,
     )
     history = EpochHistory()
-    callbacks: list[Callback] = [checkpoint, last, history]
+    callbacks: list[Callback] = [checkpoint, last, history, _pixel_size_recorder(pixel_size)]
     if early_stopping and has_val:
         if patience is None:
             steps_per_epoch = math.ceil(len(tiles.train) / batch_size)
@@ -383,6 +392,65 @@ def fit(
     )
     _warn_if_weak(frame, best_epoch, trainer.global_step, model.n_types)
     return model
+
+
+_CKPT_PIXEL_SIZE_KEY = "ghist_pixel_size"  # where checkpoints of `fit` record the pixel size they were trained at
+
+
+def _model_pixel_size(tiles: TileSet, pixel_size: float | None) -> float:
+    """The model's µm per pixel: the tiles' own (checked against ``pixel_size`` when both exist), else ``pixel_size``.
+
+    A model without a pixel size would make :func:`ghist.tl.predict` cut slides at whatever resolution they come
+    in, so training without one is refused.
+    """
+    check_number("pixel_size", pixel_size, optional=True)
+    known = tiles.pixel_size
+    if known is None:
+        if pixel_size is None:
+            raise ValueError(
+                f"The pixel size (µm per pixel) of the tiles' images is unknown: no sample of {tiles.path} had a "
+                "'microns' coordinate system, and a model must know its pixel size so that `ghist.tl.predict` "
+                "reads new slides at the same resolution. Pass it: `ghist.tl.fit(tiles, pixel_size=<µm per pixel>)`, "
+                "or give the images (and labels) a 'microns' coordinate system before `ghist.pp.make_tiles`, e.g. "
+                "`set_transformation(sdata.images['he'], Scale([p, p], axes=('y', 'x')), 'microns')` from "
+                "`spatialdata.transformations`."
+            )
+        return float(pixel_size)
+    if pixel_size is not None and abs(pixel_size / known - 1) > SAME_PIXEL_SIZE_TOLERANCE:
+        raise ValueError(
+            f"`pixel_size={pixel_size:g}` differs from the pixel size the tiles were cut at ({known:.4g} µm/px, from "
+            f"the images' 'microns' coordinate system) by more than {SAME_PIXEL_SIZE_TOLERANCE:.0%}. Leave "
+            "`pixel_size=None`, or cut the tiles at the size you want with `ghist.pp.make_tiles(..., pixel_size=)`."
+        )
+    unknown = [name for name, size in zip(tiles.samples, tiles.pixel_sizes, strict=True) if size is None]
+    if unknown:
+        logger.warning(
+            "Samples %s have no 'microns' coordinate system: assumed to be at the other samples' %.4g µm/px.",
+            unknown,
+            known,
+        )
+    return float(known)
+
+
+def _check_resumed_pixel_size(state: Mapping[str, Any], resume: str | os.PathLike, pixel_size: float) -> None:
+    trained_at = state.get(_CKPT_PIXEL_SIZE_KEY)
+    if trained_at is not None and abs(pixel_size / float(trained_at) - 1) > SAME_PIXEL_SIZE_TOLERANCE:
+        raise ValueError(
+            f"Checkpoint {str(resume)!r} was trained at {float(trained_at):.4g} µm/px, but this run's pixel size is "
+            f"{pixel_size:.4g} µm/px (`pixel_size={pixel_size:g}` or the tiles' own); resume with the tiles and "
+            "`pixel_size` of that run."
+        )
+
+
+def _pixel_size_recorder(pixel_size: float) -> Any:
+    """A callback writing ``pixel_size`` into every checkpoint, so that a resumed run can check it."""
+    from lightning.pytorch.callbacks import Callback
+
+    class _RecordPixelSize(Callback):
+        def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+            checkpoint[_CKPT_PIXEL_SIZE_KEY] = float(pixel_size)
+
+    return _RecordPixelSize()
 
 
 def _check_max_time(max_time: Any) -> timedelta | None:
