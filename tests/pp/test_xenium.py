@@ -402,3 +402,95 @@ def test_prepared_xenium_tiles_without_a_word(tmp_path, caplog):
         tiles = _raw_tiles(sdata, tmp_path, table_key="prepared")
     assert len(tiles) > 0
     assert not [r for r in caplog.records if "prepare_xenium" in r.getMessage()]
+
+
+# ------------------------------------------------------------------------------------------------ H&E chunks, pyramid
+def _one_chunk_he(sdata: SpatialData, **kwargs) -> SpatialData:
+    """The H&E as ``spatialdata_io.xenium_aligned_image`` returns it: single-scale, the whole image in one chunk."""
+    rgba = _values(sdata.images["he_image"])
+    t = get_transformation(sdata.images["he_image"], get_all=True)
+    sdata.images["he_image"] = Image2DModel.parse(
+        da.from_array(rgba, chunks=-1), dims=("c", "y", "x"), c_coords=["r", "g", "b", "a"], transformations=t, **kwargs
+    )
+    return sdata
+
+
+def test_one_chunk_he_is_tiled_and_given_a_pyramid(caplog):
+    import logging
+
+    sdata = _one_chunk_he(xenium_like())
+    original = sdata.images["he_image"]
+    before = (original.data.chunks, dict(get_transformation(original, get_all=True)), original.data.name)
+    with caplog.at_level(logging.WARNING, logger="ghist"):
+        prepared = ghist.pp.prepare_xenium(sdata, chunk_size=32)  # HE_SHAPE (72, 92): 3 x 3 chunks, 2 more levels
+    he = prepared.images["he"]
+    assert isinstance(he, DataTree)
+    levels = ghist._validation.raster_levels(he)
+    assert [lv[2].shape for lv in levels] == [(3, 72, 92), (3, 36, 46), (3, 18, 23)]
+    for _, _, level in levels:  # all channels in one chunk, tiles of at most chunk_size
+        assert level.data.chunks[0] == (3,)
+        assert max(level.data.chunks[1] + level.data.chunks[2]) <= 32
+    scale0 = levels[0][2]
+    assert scale0.data.chunks[1:] == ((32, 32, 8), (32, 32, 28))
+    np.testing.assert_array_equal(scale0.data.compute(), _values(original)[:3])  # same pixels, alpha dropped
+    coarse = levels[1][2].data.compute().astype(float)
+    np.testing.assert_allclose(
+        coarse, _values(original)[:3].astype(float).reshape(3, 36, 2, 46, 2).mean((2, 4)), atol=1
+    )
+    # same alignment (and microns) on every level as without the pyramid
+    he_t = element_transformations(he)
+    np.testing.assert_allclose(he_t["global"], _he_matrix())
+    np.testing.assert_allclose(he_t["microns"], np.diag([PS, PS, 1.0]) @ _he_matrix())
+    level1 = get_transformation(he["scale1"].ds["image"], get_all=True)["global"]
+    np.testing.assert_allclose(
+        level1.to_affine_matrix(("x", "y"), ("x", "y")), _he_matrix() @ np.diag([92 / 46, 72 / 36, 1.0])
+    )
+    (warning,) = [r.getMessage() for r in caplog.records if "chunks of up to" in r.getMessage()]
+    assert "H&E 'he_image'" in warning
+    assert "one chunk" in warning
+    assert "prepared.write(" in warning
+    assert "read_zarr" in warning
+    # the user's element is untouched
+    after = sdata.images["he_image"]
+    assert after is original
+    assert (after.data.chunks, dict(get_transformation(after, get_all=True)), after.data.name) == before
+    assert set(sdata.images) == {"morphology_focus", "he_image"}
+
+
+def test_he_chunks_that_fit_are_kept_and_chunk_size_none_keeps_everything():
+    # multiscale in (1, 16, 16) chunks, as spatialdata_io.xenium reads H&E next to the output (in 4096 px chunks)
+    sdata = _one_chunk_he(xenium_like(), scale_factors=[2], chunks=(1, 16, 16))
+    prepared = ghist.pp.prepare_xenium(sdata, chunk_size=32)
+    for name in ("scale0", "scale1"):
+        kept = prepared.images["he"][name].ds["image"].data
+        original = sdata.images["he_image"][name].ds["image"].data
+        assert kept.chunks == ((1, 1, 1), *original.chunks[1:])
+        assert kept.chunks[1][0] == 16
+    one_chunk = _one_chunk_he(xenium_like())
+    kept = ghist.pp.prepare_xenium(one_chunk, chunk_size=None).images["he"]
+    assert not isinstance(kept, DataTree)
+    assert kept.data.chunks[1:] == ((72,), (92,))
+    small = ghist.pp.prepare_xenium(one_chunk).images["he"]  # fits in one default chunk: no pyramid needed
+    assert not isinstance(small, DataTree)
+    for bad in (0, 16.0, True):
+        with pytest.raises(ValueError, match="`chunk_size` must be an integer >= 32"):
+            ghist.pp.prepare_xenium(one_chunk, chunk_size=bad)
+
+
+def test_tiles_of_a_one_chunk_he_equal_those_of_the_tiled_one(tmp_path):
+    kwargs = {"cell_type_key": "cell_type", "tile_size": 32, "n_folds": 3, "fold": 1, "progress": False}
+    a = ghist.pp.make_tiles(
+        ghist.pp.prepare_xenium(_one_chunk_he(xenium_like()), cell_type_key="annotation", chunk_size=None),
+        path=tmp_path / "a.zarr",
+        **kwargs,
+    )
+    b = ghist.pp.make_tiles(
+        ghist.pp.prepare_xenium(_one_chunk_he(xenium_like()), cell_type_key="annotation", chunk_size=32),
+        path=tmp_path / "b.zarr",
+        **kwargs,
+    )
+    assert len(a) == len(b) > 0
+    for i in range(len(a)):
+        one, tiled = a.read(i), b.read(i)
+        np.testing.assert_array_equal(one["image"], tiled["image"])
+        np.testing.assert_array_equal(one["labels"], tiled["labels"])

@@ -22,6 +22,7 @@ several nuclei or none. From XOA 1.3 to 2.0 every cell has one nucleus and both 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,13 +49,16 @@ from .._constants import (
 )
 from .._docs import doc_params
 from .._spatial import element_transformations
-from .._validation import _preview, check_key_added, require_key, scale0
+from .._validation import _preview, check_int, check_key_added, raster_levels, require_key, scale0
 
 logger = logging.getLogger(__name__)
 
 XENIUM_PIXEL_SIZE = 0.2125  # µm per morphology image pixel, the "global" unit of spatialdata-io's Xenium reader
 XENIUM_HE_KEY = "he_image"  # name spatialdata-io gives the aligned H&E ("*he_image.ome.tif")
 XENIUM_CELL_ID_KEY = "xenium_cell_id"  # where the prepared table keeps the string cell ids
+# Side of the prepared H&E's chunks, as `ghist.io.read_wsi` chunks slides: a tile window then reads a few MB, not the
+# whole slide (`xenium_aligned_image` reads the H&E as one chunk).
+HE_CHUNK_SIZE = 2048
 _SPATIAL_MICRONS_KEY = "spatial_microns"
 _RGB = ("r", "g", "b")
 
@@ -77,6 +81,7 @@ def prepare_xenium(
     nucleus_boundaries_key: str = "nucleus_boundaries",
     nucleus_to_cell: Mapping[int, Any] | pd.Series | None = None,
     pixel_size: float = XENIUM_PIXEL_SIZE,
+    chunk_size: int | None = HE_CHUNK_SIZE,
     gex_only: bool = True,
     key_added_image: str = IMAGE_KEY,
     key_added_labels: str = LABELS_KEY,
@@ -91,8 +96,14 @@ def prepare_xenium(
     integer labels, and the cells' raw counts in a table annotating those labels with integer ids. Pixel data are
     never copied or loaded: the new elements are lazy views of the same (dask) arrays, with new transformations.
 
-    **H&E.** ``images[he_key]`` keeps its scales and its alignment to ``"global"``. An alpha channel (4th channel,
-    or the one named ``"a"``) is dropped; ``uint16`` is scaled to ``uint8`` (``// 257``); other dtypes are refused.
+    **H&E.** ``images[he_key]`` keeps its alignment to ``"global"``. An alpha channel (4th channel, or the one named
+    ``"a"``) is dropped; ``uint16`` is scaled to ``uint8`` (``// 257``); other dtypes are refused. A scale stored in
+    chunks larger than ``chunk_size`` (``spatialdata_io.xenium_aligned_image`` reads the whole H&E as one chunk) is
+    cut into ``chunk_size`` tiles holding all three channels, and a single-scale H&E larger than one chunk gets a
+    pyramid (factor 2, area mean, down to one chunk) for :func:`ghist.tl.predict` and
+    :func:`ghist.pp.detect_tissue` to read the level they need. Both are lazy: until the result is written, every
+    read still goes through the source chunk, so write it once (``prepared.write(path)``, then
+    ``spatialdata.read_zarr(path)``); a warning says so.
 
     **Nuclei and cells.** Each nucleus label is given the integer id of the cell it belongs to: ``obs["cell_labels"]``
     when the table has it (so a nucleus and its cell in ``labels["cell_labels"]`` share the id), else the cell's row
@@ -141,6 +152,9 @@ def prepare_xenium(
     pixel_size
         µm per ``"global"`` unit, for the ``"microns"`` coordinate system and for ``obsm["spatial"]``
         (0.2125 for spatialdata-io's Xenium reader).
+    chunk_size
+        Side, in pixels, of the prepared H&E's chunks (see above); ``None`` keeps the H&E's chunks and scales as
+        they are.
     gex_only
         Keep only ``var["feature_types"] == "Gene Expression"`` (no control probes) when that column exists.
     key_added_image
@@ -175,6 +189,7 @@ def prepare_xenium(
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
     if isinstance(pixel_size, bool) or not (np.isfinite(pixel_size) and pixel_size > 0):
         raise ValueError(f"`pixel_size` must be a positive number of µm per 'global' unit; got {pixel_size!r}.")
+    check_int("chunk_size", chunk_size, 32, optional=True)
     keys = [key_added_image, key_added_labels, key_added_table]
     if len(set(keys)) != 3:
         raise ValueError(f"`key_added_image`, `key_added_labels` and `key_added_table` must differ; got {keys}.")
@@ -182,7 +197,7 @@ def prepare_xenium(
         _check_inplace(sdata, key_added_image, key_added_labels, key_added_table, overwrite)
 
     he_key = _resolve_he_key(sdata, he_key)
-    he = _prepare_image(sdata.images[he_key], he_key, pixel_size)
+    he = _prepare_image(sdata.images[he_key], he_key, pixel_size, chunk_size)
     labels_el = require_key(sdata, "labels", labels_key)
     labels = scale0(labels_el)
     if tuple(labels.dims) != ("y", "x") or not np.issubdtype(labels.dtype, np.integer):
@@ -236,6 +251,7 @@ def prepare_xenium(
                 "cell_type_key": cell_type_key,
                 "nucleus_to_cell": source,
                 "pixel_size": float(pixel_size),
+                "chunk_size": chunk_size,
                 "gex_only": bool(gex_only),
             },
             "n_cells": int(prepared.n_obs),
@@ -411,7 +427,9 @@ def _rebuild(element: DataArray | DataTree, convert: Any, transformations: dict[
     return array
 
 
-def _prepare_image(element: DataArray | DataTree, he_key: str, pixel_size: float) -> DataArray | DataTree:
+def _prepare_image(
+    element: DataArray | DataTree, he_key: str, pixel_size: float, chunk_size: int | None
+) -> DataArray | DataTree:
     image = scale0(element)
     if tuple(image.dims) != ("c", "y", "x"):
         raise ValueError(f"H&E {he_key!r} has dims {tuple(image.dims)}; expected ('c', 'y', 'x').")
@@ -439,9 +457,52 @@ def _prepare_image(element: DataArray | DataTree, he_key: str, pixel_size: float
             array = (array // 257).astype(np.uint8)
         return array.assign_coords(c=list(_RGB))
 
-    new = _rebuild(element, convert, _with_microns(element, pixel_size))
+    transformations = _with_microns(element, pixel_size)
+    new = _rebuild(element, convert, transformations)
+    if chunk_size is not None:
+        new = _tiled(new, he_key, chunk_size, transformations)
     Image2DModel().validate(new)
     return new
+
+
+def _tiled(
+    image: DataArray | DataTree, he_key: str, chunk_size: int, transformations: dict[str, BaseTransformation]
+) -> DataArray | DataTree:
+    """``image`` in chunks of at most ``chunk_size`` px (all channels in one), with a pyramid if single-scale."""
+    levels = [level for _, _, level in raster_levels(image)]
+    largest = max(max(max(lv.data.chunks[1]), max(lv.data.chunks[2])) for lv in levels)
+    height, width = levels[0].sizes["y"], levels[0].sizes["x"]
+    n_scales = 0 if isinstance(image, DataTree) else max(0, math.ceil(math.log2(max(height, width) / chunk_size)))
+    if largest <= chunk_size and n_scales == 0:
+        return image
+    chunks = {"c": -1, "y": chunk_size, "x": chunk_size}
+    logger.warning(
+        "H&E %r is stored in chunks of up to %d px (the whole %d x %d px image is %s): the prepared H&E is cut into "
+        "%d-px chunks%s, but until it is written every read still loads whole source chunks. Write it once and read "
+        "it back: `prepared.write('sample.zarr')`, then `prepared = spatialdata.read_zarr('sample.zarr')`.",
+        he_key,
+        largest,
+        width,
+        height,
+        "one chunk" if largest >= max(height, width) else "in chunks of that size",
+        chunk_size,
+        f" with a pyramid of {n_scales} more levels" if n_scales else "",
+    )
+    if n_scales:
+        # spatialdata's own pyramid (area mean), so the levels' transformations follow its rules
+        return Image2DModel.parse(
+            image.data,
+            dims=("c", "y", "x"),
+            c_coords=list(image.coords["c"].values),
+            transformations=transformations,
+            scale_factors=[2] * n_scales,
+            chunks=chunks,
+        )
+    return _rebuild(image, lambda array: array.chunk(chunks) if _too_big(array, chunk_size) else array, transformations)
+
+
+def _too_big(array: DataArray, chunk_size: int) -> bool:
+    return max(max(array.data.chunks[1]), max(array.data.chunks[2])) > chunk_size
 
 
 def _relabel_block(block: np.ndarray, lut: np.ndarray, offset: int, out_dtype: np.dtype) -> np.ndarray:
