@@ -494,3 +494,43 @@ def test_tiles_of_a_one_chunk_he_equal_those_of_the_tiled_one(tmp_path):
         one, tiled = a.read(i), b.read(i)
         np.testing.assert_array_equal(one["image"], tiled["image"])
         np.testing.assert_array_equal(one["labels"], tiled["labels"])
+
+
+# ------------------------------------------------------------------------------------------------ synthetic_xenium
+def test_synthetic_xenium_is_reader_shaped_and_prepares_back_to_synthetic():
+    raw = ghist.datasets.synthetic_xenium(image_size=96, n_genes=12, seed=3)
+    base = ghist.datasets.synthetic(image_size=96, n_genes=12, pixel_size=0.5, he_transform="affine", seed=3)
+    # the reader's layout: string ids, a table annotating the cell labels, no microns, one-chunk single-scale H&E
+    table = raw.tables["table"]
+    assert table.obs["cell_id"].str.fullmatch(r"[a-p]{8}-1").all()
+    assert table_annotation(raw, "table", "cell_labels") == ("region", "cell_labels")
+    assert list(table.var["feature_types"].unique()) == [
+        "Gene Expression",
+        "Negative Control Probe",
+        "Unassigned Codeword",
+    ]
+    he = raw.images["he_image"]
+    assert he.data.numblocks == (1, 1, 1)
+    assert set(get_transformation(he, get_all=True)) == {"global"}
+    boundaries = raw.shapes["nucleus_boundaries"]
+    assert set(boundaries.index) == set(np.unique(_values(raw.labels["nucleus_labels"]))) - {0}
+    assert not np.array_equal(_values(raw.labels["nucleus_labels"]), _values(base.labels["nuclei"]))  # ids differ
+    with pytest.raises(ValueError, match="prepare_xenium"):
+        ghist.pp.make_tiles(raw, image_key="he_image", labels_key="nucleus_labels", progress=False)
+
+    prepared = ghist.pp.prepare_xenium(raw)
+    info = prepared.tables["table"].uns["ghist"]["prepare_xenium"]
+    assert info["params"]["nucleus_to_cell"] == "nucleus_boundaries"
+    assert info["n_cells"] == base.tables["table"].n_obs
+    # the same cells, pixels and counts as synthetic(): its ids are the table rows + 1, as the prepared ids
+    np.testing.assert_array_equal(_values(prepared.labels["nuclei"]), _values(base.labels["nuclei"]))
+    np.testing.assert_array_equal(_values(prepared.images["he"]), _values(base.images["he"]))
+    out = prepared.tables["table"]
+    np.testing.assert_array_equal(out.obs["cell_id"], base.tables["table"].obs["cell_id"])
+    assert list(out.var_names) == list(base.tables["table"].var_names)
+    np.testing.assert_array_equal(out.X.toarray(), base.tables["table"].X.toarray())
+    np.testing.assert_allclose(out.obsm["spatial"], base.tables["table"].obsm["spatial"], atol=1e-9)
+    for key in ("he", "nuclei"):
+        np.testing.assert_allclose(
+            element_transformations(prepared[key])["microns"], element_transformations(base[key])["microns"], atol=1e-12
+        )
