@@ -2,7 +2,7 @@
 
 Example::
 
-    python benchmarks/segment_her2st.py --sections B4 C2 C3 C4 --chunk-size 2048
+    python benchmarks/segment_her2st.py --sections B4 C2 C3 C4 --chunk-size 2048 --n-workers 2
 
 For each section (about 9270 x 9920 px at 0.688 µm/px) prints the nucleus count, the density per mm² of tissue
 of the nuclei centred in tissue (tissue: pixels darker than Otsu's threshold of the grey level of an 8x downsampled
@@ -78,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["B4", "C2", "C3", "C4"])
     parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--n-workers", type=int, default=None, help="threads (default: the CPUs available, at most 8)")
     parser.add_argument("--overlay-section", default="C4")
     parser.add_argument("--overlay-yx", type=int, nargs=2, default=[4000, 4000], help="top-left corner of the crop")
     parser.add_argument("--overlay-size", type=int, default=600)
@@ -89,7 +90,7 @@ def main() -> None:
     for section in args.sections:
         sdata = load_section(DATA / section / "he.jpg")
         start = time.perf_counter()
-        ghist.pp.segment_nuclei(sdata, chunk_size=args.chunk_size, progress=False)
+        ghist.pp.segment_nuclei(sdata, chunk_size=args.chunk_size, n_workers=args.n_workers, progress=False)
         seconds = time.perf_counter() - start
 
         rgb = np.moveaxis(np.asarray(sdata.images["he"].data), 0, -1)

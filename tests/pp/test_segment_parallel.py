@@ -33,6 +33,24 @@ def slide():
     return sd.SpatialData(images={"he": sdata.images["he"]}, shapes={"roi": sdata.shapes["roi"]})
 
 
+def test_parallel_equals_serial_on_a_slide_file(slide, tmp_path):
+    """A tiled pyramidal TIFF read lazily by ``read_wsi`` (tiffslide): worker threads share the file."""
+    import tifffile
+
+    rgb = np.moveaxis(np.asarray(slide.images["he"].data), 0, -1)
+    path = tmp_path / "slide.tif"
+    resolution = {"resolution": (1e4 / 0.5, 1e4 / 0.5), "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(rgb, subifds=1, tile=(128, 128), photometric="rgb", **resolution)
+        tif.write(rgb[::2, ::2], subfiletype=1, tile=(128, 128), photometric="rgb", **resolution)
+    wsi = ghist.io.read_wsi(path, chunk_size=512)
+    ghist.pp.segment_nuclei(wsi, key_added="serial", chunk_size=CHUNK, n_workers=1, progress=False)
+    ghist.pp.segment_nuclei(wsi, key_added="parallel", chunk_size=CHUNK, n_workers=2, progress=False)
+    serial = _labels(wsi, "serial")
+    assert serial.max() > 500
+    np.testing.assert_array_equal(_labels(wsi, "parallel"), serial)
+
+
 def _labels(sdata: sd.SpatialData, key: str) -> np.ndarray:
     return np.asarray(sdata.labels[key].data.compute())
 
