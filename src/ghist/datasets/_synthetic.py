@@ -26,6 +26,7 @@ from .._constants import (
     XENIUM_BREAST_CELL_TYPES,
 )
 from .._validation import check_genes
+from . import _signals
 from ._profiles import load_profiles
 
 if TYPE_CHECKING:
@@ -146,6 +147,8 @@ def synthetic(
     he_scale: float | None = None,
     n_cells: int | None = None,
     thinning: float = 0.9,
+    signals: str | Sequence[str] | None = None,
+    signal_strength: float = 1.0,
     seed: int = 0,
 ) -> SpatialData:
     """Synthetic breast-cancer-like H&E with nucleus labels and Xenium-like single-cell expression.
@@ -163,7 +166,24 @@ def synthetic(
 
     Each cell's counts are those of a real cell of the same type from the 10x Genomics Xenium breast cancer
     preview (In Situ Sample 2, CC BY 4.0, as processed for the GHIST paper's demo), drawn at random with
-    bigger nuclei tending to get cells with bigger nuclei (and libraries), then binomially thinned.
+    bigger nuclei tending to get cells with bigger nuclei (and libraries), then binomially thinned. Within a type,
+    a cell's counts then carry little that its image shows, so that predicting each type's mean expression is
+    nearly as good as any model can do. ``signals`` adds what a model can learn beyond types: per-cell latents
+    that the H&E shows, each driving a few genes (Poisson extra counts, thinned like the rest, added to the real
+    cell's counts, so count noise stays):
+
+    - ``"proliferation"``: cycling cells (45% of malignant cells, 15% of B, 12% of T, a few percent of the
+      others) have nuclei up to 1.6 times bigger, darker, with coarse chromatin granules; they express MKI67,
+      TOP2A, CENPF and PCLAF. Latent: 0 for resting cells, 0.25-1 along the cycle.
+    - ``"hypoxia"``: depth into a tumour nest (smoothstep of the distance to stroma, saturating at 22 microns);
+      hypoxic malignant cells have more eosinophilic cytoplasm and express NDUFA4L2, STC1 and PDK4.
+    - ``"neighbourhood"``: ``1 - exp(-n / 2)`` of the ``n`` immune nuclei (T, B, plasma, macrophage, myeloid)
+      within 15 microns; malignant cells express CD274, PDCD1LG2, WARS and SERPINB9 with it (interferon-gamma
+      response). So that it is not just the nest border, some patches of the nests are infiltrated by T cells and
+      macrophages (the proposals' types change there, not the layout).
+
+    Turning signals on keeps the tissue layout of the seed; with signals off (the default) the output is
+    exactly what it was before signals existed.
 
     Parameters
     ----------
@@ -194,6 +214,12 @@ def synthetic(
         every cell that fits; a warning is given if fewer than ``n_cells`` fit.
     thinning
         Binomial thinning probability applied to the real counts (1 keeps them unchanged).
+    signals
+        Within-type signals to add: ``"all"``, one name, or a subset of ``("proliferation", "hypoxia",
+        "neighbourhood")`` (see above); ``None``: none. Each needs at least one of its genes among the selected ones.
+    signal_strength
+        Multiplies the extra counts of the driven genes (at latent 1 and strength 1: 3-8 counts per gene, before
+        thinning); the image cues do not change with it. In ``(0, 10]``; only with ``signals``.
     seed
         Random seed: the same seed gives identical arrays, another seed another tissue layout.
 
@@ -207,7 +233,10 @@ def synthetic(
       ``"nuclei"`` through ``obs["region"]`` and ``obs["cell_id"]`` (the label id); ``obs["cell_type"]``
       (categorical); ``obsm["spatial"]``: nucleus centroids ``(x, y)`` in labels pixels (pixel ``(i, j)`` has its
       centre at ``(j + 0.5, i + 0.5)``, as in :func:`spatialdata.get_centroids`); ``uns["synthetic"]``: the
-      settings (seed, pixel size, transform, ...).
+      settings (seed, pixel size, transform, ...). With ``signals``: one ``obs`` column per signal holding each
+      cell's latent in ``[0, 1]`` (``obs["proliferation"]``, ...), and ``uns["synthetic"]["signals"][name]``: the
+      ``genes`` it drives, the ``cell_types`` that respond, ``extra_counts_at_1`` (mean extra counts per gene at
+      latent 1, before thinning) and a ``description``; ``uns["synthetic"]["signal_strength"]``.
 
     Both elements have the coordinate systems ``"global"`` (labels pixels) and ``"microns"``.
 
@@ -217,6 +246,15 @@ def synthetic(
     >>> sdata = ghist.datasets.synthetic(image_size=256, n_genes=50, seed=1)
     >>> sdata["table"].n_vars
     50
+
+    Cells whose image tells more than their type: score a model on the driven genes, against the latents.
+
+    >>> sdata = ghist.datasets.synthetic(image_size=256, signals="all", seed=1)
+    >>> table = sdata["table"]
+    >>> table.uns["synthetic"]["signals"]["proliferation"]["genes"]
+    ['MKI67', 'TOP2A', 'CENPF', 'PCLAF']
+    >>> float(table.obs["proliferation"].max()) <= 1.0
+    True
 
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer) or image_size < 16:
@@ -246,12 +284,15 @@ def synthetic(
     types = _resolve_cell_types(cell_types)
     weights = _resolve_type_weights(type_weights)
     genes = _select_genes(n_genes)
+    signals = _signals.resolve_signals(signals, signal_strength, genes)
     start = time.perf_counter()
     image_size = int(image_size)
 
     rng_layout, rng_place, rng_keep, rng_paint, rng_render, rng_expr = (
         np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(6)
     )
+    # The signals draw from a seventh stream, so that turning them on leaves the other six (the layout) as they are.
+    rng_signal = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(7)[6])
     ps = float(pixel_size)
     he_mat, he_shape = _he_matrix(he_transform, image_size, float(he_scale))
     to_um = np.diag([ps, ps, 1.0])
@@ -268,7 +309,10 @@ def synthetic(
     allowed = np.isin(np.array(XENIUM_BREAST_CELL_TYPES), types) * np.array(
         [weights.get(t, 1.0) for t in XENIUM_BREAST_CELL_TYPES]
     )
-    nuc, occ = _tissue.place_nuclei(rng_place, tissue, cand, allowed)
+    if "neighbourhood" in signals:
+        _signals.inflame_nests(rng_signal, tissue, cand)
+    adjust = _signals.proliferation_adjuster(rng_signal) if "proliferation" in signals else None
+    nuc, occ = _tissue.place_nuclei(rng_place, tissue, cand, allowed, adjust=adjust)
 
     # Labels: the part of the field grid under the labels image; drop slivers of nuclei cut by its border.
     crop = (slice(-oy, -oy + image_size), slice(-ox, -ox + image_size))
@@ -297,6 +341,8 @@ def synthetic(
             remap[1:][exists] = np.arange(1, exists.sum() + 1)
             occ = remap[occ]
             nuc, labelled = nuc.subset(exists), labelled[exists]
+    if signals:
+        _signals.context_latents(tissue, nuc, signals)
     _tissue.paint_background(rng_paint, tissue, nuc, occ)
     he = _tissue.render_he(rng_render, tissue, nuc, he_frame)
 
@@ -316,6 +362,11 @@ def synthetic(
     prof = load_profiles()
     gene_idx = np.array([prof.genes.index(g) for g in genes])
     counts, _ = _assign_counts(rng_expr, cell_type_idx, area * ps**2, gene_idx, float(thinning))
+    latents = {name: nuc.signal[name][labelled].astype(np.float64) for name in signals}
+    if signals:
+        counts, signal_record = _signals.drive_counts(
+            rng_signal, counts, genes, cell_type_idx, latents, float(signal_strength), float(thinning)
+        )
 
     names = np.array(XENIUM_BREAST_CELL_TYPES)[cell_type_idx]
     obs = pd.DataFrame(
@@ -326,6 +377,8 @@ def synthetic(
         },
         index=pd.Index([f"cell_{i}" for i in range(1, n + 1)]),
     )
+    for name, latent in latents.items():
+        obs[name] = latent
     table = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
     table.obsm[SPATIAL_KEY] = np.column_stack([cx, cy])
     table.uns[SYNTHETIC_UNS_KEY] = {
@@ -341,6 +394,9 @@ def synthetic(
         "thinning": float(thinning),
         "source": "10x Genomics Xenium human breast cancer preview, In Situ Sample 2 (CC BY 4.0)",
     }
+    if signals:  # only then, so that the default table stays as it was
+        table.uns[SYNTHETIC_UNS_KEY]["signals"] = signal_record
+        table.uns[SYNTHETIC_UNS_KEY]["signal_strength"] = float(signal_strength)
     table = TableModel.parse(table, region=LABELS_KEY, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
 
     microns = Scale([ps, ps], axes=("y", "x"))

@@ -80,6 +80,9 @@ class Nuclei:
     nucleolus_amp: np.ndarray  # (n, 2)
     nucleolus_uv: np.ndarray  # (n, 2, 2) in units of the semi-axes
     rmax: np.ndarray = field(default_factory=lambda: np.zeros(0))  # bound of the outline's distance from the centre
+    # Per-nucleus arrays of the within-type signals (``datasets._signals``), e.g. latents and the cytoplasm's eosin
+    # factor; empty unless ``synthetic(signals=...)`` asks for them, so the default slide is drawn as before.
+    signal: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.update_rmax()
@@ -91,7 +94,8 @@ class Nuclei:
         return len(self.x)
 
     def subset(self, keep: np.ndarray) -> Nuclei:
-        return Nuclei(**{k: getattr(self, k)[keep] for k in self.__dataclass_fields__ if k != "rmax"})
+        kept = {k: getattr(self, k)[keep] for k in self.__dataclass_fields__ if k not in ("rmax", "signal")}
+        return Nuclei(**kept, signal={k: v[keep] for k, v in self.signal.items()})
 
 
 def sample_nuclei(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ._nuclei import N_TYPES, Nuclei, local_coords, nucleus_window, outline_distance, sample_nuclei
@@ -9,9 +11,18 @@ from ._structures import Candidates, Tissue
 
 
 def place_nuclei(
-    rng: np.random.Generator, tissue: Tissue, cand: Candidates, allowed: np.ndarray, *, min_px: int = 4
+    rng: np.random.Generator,
+    tissue: Tissue,
+    cand: Candidates,
+    allowed: np.ndarray,
+    *,
+    min_px: int = 4,
+    adjust: Callable[[Nuclei], None] | None = None,
 ) -> tuple[Nuclei, np.ndarray]:
     """Draw each candidate's type (restricted to ``allowed``) and shape; keep those that fit without touching.
+
+    ``adjust`` may edit the drawn nuclei in place before they are placed (the within-type signals change the size
+    and chromatin of cycling cells); it must not draw from ``rng``, so that the layout stays that of the seed.
 
     Returns the placed nuclei and the instance raster on ``tissue.frame`` (0 = background, ``k + 1`` = nucleus
     ``k``). Neighbouring nuclei keep a gap of at least one pixel.
@@ -27,6 +38,9 @@ def place_nuclei(
     nuc = sample_nuclei(
         rng, cell_type[sel], arr["x"][sel], arr["y"][sel], arr["angle"][sel], bend_sign=arr["bend_sign"][sel]
     )
+    if adjust is not None:
+        adjust(nuc)
+        nuc.update_rmax()
     retries = arr["retries"][sel]
     jitter = rng.normal(0, 1.2, (len(sel), 2))
     # Blocks in the order they were proposed; within a block, big nuclei first and small ones fill the gaps.

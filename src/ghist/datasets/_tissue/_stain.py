@@ -106,7 +106,7 @@ def paint_background(rng: np.random.Generator, tissue: Tissue, nuc: Nuclei, occ:
             hx = nuc.x[i] + (nuc.a[i] + 0.9) * np.cos(dirs[i])
             hy = nuc.y[i] + (nuc.a[i] + 0.9) * np.sin(dirs[i])
             wgt = wgt * (1 - 0.75 * np.exp(-((x - hx) ** 2 + (y - hy) ** 2) / (2 * 1.1**2)))
-        e_add = cyto["E"] * wgt
+        e_add = cyto["E"] * wgt * (nuc.signal["cyto_eosin"][i] if "cyto_eosin" in nuc.signal else 1.0)
         if cyto.get("foamy"):
             e_add = e_add * (1 - 0.7 * np.clip(vac[r0:r1, c0:c1], 0, 1))
         E[r0:r1, c0:c1] = np.maximum(E[r0:r1, c0:c1], E[r0:r1, c0:c1] * (1 - wgt) + e_add)
