@@ -71,7 +71,8 @@ def test_pool_resized_gradient_reaches_the_features():
     labels, cell_batch = _batch_labels(2, 16, 3)
     cells, tiles = pool_resized(features, labels, cell_batch, 6)
     (cells.sum() + tiles.sum()).backward()
-    assert features.grad is not None and features.grad.abs().sum() > 0
+    assert features.grad is not None
+    assert features.grad.abs().sum() > 0
 
 
 def test_token_layout_given_inferred_and_refused():
@@ -101,7 +102,8 @@ def test_read_weights_safetensors_torch_and_wrapped(tmp_path):
     floats = {k: v.float() for k, v in state.items()}
     _write_safetensors(tmp_path / "w.safetensors", floats)
     got = read_weights(tmp_path / "w.safetensors")
-    assert set(got) == set(floats) and all(torch.equal(got[k], floats[k]) for k in floats)
+    assert set(got) == set(floats)
+    assert all(torch.equal(got[k], floats[k]) for k in floats)
     torch.save({"state_dict": state}, tmp_path / "w.bin")
     got = read_weights(tmp_path / "w.bin")
     assert all(torch.equal(got[k], state[k]) for k in state)
@@ -125,7 +127,7 @@ def test_read_weights_refuses_a_pickle_that_runs_code(tmp_path, monkeypatch):
 
 def test_read_weights_refuses_garbage_and_non_tensors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 20)
-    with pytest.raises(ValueError, match="not a readable .safetensors"):
+    with pytest.raises(ValueError, match=r"not a readable \.safetensors"):
         read_weights(tmp_path / "bad.safetensors")
     torch.save({"a": 1}, tmp_path / "ints.pt")
     with pytest.raises(ValueError, match="expected a dict of tensors"):
@@ -153,14 +155,17 @@ def test_feature_encoder_sees_rgb_in_unit_range_normalised_its_way():
     enc.feature_map(standardised)
     expected = F.interpolate(rgb / 255, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
     torch.testing.assert_close(seen["x"], (expected - 0.5) / 0.25, atol=1e-4, rtol=1e-4)
-    assert enc.config["out_dim"] == 6 and enc.config["output"] == "map"
+    assert enc.config["out_dim"] == 6
+    assert enc.config["output"] == "map"
 
 
 def test_frozen_encoder_stays_in_eval_mode_without_gradients():
     enc = _encoder(TinyViT(), trainable=False)
-    assert enc.config["num_prefix_tokens"] == 3 and enc.config["patch_grid"] == [4, 4]
+    assert enc.config["num_prefix_tokens"] == 3
+    assert enc.config["patch_grid"] == [4, 4]
     enc.train()
-    assert not enc.model.training and enc.project.training
+    assert not enc.model.training
+    assert enc.project.training
     labels, cell_batch = _batch_labels(2, 32, 3)
     enc(torch.randn(2, 3, 32, 32), labels, cell_batch, 6).sum().backward()
     assert all(p.grad is None and not p.requires_grad for p in enc.model.parameters())
@@ -179,7 +184,7 @@ def test_prepare_encoder_copies_the_module_and_checks_arguments():
         prepare_encoder(mine, options={"mena": [0, 0, 0]})
     with pytest.raises(ValueError, match="std"):
         prepare_encoder(mine, options={"std": [1, 0, 1]})
-    with pytest.raises(TypeError, match="nn.Module or a timm model name"):
+    with pytest.raises(TypeError, match=r"nn\.Module or a timm model name"):
         prepare_encoder(42)
     with pytest.raises(TypeError, match="encoder_trainable"):
         prepare_encoder(mine, trainable="yes")

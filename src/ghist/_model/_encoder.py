@@ -142,8 +142,10 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             if isinstance(tensors, dict) and isinstance(tensors.get(key), dict):
                 tensors = tensors[key]
                 break
-    if not isinstance(tensors, Mapping) or not tensors or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    if (
+        not isinstance(tensors, Mapping)
+        or not tensors
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items())
     ):
         raise ValueError(f"`encoder_weights` {str(path)!r} holds a {type(tensors).__name__}; expected {expected}.")
     return dict(tensors)

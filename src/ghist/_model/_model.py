@@ -234,7 +234,8 @@ class GHISTModel:
         ]
         if p.get("encoder"):
             enc = p["encoder"]
-            lines.append(f"    encoder: {enc['label'] or enc['name']} ({'trainable' if enc['trainable'] else 'frozen'})")
+            state = "trainable" if enc["trainable"] else "frozen"
+            lines.append(f"    encoder: {enc['label'] or enc['name']} ({state})")
         if self.best_epoch_ is not None:
             lines.append(f"    best epoch: {self.best_epoch_}")
         return "\n".join(lines)
@@ -354,9 +355,8 @@ class GHISTModel:
 
             encoder = copy.deepcopy(encoder)  # the weights loaded below must not overwrite the caller's module
         try:
-            model = cls(
-                params.pop("genes"), params.pop("cell_types", None), reference=reference, encoder_module=encoder, **params
-            )
+            genes_, types_ = params.pop("genes"), params.pop("cell_types", None)
+            model = cls(genes_, types_, reference=reference, encoder_module=encoder, **params)
             if params.get("encoder") is not None:
                 from ._encoder import check_encoder_weights
 

@@ -55,6 +55,7 @@ _LIGHTNING_NOISE = (
     r"The dirpath has changed from",
     r".*isinstance\(treespec, LeafSpec\)",
     r".*does not have many workers",
+    r"Found \d+ module\(s\) in eval mode",  # a frozen pretrained encoder (`encoder=`) is kept in eval mode
 )
 
 
