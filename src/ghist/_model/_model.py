@@ -59,6 +59,11 @@ class GHISTModel:
         Microns per pixel of the training images (``None`` if unknown); other slides are resampled to it.
     expr_scale
         The network learns ``expr_scale * log1p(counts)``.
+    encoder
+        Settings of a pretrained encoder fused into the cell embedding (from
+        :func:`ghist._model._encoder.prepare_encoder`, or as saved), or ``None``.
+    encoder_module
+        The encoder itself (see :func:`ghist.tl.fit`'s ``encoder``); ``None`` rebuilds a timm encoder by name.
 
     Examples
     --------
@@ -84,6 +89,8 @@ class GHISTModel:
         std: Sequence[float] = (1.0, 1.0, 1.0),
         pixel_size: float | None = None,
         expr_scale: float = EXPR_SCALE,
+        encoder: Mapping[str, Any] | None = None,
+        encoder_module: torch.nn.Module | None = None,
     ):
         if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
             raise TypeError(f"`genes` must be a list of gene names; got {type(genes).__name__} {genes!r:.60}.")
@@ -144,6 +151,21 @@ class GHISTModel:
         }
         type_index = {t: i for i, t in enumerate(cell_types or [])}
         network_groups = {name: [type_index[t] for t in members] for name, members in groups.items()}
+        feature_encoder = None
+        if encoder is not None:
+            from ._encoder import FeatureEncoder, encoder_for_load
+
+            feature_encoder = FeatureEncoder(
+                encoder_for_load(encoder, encoder_module),
+                encoder,
+                tile_mean=mean,
+                tile_std=std,
+                tile_size=int(tile_size),
+                out_features=int(embed_dim),
+            )
+            self.init_params_["encoder"] = json.loads(json.dumps(feature_encoder.config))
+        elif encoder_module is not None:
+            raise ValueError("`encoder` was given, but this model has no encoder (it was trained without one).")
         self.network = GHISTNetwork(
             n_genes=len(genes),
             n_types=len(cell_types or []),
@@ -151,6 +173,7 @@ class GHISTModel:
             groups=network_groups or None,
             width=int(width),
             embed_dim=int(embed_dim),
+            feature_encoder=feature_encoder,
         )
         # Set only by `_mark_trained` (training) and `_from_state` (loading).
         self._is_trained = False
@@ -209,6 +232,10 @@ class GHISTModel:
             f"    specialist groups: {list(self.cell_type_groups) or 'none'}",
             f"    width={p['width']}, tile_size={p['tile_size']}, pixel_size={p['pixel_size']} um/px",
         ]
+        if p.get("encoder"):
+            enc = p["encoder"]
+            state = "trainable" if enc["trainable"] else "frozen"
+            lines.append(f"    encoder: {enc['label'] or enc['name']} ({state})")
         if self.best_epoch_ is not None:
             lines.append(f"    best epoch: {self.best_epoch_}")
         return "\n".join(lines)
@@ -272,7 +299,9 @@ class GHISTModel:
         return {"settings": settings, "tensors": tensors}
 
     @classmethod
-    def _from_state(cls, state: Mapping[str, Any], *, genes: Sequence[str] | None = None) -> GHISTModel:
+    def _from_state(
+        cls, state: Mapping[str, Any], *, genes: Sequence[str] | None = None, encoder: torch.nn.Module | None = None
+    ) -> GHISTModel:
         """Rebuild a model from :meth:`_to_state`'s output (in evaluation mode).
 
         Parameters
@@ -281,6 +310,8 @@ class GHISTModel:
             ``{"settings": ..., "tensors": ...}``.
         genes
             If given, the genes the caller expects.
+        encoder
+            The encoder module of a model trained with a custom one (a copy is used); see :meth:`load`.
 
         Raises
         ------
@@ -319,8 +350,17 @@ class GHISTModel:
         if reference is not None:
             # The buffer holds the profiles on the network's scale; the constructor takes them on the log1p scale.
             reference = (reference.detach().to("cpu", torch.float32) / float(params["expr_scale"])).numpy()
+        if params.get("encoder") is not None and encoder is not None:
+            import copy
+
+            encoder = copy.deepcopy(encoder)  # the weights loaded below must not overwrite the caller's module
         try:
-            model = cls(params.pop("genes"), params.pop("cell_types", None), reference=reference, **params)
+            genes_, types_ = params.pop("genes"), params.pop("cell_types", None)
+            model = cls(genes_, types_, reference=reference, encoder_module=encoder, **params)
+            if params.get("encoder") is not None:
+                from ._encoder import check_encoder_weights
+
+                check_encoder_weights(model.network, tensors)
             model.network.load_state_dict(dict(tensors))
         except (TypeError, RuntimeError) as err:
             raise ValueError(f"The saved weights do not fit the model the settings describe: {err}") from err
@@ -388,6 +428,7 @@ class GHISTModel:
         *,
         genes: Sequence[str] | None = None,
         map_location: str | torch.device | None = "cpu",
+        encoder: torch.nn.Module | None = None,
     ) -> GHISTModel:
         """Load a model saved with :meth:`save`.
 
@@ -403,6 +444,10 @@ class GHISTModel:
         map_location
             Device to read the tensors onto (``"cpu"`` loads GPU-trained models on CPU-only machines); the
             returned model is on the CPU.
+        encoder
+            For a model trained with a custom ``nn.Module`` encoder: a module of the same class and architecture (its
+            weights do not matter: the saved ones are loaded into a copy of it). Not needed for timm encoders, rebuilt
+            by name when timm is installed (a module passed is used instead).
 
         Returns
         -------
@@ -432,7 +477,7 @@ class GHISTModel:
                 "`GHISTModel.save`."
             )
         try:
-            return cls._from_state({"settings": settings, "tensors": tensors}, genes=genes)
+            return cls._from_state({"settings": settings, "tensors": tensors}, genes=genes, encoder=encoder)
         except ValueError as err:
             if "other genes" in str(err):
                 raise

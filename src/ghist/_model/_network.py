@@ -226,6 +226,9 @@ class GHISTNetwork(nn.Module):
         Passed to :class:`~ghist._model._backbone.UNet3Plus` (``False``: convolve deep maps before upsampling).
     encoder
         Optional custom encoder for the backbone, see :class:`~ghist._model._backbone.UNet3Plus`.
+    feature_encoder
+        Optional :class:`~ghist._model._encoder.FeatureEncoder` (a pretrained encoder's per-nucleus features),
+        concatenated to the embedding MLP's input.
 
     Examples
     --------
@@ -254,6 +257,7 @@ class GHISTNetwork(nn.Module):
         dropout: float = 0.1,
         upsample_first: bool = False,
         encoder: nn.Module | None = None,
+        feature_encoder: nn.Module | None = None,
     ):
         super().__init__()
         if n_genes < 1:
@@ -293,7 +297,9 @@ class GHISTNetwork(nn.Module):
             3, n_types + 1 if n_types else 2, width=width, upsample_first=upsample_first, encoder=encoder
         )
         pooled = self.backbone.decoder_channels + self.backbone.encoder_channels[0]
-        self.embed = _mlp(2 * pooled, 2 * hidden, embed_dim, dropout)
+        self.feature_encoder = feature_encoder
+        extra = 0 if feature_encoder is None else int(feature_encoder.out_features)
+        self.embed = _mlp(2 * pooled + extra, 2 * hidden, embed_dim, dropout)
         if n_types:
             self.type_head: nn.Module | None = _mlp(embed_dim, hidden, n_types, dropout)
             self.composition_head: nn.Module | None = _mlp(embed_dim, hidden, n_types, dropout)
@@ -393,7 +399,10 @@ class GHISTNetwork(nn.Module):
         maps = (decoded, encoded)
         cell_means, area = self.pool_cells(maps, labels, n_cells)
         tile_means = torch.cat([m.mean(dim=(2, 3), dtype=torch.float32) for m in maps], dim=1)
-        embedding = self.embed(torch.cat([cell_means, tile_means[cell_batch]], dim=1))
+        parts = [cell_means, tile_means[cell_batch]]
+        if self.feature_encoder is not None:
+            parts.append(self.feature_encoder(image, labels, cell_batch, n_cells).to(cell_means.dtype))
+        embedding = self.embed(torch.cat(parts, dim=1))
         tile_embedding, _ = _segment_mean(embedding.float(), cell_batch, n_tiles)
 
         cell_logits = composition_logits = composition = None

@@ -56,6 +56,7 @@ _LIGHTNING_NOISE = (
     r"The dirpath has changed from",
     r".*isinstance\(treespec, LeafSpec\)",
     r".*does not have many workers",
+    r"Found \d+ module\(s\) in eval mode",  # a frozen pretrained encoder (`encoder=`) is kept in eval mode
 )
 
 
@@ -87,6 +88,10 @@ def fit(
     resume: str | os.PathLike | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    encoder: Any = None,
+    encoder_weights: str | os.PathLike | None = None,
+    encoder_trainable: bool = False,
+    encoder_options: Mapping[str, Any] | None = None,
     **trainer_kwargs: Any,
 ) -> GHISTModel:
     """Train the GHIST network on tiles cut by :func:`ghist.pp.make_tiles`.
@@ -171,6 +176,37 @@ def fit(
         DataLoader worker processes.
     progress
         Show a progress bar (Lightning's banners and tips are never shown).
+    encoder
+        A pretrained encoder whose features join ghist's own in each nucleus' embedding (``None``: ghist's network
+        alone). Either a :class:`torch.nn.Module` mapping RGB tiles ``(B, 3, H, W)`` to feature maps
+        ``(B, C, h, w)`` or tokens ``(B, N, C)`` (a copy is trained or frozen; yours is left as it is), or a timm
+        name: an architecture such as ``"vit_large_patch16_224"`` or one of the offline presets
+        ``"hf-hub:MahmoodLab/UNI2-h"``, ``"hf-hub:bioptimus/H-optimus-0"``, ``"hf-hub:paige-ai/Virchow2"`` (timm
+        architecture, keyword arguments, input size and normalisation of the model card), built with
+        ``pretrained=False`` (needs ``pip install 'ghist[encoders]'``). The encoder gets the tiles as RGB in [0, 1]
+        (ghist's own branch gets them channel-standardised), resized to its input size and normalised its way; its
+        features, bilinearly resized to the tile, are averaged under each nucleus and over the tile, and
+        ``[nucleus mean, tile mean]`` goes through a layer norm and a linear layer (ReLU) to ``embed_dim`` values
+        concatenated to the input of the embedding MLP. Tokens: class/register tokens come first; their number is
+        ``encoder_options["num_prefix_tokens"]``, else the model's ``num_prefix_tokens`` attribute (timm ViTs), else
+        what is left beside the largest square grid of patch tokens; non-square grids need ``"patch_grid"``. The
+        settings and the encoder's weights are saved with the model (:meth:`ghist.GHISTModel.save`); a model with a
+        custom module needs that module again to load: ``GHISTModel.load(path, encoder=MyEncoder())``. See the
+        "Pretrained encoders" tutorial.
+    encoder_weights
+        A local weights file for the encoder: ``.safetensors``, or a torch state dict (``pytorch_model.bin``,
+        ``.pt``) read with ``weights_only=True`` (never unpickled with code). Required for a timm name (nothing is
+        ever downloaded); optional for a module.
+    encoder_trainable
+        Fine-tune the encoder with the rest of the network; ``False`` (default) freezes it: evaluation mode, no
+        gradients, its parameters are not in the optimiser.
+    encoder_options
+        Optional encoder settings: ``"name"`` (your label for it, saved with the model), ``"input_size"`` (square
+        side the tiles are resized to; ``None``: the tile size; the presets use 224), ``"mean"``/``"std"`` (RGB
+        normalisation on the [0, 1] scale; default ImageNet's, the presets use the model card's),
+        ``"num_prefix_tokens"``, ``"patch_grid"`` (rows, columns), ``"timm_kwargs"`` (JSON keyword arguments of
+        ``timm.create_model``, e.g. from the model card), ``"out_features"`` (projection size; default
+        ``embed_dim``).
     **trainer_kwargs
         Other :class:`lightning.pytorch.Trainer` arguments; ``callbacks=[...]`` are run after ghist's own
         (checkpointing, history, progress bar).
@@ -229,6 +265,16 @@ def fit(
 
     profiles, profile_names = _reference_matrix(reference, reference_groupby, tiles.genes, reference_profiles)
 
+    encoder_module = encoder_config = None
+    if encoder is not None:
+        from .._model._encoder import prepare_encoder
+
+        encoder_module, encoder_config = prepare_encoder(
+            encoder, weights=encoder_weights, trainable=encoder_trainable, options=encoder_options
+        )
+    elif encoder_weights is not None or encoder_options:
+        raise ValueError("`encoder_weights` / `encoder_options` were given without an `encoder`.")
+
     L.seed_everything(seed, workers=True, verbose=False)
     model = GHISTModel(
         tiles.genes,
@@ -242,6 +288,8 @@ def fit(
         mean=tiles.mean,
         std=tiles.std,
         pixel_size=pixel_size,
+        encoder=encoder_config,
+        encoder_module=encoder_module,
     )
     module = GHISTModule(
         model.network,
