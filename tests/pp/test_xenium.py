@@ -534,3 +534,30 @@ def test_synthetic_xenium_is_reader_shaped_and_prepares_back_to_synthetic():
         np.testing.assert_allclose(
             element_transformations(prepared[key])["microns"], element_transformations(base[key])["microns"], atol=1e-12
         )
+
+
+def test_a_band_of_the_tile_grid_is_a_region_of_interest(tmp_path):
+    """The Xenium tutorial's section 6: a subset of the `key_added` grid, as it is or parsed again, is a valid ROI."""
+    from spatialdata.models import ShapesModel
+
+    from ghist._spatial import region_in_pixels
+
+    prepared = ghist.pp.prepare_xenium(xenium_like(multiscale=False), cell_type_key="annotation")
+    ghist.pp.make_tiles(
+        prepared, tile_size=16, n_folds=3, fold=1, key_added="grid", path=tmp_path / "t.zarr", progress=False
+    )
+    grid = prepared.shapes["grid"]
+    band = grid[grid["split"] == "test"]
+    assert 0 < len(band) < len(grid)
+    prepared.shapes["band"] = band
+    prepared.shapes["parsed"] = ShapesModel.parse(band)
+    expected = element_transformations(grid)
+    for key in ("band", "parsed"):
+        got = element_transformations(prepared.shapes[key])
+        assert set(got) == set(expected)
+        for cs, matrix in expected.items():
+            np.testing.assert_allclose(got[cs], matrix)
+        region = region_in_pixels(prepared, key, "nuclei")
+        assert region.area == pytest.approx(region_in_pixels(prepared, "band", "nuclei").area)
+    full = region_in_pixels(prepared, "grid", "nuclei").area
+    assert 0 < region.area < full
