@@ -267,7 +267,9 @@ def _area_resample(image: DataArray, y0: int, x0: int, h: int, w: int, sy: float
         return np.full((3, h, w), 255, dtype=np.uint8)
     window = np.asarray(image.data[:, ylo:yhi, xlo:xhi], dtype=np.float64)
     inside = wy.sum(axis=1)[:, None] * wx.sum(axis=1)[None, :]  # fraction of each output pixel over the image
-    tile = np.einsum("yi,cij,xj->cyx", wy, window, wx) + 255.0 * (1 - inside)
+    # optimize=True contracts one axis at a time (two matrix products); without it einsum loops over every
+    # (y, x, i, j): 2.5 s instead of ~20 ms for a 64-px tile cut from 256 source pixels.
+    tile = np.einsum("yi,cij,xj->cyx", wy, window, wx, optimize=True) + 255.0 * (1 - inside)
     return np.clip(tile, 0, 255).round().astype(np.uint8)
 
 
