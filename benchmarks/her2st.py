@@ -5,22 +5,24 @@ Example::
     python benchmarks/her2st.py --max-time 00:25:00 --width 16 --out her2st_run
 
 For every section the H&E (about 9920 x 9280 px at 0.688 µm/px) is segmented with ``ghist.pp.segment_nuclei``
-(watershed, full resolution; cached in ``--cache``), then put into a SpatialData: the image downsampled
-``--downsample`` times (area mean), the nuclei at the same grid (nearest), the spots as 100 µm circles
-(``ShapesModel``) and their raw counts as a table annotating them. The genes are the ``--n-genes`` most variable
-of the training sections' log-normalised spot counts (counts scaled to 1e4 per spot over all genes, ``log1p``;
-variance within each training section, averaged over them), among genes detected in at least 10% of the
+(watershed, full resolution; cached in ``--cache``), then put into a SpatialData at full resolution: the image and
+the nuclei with their µm pixel size, the spots as 100 µm circles (``ShapesModel``) and their raw counts as a table
+annotating them. ghist resamples to its working pixel size itself (``make_tiles(pixel_size=...)`` for training, the
+model's pixel size in ``predict``): area mean for the image, nearest for the labels. The genes are the ``--n-genes``
+most variable of the training sections' log-normalised spot counts (counts scaled to 1e4 per spot over all genes,
+``log1p``; variance within each training section, averaged over them), among genes detected in at least 10% of the
 training spots and measured in every section; the ``--n-eval-genes`` most variable of them are evaluated.
 
-GHIST: ``ghist.pp.make_tiles(..., spots_key="spots", tiling="spots")`` on B4, C2, C3 (one tile centred on each
-spot, every tile trains: C4 is the test set; targets scaled per spot, ``--spot-scaling``), ``ghist.tl.fit`` for
-``--max-time`` without cell types or reference, then on C4 ``ghist.tl.predict(..., roi_key="spots")`` with tiles
-overlapping by just under half a tile (so that every nucleus is predicted from a tile where it lies away from the
-edges, as the spot-centred training tiles put every supervised nucleus; ``--tile-overlap``) and the 8-view test-time
-augmentation (``--no-tta`` to turn off), and ``ghist.tl.evaluate(..., spots_key="spots")``. The defaults (image
-downsampled 4 times to 2.75 µm/px, 64-px tiles = 176 µm) were chosen on the training sections' throughput and a GPU
-comparison at equal steps (64-px tiles at 2.75 µm/px scored as 128-px tiles at 1.38 µm/px, at 2.4 times the training
-steps per second on a CPU). ``--curve-every N`` also scores C4 every N epochs, after the timed run.
+GHIST: ``ghist.pp.make_tiles(..., spots_key="spots", tiling="spots", pixel_size=--pixel-size)`` on B4, C2, C3 (one
+tile centred on each spot, every tile trains: C4 is the test set; targets scaled per spot, ``--spot-scaling``),
+``ghist.tl.fit`` for ``--max-time`` without cell types or reference, then on C4 ``ghist.tl.predict(...,
+roi_key="spots")`` with tiles overlapping by just under half a tile (so that every nucleus is predicted from a tile
+where it lies away from the edges, as the spot-centred training tiles put every supervised nucleus;
+``--tile-overlap``) and the 8-view test-time augmentation (``--no-tta`` to turn off), and ``ghist.tl.evaluate(...,
+spots_key="spots")``. The defaults (tiles at 2.75 µm/px, 4 times the scan's pixel size; 64-px tiles = 176 µm) were
+chosen on the training sections' throughput and a GPU comparison at equal steps (64-px tiles at 2.75 µm/px scored as
+128-px tiles at 1.38 µm/px, at 2.4 times the training steps per second on a CPU). ``--curve-every N`` also scores C4
+every N epochs, after the timed run.
 
 Baseline, measured in the same run: ridge regression (``sklearn.linear_model.RidgeCV``, one penalty per gene) from
 hand-made features of each spot's disc of full-resolution pixels (RGB and ``rgb2hed`` stain statistics, grey-level
@@ -31,12 +33,11 @@ Metric: per-gene Pearson correlation over the C4 spots between predicted and mea
 averaged over the evaluated genes. GHIST's pseudo-spots (summed predicted counts of the nuclei in each spot) are
 log-normalised like the measurements: scaled to 1e4 per spot over all genes, taking the panel's share of a spot's
 counts as the median share in the training spots (``pearson``; ``ghist.tl.evaluate(..., spots_key="spots",
-library="all", panel_share=<that share>)``); ``pearson_raw`` correlates ``log1p`` of the sums with the
-measurements, without per-spot normalisation. Prints one line per phase with its run time, then LAST
-``ghist_pearson=... ridge_pearson=... seconds=...``. Writes to ``--out``: ``results.json`` (settings, per-gene
-correlations, timings), ``c4_spots.csv`` (measured and predicted spot expression of the evaluated genes),
-``her2st_c4.png`` (per-gene correlations of both methods and the best gene's maps) and the trained model.
-"""
+library="all", panel_share=<that share>)``); ``pearson_raw`` correlates ``log1p`` of the sums with the measurements,
+without per-spot normalisation. Prints one line per phase with its run time, then LAST ``ghist_pearson=...
+ridge_pearson=... seconds=...``. Writes to ``--out``: ``results.json`` (settings, per-gene correlations, timings),
+``c4_spots.csv`` (measured and predicted spot expression of the evaluated genes), ``her2st_c4.png`` (per-gene
+correlations of both methods and the best gene's maps) and the trained model."""
 
 from __future__ import annotations
 
@@ -100,17 +101,14 @@ def segment(name: str, rgb: np.ndarray, cache: Path) -> np.ndarray:
     return labels
 
 
-def build_sdata(rgb: np.ndarray, labels: np.ndarray, spots: pd.DataFrame, counts: pd.DataFrame, f: int):
-    """SpatialData: image and nuclei downsampled ``f`` times, 100 µm spot circles, the spot count table."""
-    h, w = (rgb.shape[0] // f) * f, (rgb.shape[1] // f) * f
-    small = rgb[:h, :w].reshape(h // f, f, w // f, f, 3).mean(axis=(1, 3)).round().astype(np.uint8)
-    nuclei = np.ascontiguousarray(labels[f // 2 : h : f, f // 2 : w : f])  # the label under each pixel's centre
-    to_global = Scale([f, f], axes=("y", "x")) if f > 1 else Identity()
-    microns = Scale([PIXEL_SIZE * f, PIXEL_SIZE * f], axes=("y", "x"))
+def build_sdata(rgb: np.ndarray, labels: np.ndarray, spots: pd.DataFrame, counts: pd.DataFrame):
+    """SpatialData at full resolution: image and nuclei in µm, 100 µm spot circles, the spot count table."""
+    microns = Scale([PIXEL_SIZE, PIXEL_SIZE], axes=("y", "x"))
+    transformations = {"global": Identity(), "microns": microns}
     image = Image2DModel.parse(
-        np.moveaxis(small, -1, 0), dims=("c", "y", "x"), transformations={"global": to_global, "microns": microns}
+        np.moveaxis(rgb, -1, 0), dims=("c", "y", "x"), chunks=(3, 2048, 2048), transformations=transformations
     )
-    nuclei = Labels2DModel.parse(nuclei, dims=("y", "x"), transformations={"global": to_global, "microns": microns})
+    nuclei = Labels2DModel.parse(labels, dims=("y", "x"), chunks=(2048, 2048), transformations=transformations)
     radius = SPOT_DIAMETER_UM / 2 / PIXEL_SIZE
     circles = ShapesModel.parse(
         spots[["pixel_x", "pixel_y"]].to_numpy(dtype=np.float64),
@@ -325,8 +323,8 @@ def main() -> None:
     parser.add_argument("--embed-dim", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--downsample", type=int, default=4, help="image downsampling factor for GHIST")
-    parser.add_argument("--tile-size", type=int, default=64, help="tile side in downsampled pixels")
+    parser.add_argument("--pixel-size", type=float, default=2.75, help="GHIST's working pixel size, µm")
+    parser.add_argument("--tile-size", type=int, default=64, help="tile side in pixels of --pixel-size")
     parser.add_argument(
         "--tile-overlap", type=int, default=None, help="predict's tile overlap (default: just under half a tile)"
     )
@@ -367,7 +365,7 @@ def main() -> None:
         t1 = time.perf_counter()
         features[name] = spot_features(rgb, labels, spots[name])
         t2 = time.perf_counter()
-        sdatas[name] = build_sdata(rgb, labels, spots[name], counts[name], args.downsample)
+        sdatas[name] = build_sdata(rgb, labels, spots[name], counts[name])
         del rgb, labels
         timings[f"segment_{name}"] = t1 - t0
         timings[f"features_{name}"] = t2 - t1
@@ -411,6 +409,7 @@ def main() -> None:
         genes=genes,
         tiling="spots",
         tile_size=args.tile_size,
+        pixel_size=args.pixel_size,
         fold=None,
         path=tiles_path,
         spot_scaling=args.spot_scaling,
