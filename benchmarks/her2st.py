@@ -319,6 +319,9 @@ def main() -> None:
     parser.add_argument("--train", nargs="+", default=["B4", "C2", "C3"])
     parser.add_argument("--test", default="C4")
     parser.add_argument("--max-time", default="00:25:00", help="GHIST training budget, HH:MM:SS")
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="budget in optimisation steps instead (load-independent)"
+    )
     parser.add_argument("--width", type=int, default=16, help="channels of the first backbone level")
     parser.add_argument("--embed-dim", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -425,6 +428,7 @@ def main() -> None:
         width=args.width,
         embed_dim=args.embed_dim,
         max_epochs=100_000,
+        max_steps=args.max_steps if args.max_steps is not None else 10**9,
         max_time=args.max_time,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -439,8 +443,8 @@ def main() -> None:
     history = model.history_
     spot_loss = history["train/spot"].to_numpy() if "train/spot" in history else np.array([np.nan])
     print(
-        f"fit_s={timings['fit']:.1f} epochs={len(history)} spot_loss_first={spot_loss[0]:.3f} "
-        f"spot_loss_last={spot_loss[-1]:.3f}",
+        f"fit_s={timings['fit']:.1f} epochs={len(history)} steps={int(history['step'].max())} "
+        f"spot_loss_first={spot_loss[0]:.3f} spot_loss_last={spot_loss[-1]:.3f}",
         flush=True,
     )
     model.save(args.out / "model", overwrite=True)
