@@ -109,6 +109,16 @@ def test_early_stopping_on_validation_score(tiles, tmp_path):
     assert int(history["val_score"].idxmax()) == model.best_epoch_
 
 
+def test_step_budget_ending_inside_the_first_epoch(tiles, tmp_path, recwarn):
+    # Lightning ends such an epoch before its validation: early stopping and the best-epoch checkpoint then have no
+    # score to read (EarlyStopping raised "conditioned on metric `val_score` which is not available").
+    assert len(tiles.train) > SMALL["batch_size"]  # more than one step per epoch
+    model = ghist.tl.fit(tiles, max_steps=1, checkpoint_dir=tmp_path, **SMALL)
+    assert model.is_trained
+    assert model.history_["step"].iloc[-1] == 1
+    assert not [w for w in recwarn if "val_score" in str(w.message)]
+
+
 def test_early_stopping_can_be_turned_off(tiles, tmp_path):
     model = ghist.tl.fit(tiles, max_epochs=6, patience=1, early_stopping=False, checkpoint_dir=tmp_path, **SMALL)
     assert len(model.history_) == 6

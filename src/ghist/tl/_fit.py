@@ -57,6 +57,7 @@ _LIGHTNING_NOISE = (
     r".*isinstance\(treespec, LeafSpec\)",
     r".*does not have many workers",
     r"Found \d+ module\(s\) in eval mode",  # a frozen pretrained encoder (`encoder=`) is kept in eval mode
+    r"`ModelCheckpoint\(monitor='val_score'\)` could not find",  # a step budget that ends inside an epoch
 )
 
 
@@ -358,7 +359,10 @@ def fit(
         if patience is None:
             steps_per_epoch = math.ceil(len(tiles.train) / batch_size)
             patience = max(10, math.ceil(PATIENCE_STEPS / steps_per_epoch))
-        callbacks.append(EarlyStopping(monitor="val_score", mode="max", patience=patience, check_finite=False))
+        # strict=False: a step budget that ends inside an epoch ends it before its validation, without a score.
+        callbacks.append(
+            EarlyStopping(monitor="val_score", mode="max", patience=patience, check_finite=False, strict=False)
+        )
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     extra = trainer_kwargs.pop("callbacks", None) or []
