@@ -18,6 +18,7 @@ import torch
 from .._constants import EXPR_SCALE
 from .._validation import check_int, check_number
 from ._network import GHISTNetwork
+from ._uncertainty import HEAD_PREFIX, VarianceHead, make_variance_head
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,15 @@ class GHISTModel:
         Microns per pixel of the training images (``None`` if unknown); other slides are resampled to it.
     expr_scale
         The network learns ``expr_scale * log1p(counts)``.
+
+    Attributes
+    ----------
+    uncertainty_head
+        The variance head (:class:`~ghist._model._uncertainty.VarianceHead`) giving ``layers["ghist_std"]`` in
+        :func:`ghist.tl.predict`; ``None`` for models saved before ghist had one.
+    uncertainty_
+        Its post-hoc calibration: ``{"scale": factor on its std, "level": "cell"/"spot"/None, "n": values it was
+        fitted on}`` (set by :func:`ghist.tl.fit` on the validation split; scale 1 without one).
 
     Examples
     --------
@@ -152,6 +162,10 @@ class GHISTModel:
             width=int(width),
             embed_dim=int(embed_dim),
         )
+        # After the network, under its own random state: the network's initialisation is what it was without it.
+        self.uncertainty_head: VarianceHead | None = make_variance_head(int(embed_dim), len(genes))
+        # Post-hoc factor on the head's std, fitted on the validation split by `tl.fit` (see `_uncertainty.py`).
+        self.uncertainty_: dict[str, Any] = {"scale": 1.0, "level": None, "n": 0}
         # Set only by `_mark_trained` (training) and `_from_state` (loading).
         self._is_trained = False
         self._history: pd.DataFrame | None = None
@@ -240,6 +254,8 @@ class GHISTModel:
         self._best_epoch = None if best_epoch is None else int(best_epoch)
         self._history = None if history is None else pd.DataFrame(history).reset_index(drop=True)
         self.network.eval()
+        if self.uncertainty_head is not None:
+            self.uncertainty_head.eval()
 
     # ------------------------------------------------------------------ state
     def _to_state(self) -> dict[str, Any]:
@@ -267,8 +283,12 @@ class GHISTModel:
             "is_trained": bool(self._is_trained),
             "best_epoch": self._best_epoch,
             "history": history,
+            "uncertainty": json.loads(json.dumps(self.uncertainty_)),
         }
         tensors = {name: value.detach().cpu() for name, value in self.network.state_dict().items()}
+        if self.uncertainty_head is not None:
+            head = self.uncertainty_head.state_dict().items()
+            tensors.update({HEAD_PREFIX + name: value.detach().cpu() for name, value in head})
         return {"settings": settings, "tensors": tensors}
 
     @classmethod
@@ -315,6 +335,8 @@ class GHISTModel:
                 f"The saved model predicts other genes than expected: missing {missing[:5]}, unexpected {extra[:5]} "
                 "(or a different order)."
             )
+        head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
         reference = tensors.get("reference")
         if reference is not None:
             # The buffer holds the profiles on the network's scale; the constructor takes them on the log1p scale.
@@ -322,9 +344,16 @@ class GHISTModel:
         try:
             model = cls(params.pop("genes"), params.pop("cell_types", None), reference=reference, **params)
             model.network.load_state_dict(dict(tensors))
+            if head:
+                model.uncertainty_head.load_state_dict(head)
         except (TypeError, RuntimeError) as err:
             raise ValueError(f"The saved weights do not fit the model the settings describe: {err}") from err
         model.network.eval()
+        if head:
+            model.uncertainty_head.eval()
+            model.uncertainty_ = _uncertainty_settings(settings.get("uncertainty"))
+        else:  # saved before ghist had a variance head: `tl.predict` writes no spread for it
+            model.uncertainty_head = None
         model._is_trained = bool(settings.get("is_trained", True))
         best = settings.get("best_epoch")
         model._best_epoch = None if best is None else int(best)
@@ -446,6 +475,15 @@ def _json_scalar(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+def _uncertainty_settings(value: Any) -> dict[str, Any]:
+    """The stored calibration of the variance head (scale 1 when absent or unusable)."""
+    value = value if isinstance(value, Mapping) else {}
+    scale = value.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not np.isfinite(scale) or scale <= 0:
+        scale = 1.0
+    return {"scale": float(scale), "level": value.get("level"), "n": int(value.get("n") or 0)}
 
 
 def _history_frame(history: Any) -> pd.DataFrame | None:
