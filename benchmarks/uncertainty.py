@@ -62,14 +62,15 @@ def main() -> None:
     per_gene = inside.mean(axis=0)
     rho = float(spearmanr(sd.mean(axis=1), np.abs(y - mu).mean(axis=1)).statistic)
     rho_gene = float(spearmanr(sd.mean(axis=0), np.abs(y - mu).mean(axis=0)).statistic)
-    raw = coverage_at(y, mu, sd / model.uncertainty_["scale"])
+    raw = coverage_at(y, mu, sd / np.asarray(model.uncertainty_["scale"]))
     entropy = table.obs["ghist_cell_type_entropy"].to_numpy()[keep]
     wrong = (table.obs["ghist_cell_type"].astype(str).to_numpy()[keep] != cell_types(sdata, ids[keep])).astype(float)
     rho_entropy = float(spearmanr(entropy, wrong).statistic)
 
     print(f"training: {steps} steps in {train_s:.0f} s, load average at start {load0}, at end {os.getloadavg()}")
     print(f"post-hoc scale (validation {model.uncertainty_['level']}s, n={model.uncertainty_['n']}):")
-    print(f"  {model.uncertainty_['scale']:.3f}")
+    scale = np.asarray(model.uncertainty_["scale"])
+    print(f"  all genes {model.uncertainty_['global']:.3f}; per gene {scale.min():.3f}-{scale.max():.3f}")
     print(f"held-out test cells: {keep.sum()} x {y.shape[1]} genes")
     print(f"coverage of the nominal 90% interval: {coverage:.3f} (raw head, before the scale: {raw:.3f})")
     print(f"  per gene: min {per_gene.min():.3f}, median {np.median(per_gene):.3f}, max {per_gene.max():.3f}")

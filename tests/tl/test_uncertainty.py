@@ -42,7 +42,10 @@ def test_predict_writes_std_and_entropy(predicted, trained):
     # the post-hoc scale was fitted on validation cells
     assert trained.uncertainty_["level"] == "cell"
     assert trained.uncertainty_["n"] > 0
-    assert 0 < trained.uncertainty_["scale"] < 100
+    scale = np.asarray(trained.uncertainty_["scale"])
+    assert scale.shape == (trained.n_genes,)
+    assert (scale > 0).all()
+    assert scale.std() > 0  # one factor per gene
 
 
 def test_entropy_bounds():
@@ -88,7 +91,10 @@ def test_noisier_gene_gets_a_larger_std(tmp_path):
     )
     pred = ghist.tl.predict(sdata, model, progress=False, accelerator="cpu")
     gene_std = pred.layers["ghist_std"].mean(axis=0)
-    assert gene_std[0] > 2 * np.median(gene_std[1:])
+    assert gene_std[0] > 1.5 * np.median(gene_std[1:])
+    # the head itself learnt it, not only the per-gene calibration factors
+    raw = gene_std / np.asarray(model.uncertainty_["scale"])
+    assert raw[0] > 1.25 * np.median(raw[1:])
 
 
 def test_head_leaves_the_network_gradients_unchanged(tiles):

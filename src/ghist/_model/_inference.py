@@ -169,7 +169,8 @@ class Predictor:
         self.network = model.network.fuse_for_inference(channels_last=True).to(self.device)
         head = getattr(model, "uncertainty_head", None)
         self.variance_head = None if head is None else copy.deepcopy(head).eval().to(self.device)
-        self.std_scale = float(getattr(model, "uncertainty_", {}).get("scale", 1.0))
+        scale = getattr(model, "uncertainty_", {}).get("scale", 1.0)
+        self.std_scale = torch.as_tensor(scale, dtype=torch.float32, device=self.device)
         self.generator = torch.Generator().manual_seed(int(seed))
 
     @torch.inference_mode()

@@ -67,8 +67,9 @@ class GHISTModel:
         The variance head (:class:`~ghist._model._uncertainty.VarianceHead`) giving ``layers["ghist_std"]`` in
         :func:`ghist.tl.predict`; ``None`` for models saved before ghist had one.
     uncertainty_
-        Its post-hoc calibration: ``{"scale": factor on its std, "level": "cell"/"spot"/None, "n": values it was
-        fitted on}`` (set by :func:`ghist.tl.fit` on the validation split; scale 1 without one).
+        Its post-hoc calibration: ``{"scale": per-gene factors on its std, "global": the factor of all genes,
+        "level": "cell"/"spot"/None, "n": values per gene it was fitted on}`` (set by :func:`ghist.tl.fit` on the
+        validation split; factors 1 without one).
 
     Examples
     --------
@@ -165,7 +166,7 @@ class GHISTModel:
         # After the network, under its own random state: the network's initialisation is what it was without it.
         self.uncertainty_head: VarianceHead | None = make_variance_head(int(embed_dim), len(genes))
         # Post-hoc factor on the head's std, fitted on the validation split by `tl.fit` (see `_uncertainty.py`).
-        self.uncertainty_: dict[str, Any] = {"scale": 1.0, "level": None, "n": 0}
+        self.uncertainty_: dict[str, Any] = {"scale": [1.0] * len(genes), "global": 1.0, "level": None, "n": 0}
         # Set only by `_mark_trained` (training) and `_from_state` (loading).
         self._is_trained = False
         self._history: pd.DataFrame | None = None
@@ -351,7 +352,7 @@ class GHISTModel:
         model.network.eval()
         if head:
             model.uncertainty_head.eval()
-            model.uncertainty_ = _uncertainty_settings(settings.get("uncertainty"))
+            model.uncertainty_ = _uncertainty_settings(settings.get("uncertainty"), model.n_genes)
         else:  # saved before ghist had a variance head: `tl.predict` writes no spread for it
             model.uncertainty_head = None
         model._is_trained = bool(settings.get("is_trained", True))
@@ -477,13 +478,16 @@ def _json_scalar(value: Any) -> Any:
     return value
 
 
-def _uncertainty_settings(value: Any) -> dict[str, Any]:
-    """The stored calibration of the variance head (scale 1 when absent or unusable)."""
+def _uncertainty_settings(value: Any, n_genes: int) -> dict[str, Any]:
+    """The stored calibration of the variance head (factors 1 where absent or unusable)."""
     value = value if isinstance(value, Mapping) else {}
-    scale = value.get("scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not np.isfinite(scale) or scale <= 0:
-        scale = 1.0
-    return {"scale": float(scale), "level": value.get("level"), "n": int(value.get("n") or 0)}
+    scale = value.get("scale")
+    scale = np.asarray(scale if isinstance(scale, list) else [1.0] * n_genes, dtype=np.float64)
+    if scale.shape != (n_genes,) or not (np.isfinite(scale) & (scale > 0)).all():
+        scale = np.ones(n_genes)
+    overall = value.get("global", 1.0)
+    overall = float(overall) if isinstance(overall, int | float) and np.isfinite(overall) else 1.0
+    return {"scale": scale.tolist(), "global": overall, "level": value.get("level"), "n": int(value.get("n") or 0)}
 
 
 def _history_frame(history: Any) -> pd.DataFrame | None:

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, Timer
 from .._stats import validation_score
 from ._losses import ghist_losses, spot_sums
 from ._network import GHISTNetwork, dihedral_view
-from ._uncertainty import uncertainty_loss
+from ._uncertainty import HEAD_LR_FACTOR, uncertainty_loss
 
 
 def augment_batch(batch: dict[str, Any], generator: torch.Generator, color_jitter: float = 0.0) -> dict[str, Any]:
@@ -180,7 +180,14 @@ class GHISTModule(L.LightningModule):
             self.log(f"val_{name}", value, prog_bar=name == "score")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        params: Any = self.parameters()
+        if self.uncertainty is not None:
+            # Its own group, after the network's: the network's updates are what they were without the head.
+            params = [
+                {"params": list(self.network.parameters())},
+                {"params": list(self.uncertainty.parameters()), "lr": self.lr * HEAD_LR_FACTOR},
+            ]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: self._remaining_budget())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -97,8 +97,8 @@ def fit(
     Beside the network, a variance head learns each cell's per-gene predictive spread by a Gaussian likelihood of the
     measured ``log1p`` counts (of the spots' ``log1p`` counts with spot supervision) given the network's detached
     prediction; it changes neither the network's gradients nor the logged ``train_loss``. After training, one factor
-    on its standard deviation is fitted on the validation band so that 90% intervals cover 90% of the measured
-    values there (``model.uncertainty_``; see :func:`ghist.tl.predict`'s ``layers["ghist_std"]``).
+    per gene on its standard deviation is fitted on the validation band so that 90% intervals cover 90% of the
+    measured values there (``model.uncertainty_``; see :func:`ghist.tl.predict`'s ``layers["ghist_std"]``).
 
     Without any budget, it trains for 3,000 optimisation steps (``DEFAULT_MAX_STEPS``); with only ``max_time``, until
     the time is up. It warns when it trained fewer than 300 steps, or when the best validation score is near chance.
@@ -401,10 +401,15 @@ def _calibrate_uncertainty(model: GHISTModel, val_loader: Any, device: Any) -> N
 
     model.network.to(device).eval()
     model.uncertainty_head.to(device)
-    scale, level, n = calibration_scale(model.network, model.uncertainty_head, val_loader, model.expr_scale, device)
-    model.uncertainty_ = {"scale": scale, "level": level if n else None, "n": n}
+    found = calibration_scale(model.network, model.uncertainty_head, val_loader, model.expr_scale, device)
+    model.uncertainty_ = found
     logger.info(
-        "Variance head: 90%% intervals scaled by %.3g to cover 90%% of %d validation %s values", scale, n, level
+        "Variance head: 90%% intervals scaled by %.3g (genes %.3g-%.3g) to cover 90%% of %d validation %ss",
+        found["global"],
+        min(found["scale"]),
+        max(found["scale"]),
+        found["n"],
+        found["level"],
     )
 
 

@@ -127,8 +127,9 @@ def predict(
     - ``X``: predicted expression on the ``log1p(counts)`` scale;
     - ``layers["ghist_std"]``: its predictive standard deviation per cell and gene, on the same scale: the model's
       variance head (a Gaussian likelihood on ``log1p`` counts, trained on detached features so that it leaves ``X``
-      unchanged), with ``tta`` plus the spread of the 8 views (law of total variance), times the post-hoc factor
-      that made ``X +- 1.645 * std`` cover 90% of the validation split's measured values in :func:`ghist.tl.fit`.
+      unchanged), with ``tta`` plus the spread of the 8 views (law of total variance), times the post-hoc
+      per-gene factor that made ``X +- 1.645 * std`` cover 90% of the validation split's measured values in
+      :func:`ghist.tl.fit` (``model.uncertainty_``).
       For models trained on spots the head and that factor were fitted on spots (the summed cells' variance by the
       delta method), so per-cell coverage could not be checked. Cells moved into a specialist group keep the main
       head's spread. Absent, with a warning, for models saved before ghist had a variance head;
