@@ -56,6 +56,8 @@ _LOG_VAR_MIN, _LOG_VAR_MAX = -12.0, 6.0
 HEAD_LR_FACTOR = 20.0
 #: Validation values that weigh as much as the global factor when a gene's own calibration factor is shrunk.
 SHRINK_VALUES = 50
+#: Smallest per-gene factor, relative to the factor of all genes.
+MIN_GENE_FACTOR = 0.1
 # Seed of the head's own initialisation (independent of the network's seed: see the module docstring).
 _HEAD_SEED = 12
 
@@ -173,9 +175,9 @@ def calibration_scale(
 
     For gene ``g``, ``scale_g = q_0.9(|y - mean| / sigma) / 1.645`` over the measured cells of the loader's batches,
     on the ``log1p`` scale (for spot stores: over the spots, with each spot's delta-method sigma). The per-gene
-    factors are shrunk toward the factor of all genes together, on the log scale, with the weight of
-    ``SHRINK_VALUES`` values (genes with few values keep about the global factor). The network runs in evaluation
-    mode without test-time augmentation, as :func:`ghist.tl.predict` does by default.
+    factors (at least ``MIN_GENE_FACTOR`` times the factor of all genes) are shrunk toward that factor, on the log
+    scale, with the weight of ``SHRINK_VALUES`` values (genes with few values keep about the global factor). The
+    network runs in evaluation mode without test-time augmentation, as :func:`ghist.tl.predict` does by default.
 
     Returns
     -------
@@ -212,7 +214,8 @@ def calibration_scale(
     if values.shape[0] == 0:
         return {"scale": [1.0] * n_genes, "global": 1.0, "level": None, "n": 0}
     overall = float(np.quantile(values, 0.9) / Z90)
-    per_gene = np.quantile(values, 0.9, axis=0) / Z90
+    # A gene measured and predicted 0 in >90% of cells has a quantile of 0: floored, or its spread would vanish.
+    per_gene = np.maximum(np.quantile(values, 0.9, axis=0) / Z90, MIN_GENE_FACTOR * overall)
     n = values.shape[0]
     weight = n / (n + SHRINK_VALUES)
     shrunk = np.exp(weight * np.log(np.clip(per_gene, 1e-6, None)) + (1 - weight) * math.log(overall))
