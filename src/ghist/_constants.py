@@ -18,6 +18,9 @@ PRED_CELL_TYPE_KEY = "ghist_cell_type"
 PRED_CELL_TYPE_SCORE_KEY = "ghist_cell_type_score"  # types of models without cell types, from the reference
 PRED_PROBA_KEY = "ghist_cell_type_proba"
 PRED_COMPOSITION_KEY = "ghist_composition"
+PRED_STD_LAYER = "ghist_std"  # per-cell, per-gene predictive standard deviation (log1p scale)
+PRED_ENTROPY_KEY = "ghist_cell_type_entropy"  # entropy (nats) of the refined cell-type probabilities
+COHORT_SE_LAYER = "ghist_se"  # standard error of each per-slide feature (tl.predict_cohort)
 UNS_KEY = "ghist"
 
 # Coordinate systems.

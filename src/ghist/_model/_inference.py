@@ -9,6 +9,7 @@ group's expression, and the expression is brought back to the ``log1p(counts)`` 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ._network import dihedral_view, neighbourhood_refine, specialist_expression
+from ._uncertainty import view_variance
 
 if TYPE_CHECKING:
     from ._model import GHISTModel
@@ -33,6 +35,8 @@ def forward_views(
     cell_batch: torch.Tensor,
     n_cells: int,
     tta: bool,
+    variance_head: torch.nn.Module | None = None,
+    expr_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Network outputs in float32 (cell-type logits as probabilities), averaged over the 8 views with ``tta``.
 
@@ -46,6 +50,10 @@ def forward_views(
         A batch as :func:`~ghist._model._data.collate_tiles` gives it.
     tta
         Average over the 8 flips and 90° rotations; otherwise one plain pass.
+    variance_head, expr_scale
+        With a :class:`~ghist._model._uncertainty.VarianceHead`, also ``"var"`` (N, G): the predictive variance on
+        the ``log1p`` scale, the mean over views of the head's variance plus (with ``tta``) the variance of the
+        views' means (law of total variance).
 
     Returns
     -------
@@ -64,14 +72,21 @@ def forward_views(
         img, lab = dihedral_view(image, k, flip), dihedral_view(labels, k, flip)
         out = network(img.contiguous(memory_format=torch.channels_last), lab.contiguous(), cell_batch, n_cells)
         add(sums, "expr", out["expr"])
+        if variance_head is not None:
+            add(sums, "var", view_variance(variance_head, out, expr_scale))
+            add(sums, "mean_sq", (out["expr"].float() / expr_scale) ** 2)
         if out.get("cell_logits") is not None:
             add(sums, "proba", torch.softmax(out["cell_logits"].float(), dim=-1))
             add(sums, "composition", out["composition"])
         for name, value in (out.get("group_expr") or {}).items():
             add(group_sums, name, value)
     n = len(views)
+    means = {key: value / n for key, value in sums.items()}
+    if variance_head is not None:
+        spread = (means.pop("mean_sq") - (means["expr"] / expr_scale) ** 2).clamp(min=0)
+        means["var"] = means["var"] + spread
     return {
-        **{key: value / n for key, value in sums.items()},
+        **means,
         "group_expr": {name: value / n for name, value in group_sums.items()},
     }
 
@@ -152,6 +167,10 @@ class Predictor:
             name: [model.cell_types.index(t) for t in members] for name, members in model.cell_type_groups.items()
         }
         self.network = model.network.fuse_for_inference(channels_last=True).to(self.device)
+        head = getattr(model, "uncertainty_head", None)
+        self.variance_head = None if head is None else copy.deepcopy(head).eval().to(self.device)
+        scale = getattr(model, "uncertainty_", {}).get("scale", 1.0)
+        self.std_scale = torch.as_tensor(scale, dtype=torch.float32, device=self.device)
         self.generator = torch.Generator().manual_seed(int(seed))
 
     @torch.inference_mode()
@@ -165,8 +184,9 @@ class Predictor:
 
         Returns
         -------
-        Per cell, in batch order: ``"expr"`` (N, G) on the ``log1p(counts)`` scale (clamped at 0); with cell
-        types also ``"proba"`` (N, T) refined probabilities, ``"type"`` (N,) refined types and ``"comp"`` (N, T)
+        Per cell, in batch order: ``"expr"`` (N, G) on the ``log1p(counts)`` scale (clamped at 0); with a variance
+        head ``"std"`` (N, G) its calibrated predictive standard deviation on that scale; with cell types also
+        ``"proba"`` (N, T) refined probabilities, ``"type"`` (N,) refined types and ``"comp"`` (N, T)
         the composition estimated for the cell's tile.
 
         """
@@ -178,6 +198,8 @@ class Predictor:
             cell_batch,
             int(batch["n_cells"]),
             self.tta,
+            self.variance_head,
+            self.expr_scale,
         )
         expr = out["expr"]
         result: dict[str, np.ndarray] = {}
@@ -193,6 +215,8 @@ class Predictor:
             result["type"] = after.cpu().numpy()
             result["comp"] = comp[cell_batch].cpu().numpy()
         result["expr"] = torch.clamp(expr / self.expr_scale, min=0).cpu().numpy()
+        if self.variance_head is not None:
+            result["std"] = (out["var"].sqrt() * self.std_scale).cpu().numpy()
         return result
 
     def run(
@@ -225,6 +249,7 @@ class Predictor:
         from tqdm.auto import tqdm
 
         keys = ["expr", *(("proba", "type", "comp") if self.n_types else ()), *keep]
+        keys += ["std"] * (self.variance_head is not None)
         collected: dict[str, list[np.ndarray]] = {key: [] for key in keys}
         for batch in tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress):
             if batch is None:

@@ -18,6 +18,7 @@ import torch
 from .._constants import EXPR_SCALE
 from .._validation import check_int, check_number
 from ._network import GHISTNetwork
+from ._uncertainty import HEAD_PREFIX, VarianceHead, make_variance_head
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,16 @@ class GHISTModel:
         :func:`ghist._model._encoder.prepare_encoder`, or as saved), or ``None``.
     encoder_module
         The encoder itself (see :func:`ghist.tl.fit`'s ``encoder``); ``None`` rebuilds a timm encoder by name.
+
+    Attributes
+    ----------
+    uncertainty_head
+        The variance head (:class:`~ghist._model._uncertainty.VarianceHead`) giving ``layers["ghist_std"]`` in
+        :func:`ghist.tl.predict`; ``None`` for models saved before ghist had one.
+    uncertainty_
+        Its post-hoc calibration: ``{"scale": per-gene factors on its std, "global": the factor of all genes,
+        "level": "cell"/"spot"/None, "n": values per gene it was fitted on}`` (set by :func:`ghist.tl.fit` on the
+        validation split; factors 1 without one).
 
     Examples
     --------
@@ -175,6 +186,10 @@ class GHISTModel:
             embed_dim=int(embed_dim),
             feature_encoder=feature_encoder,
         )
+        # After the network, under its own random state: the network's initialisation is what it was without it.
+        self.uncertainty_head: VarianceHead | None = make_variance_head(int(embed_dim), len(genes))
+        # Post-hoc factor on the head's std, fitted on the validation split by `tl.fit` (see `_uncertainty.py`).
+        self.uncertainty_: dict[str, Any] = {"scale": [1.0] * len(genes), "global": 1.0, "level": None, "n": 0}
         # Set only by `_mark_trained` (training) and `_from_state` (loading).
         self._is_trained = False
         self._history: pd.DataFrame | None = None
@@ -267,6 +282,8 @@ class GHISTModel:
         self._best_epoch = None if best_epoch is None else int(best_epoch)
         self._history = None if history is None else pd.DataFrame(history).reset_index(drop=True)
         self.network.eval()
+        if self.uncertainty_head is not None:
+            self.uncertainty_head.eval()
 
     # ------------------------------------------------------------------ state
     def _to_state(self) -> dict[str, Any]:
@@ -294,8 +311,12 @@ class GHISTModel:
             "is_trained": bool(self._is_trained),
             "best_epoch": self._best_epoch,
             "history": history,
+            "uncertainty": json.loads(json.dumps(self.uncertainty_)),
         }
         tensors = {name: value.detach().cpu() for name, value in self.network.state_dict().items()}
+        if self.uncertainty_head is not None:
+            head = self.uncertainty_head.state_dict().items()
+            tensors.update({HEAD_PREFIX + name: value.detach().cpu() for name, value in head})
         return {"settings": settings, "tensors": tensors}
 
     @classmethod
@@ -346,6 +367,8 @@ class GHISTModel:
                 f"The saved model predicts other genes than expected: missing {missing[:5]}, unexpected {extra[:5]} "
                 "(or a different order)."
             )
+        head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
         reference = tensors.get("reference")
         if reference is not None:
             # The buffer holds the profiles on the network's scale; the constructor takes them on the log1p scale.
@@ -362,9 +385,16 @@ class GHISTModel:
 
                 check_encoder_weights(model.network, tensors)
             model.network.load_state_dict(dict(tensors))
+            if head:
+                model.uncertainty_head.load_state_dict(head)
         except (TypeError, RuntimeError) as err:
             raise ValueError(f"The saved weights do not fit the model the settings describe: {err}") from err
         model.network.eval()
+        if head:
+            model.uncertainty_head.eval()
+            model.uncertainty_ = _uncertainty_settings(settings.get("uncertainty"), model.n_genes)
+        else:  # saved before ghist had a variance head: `tl.predict` writes no spread for it
+            model.uncertainty_head = None
         model._is_trained = bool(settings.get("is_trained", True))
         best = settings.get("best_epoch")
         model._best_epoch = None if best is None else int(best)
@@ -491,6 +521,18 @@ def _json_scalar(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+def _uncertainty_settings(value: Any, n_genes: int) -> dict[str, Any]:
+    """The stored calibration of the variance head (factors 1 where absent or unusable)."""
+    value = value if isinstance(value, Mapping) else {}
+    scale = value.get("scale")
+    scale = np.asarray(scale if isinstance(scale, list) else [1.0] * n_genes, dtype=np.float64)
+    if scale.shape != (n_genes,) or not (np.isfinite(scale) & (scale > 0)).all():
+        scale = np.ones(n_genes)
+    overall = value.get("global", 1.0)
+    overall = float(overall) if isinstance(overall, int | float) and np.isfinite(overall) else 1.0
+    return {"scale": scale.tolist(), "global": overall, "level": value.get("level"), "n": int(value.get("n") or 0)}
 
 
 def _history_frame(history: Any) -> pd.DataFrame | None:

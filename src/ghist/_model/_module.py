@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, Timer
 from .._stats import validation_score
 from ._losses import ghist_losses, spot_sums
 from ._network import GHISTNetwork, dihedral_view
+from ._uncertainty import HEAD_LR_FACTOR, uncertainty_loss
 
 
 def augment_batch(batch: dict[str, Any], generator: torch.Generator, color_jitter: float = 0.0) -> dict[str, Any]:
@@ -70,9 +71,12 @@ class GHISTModule(L.LightningModule):
         augment: bool = True,
         seed: int = 0,
         color_jitter: float = 0.0,
+        uncertainty: torch.nn.Module | None = None,
     ):
         super().__init__()
         self.network = network
+        # The variance head (`_uncertainty.py`): trained beside the network on detached inputs, never through it.
+        self.uncertainty = uncertainty
         self.expr_scale = expr_scale
         self.lr = lr
         self.weight_decay = weight_decay
@@ -103,8 +107,13 @@ class GHISTModule(L.LightningModule):
         if self.augment:
             batch = augment_batch(batch, self._generator, self.color_jitter)
         batch = self._prepare(batch)
-        losses, _ = self._losses(batch)
+        losses, out = self._losses(batch)
         bs = batch["image"].shape[0]
+        nll = None if self.uncertainty is None else uncertainty_loss(self.uncertainty, out, batch, self.expr_scale)
+        if nll is not None:
+            self.log(
+                "train/uncertainty_nll", nll, batch_size=bs, on_step=False, on_epoch=True, sync_dist=self._distributed
+            )
         self.log(
             "train_loss",
             losses["total"],
@@ -119,7 +128,8 @@ class GHISTModule(L.LightningModule):
                 self.log(
                     f"train/{name}", value, batch_size=bs, on_step=False, on_epoch=True, sync_dist=self._distributed
                 )
-        return losses["total"]
+        # Not part of the logged `train_loss`: that stays the network's loss (it picks the best epoch without val).
+        return losses["total"] if nll is None else losses["total"] + nll
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         batch = self._prepare(batch)
@@ -171,7 +181,13 @@ class GHISTModule(L.LightningModule):
 
     def configure_optimizers(self):
         # A frozen pretrained encoder's parameters (requires_grad False) stay out of the optimiser.
-        params = [p for p in self.parameters() if p.requires_grad]
+        params: Any = [p for p in self.network.parameters() if p.requires_grad]
+        if self.uncertainty is not None:
+            # Its own group, after the network's: the network's updates are what they were without the head.
+            params = [
+                {"params": params},
+                {"params": list(self.uncertainty.parameters()), "lr": self.lr * HEAD_LR_FACTOR},
+            ]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: self._remaining_budget())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -18,7 +18,15 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
-from .._constants import IMAGE_KEY, LABELS_KEY, PRED_CELL_TYPE_KEY, PRED_KEY
+from .._constants import (
+    COHORT_SE_LAYER,
+    IMAGE_KEY,
+    LABELS_KEY,
+    PRED_CELL_TYPE_KEY,
+    PRED_KEY,
+    PRED_PROBA_KEY,
+    PRED_STD_LAYER,
+)
 from .._docs import doc_image_key, doc_labels_key, doc_params, doc_progress
 from .._validation import ValidationError
 
@@ -123,6 +131,12 @@ def predict_cohort(
     - ``X``: the features; ``var_names``: ``n_cells``, ``prop:<type>`` (fraction of the slide's cells predicted
       as the type), ``expr:<gene>`` (mean predicted ``log1p`` expression), ``expr:<type>:<gene>`` (with
       ``per_type``) and ``score:<name>`` (with ``gene_sets``);
+    - ``layers["ghist_se"]``: the standard error of each feature (``NaN`` for ``n_cells``): for a mean over the
+      slide's cells, ``sqrt(sum_i sigma_i^2 / n^2 + s^2 / n)`` with ``sigma_i`` a cell's predictive spread
+      (``layers["ghist_std"]`` of :func:`ghist.tl.predict`; cells' errors taken as independent) and ``s`` the
+      between-cell standard deviation (the slide's cells as a sample of its tissue); for a proportion the same with
+      ``sigma_i^2 = p_i (1 - p_i)`` from the cell's type probability and ``s^2 = prop (1 - prop)``; gene-set scores
+      the between-cell part only. It feeds ``ghist.tl.survival(weights="inverse_variance")``;
     - ``var["kind"]``: ``"count"``, ``"prop"``, ``"expr"``, ``"expr_by_type"`` or ``"score"``;
     - ``obs["segmented"]``: whether the slide's nuclei were segmented here;
     - ``uns["ghist_cohort"]["params"]``: the settings of the run;
@@ -236,10 +250,11 @@ def predict_cohort(
             "No slide could be predicted: " + "; ".join(f"{sample!r}: {msg}" for sample, msg in failed.items())
         )
 
-    X = np.vstack([results[s][0] for s in finished])
+    both = np.vstack([results[s][0] for s in finished])
+    X, se = both[:, : len(names)], both[:, len(names) :]
     obs = pd.DataFrame({"segmented": [bool(results[s][1]) for s in finished]}, index=pd.Index(finished))
     var = pd.DataFrame({"kind": pd.Categorical(kinds, categories=list(FEATURE_KINDS))}, index=pd.Index(names))
-    adata = AnnData(X=X, obs=obs, var=var)
+    adata = AnnData(X=X, obs=obs, var=var, layers={COHORT_SE_LAYER: se})
     adata.uns[COHORT_UNS_KEY] = {
         "params": {
             "image_key": image_key,
@@ -401,34 +416,53 @@ def _summarise(
     per_type: bool,
     score_kwargs: Mapping[str, Any],
 ) -> np.ndarray:
-    """One slide's features, in the order of :func:`_feature_names`."""
+    """One slide's features, in the order of :func:`_feature_names`, followed by their standard errors (same order).
+
+    See :mod:`ghist.tl._cohort_se` for what each standard error is.
+    """
+    from ._cohort_se import mean_se, proportion_se
+
     X = np.asarray(table.X.toarray() if hasattr(table.X, "toarray") else table.X, dtype=np.float64)
+    std = table.layers.get(PRED_STD_LAYER)
+    std = None if std is None else np.asarray(std, dtype=np.float64)
     types = list(model.cell_types or [])
     parts = [np.array([table.n_obs], dtype=np.float64)]
+    ses = [np.array([np.nan])]  # a count of cells: no standard error
     if types:
         codes = pd.Categorical(table.obs[PRED_CELL_TYPE_KEY], categories=types).codes
         counts = np.bincount(codes[codes >= 0], minlength=len(types)).astype(np.float64)
         parts.append(counts / max(table.n_obs, 1))
+        proba = table.obsm.get(PRED_PROBA_KEY)
+        ses.append(
+            proportion_se(parts[-1], None if proba is None else np.asarray(proba, dtype=np.float64), table.n_obs)
+        )
     parts.append(X.mean(axis=0) if table.n_obs else np.full(X.shape[1], np.nan))
+    ses.append(mean_se(X, std))
     if per_type and types:
         by_type = np.full((len(types), X.shape[1]), np.nan)
+        by_type_se = np.full((len(types), X.shape[1]), np.nan)
         for t in range(len(types)):
             sel = codes == t
             if sel.any():
                 by_type[t] = X[sel].mean(axis=0)
+                by_type_se[t] = mean_se(X[sel], None if std is None else std[sel])
         parts.append(by_type.ravel())
+        ses.append(by_type_se.ravel())
     if gene_sets:
         import scanpy as sc
 
         scored = AnnData(X=X.astype(np.float32), var=pd.DataFrame(index=table.var_names.copy()))
         # Fewer expression bins for small panels, so that every bin has control genes besides the set's own.
         kwargs = {"random_state": 0, "n_bins": int(np.clip(X.shape[1] // 10, 1, 25)), **score_kwargs}
-        scores = []
+        scores, score_ses = [], []
         for genes in gene_sets.values():
             sc.tl.score_genes(scored, genes, score_name="__score__", use_raw=False, **kwargs)
-            scores.append(float(scored.obs["__score__"].mean()))
+            per_cell = scored.obs["__score__"].to_numpy(dtype=np.float64)
+            scores.append(float(per_cell.mean()))
+            score_ses.append(float(mean_se(per_cell[:, None], None)[0]))
         parts.append(np.array(scores))
-    return np.concatenate(parts)
+        ses.append(np.array(score_ses))
+    return np.concatenate([*parts, *ses])
 
 
 def _feature_names(model: GHISTModel, gene_sets: dict[str, list[str]], per_type: bool) -> tuple[list[str], list[str]]:
@@ -561,7 +595,7 @@ class _Cache:
         except Exception as err:  # an unreadable cache file is predicted again, not trusted
             logger.warning("Ignoring the unreadable cache file %s (%s: %s)", path, type(err).__name__, err)
             return None
-        if features.shape != (len(self.names),):
+        if features.shape != (2 * len(self.names),):  # features and their standard errors
             return None
         return features, segmented
 

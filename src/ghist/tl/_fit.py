@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anndata import AnnData
 
-from .._spatial import SAME_PIXEL_SIZE_TOLERANCE
 from .._validation import check_genes, check_int, check_number
+from ._fit_pixel_size import check_resumed_pixel_size, model_pixel_size, pixel_size_recorder
 
 if TYPE_CHECKING:
     from .._model import GHISTModel
@@ -101,6 +101,12 @@ def fit(
     ``max_steps``, ``max_epochs`` and ``max_time`` ends first), random flips and 90° rotations; after every epoch
     it scores the validation band (mean gene Pearson plus cell-type macro F1), writes a checkpoint, stops early
     when that score has not improved for ``patience`` epochs, and at the end keeps the weights of the best epoch.
+
+    Beside the network, a variance head learns each cell's per-gene predictive spread by a Gaussian likelihood of the
+    measured ``log1p`` counts (of the spots' ``log1p`` counts with spot supervision) given the network's detached
+    prediction; it changes neither the network's gradients nor the logged ``train_loss``. After training, one factor
+    per gene on its standard deviation is fitted on the validation band so that 90% intervals cover 90% of the
+    measured values there (``model.uncertainty_``; see :func:`ghist.tl.predict`'s ``layers["ghist_std"]``).
 
     Without any budget, it trains for 3,000 optimisation steps (``DEFAULT_MAX_STEPS``); with only ``max_time``, until
     the time is up. It warns when it trained fewer than 300 steps, or when the best validation score is near chance.
@@ -255,12 +261,12 @@ def fit(
         raise ValueError(f"`precision` must be one of {list(PRECISIONS)}, got {precision!r}.")
     max_time = _check_max_time(max_time)
     device = resolve_device(accelerator)
-    pixel_size = _model_pixel_size(tiles, pixel_size)
+    pixel_size = model_pixel_size(tiles, pixel_size)
     if resume is not None:
         if not Path(resume).exists():
             raise FileNotFoundError(f"Checkpoint to resume from not found: {str(resume)!r}.")
         # refuse a damaged or unsafe checkpoint, or one trained at another pixel size, before any training starts
-        _check_resumed_pixel_size(_read_checkpoint(resume), resume, pixel_size)
+        check_resumed_pixel_size(_read_checkpoint(resume), resume, pixel_size)
     if max_steps is None and max_epochs is None and max_time is None:
         max_steps = DEFAULT_MAX_STEPS
 
@@ -300,6 +306,7 @@ def fit(
         augment=augment,
         seed=seed,
         color_jitter=color_jitter,
+        uncertainty=model.uncertainty_head,
     )
 
     train_loader = DataLoader(
@@ -354,7 +361,7 @@ def fit(
         save_on_train_epoch_end=True,
     )
     history = EpochHistory()
-    callbacks: list[Callback] = [checkpoint, last, history, _pixel_size_recorder(pixel_size)]
+    callbacks: list[Callback] = [checkpoint, last, history, pixel_size_recorder(pixel_size)]
     if early_stopping and has_val:
         if patience is None:
             steps_per_epoch = math.ceil(len(tiles.train) / batch_size)
@@ -431,7 +438,10 @@ def fit(
     finally:
         if temporary:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if val_loader is not None:
+        _calibrate_uncertainty(model, val_loader, device)
     model.network.cpu().to(memory_format=torch.contiguous_format)
+    model.uncertainty_head.cpu()
     frame = history.frame()
     model._mark_trained(best_epoch, frame)
     logger.info(
@@ -446,63 +456,22 @@ def fit(
     return model
 
 
-_CKPT_PIXEL_SIZE_KEY = "ghist_pixel_size"  # where checkpoints of `fit` record the pixel size they were trained at
+def _calibrate_uncertainty(model: GHISTModel, val_loader: Any, device: Any) -> None:
+    """Fit the variance head's post-hoc scale on the validation split (see `ghist._model._uncertainty`)."""
+    from .._model._uncertainty import calibration_scale
 
-
-def _model_pixel_size(tiles: TileSet, pixel_size: float | None) -> float:
-    """The model's µm per pixel: the tiles' own (checked against ``pixel_size`` when both exist), else ``pixel_size``.
-
-    A model without a pixel size would make :func:`ghist.tl.predict` cut slides at whatever resolution they come
-    in, so training without one is refused.
-    """
-    check_number("pixel_size", pixel_size, optional=True)
-    known = tiles.pixel_size
-    if known is None:
-        if pixel_size is None:
-            raise ValueError(
-                f"The pixel size (µm per pixel) of the tiles' images is unknown: no sample of {tiles.path} had a "
-                "'microns' coordinate system, and a model must know its pixel size so that `ghist.tl.predict` "
-                "reads new slides at the same resolution. Pass it: `ghist.tl.fit(tiles, pixel_size=<µm per pixel>)`, "
-                "or give the images (and labels) a 'microns' coordinate system before `ghist.pp.make_tiles`, e.g. "
-                "`set_transformation(sdata.images['he'], Scale([p, p], axes=('y', 'x')), 'microns')` from "
-                "`spatialdata.transformations`."
-            )
-        return float(pixel_size)
-    if pixel_size is not None and abs(pixel_size / known - 1) > SAME_PIXEL_SIZE_TOLERANCE:
-        raise ValueError(
-            f"`pixel_size={pixel_size:g}` differs from the pixel size the tiles were cut at ({known:.4g} µm/px, from "
-            f"the images' 'microns' coordinate system) by more than {SAME_PIXEL_SIZE_TOLERANCE:.0%}. Leave "
-            "`pixel_size=None`, or cut the tiles at the size you want with `ghist.pp.make_tiles(..., pixel_size=)`."
-        )
-    unknown = [name for name, size in zip(tiles.samples, tiles.pixel_sizes, strict=True) if size is None]
-    if unknown:
-        logger.warning(
-            "Samples %s have no 'microns' coordinate system: assumed to be at the other samples' %.4g µm/px.",
-            unknown,
-            known,
-        )
-    return float(known)
-
-
-def _check_resumed_pixel_size(state: Mapping[str, Any], resume: str | os.PathLike, pixel_size: float) -> None:
-    trained_at = state.get(_CKPT_PIXEL_SIZE_KEY)
-    if trained_at is not None and abs(pixel_size / float(trained_at) - 1) > SAME_PIXEL_SIZE_TOLERANCE:
-        raise ValueError(
-            f"Checkpoint {str(resume)!r} was trained at {float(trained_at):.4g} µm/px, but this run's pixel size is "
-            f"{pixel_size:.4g} µm/px (`pixel_size={pixel_size:g}` or the tiles' own); resume with the tiles and "
-            "`pixel_size` of that run."
-        )
-
-
-def _pixel_size_recorder(pixel_size: float) -> Any:
-    """A callback writing ``pixel_size`` into every checkpoint, so that a resumed run can check it."""
-    from lightning.pytorch.callbacks import Callback
-
-    class _RecordPixelSize(Callback):
-        def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-            checkpoint[_CKPT_PIXEL_SIZE_KEY] = float(pixel_size)
-
-    return _RecordPixelSize()
+    model.network.to(device).eval()
+    model.uncertainty_head.to(device)
+    found = calibration_scale(model.network, model.uncertainty_head, val_loader, model.expr_scale, device)
+    model.uncertainty_ = found
+    logger.info(
+        "Variance head: 90%% intervals scaled by %.3g (genes %.3g-%.3g) to cover 90%% of %d validation %ss",
+        found["global"],
+        min(found["scale"]),
+        max(found["scale"]),
+        found["n"],
+        found["level"],
+    )
 
 
 def _check_max_time(max_time: Any) -> timedelta | None:

@@ -25,8 +25,10 @@ from .._constants import (
     PRED_CELL_TYPE_KEY,
     PRED_CELL_TYPE_SCORE_KEY,
     PRED_COMPOSITION_KEY,
+    PRED_ENTROPY_KEY,
     PRED_KEY,
     PRED_PROBA_KEY,
+    PRED_STD_LAYER,
     REGION_KEY,
     SPATIAL_KEY,
     UNS_KEY,
@@ -123,6 +125,16 @@ def predict(
     a zarr store). It annotates ``labels_key`` (``obs["region"]``, ``obs["cell_id"]``) and holds:
 
     - ``X``: predicted expression on the ``log1p(counts)`` scale;
+    - ``layers["ghist_std"]``: its predictive standard deviation per cell and gene, on the same scale: the model's
+      variance head (a Gaussian likelihood on ``log1p`` counts, trained on detached features so that it leaves ``X``
+      unchanged), with ``tta`` plus the spread of the 8 views (law of total variance), times the post-hoc
+      per-gene factor that made ``X +- 1.645 * std`` cover 90% of the validation split's measured values in
+      :func:`ghist.tl.fit` (``model.uncertainty_``).
+      For models trained on spots the head and that factor were fitted on spots (the summed cells' variance by the
+      delta method), so per-cell coverage could not be checked. Cells moved into a specialist group keep the main
+      head's spread. Absent, with a warning, for models saved before ghist had a variance head;
+    - ``obs["ghist_cell_type_entropy"]``: entropy (nats, in ``[0, log n_types]``) of the refined cell-type
+      probabilities, for models with cell types (models without have no type distribution: no column);
     - ``obs["ghist_cell_type"]``: predicted cell type (categorical). A model trained without cell types (e.g. on
       spots) but with reference profiles gives each cell the profile its predicted expression correlates with best,
       with that correlation in ``obs["ghist_cell_type_score"]``, so squidpy's cluster analyses work on it too;
@@ -180,6 +192,12 @@ def predict(
         raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
     refine_indices(model, refine_types)
     device = resolve_device(accelerator)
+    if getattr(model, "uncertainty_head", None) is None:
+        logger.warning(
+            "This GHISTModel has no variance head (saved before ghist had one): no `layers[%r]`; re-fit "
+            "it to get per-cell uncertainty.",
+            PRED_STD_LAYER,
+        )
     if not model.is_trained:
         logger.warning("This GHISTModel has not been trained; its predictions are meaningless. Run `ghist.tl.fit`.")
 
@@ -317,6 +335,8 @@ def _starts(length: int, size: int, stride: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- table
 def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _SlideGrid, labels_key: str) -> AnnData:
+    from .._model._uncertainty import entropy
+
     ids = parts["cell_id"]
     if ids.size == 0:
         raise ValueError(f"No nucleus of {labels_key!r} lies under the image: nothing to predict.")
@@ -334,8 +354,11 @@ def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _Slid
     )
     table = AnnData(X=parts["expr"][best].astype(np.float32), obs=obs, var=pd.DataFrame(index=list(model.genes)))
     table.obsm[SPATIAL_KEY] = centroid.astype(np.float64)
+    if "std" in parts:
+        table.layers[PRED_STD_LAYER] = parts["std"][best].astype(np.float32)
     if model.n_types:
         proba = parts["proba"][best]
+        table.obs[PRED_ENTROPY_KEY] = entropy(proba)
         table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(parts["type"][best], categories=model.cell_types)
         table.obsm[PRED_PROBA_KEY] = pd.DataFrame(proba, index=table.obs_names, columns=model.cell_types)
         table.obsm[PRED_COMPOSITION_KEY] = pd.DataFrame(

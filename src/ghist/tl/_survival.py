@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from .._constants import COHORT_SE_LAYER
 from .._survival_data import durations, events
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["survival"]
 
 _RESULT_COLUMNS = ["feature", "hr", "ci_lower", "ci_upper", "coef", "se", "p", "q", "n", "n_events"]
-_DURATION, _EVENT, _FEATURE = "__duration__", "__event__", "__feature__"
+_DURATION, _EVENT, _FEATURE, _WEIGHT = "__duration__", "__event__", "__feature__", "__weight__"
+INVERSE_VARIANCE = "inverse_variance"
 
 
 def survival(
@@ -31,6 +33,8 @@ def survival(
     layer: str | None = None,
     penalizer: float = 0.0,
     standardize: bool = True,
+    weights: str | None = None,
+    se_layer: str = COHORT_SE_LAYER,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Fit one Cox proportional-hazards model per feature and rank the features by their association with survival.
@@ -63,6 +67,19 @@ def survival(
         on small or separable cohorts.
     standardize
         z-score each feature, so that ``hr`` is the hazard ratio per standard deviation. Otherwise per unit.
+    weights
+        Down-weight uncertain samples. ``None``: every sample counts once. The name of a column of ``adata.obs``:
+        its positive, finite values weight each sample in every fit. ``"inverse_variance"``: each feature's fit
+        weights sample ``i`` by ``1 / se_i^2``, ``se`` being that feature's standard error in ``layers[se_layer]``
+        (from :func:`ghist.tl.predict_cohort`); features whose standard error is missing for every sample (e.g.
+        ``n_cells``) are fitted unweighted. Weights are rescaled to mean 1 over each fit's samples. With weights,
+        lifelines maximises the weighted partial likelihood and the standard errors, confidence intervals and
+        p-values use its robust (sandwich, Lin–Wei) variance, as weights that are not frequencies require. This
+        makes precisely measured slides count more; it does not correct the attenuation of a hazard ratio by a
+        noisy feature (that would be a measurement-error model, e.g. regression calibration). The z-scoring of
+        ``standardize`` is unweighted.
+    se_layer
+        Layer of per-feature standard errors for ``weights="inverse_variance"``.
     progress
         Show a progress bar over the features.
 
@@ -109,6 +126,7 @@ def survival(
         raise ValueError("No sample has a duration, an event and all covariates.")
 
     values = _feature_matrix(adata, features, layer)
+    sample_weights, se = _check_weights(adata, weights, se_layer, features)
     logger.info(
         "Fitting %d univariate Cox models on %d samples (%d covariate columns).",
         len(features),
@@ -122,6 +140,7 @@ def survival(
         ok = base_ok & np.isfinite(x)
         row = {"feature": name, "n": int(ok.sum()), "n_events": int(event[ok].sum())}
         reason = _why_not_fittable(x[ok], event[ok])
+        w = sample_weights if se is None else _inverse_variance(se[:, j], ok, name, adata.obs_names)
         if reason is None:
             xo = x[ok]
             if standardize:
@@ -130,10 +149,16 @@ def survival(
             sub_cov = cov.loc[ok].reset_index(drop=True)
             sub_cov = sub_cov.loc[:, sub_cov.nunique() > 1]  # a level absent from this subset is not estimable
             frame = pd.concat([frame, sub_cov], axis=1)
+            fit_kwargs = {}
+            if w is not None:
+                frame[_WEIGHT] = w[ok] / w[ok].mean()
+                fit_kwargs = {"weights_col": _WEIGHT, "robust": True}
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # lifelines' convergence chatter; failures are caught below
-                    fit = CoxPHFitter(penalizer=penalizer).fit(frame, duration_col=_DURATION, event_col=_EVENT)
+                    fit = CoxPHFitter(penalizer=penalizer).fit(
+                        frame, duration_col=_DURATION, event_col=_EVENT, **fit_kwargs
+                    )
                 s = fit.summary.loc[_FEATURE]
                 row.update(
                     coef=float(s["coef"]),
@@ -169,9 +194,60 @@ def survival(
         "layer": layer,
         "penalizer": penalizer,
         "standardize": standardize,
+        "weights": weights,
+        "se_layer": se_layer if weights == INVERSE_VARIANCE else None,
     }
     logger.info("Fitted %d features; %d with q < 0.05.", int(res["p"].notna().sum()), int((res["q"] < 0.05).sum()))
     return res
+
+
+def _check_weights(
+    adata: AnnData, weights: str | None, se_layer: str, features: list[str]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(per-sample weights, per-feature standard errors)``; at most one is not None. Bad weights are refused."""
+    if weights is None:
+        return None, None
+    if not isinstance(weights, str):
+        raise TypeError(
+            f"`weights` must be None, {INVERSE_VARIANCE!r} or a column of `adata.obs`; got {type(weights).__name__}."
+        )
+    if weights == INVERSE_VARIANCE:
+        if se_layer not in adata.layers:
+            raise KeyError(
+                f"`weights={INVERSE_VARIANCE!r}` reads standard errors from `adata.layers[{se_layer!r}]`, which is "
+                f"missing (have {list(adata.layers)}); `ghist.tl.predict_cohort` writes it."
+            )
+        return None, _feature_matrix(adata, features, se_layer)
+    if weights not in adata.obs.columns:
+        raise KeyError(
+            f"`weights` {weights!r} is neither {INVERSE_VARIANCE!r} nor a column of `adata.obs` "
+            f"(have {list(adata.obs.columns)})."
+        )
+    column = adata.obs[weights]
+    if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
+        raise ValueError(f"`weights` column {weights!r} must be numeric; got dtype {column.dtype}.")
+    w = column.to_numpy(dtype=float)
+    bad = ~(np.isfinite(w) & (w > 0))
+    if bad.any():
+        raise ValueError(
+            f"`weights` column {weights!r} must hold finite numbers > 0; samples "
+            f"{list(adata.obs_names[bad][:5])} have {list(w[bad][:5])}."
+        )
+    return w, None
+
+
+def _inverse_variance(se: np.ndarray, ok: np.ndarray, feature: str, samples: pd.Index) -> np.ndarray | None:
+    """``1 / se^2`` for one feature, or None (unweighted) where it has no standard error at all."""
+    if not np.isfinite(se).any():
+        return None
+    bad = ok & ~(np.isfinite(se) & (se > 0))
+    if bad.any():
+        raise ValueError(
+            f"Feature {feature!r}: `weights={INVERSE_VARIANCE!r}` needs a finite standard error > 0 for every "
+            f"sample; samples {list(samples[bad][:5])} have {list(se[bad][:5])}."
+        )
+    with np.errstate(divide="ignore"):
+        return 1.0 / se**2
 
 
 def _benjamini_hochberg(p: np.ndarray) -> np.ndarray:
