@@ -109,6 +109,12 @@ def main() -> None:
     parser.add_argument("--signals", default="all")
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--max-time", default="00:10:00", help="fit's time budget, DD:HH:MM:SS or HH:MM:SS")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="a step budget instead of time (load-independent; the README's 10 min are ~216 steps)",
+    )
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
     parser.add_argument("--threads", type=int, default=2)
@@ -156,7 +162,9 @@ def main() -> None:
         if not args.no_fit:
             ref = ghist.pp.reference_profiles(ghist.datasets.synthetic_reference(), "cell_type")
             start = time.perf_counter()
-            model = ghist.tl.fit(tiles, reference=ref, width=args.width, max_time=args.max_time, progress=False)
+            model = ghist.tl.fit(
+                tiles, reference=ref, width=args.width, max_time=args.max_time, max_steps=args.max_steps, progress=False
+            )
             fit_s = time.perf_counter() - start
             hist = model.history_
             print(f"fit: {fit_s:.0f} s, best epoch {model.best_epoch_}; history columns {list(hist.columns)}")

@@ -23,6 +23,12 @@ import numpy as np
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-time", default="00:10:00")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="a step budget instead of time (load-independent; the README's 10 min are ~216 steps)",
+    )
     parser.add_argument("--image-size", type=int, default=None, help="smaller synthetic slide (default: the README's)")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
@@ -40,7 +46,9 @@ def main() -> None:
     tiles = ghist.pp.make_tiles(sdata, cell_type_key="cell_type", progress=False)
     load0 = os.getloadavg()
     start = time.perf_counter()
-    model = ghist.tl.fit(tiles, reference=ref, width=args.width, max_time=args.max_time, progress=False)
+    model = ghist.tl.fit(
+        tiles, reference=ref, width=args.width, max_time=args.max_time, max_steps=args.max_steps, progress=False
+    )
     train_s = time.perf_counter() - start
     steps = int(model.history_["step"].max()) if model.history_ is not None and len(model.history_) else -1
 
