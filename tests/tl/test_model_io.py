@@ -78,7 +78,8 @@ def test_model_file_is_tensors_and_json(tmp_path):
     assert settings["best_epoch"] == 1
     assert settings["history"]["val_score"] == [None, 0.5]
     tensors = torch.load(tmp_path / "m" / "weights.pt", weights_only=True)
-    assert set(tensors) == set(model.network.state_dict())
+    head = {f"uncertainty_head.{k}" for k in model.uncertainty_head.state_dict()}  # the variance head, beside
+    assert set(tensors) == set(model.network.state_dict()) | head
     assert all(isinstance(v, torch.Tensor) for v in tensors.values())
 
     loaded = ghist.GHISTModel.load(tmp_path / "m")

@@ -119,7 +119,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         The file cannot be read safely, or holds something else than a dict of tensors (the message names it).
 
     """
-    from ._model import load_error_reason
+    from ._model import safe_torch_load
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -131,13 +131,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except (ValueError, KeyError, struct.error, RuntimeError, json.JSONDecodeError) as err:
             raise ValueError(f"`encoder_weights` {str(path)!r} is not a readable .safetensors file ({err}).") from err
     else:
-        try:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # refused pickles, truncated zips and garbage raise many types
-            raise ValueError(
-                f"`encoder_weights` {str(path)!r} cannot be read safely (with `weights_only=True`) as {expected} "
-                f"({load_error_reason(err)}); files are never unpickled with arbitrary code."
-            ) from err
+        tensors = safe_torch_load(path, what="`encoder_weights`", expected=expected)
         for key in ("state_dict", "model"):
             if isinstance(tensors, dict) and isinstance(tensors.get(key), dict):
                 tensors = tensors[key]

@@ -561,6 +561,24 @@ def load_error_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def safe_torch_load(path: str | os.PathLike, *, what: str, expected: str, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, every failure a ValueError naming the file and what was expected.
+
+    The one way ghist reads a torch file it did not just write (model weights, checkpoints, encoder weights): only
+    tensors and plain containers are accepted, so a file cannot run code.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{what} {str(path)!r} is empty; expected {expected}.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zips, garbage and refused pickles raise many types
+        raise ValueError(
+            f"{what} {str(path)!r} cannot be read safely (with `weights_only=True`) as {expected} "
+            f"({load_error_reason(err)}); files are never unpickled with arbitrary code."
+        ) from err
+
+
 def _read_settings(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{str(path)!r} is missing; expected the JSON settings that `GHISTModel.save` writes.")
@@ -581,12 +599,7 @@ def _read_tensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
     expected = "a dict of tensors written by `GHISTModel.save`"
     if not path.is_file():
         raise ValueError(f"{str(path)!r} is missing; expected {expected}.")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{str(path)!r} is empty; expected {expected}.")
-    try:
-        tensors = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zips, garbage and refused pickles raise many types
-        raise ValueError(f"{str(path)!r} cannot be read as {expected} ({load_error_reason(err)}).") from err
+    tensors = safe_torch_load(path, what="Model weights", expected=expected, map_location=map_location)
     if not isinstance(tensors, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
     ):

@@ -546,21 +546,11 @@ def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         (the message names the file).
 
     """
-    import torch
-
-    from .._model._model import load_error_reason
+    from .._model._model import safe_torch_load
 
     expected = "a Lightning checkpoint written by `ghist.tl.fit` (e.g. `<checkpoint_dir>/last.ckpt`)"
     path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise ValueError(f"Checkpoint {str(path)!r} is empty; expected {expected}.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zips, garbage and refused pickles raise many types
-        raise ValueError(
-            f"Checkpoint {str(path)!r} cannot be read safely (with `weights_only=True`) as {expected} "
-            f"({load_error_reason(err)})."
-        ) from err
+    state = safe_torch_load(path, what="Checkpoint", expected=expected)
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict) or "epoch" not in state:
         raise ValueError(f"Checkpoint {str(path)!r} has no `state_dict` and `epoch`; expected {expected}.")
     return state
