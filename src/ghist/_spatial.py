@@ -33,6 +33,33 @@ SAME_PIXEL_SIZE_TOLERANCE = 0.05
 _EPS = 1e-6
 
 
+def working_scale(image_pixel_size: float, target_pixel_size: float) -> float:
+    """Working pixels per image pixel for reading an image at ``target_pixel_size`` µm per pixel.
+
+    Within :data:`SAME_PIXEL_SIZE_TOLERANCE` of the image's own size, 1 (no resampling). Within it of a whole
+    downsampling factor ``k`` (e.g. 2.75 µm/px from a 0.688 µm/px scan, 3.997 -> 4), ``1 / k``: the working pixels
+    are then exact ``k x k`` blocks, as pyramid levels and hand downsampling make them, rather than fractional
+    areas whose sub-pixel phase drifts across the slide (on HER2ST C4 the same model scored 0.272 from whole blocks
+    and 0.246 from 3.997-pixel areas). Otherwise the exact ratio. The one rule of
+    :func:`ghist.pp.make_tiles` (``pixel_size=``) and :func:`ghist.tl.predict`.
+
+    Examples
+    --------
+    >>> working_scale(0.688, 2.75)
+    0.25
+    >>> working_scale(0.5, 0.51)
+    1.0
+
+    """
+    ratio = image_pixel_size / target_pixel_size
+    if abs(ratio - 1) <= SAME_PIXEL_SIZE_TOLERANCE:
+        return 1.0
+    factor = round(1 / ratio)
+    if factor >= 2 and abs(factor * ratio - 1) <= SAME_PIXEL_SIZE_TOLERANCE:
+        return 1.0 / factor
+    return ratio
+
+
 def _find_element(sdata: SpatialData, key: str) -> tuple[str, Any]:
     for attr in ("images", "labels", "shapes", "points"):
         if key in getattr(sdata, attr):

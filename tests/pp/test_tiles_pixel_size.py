@@ -36,6 +36,25 @@ def test_tiles_are_block_means_of_the_image_and_keep_cell_ids(sdata, tmp_path):
         np.testing.assert_array_equal(restored[keep], ids[keep])
 
 
+def test_a_size_near_a_whole_factor_is_cut_in_whole_blocks(sdata, tmp_path):
+    # 1.02 µm/px from a 0.5 µm/px image: a factor of 2.04, within the 5% "same pixel size" of 2, is cut as exact 2x2
+    # block means (as pyramid levels and hand downsampling), not as 2.04-pixel areas whose phase drifts.
+    from ghist._spatial import working_scale
+
+    assert working_scale(0.688, 2.75) == 0.25
+    assert working_scale(0.5, 1.02) == 0.5
+    assert working_scale(0.5, 0.51) == 1.0  # the image's own grid
+    assert working_scale(0.5, 1.25) == pytest.approx(0.4)  # 2.5: no whole factor near
+    kwargs = {"cell_type_key": "cell_type", "tile_size": 32, "progress": False}
+    exact = ghist.pp.make_tiles(sdata, pixel_size=1.0, path=tmp_path / "a.zarr", **kwargs)
+    near = ghist.pp.make_tiles(sdata, pixel_size=1.02, path=tmp_path / "b.zarr", **kwargs)
+    assert len(near) == len(exact)
+    for t in range(len(exact)):
+        a, b = exact.read(t, standardise=False), near.read(t, standardise=False)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
 def test_training_and_prediction_tiles_agree(sdata, tmp_path):
     tiles = ghist.pp.make_tiles(
         sdata, tile_size=32, pixel_size=1.25, fold=None, path=tmp_path / "t.zarr", progress=False

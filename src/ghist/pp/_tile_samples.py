@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from spatialdata import SpatialData
 
-from .._spatial import SAME_PIXEL_SIZE_TOLERANCE, check_extents, element_affine, image_pixel_size
+from .._spatial import check_extents, element_affine, image_pixel_size
 from .._validation import (
     ValidationError,
     _preview,
@@ -113,10 +113,11 @@ def _at_pixel_size(sample: _Sample, pixel_size: float, image_key: str) -> None:
             f"pixel_size={pixel_size:g} µm/px; give it one (e.g. `set_transformation(image, Scale([p, p], "
             "axes=('y', 'x')), 'microns')`) or pass `pixel_size=None`."
         )
-    scale = sample.pixel_size / pixel_size
-    if abs(scale - 1) <= SAME_PIXEL_SIZE_TOLERANCE:  # as predict: no resampling for a few percent
+    from .._spatial import read_image_window, working_scale
+
+    scale = working_scale(sample.pixel_size, pixel_size)
+    if scale == 1.0:  # as predict: no resampling for a few percent
         return
-    from .._spatial import read_image_window
     from .._validation import raster_levels
 
     levels = raster_levels(sample.sdata.images[image_key])
@@ -129,10 +130,12 @@ def _at_pixel_size(sample: _Sample, pixel_size: float, image_key: str) -> None:
     if sample.spots is not None:
         sample.spots.image_to_spots = sample.spots.image_to_spots @ to_image
     logger.info(
-        "Sample %r: cutting at %.4g µm/px (image at %.4g µm/px, %d x %d px on that grid)",
+        "Sample %r: cutting at %.4g µm/px (image at %.4g µm/px, %.4g working pixels per image pixel, %d x %d px "
+        "on that grid)",
         sample.name,
         pixel_size,
         sample.pixel_size,
+        scale,
         sample.width,
         sample.height,
     )

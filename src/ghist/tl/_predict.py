@@ -34,7 +34,7 @@ from .._constants import (
     UNS_KEY,
 )
 from .._docs import doc_accelerator, doc_batch_size, doc_image_key, doc_labels_key, doc_params, doc_progress
-from .._spatial import SAME_PIXEL_SIZE_TOLERANCE, check_extents, element_affine, image_pixel_size
+from .._spatial import check_extents, element_affine, image_pixel_size, working_scale
 from .._validation import check_key_added, get_image, get_labels, raster_levels
 from ._region import cells_in_region, region_in_labels_space
 
@@ -234,7 +234,9 @@ def predict(
         grid.scale,
         device,
     )
-    parts = predictor.run(loader, keep=("cell_id", *SLIDE_CELL_KEYS), progress=progress, total=len(loader))
+    parts = predictor.run(
+        loader, keep=("cell_id", *SLIDE_CELL_KEYS), progress=progress, total=len(loader), compact=_one_row_per_cell
+    )
     table = _assemble_table(parts, model, grid, labels_key)
     if region is not None:
         keep = cells_in_region(table.obsm[SPATIAL_KEY], region)
@@ -287,9 +289,8 @@ class _SlideGrid:
         scale = 1.0
         slide_px = image_pixel_size(sdata, image_key)
         if model.pixel_size is not None and slide_px is not None:
-            ratio = slide_px / model.pixel_size
-            if abs(ratio - 1) > SAME_PIXEL_SIZE_TOLERANCE:
-                scale = ratio
+            scale = working_scale(slide_px, model.pixel_size)
+            if scale != 1.0:
                 logger.info("Resampling %r from %.3g to the model's %.3g um/px", image_key, slide_px, model.pixel_size)
         elif model.pixel_size is not None:
             logger.warning(
@@ -334,18 +335,31 @@ def _starts(length: int, size: int, stride: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- table
+def _best_rows(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Row of each cell's best tile, ordered by cell id.
+
+    The tile where most of its nucleus was visible; among those, the one where it lies farthest from the edges (most
+    context around it; tiles centred on spots put every supervised cell away from them); then the first seen.
+    """
+    ids = parts["cell_id"]
+    order = np.lexsort((-parts["margin"], -parts["visible"], ids))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    return order[first]
+
+
+def _one_row_per_cell(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    best = _best_rows(parts)
+    return {key: value[best] for key, value in parts.items()}
+
+
 def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _SlideGrid, labels_key: str) -> AnnData:
     from .._model._uncertainty import entropy
 
     ids = parts["cell_id"]
     if ids.size == 0:
         raise ValueError(f"No nucleus of {labels_key!r} lies under the image: nothing to predict.")
-    # For each cell, the tile where most of its nucleus was visible; among those, the one where it lies farthest
-    # from the edges (most context around it; tiles centred on spots put every supervised cell away from them).
-    order = np.lexsort((-parts["margin"], -parts["visible"], ids))
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = ids[order][1:] != ids[order][:-1]
-    best = order[first]
+    best = _best_rows(parts)
     # spatialdata's convention (as `spatialdata.get_centroids`): pixel (i, j) covers [j, j+1) x [i, i+1).
     centroid = (np.c_[parts["centroid"][best] + 0.5, np.ones(best.size)] @ grid.to_labels.T)[:, :2]
     obs = pd.DataFrame(
