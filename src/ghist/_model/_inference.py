@@ -10,12 +10,13 @@ group's expression, and the expression is brought back to the ``log1p(counts)`` 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .._memory import release_freed_memory
 from ._network import dihedral_view, neighbourhood_refine, specialist_expression
 from ._uncertainty import view_variance
 
@@ -227,6 +228,8 @@ class Predictor:
         progress: bool = False,
         total: int | None = None,
         desc: str = "ghist.tl.predict",
+        compact: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+        compact_every: int = 64,
     ) -> dict[str, np.ndarray]:
         """Predict every batch (``None`` batches, tiles without nuclei, are skipped) and concatenate the cells.
 
@@ -239,6 +242,9 @@ class Predictor:
             Per-cell entries of the batches to pass through into the result (e.g. ``"cell_id"``).
         progress, total, desc
             Progress bar over the batches.
+        compact, compact_every
+            Applied to the cells collected so far every ``compact_every`` batches and at the end (e.g. keeping one
+            row per cell), so that memory does not grow with the number of tiles that saw a cell.
 
         Returns
         -------
@@ -251,7 +257,12 @@ class Predictor:
         keys = ["expr", *(("proba", "type", "comp") if self.n_types else ()), *keep]
         keys += ["std"] * (self.variance_head is not None)
         collected: dict[str, list[np.ndarray]] = {key: [] for key in keys}
-        for batch in tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress):
+
+        def merged() -> dict[str, np.ndarray]:
+            out = {key: (np.concatenate(parts) if parts else np.empty((0,))) for key, parts in collected.items()}
+            return out if compact is None or not collected[keys[0]] else compact(out)
+
+        for i, batch in enumerate(tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress), 1):
             if batch is None:
                 continue
             for key, value in self(batch).items():
@@ -259,4 +270,8 @@ class Predictor:
             for key in keep:
                 value = batch[key]
                 collected[key].append(value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value))
-        return {key: (np.concatenate(parts) if parts else np.empty((0,))) for key, parts in collected.items()}
+            if compact is not None and i % compact_every == 0:
+                # Cells seen by several overlapping tiles: keep one row each, so memory follows cells, not tiles.
+                collected = {key: [value] for key, value in merged().items()}
+                release_freed_memory()
+        return merged()

@@ -24,6 +24,7 @@ from xarray import DataArray, DataTree
 
 from .._constants import IMAGE_KEY, LABELS_KEY, MICRONS_CS
 from .._docs import doc_image_key, doc_params, doc_progress, doc_sdata
+from .._memory import release_freed_memory
 from .._validation import check_int, check_key_added, get_image
 from ._segment_backends import WATERSHED_DEFAULTS, make_backend
 
@@ -420,6 +421,8 @@ def _segment_blocks(
                 next_id += n_kept
             bar.set_postfix(nuclei=next_id - 1, refresh=False)
             bar.update(block_mpx)
+            del local, keep
+            release_freed_memory()  # else glibc keeps the freed block arrays: memory would grow with the slide
     out.attrs["n_objects"] = next_id - 1
     return out, float(sum(mpx))
 
