@@ -561,11 +561,14 @@ def load_error_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def safe_torch_load(path: str | os.PathLike, *, what: str, expected: str, map_location: Any = "cpu") -> Any:
+def safe_torch_load(
+    path: str | os.PathLike, *, what: str, expected: str, map_location: Any = "cpu", hint: str = ""
+) -> Any:
     """``torch.load(path, weights_only=True)``, every failure a ValueError naming the file and what was expected.
 
-    The one way ghist reads a torch file it did not just write (model weights, checkpoints, encoder weights): only
-    tensors and plain containers are accepted, so a file cannot run code.
+    The one way ghist reads a torch file it did not just write (model weights, ghist 0.1 model files, checkpoints,
+    encoder weights): only tensors and plain containers are accepted, so a file cannot run code. ``hint`` is added to
+    the message of a file that cannot be read.
     """
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
@@ -575,7 +578,7 @@ def safe_torch_load(path: str | os.PathLike, *, what: str, expected: str, map_lo
     except Exception as err:  # truncated zips, garbage and refused pickles raise many types
         raise ValueError(
             f"{what} {str(path)!r} cannot be read safely (with `weights_only=True`) as {expected} "
-            f"({load_error_reason(err)}); files are never unpickled with arbitrary code."
+            f"({load_error_reason(err)}).{hint} Files are never unpickled with arbitrary code."
         ) from err
 
 
@@ -612,16 +615,14 @@ def _read_tensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
 def _read_legacy(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Settings and tensors of a ghist 0.1 ``model.pt`` (one pickled dict), read with ``weights_only=True``."""
     expected = "a model file written by `GHISTModel.save`"
-    if path.stat().st_size == 0:
-        raise ValueError(f"{str(path)!r} is empty; expected {expected}.")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"{str(path)!r} cannot be read safely (with `weights_only=True`) as {expected} "
-            f"({load_error_reason(err)}). If it is an old ghist model you trust, load it with the ghist version "
-            "that wrote it and save it again with this one; files are never unpickled with arbitrary code."
-        ) from err
+    payload = safe_torch_load(
+        path,
+        what="Model file",
+        expected=expected,
+        map_location=map_location,
+        hint=" If it is an old ghist model you trust, load it with the ghist version that wrote it and save it again "
+        "with this one.",
+    )
     if not isinstance(payload, dict) or payload.get("class") != GHISTModel.__name__ or "state_dict" not in payload:
         raise ValueError(f"{str(path)!r} is not a GHISTModel file; expected {expected}.")
     history = payload.get("history")
