@@ -54,8 +54,8 @@ def _with_spots(sdata, radius: float = 25.0, step: float = 60.0) -> None:
     sdata.tables["spot_counts"] = TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")
 
 
-@pytest.fixture(scope="module")
-def spot_model(tmp_path_factory):
+def spot_sample_and_tiles(path):
+    """A small synthetic slide with spots (``_with_spots``) and its spot-centred tiles written at ``path``."""
     sdata = ghist.datasets.synthetic(image_size=256, n_genes=16, seed=0)
     _with_spots(sdata)
     tiles = ghist.pp.make_tiles(
@@ -66,8 +66,14 @@ def spot_model(tmp_path_factory):
         tile_size=64,
         n_folds=4,
         progress=False,
-        path=tmp_path_factory.mktemp("spot_tiles") / "t.zarr",
+        path=path,
     )
+    return sdata, tiles
+
+
+@pytest.fixture(scope="module")
+def spot_model(tmp_path_factory):
+    _, tiles = spot_sample_and_tiles(tmp_path_factory.mktemp("spot_tiles") / "t.zarr")
     model = ghist.tl.fit(
         tiles,
         width=4,

@@ -19,7 +19,7 @@ from ghist._model._network import GHISTNetwork
 from ghist._model._uncertainty import HEAD_PREFIX, entropy, spot_variance, uncertainty_loss
 from ghist.tl._cohort_se import mean_se
 
-from .test_fit_spots import _with_spots
+from .test_fit_spots import spot_sample_and_tiles
 
 
 @pytest.fixture(scope="module")
@@ -211,18 +211,7 @@ def test_spot_variance_by_the_delta_method():
 
 
 def test_spot_model_fills_the_std(tmp_path):
-    sdata = ghist.datasets.synthetic(image_size=256, n_genes=16, seed=0)
-    _with_spots(sdata)
-    tiles = ghist.pp.make_tiles(
-        sdata,
-        spots_key="spots",
-        table_key="spot_counts",
-        tiling="spots",
-        tile_size=64,
-        n_folds=4,
-        progress=False,
-        path=tmp_path / "t.zarr",
-    )
+    sdata, tiles = spot_sample_and_tiles(tmp_path / "t.zarr")
     model = ghist.tl.fit(
         tiles,
         width=4,
