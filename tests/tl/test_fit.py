@@ -41,6 +41,18 @@ def test_fit_is_reproducible(tiles, tmp_path):
         assert torch.equal(pa, pb), name
 
 
+def test_stain_jitter_reaches_training_and_stays_reproducible(tiles, tmp_path):
+    kwargs = {"width": 4, "embed_dim": 16, "max_epochs": 1, "batch_size": 4, "seed": 3, "progress": False}
+    plain = ghist.tl.fit(tiles, checkpoint_dir=tmp_path / "plain", **kwargs)
+    a = ghist.tl.fit(tiles, stain_jitter=0.05, checkpoint_dir=tmp_path / "a", **kwargs)
+    b = ghist.tl.fit(tiles, stain_jitter=0.05, checkpoint_dir=tmp_path / "b", **kwargs)
+    same = [
+        all(torch.equal(x, y) for x, y in zip(m.network.state_dict().values(), a.network.state_dict().values()))
+        for m in (plain, b)
+    ]
+    assert same == [False, True]
+
+
 def test_resume_continues(tiles, tmp_path):
     kwargs = {"width": 4, "embed_dim": 16, "batch_size": 4, "seed": 1, "progress": False}
     first = ghist.tl.fit(tiles, max_epochs=1, checkpoint_dir=tmp_path / "run", **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -14,14 +15,24 @@ from lightning.pytorch.callbacks import Callback, Timer
 from .._stats import validation_score
 from ._losses import ghist_losses, spot_sums
 from ._network import GHISTNetwork, dihedral_view
+from ._stain import hed_jitter
 from ._uncertainty import HEAD_LR_FACTOR, uncertainty_loss
 
 
-def augment_batch(batch: dict[str, Any], generator: torch.Generator, color_jitter: float = 0.0) -> dict[str, Any]:
+def augment_batch(
+    batch: dict[str, Any],
+    generator: torch.Generator,
+    color_jitter: float = 0.0,
+    *,
+    stain_jitter: float = 0.0,
+    standardisation: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> dict[str, Any]:
     """Random flips and 90 degree rotations, drawn per tile and applied to image and labels alike.
 
-    With ``color_jitter`` > 0, each tile's standardised channels are also scaled by ``1 + a`` and shifted by
-    ``b`` (``a``, ``b`` uniform in ``[-color_jitter, color_jitter]``, per tile and channel): stain and scanner
+    With ``stain_jitter`` > 0, each tile's haematoxylin, eosin and DAB concentrations are rescaled and shifted
+    (:func:`~ghist._model._stain.hed_jitter`; needs the images' ``standardisation``, ``(mean, std)``). With
+    ``color_jitter`` > 0, each tile's standardised channels are also scaled by ``1 + a`` and shifted by ``b`` (``a``,
+    ``b`` uniform in ``[-color_jitter, color_jitter]``, per tile and channel). Both stand for stain and scanner
     differences between slides that the network should not learn.
     """
     images, labels = batch["image"], batch["labels"]
@@ -32,6 +43,10 @@ def augment_batch(batch: dict[str, Any], generator: torch.Generator, color_jitte
         out_images.append(dihedral_view(image, k, flip))
         out_labels.append(dihedral_view(label, k, flip))
     images = torch.stack(out_images)
+    if stain_jitter > 0:
+        if standardisation is None:
+            raise ValueError("`stain_jitter` needs the images' standardisation (mean, std).")
+        images = hed_jitter(images, *standardisation, stain_jitter, generator)
     if color_jitter > 0:
         draws = torch.rand((2, images.shape[0], images.shape[1], 1, 1), generator=generator)
         gain, shift = (draws * 2 - 1) * color_jitter
@@ -71,6 +86,8 @@ class GHISTModule(L.LightningModule):
         augment: bool = True,
         seed: int = 0,
         color_jitter: float = 0.0,
+        stain_jitter: float = 0.0,
+        standardisation: tuple[Sequence[float], Sequence[float]] | None = None,
         uncertainty: torch.nn.Module | None = None,
     ):
         super().__init__()
@@ -82,6 +99,8 @@ class GHISTModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.augment = augment
         self.color_jitter = float(color_jitter)
+        self.stain_jitter = float(stain_jitter)
+        self.standardisation = standardisation
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
         self._val_outputs: list[dict[str, np.ndarray]] = []
@@ -105,7 +124,13 @@ class GHISTModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.augment:
-            batch = augment_batch(batch, self._generator, self.color_jitter)
+            batch = augment_batch(
+                batch,
+                self._generator,
+                self.color_jitter,
+                stain_jitter=self.stain_jitter,
+                standardisation=self.standardisation,
+            )
         batch = self._prepare(batch)
         losses, out = self._losses(batch)
         bs = batch["image"].shape[0]

@@ -79,6 +79,7 @@ def fit(
     weight_decay: float = 1e-4,
     augment: bool = True,
     color_jitter: float = 0.0,
+    stain_jitter: float = 0.0,
     accelerator: str = "auto",
     devices: int | str | Sequence[int] = "auto",
     strategy: str = "auto",
@@ -152,6 +153,10 @@ def fit(
     color_jitter
         With ``augment``, also scale and shift each training tile's standardised colour channels by random amounts
         up to this fraction (e.g. ``0.1``), so that stain differences between slides are not learnt; 0: off.
+    stain_jitter
+        With ``augment``, also rescale and shift each training tile's haematoxylin, eosin and DAB concentrations
+        (colour deconvolution) by random fractions up to this value (``0.05``: Tellez et al.'s "light" HED
+        augmentation), for robustness to staining and scanners of unseen sections; 0: off.
     accelerator, devices, strategy, precision
         ``accelerator`` is one of ``"auto"``, ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"mps"`` (``"auto"``: CUDA, then
         MPS, then the CPU, as :func:`ghist.tl.predict` chooses); the device it resolves to, ``devices``, ``strategy``
@@ -257,6 +262,8 @@ def fit(
     check_number("weight_decay", weight_decay, positive=False)
     if isinstance(color_jitter, bool) or not isinstance(color_jitter, int | float) or not 0 <= color_jitter < 1:
         raise ValueError(f"`color_jitter` must be a fraction in [0, 1), got {color_jitter!r}.")
+    if isinstance(stain_jitter, bool) or not isinstance(stain_jitter, int | float) or not 0 <= stain_jitter < 1:
+        raise ValueError(f"`stain_jitter` must be a fraction in [0, 1), got {stain_jitter!r}.")
     if isinstance(precision, bool) or precision not in PRECISIONS:
         raise ValueError(f"`precision` must be one of {list(PRECISIONS)}, got {precision!r}.")
     max_time = _check_max_time(max_time)
@@ -306,6 +313,8 @@ def fit(
         augment=augment,
         seed=seed,
         color_jitter=color_jitter,
+        stain_jitter=stain_jitter,
+        standardisation=(list(tiles.mean), list(tiles.std)),
         uncertainty=model.uncertainty_head,
     )
 
