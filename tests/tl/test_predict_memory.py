@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import platform
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import ghist
-from ghist._memory import limit_heap_retention, release_freed_memory
+from ghist._memory import release_freed_memory
 from ghist._model._inference import Predictor
 
 
@@ -46,23 +43,3 @@ def test_compacting_while_predicting_gives_the_same_table(sdata, monkeypatch):
 def test_release_freed_memory_is_safe_to_call():
     release_freed_memory()
     release_freed_memory()
-
-
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-
-def test_freed_batch_buffers_leave_the_process_at_once():
-    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert limit_heap_retention() is glibc
-    if not glibc:
-        return  # other allocators have no such threshold; nothing was changed
-    # Buffers of a few MB, the size of a prediction batch's tensors, allocated and freed many times: without the
-    # fixed threshold glibc serves them from its heap after the first free and keeps them resident.
-    before = _resident_mb()
-    for _ in range(5):
-        buffers = [np.ones(6 * 2**20 // 8) for _ in range(20)]  # 20 x 6 MB, written (resident)
-        assert _resident_mb() > before + 100
-        del buffers
-    assert _resident_mb() < before + 20

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .._memory import limit_heap_retention, release_freed_memory
+from .._memory import release_freed_memory
 from ._network import dihedral_view, neighbourhood_refine, specialist_expression
 from ._uncertainty import view_variance
 
@@ -257,7 +257,6 @@ class Predictor:
         keys = ["expr", *(("proba", "type", "comp") if self.n_types else ()), *keep]
         keys += ["std"] * (self.variance_head is not None)
         collected: dict[str, list[np.ndarray]] = {key: [] for key in keys}
-        limit_heap_retention()  # else freed per-batch buffers stay resident: memory would grow with the slide
 
         def merged() -> dict[str, np.ndarray]:
             out = {key: (np.concatenate(parts) if parts else np.empty((0,))) for key, parts in collected.items()}

@@ -24,7 +24,7 @@ from xarray import DataArray, DataTree
 
 from .._constants import IMAGE_KEY, LABELS_KEY, MICRONS_CS
 from .._docs import doc_image_key, doc_params, doc_progress, doc_sdata
-from .._memory import limit_heap_retention, release_freed_memory
+from .._memory import release_freed_memory
 from .._validation import check_int, check_key_added, get_image
 from ._segment_backends import WATERSHED_DEFAULTS, make_backend
 
@@ -395,7 +395,6 @@ def _segment_blocks(
         keep[0] = False
         return _BlockResult((wy0, wy1, wx0, wx1), local, keep)
 
-    limit_heap_retention()
     next_id = 1
     bar = tqdm(
         total=sum(mpx),
