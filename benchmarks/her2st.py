@@ -324,7 +324,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="leave-one-section-out over --sections instead of --train/--test (one fold per held-out section)",
     )
     parser.add_argument("--sections", nargs="+", default=["B4", "C2", "C3", "C4"], help="the sections of --cv")
-    parser.add_argument("--max-time", default="00:25:00", help="GHIST training budget, HH:MM:SS (per fold)")
+    parser.add_argument(
+        "--max-time",
+        default=None,
+        help="GHIST training budget, HH:MM:SS, per fold (default: 00:25:00, or none when --max-steps is given)",
+    )
     parser.add_argument(
         "--max-steps", type=int, default=None, help="budget in optimisation steps instead (load-independent)"
     )
@@ -364,7 +368,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --cv: then train on all --sections (same settings, same epochs) and write the model with its card "
         "here (as ghist ships it: float16 weights)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_time is None and args.max_steps is None:
+        args.max_time = "00:25:00"
+    # else a step budget alone: a busy machine must not cut some folds short of it (the comparison is per step)
+    return args
 
 
 def load_sections(names: list[str], args: argparse.Namespace) -> dict[str, dict]:

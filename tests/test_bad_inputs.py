@@ -503,6 +503,7 @@ def test_fit_not_tileset(bad, base):
         ({"batch_size": 0}, "batch_size"),
         ({"weight_decay": -1.0}, "weight_decay"),
         ({"color_jitter": -0.5}, "color_jitter"),
+        ({"stain_jitter": 1.5}, "stain_jitter"),
         ({"num_workers": -1}, "num_workers"),
         ({"width": True}, "width"),
     ],
