@@ -414,6 +414,44 @@ def spot_features_cached(name: str, rgb: np.ndarray, labels: np.ndarray, spots: 
     return features
 
 
+def spot_tiles(sdatas: dict[str, sd.SpatialData], genes: list[str], args: argparse.Namespace, path: Path):
+    """``make_tiles`` of the benchmark: one tile centred on each spot, at ``--pixel-size``."""
+    return ghist.pp.make_tiles(
+        sdatas,
+        spots_key="spots",
+        table_key="spot_counts",
+        genes=genes,
+        tiling="spots",
+        tile_size=args.tile_size,
+        pixel_size=args.pixel_size,
+        fold=None,
+        path=path,
+        spot_scaling=args.spot_scaling,
+        progress=False,
+    )
+
+
+def fit_spots(tiles, args: argparse.Namespace, checkpoints: Path, max_steps: int | None, callbacks=None):
+    """``fit`` of the benchmark, with its settings and the given step budget (None: ``--max-time`` alone)."""
+    return ghist.tl.fit(
+        tiles,
+        width=args.width,
+        embed_dim=args.embed_dim,
+        max_epochs=100_000,
+        max_steps=max_steps if max_steps is not None else 10**9,
+        max_time=args.max_time,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        progress=False,
+        checkpoint_dir=checkpoints,
+        num_workers=args.num_workers,
+        color_jitter=args.color_jitter,
+        **({"stain_jitter": args.stain_jitter} if args.stain_jitter else {}),
+        callbacks=callbacks,
+    )
+
+
 def run_split(sections: dict[str, dict], train: list[str], test: str, args: argparse.Namespace, out: Path) -> dict:
     """Ridge and GHIST trained on ``train``, scored on ``test``; writes its files to ``out`` and returns the scores."""
     out.mkdir(parents=True, exist_ok=True)
@@ -456,41 +494,14 @@ def run_split(sections: dict[str, dict], train: list[str], test: str, args: argp
         import shutil
 
         shutil.rmtree(tiles_path)
-    tiles = ghist.pp.make_tiles(
-        {n: sdatas[n] for n in train},
-        spots_key="spots",
-        table_key="spot_counts",
-        genes=genes,
-        tiling="spots",
-        tile_size=args.tile_size,
-        pixel_size=args.pixel_size,
-        fold=None,
-        path=tiles_path,
-        spot_scaling=args.spot_scaling,
-        progress=False,
-    )
+    tiles = spot_tiles({n: sdatas[n] for n in train}, genes, args, tiles_path)
     timings["make_tiles"] = time.perf_counter() - t0
     print(f"tiles={len(tiles)} cells={tiles.n_cells} make_tiles_s={timings['make_tiles']:.1f}", flush=True)
 
     snapshots = WeightSnapshots(args.curve_every) if args.curve_every > 0 else None
     t0 = time.perf_counter()
-    model = ghist.tl.fit(
-        tiles,
-        width=args.width,
-        embed_dim=args.embed_dim,
-        max_epochs=100_000,
-        max_steps=args.max_steps if args.max_steps is not None else 10**9,
-        max_time=args.max_time,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        progress=False,
-        checkpoint_dir=out / "checkpoints",
-        num_workers=args.num_workers,
-        color_jitter=args.color_jitter,
-        **({"stain_jitter": args.stain_jitter} if args.stain_jitter else {}),
-        callbacks=[snapshots] if snapshots is not None else None,
-    )
+    callbacks = [snapshots] if snapshots is not None else None
+    model = fit_spots(tiles, args, out / "checkpoints", args.max_steps, callbacks)
     timings["fit"] = time.perf_counter() - t0
     history = model.history_
     spot_loss = history["train/spot"].to_numpy() if "train/spot" in history else np.array([np.nan])
@@ -609,39 +620,12 @@ def train_final_model(sections: dict[str, dict], folds: list[dict], cv: pd.DataF
     genes = choose_genes({n: sections[n]["counts"] for n in names}, everywhere, args.n_genes)
     sdatas = {n: build_sdata(s["rgb"], s["labels"], s["spots"], s["counts"]) for n, s in sections.items()}
     with tempfile.TemporaryDirectory(dir=args.out) as folder:
-        tiles = ghist.pp.make_tiles(
-            sdatas,
-            spots_key="spots",
-            table_key="spot_counts",
-            genes=genes,
-            tiling="spots",
-            tile_size=args.tile_size,
-            pixel_size=args.pixel_size,
-            fold=None,
-            path=Path(folder) / "tiles.zarr",
-            spot_scaling=args.spot_scaling,
-            progress=False,
-        )
+        tiles = spot_tiles(sdatas, genes, args, Path(folder) / "tiles.zarr")
         # the same number of epochs as each fold: the steps grow with the training spots
         fold_spots = np.mean([sum(len(sections[n]["spots"]) for n in f["train"]) for f in folds])
         steps = None if args.max_steps is None else round(args.max_steps * len(tiles) / fold_spots)
         t0 = time.perf_counter()
-        model = ghist.tl.fit(
-            tiles,
-            width=args.width,
-            embed_dim=args.embed_dim,
-            max_epochs=100_000,
-            max_steps=steps if steps is not None else 10**9,
-            max_time=args.max_time,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            progress=False,
-            checkpoint_dir=Path(folder) / "checkpoints",
-            num_workers=args.num_workers,
-            color_jitter=args.color_jitter,
-            **({"stain_jitter": args.stain_jitter} if args.stain_jitter else {}),
-        )
+        model = fit_spots(tiles, args, Path(folder) / "checkpoints", steps)
         fit_s = time.perf_counter() - t0
     # float16 weights keep the package small; loading casts them back to the network's float32
     model.network.half()
