@@ -354,30 +354,28 @@ def _one_row_per_cell(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _SlideGrid, labels_key: str) -> AnnData:
+    """The prediction table from ``parts`` with one row per cell (``Predictor.run(compact=_one_row_per_cell)``)."""
     from .._model._uncertainty import entropy
 
     ids = parts["cell_id"]
     if ids.size == 0:
         raise ValueError(f"No nucleus of {labels_key!r} lies under the image: nothing to predict.")
-    best = _best_rows(parts)
     # spatialdata's convention (as `spatialdata.get_centroids`): pixel (i, j) covers [j, j+1) x [i, i+1).
-    centroid = (np.c_[parts["centroid"][best] + 0.5, np.ones(best.size)] @ grid.to_labels.T)[:, :2]
+    centroid = (np.c_[parts["centroid"] + 0.5, np.ones(ids.size)] @ grid.to_labels.T)[:, :2]
     obs = pd.DataFrame(
-        {REGION_KEY: pd.Categorical([labels_key] * best.size), INSTANCE_KEY: ids[best]},
-        index=pd.Index([str(i) for i in ids[best]], name=None),
+        {REGION_KEY: pd.Categorical([labels_key] * ids.size), INSTANCE_KEY: ids},
+        index=pd.Index([str(i) for i in ids], name=None),
     )
-    table = AnnData(X=parts["expr"][best].astype(np.float32), obs=obs, var=pd.DataFrame(index=list(model.genes)))
+    table = AnnData(X=parts["expr"].astype(np.float32), obs=obs, var=pd.DataFrame(index=list(model.genes)))
     table.obsm[SPATIAL_KEY] = centroid.astype(np.float64)
     if "std" in parts:
-        table.layers[PRED_STD_LAYER] = parts["std"][best].astype(np.float32)
+        table.layers[PRED_STD_LAYER] = parts["std"].astype(np.float32)
     if model.n_types:
-        proba = parts["proba"][best]
+        proba = parts["proba"]
         table.obs[PRED_ENTROPY_KEY] = entropy(proba)
-        table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(parts["type"][best], categories=model.cell_types)
+        table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(parts["type"], categories=model.cell_types)
         table.obsm[PRED_PROBA_KEY] = pd.DataFrame(proba, index=table.obs_names, columns=model.cell_types)
-        table.obsm[PRED_COMPOSITION_KEY] = pd.DataFrame(
-            parts["comp"][best], index=table.obs_names, columns=model.cell_types
-        )
+        table.obsm[PRED_COMPOSITION_KEY] = pd.DataFrame(parts["comp"], index=table.obs_names, columns=model.cell_types)
     elif getattr(model, "reference_names", None):
         _types_from_reference(table, model)
     return table
