@@ -260,10 +260,9 @@ def fit(
     check_int("num_workers", num_workers, 0)
     check_number("lr", lr, positive=True)
     check_number("weight_decay", weight_decay, positive=False)
-    if isinstance(color_jitter, bool) or not isinstance(color_jitter, int | float) or not 0 <= color_jitter < 1:
-        raise ValueError(f"`color_jitter` must be a fraction in [0, 1), got {color_jitter!r}.")
-    if isinstance(stain_jitter, bool) or not isinstance(stain_jitter, int | float) or not 0 <= stain_jitter < 1:
-        raise ValueError(f"`stain_jitter` must be a fraction in [0, 1), got {stain_jitter!r}.")
+    for name, value in (("color_jitter", color_jitter), ("stain_jitter", stain_jitter)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise ValueError(f"`{name}` must be a fraction in [0, 1), got {value!r}.")
     if isinstance(precision, bool) or precision not in PRECISIONS:
         raise ValueError(f"`precision` must be one of {list(PRECISIONS)}, got {precision!r}.")
     max_time = _check_max_time(max_time)
