@@ -401,6 +401,14 @@ def load_sections(names: list[str], args: argparse.Namespace) -> dict[str, dict]
     return sections
 
 
+def genes_measured_in(sections: dict[str, dict], names: list[str]) -> pd.Index:
+    """The genes every one of ``names`` measured (in the first section's order)."""
+    genes = sections[names[0]]["counts"].columns
+    for name in names[1:]:
+        genes = genes.intersection(sections[name]["counts"].columns)
+    return genes
+
+
 def spot_features_cached(name: str, rgb: np.ndarray, labels: np.ndarray, spots: pd.DataFrame, cache: Path):
     """:func:`spot_features` of all of a section's spots, cached next to its segmentation."""
     path = cache / f"{name}_ridge_features.npz"
@@ -467,9 +475,7 @@ def run_split(sections: dict[str, dict], train: list[str], test: str, args: argp
         features[name] = section["features"][keep]
         sdatas[name] = build_sdata(section["rgb"], section["labels"], spots[name], counts[name])
 
-    everywhere = counts[test].columns
-    for name in train:
-        everywhere = everywhere.intersection(counts[name].columns)
+    everywhere = genes_measured_in(sections, [test, *train])
     # on all training spots, so that the evaluated genes do not depend on --min-train-umi
     genes = choose_genes({n: sections[n]["counts"] for n in train}, everywhere, args.n_genes)
     eval_genes = genes[: args.n_eval_genes]
@@ -614,10 +620,7 @@ def train_final_model(sections: dict[str, dict], folds: list[dict], cv: pd.DataF
     import tempfile
 
     names = list(sections)
-    everywhere = sections[names[0]]["counts"].columns
-    for name in names[1:]:
-        everywhere = everywhere.intersection(sections[name]["counts"].columns)
-    genes = choose_genes({n: sections[n]["counts"] for n in names}, everywhere, args.n_genes)
+    genes = choose_genes({n: sections[n]["counts"] for n in names}, genes_measured_in(sections, names), args.n_genes)
     sdatas = {n: build_sdata(s["rgb"], s["labels"], s["spots"], s["counts"]) for n, s in sections.items()}
     with tempfile.TemporaryDirectory(dir=args.out) as folder:
         tiles = spot_tiles(sdatas, genes, args, Path(folder) / "tiles.zarr")
