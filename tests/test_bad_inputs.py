@@ -530,10 +530,15 @@ def test_predict_not_sdata(kind, base, model):
         ghist.tl.predict(_not_sdata(kind, base), model, tile_overlap=4, progress=False)
 
 
-@pytest.mark.parametrize("bad", ["path", None])
+@pytest.mark.parametrize("bad", [3, {"genes": ["EPCAM"]}])
 def test_predict_model_not_a_model(bad, sdata):
     with pytest.raises(TypeError, match="GHISTModel"):
-        ghist.tl.predict(sdata, "model/" if bad == "path" else None, tile_overlap=4, progress=False)
+        ghist.tl.predict(sdata, bad, tile_overlap=4, progress=False)
+
+
+def test_predict_model_path_that_does_not_exist(sdata, tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a bundled model"):
+        ghist.tl.predict(sdata, tmp_path / "model", tile_overlap=4, progress=False)
 
 
 @pytest.mark.parametrize(("arg", "key", "existing"), [("image_key", "hne", "he"), ("labels_key", "cells", "nuclei")])

@@ -28,7 +28,7 @@ def _loaded_after(code: str) -> list[str]:
     [
         pytest.param("import ghist", id="import ghist"),
         # The subpackages are imported by ``import ghist``; listed so that a lazy package could not hide them.
-        pytest.param("import ghist.pp, ghist.tl, ghist.pl, ghist.datasets", id="subpackages"),
+        pytest.param("import ghist.pp, ghist.tl, ghist.pl, ghist.datasets, ghist.models", id="subpackages"),
     ],
 )
 def test_import_is_light(code):

@@ -8,13 +8,14 @@ from . import (
     _logging,  # noqa: F401  (sets up the "ghist" logger)
     datasets,
     io,
+    models,
     pl,
     pp,
     tl,
 )
 from ._version import __version__
 
-__all__ = ["GHISTModel", "__version__", "datasets", "io", "pl", "pp", "tl"]
+__all__ = ["GHISTModel", "__version__", "datasets", "io", "models", "pl", "pp", "tl"]
 
 
 def __getattr__(name: str):

@@ -18,6 +18,7 @@ import pandas as pd
 from anndata import AnnData
 from spatialdata import SpatialData
 
+from .._bundled_models import resolve_model
 from .._constants import (
     COHORT_SE_LAYER,
     IMAGE_KEY,
@@ -46,7 +47,7 @@ _RESERVED = ("image_key", "labels_key", "key_added", "overwrite", "progress")
 @doc_params(image_key=doc_image_key, labels_key=doc_labels_key, progress=doc_progress)
 def predict_cohort(
     slides: Mapping[str, SpatialData | str | os.PathLike],
-    model: GHISTModel,
+    model: GHISTModel | str | os.PathLike | None = None,
     *,
     image_key: str = IMAGE_KEY,
     labels_key: str = LABELS_KEY,
@@ -89,7 +90,8 @@ def predict_cohort(
         Sample id -> a :class:`~spatialdata.SpatialData` or the path of a SpatialData zarr store (read with
         :func:`spatialdata.read_zarr` where the slide is predicted).
     model
-        A trained :class:`ghist.GHISTModel`.
+        A trained :class:`ghist.GHISTModel`, a shipped model's name (:func:`ghist.models.available`), a saved
+        model's folder, or ``None`` for :data:`ghist.models.DEFAULT_MODEL` (as in :func:`ghist.tl.predict`).
     {image_key}
     {labels_key}
     client
@@ -162,11 +164,8 @@ def predict_cohort(
     >>> cohort = ghist.tl.predict_cohort(paths, model, client=Client(n_workers=4))  # doctest: +SKIP
 
     """
-    from .._model import GHISTModel
     from .._version import __version__
 
-    if not isinstance(model, GHISTModel):
-        raise TypeError(f"`model` must be a GHISTModel (from `ghist.tl.fit` or `GHISTModel.load`), got {type(model)}.")
     if not isinstance(slides, Mapping):
         raise TypeError(f"`slides` must be a mapping of sample id -> SpatialData or zarr path, got {type(slides)}.")
     if len(slides) == 0:
@@ -176,6 +175,7 @@ def predict_cohort(
         raise TypeError(f"{reserved} are set by `predict_cohort`; pass `image_key`/`labels_key` to it directly.")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"`on_error` must be 'raise' or 'skip', got {on_error!r}.")
+    model = resolve_model(model)
     samples = [str(s) for s in slides]
     if len(set(samples)) != len(samples):
         raise ValueError("Sample ids of `slides` are not unique once converted to strings.")

@@ -18,6 +18,7 @@ from anndata import AnnData
 from spatialdata import SpatialData
 from spatialdata.models import TableModel
 
+from .._bundled_models import resolve_model
 from .._constants import (
     IMAGE_KEY,
     INSTANCE_KEY,
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 )
 def predict(
     sdata: SpatialData,
-    model: GHISTModel,
+    model: GHISTModel | str | os.PathLike | None = None,
     *,
     image_key: str = IMAGE_KEY,
     labels_key: str = LABELS_KEY,
@@ -87,7 +88,9 @@ def predict(
     sdata
         SpatialData with the H&E image and the nucleus labels (no measured table needed).
     model
-        A trained :class:`ghist.GHISTModel`.
+        A trained :class:`ghist.GHISTModel`, the name of a model shipped with ghist (:func:`ghist.models.available`)
+        or the folder of a saved model. ``None`` uses :data:`ghist.models.DEFAULT_MODEL` (a breast H&E model trained
+        on spots; its card, :func:`ghist.models.card`, says what it can and cannot do) and logs which model it used.
     {image_key}
     {labels_key}
     key_added
@@ -148,6 +151,10 @@ def predict(
     >>> import ghist
     >>> sdata = ghist.datasets.synthetic(seed=1)
     >>> table = ghist.tl.predict(sdata, model)  # doctest: +SKIP
+
+    With no model, the bundled breast model (here on an H&E image with nuclei and nothing else):
+
+    >>> table = ghist.tl.predict(sdata)  # doctest: +SKIP
     >>> import squidpy as sq
     >>> sq.gr.spatial_neighbors_knn(table)  # doctest: +SKIP
     >>> sq.gr.nhood_enrichment(table, cluster_key="ghist_cell_type")  # doctest: +SKIP
@@ -155,7 +162,6 @@ def predict(
     """
     from torch.utils.data import DataLoader
 
-    from .._model import GHISTModel
     from .._model._data import SLIDE_CELL_KEYS, SlideTileDataset, collate_slide_tiles, worker_context
     from .._model._device import resolve_device
     from .._model._inference import Predictor, refine_indices
@@ -175,8 +181,7 @@ def predict(
             f"`sdata` must be a SpatialData with the H&E image and the nucleus labels, got {type(sdata).__name__}"
             + (" (a table: pass the SpatialData that holds it and its image)." if isinstance(sdata, AnnData) else ".")
         )
-    if not isinstance(model, GHISTModel):
-        raise TypeError(f"`model` must be a GHISTModel (from `ghist.tl.fit` or `GHISTModel.load`), got {type(model)}.")
+    model = resolve_model(model)
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
     # Labels of another pixel size under the same transformation would pair every nucleus with the wrong pixels.
