@@ -37,7 +37,13 @@ library="all", panel_share=<that share>)``); ``pearson_raw`` correlates ``log1p`
 without per-spot normalisation. Prints one line per phase with its run time, then LAST ``ghist_pearson=...
 ridge_pearson=... seconds=...``. Writes to ``--out``: ``results.json`` (settings, per-gene correlations, timings),
 ``c4_spots.csv`` (measured and predicted spot expression of the evaluated genes), ``her2st_c4.png`` (per-gene
-correlations of both methods and the best gene's maps) and the trained model."""
+correlations of both methods and the best gene's maps) and the trained model.
+
+Uncertainty: on the held-out spots, the coverage of the nominal 90% interval of each spot's predicted ``log1p`` sum
+(its ``ghist_std`` from ``ghist.tl.aggregate_to_spots``) around the measured counts scaled as training targets are,
+and Spearman's rho between a spot's mean std and its mean absolute error (``calibration`` in ``results.json``; see
+``spot_calibration``). ``--rescore`` scores the models a previous run saved in ``--out`` again instead of training
+(``rescore.json``; with ``--cv`` also ``cv_rescore.json``)."""
 
 from __future__ import annotations
 
@@ -259,6 +265,48 @@ def evaluate_on_spots(
     }
 
 
+def spot_calibration(test: sd.SpatialData, spot_scaling: str) -> dict:
+    """Calibration of the predicted spread on the held-out spots, on the scale the model was trained on.
+
+    ``ghist.tl.aggregate_to_spots`` sums the predicted nuclei of each spot and carries their ``ghist_std`` to the sum
+    (delta method); the measured spots are scaled as ``make_tiles`` scales training targets (1e4 times the spot's
+    nuclei over the median, per spot; or one factor per section). Reports the coverage of ``log1p`` sum ``+- 1.645 *
+    std`` (nominal 90%) over all spots x genes, its range over genes, and Spearman's rho between a spot's mean std
+    and its mean absolute error over genes (do wider intervals mark worse spots?).
+    """
+    from scipy.stats import spearmanr
+
+    pseudo = ghist.tl.aggregate_to_spots(
+        test, spots_key="spots", spots_table_key="spot_counts", key_added="ghist_spots_std", overwrite=True
+    )
+    measured = test.tables["spot_counts"][pseudo.obs_names]
+    counts = measured.X.toarray() if sp.issparse(measured.X) else np.asarray(measured.X)
+    library = counts.sum(axis=1).astype(np.float64)
+    n_cells = pseudo.obs["n_cells"].to_numpy(dtype=np.float64)
+    keep = (library > 0) & (n_cells > 0)
+    if spot_scaling == "spot":
+        factor = TARGET_SUM * n_cells / np.median(n_cells[keep]) / np.maximum(library, 1)
+    else:
+        factor = np.full(library.size, TARGET_SUM / np.median(library[library > 0]))
+    genes = list(pseudo.var_names)
+    column = pd.Index(measured.var_names).get_indexer(genes)
+    target = np.log1p(counts[:, column] * factor[:, None])[keep]
+    mean = np.log1p(np.asarray(pseudo.X, dtype=np.float64))[keep]
+    std = np.asarray(pseudo.layers["ghist_std"], dtype=np.float64)[keep]
+    error = np.abs(target - mean)
+    inside = error <= 1.645 * std
+    per_gene = inside.mean(axis=0)
+    return {
+        "coverage_90": float(inside.mean()),
+        "coverage_90_gene_min": float(per_gene.min()),
+        "coverage_90_gene_median": float(np.median(per_gene)),
+        "coverage_90_gene_max": float(per_gene.max()),
+        "spearman_spot_std_vs_error": float(spearmanr(std.mean(axis=1), error.mean(axis=1)).statistic),
+        "spots": int(keep.sum()),
+        "genes": len(genes),
+    }
+
+
 class WeightSnapshots(Callback):
     """Keeps a copy of the network's weights every ``every`` epochs, to be scored after the timed run."""
 
@@ -361,6 +409,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--curve-every", type=int, default=0, help="also score the test section every N epochs, after the timed run"
     )
     parser.add_argument("--baseline-only", action="store_true", help="stop after the ridge baseline")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the models a previous run saved in --out (fold_<section>/model with --cv) instead of training",
+    )
     parser.add_argument(
         "--final-model",
         type=Path,
@@ -507,7 +560,10 @@ def run_split(sections: dict[str, dict], train: list[str], test: str, args: argp
     snapshots = WeightSnapshots(args.curve_every) if args.curve_every > 0 else None
     t0 = time.perf_counter()
     callbacks = [snapshots] if snapshots is not None else None
-    model = fit_spots(tiles, args, out / "checkpoints", args.max_steps, callbacks)
+    if args.rescore:
+        model = ghist.GHISTModel.load(out / "model")
+    else:
+        model = fit_spots(tiles, args, out / "checkpoints", args.max_steps, callbacks)
     timings["fit"] = time.perf_counter() - t0
     history = model.history_
     spot_loss = history["train/spot"].to_numpy() if "train/spot" in history else np.array([np.nan])
@@ -516,7 +572,8 @@ def run_split(sections: dict[str, dict], train: list[str], test: str, args: argp
         f"spot_loss_first={spot_loss[0]:.3f} spot_loss_last={spot_loss[-1]:.3f}",
         flush=True,
     )
-    model.save(out / "model", overwrite=True)
+    if not args.rescore:
+        model.save(out / "model", overwrite=True)
 
     t0 = time.perf_counter()
     test_sdata = sdatas[test]
@@ -526,6 +583,8 @@ def run_split(sections: dict[str, dict], train: list[str], test: str, args: argp
     scores = evaluate_on_spots(model, test_sdata, truth, train_counts, genes, eval_genes, **predict_kwargs)
     timings["predict"] = time.perf_counter() - t0
     r_ghist, r_raw, r_cells, pred = scores["r"], scores["r_raw"], scores["r_cells"], scores["pred"]
+    calibration = spot_calibration(test_sdata, args.spot_scaling)
+    print("calibration " + " ".join(f"{k}={v:.3f}" for k, v in calibration.items()), flush=True)
     print(
         f"predict_s={timings['predict']:.1f} cells_predicted={scores['n_cells']} "
         f"ghist_pearson_raw={np.nanmean(r_raw):.4f} n_cells_only_pearson={np.nanmean(r_cells):.4f}",
@@ -545,6 +604,7 @@ def run_split(sections: dict[str, dict], train: list[str], test: str, args: argp
         "ghist_pearson_raw": float(np.nanmean(r_raw)),
         "ridge_pearson": float(np.nanmean(r_ridge)),
         "n_cells_only_pearson": float(np.nanmean(r_cells)),
+        "calibration": calibration,
         "per_gene": pd.DataFrame({"ghist": r_ghist, "ghist_raw": r_raw, "ridge": r_ridge}).to_dict(orient="index"),
         "epochs": len(history),
         "steps": int(history["step"].max()),
@@ -559,7 +619,9 @@ def run_split(sections: dict[str, dict], train: list[str], test: str, args: argp
 
         results["curve"] = learning_curve(model, snapshots.snapshots, score)
     results["total_s"] = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    (out / ("rescore.json" if args.rescore else "results.json")).write_text(
+        json.dumps(results, indent=1, default=float)
+    )
     print(
         f"ghist_pearson={results['ghist_pearson']:.4f} ridge_pearson={results['ridge_pearson']:.4f} "
         f"genes={len(eval_genes)} test={test} seconds={results['total_s']:.1f}",
@@ -596,6 +658,9 @@ def main(argv: list[str] | None = None) -> None:
         index=pd.Index(args.sections, name="held_out"),
     )
     table["ghist_minus_ridge"] = table["ghist"] - table["ridge"]
+    if all("calibration" in f for f in folds):
+        for key in ("coverage_90", "spearman_spot_std_vs_error"):
+            table[key] = [f["calibration"][key] for f in folds]
     print(table.round(4).to_string())
     summary = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -605,13 +670,15 @@ def main(argv: list[str] | None = None) -> None:
         "ghist_beats_ridge_on_every_fold": bool((table["ghist_minus_ridge"] > 0).all()),
         "total_s": time.perf_counter() - start,
     }
-    (args.out / "cv.json").write_text(json.dumps(summary, indent=1, default=float))
+    (args.out / ("cv_rescore.json" if args.rescore else "cv.json")).write_text(
+        json.dumps(summary, indent=1, default=float)
+    )
     print(
         f"LAST cv ghist_mean={summary['ghist_mean']:.4f} ridge_mean={summary['ridge_mean']:.4f} "
         f"folds={len(folds)} seconds={summary['total_s']:.1f}",
         flush=True,
     )
-    if args.final_model is not None:
+    if args.final_model is not None and not args.rescore:
         train_final_model(sections, folds, table, args)
 
 

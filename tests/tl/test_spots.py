@@ -135,3 +135,25 @@ def test_errors():
     sdata.shapes["spots"].attrs["transform"] = {"other": Identity()}
     with pytest.raises(ValueError, match="share no coordinate system"):
         ghist.tl.aggregate_to_spots(sdata)
+
+
+def test_spot_std_by_the_delta_method():
+    sdata = _make("identity")
+    table = sdata.tables["ghist"]
+    std = np.array([[0.1, 0.2, 0.3], [0.4, 0.0, 0.5], [0.2, 0.2, 0.2], [0.05, 0.3, 0.1], [9.0, 9.0, 9.0]])
+    table.layers["ghist_std"] = std.astype(np.float32)
+    out = ghist.tl.aggregate_to_spots(sdata)
+    # var[log1p S] = sum_i (1 + c_i)^2 sigma_i^2 / (1 + S)^2 over the spot's cells; cell 4 is in no spot
+    for row, cells in [(0, [0, 1]), (1, [2, 3])]:
+        total = COUNTS[cells].sum(0)
+        var = ((1 + COUNTS[cells]) ** 2 * std[cells] ** 2).sum(0) / (1 + total) ** 2
+        np.testing.assert_allclose(out.layers["ghist_std"][row], np.sqrt(var), rtol=1e-4)
+    np.testing.assert_array_equal(out.layers["ghist_std"][2], 0)  # no cells: a sum of nothing
+
+
+def test_spot_std_absent_without_cell_std_and_refused_when_invalid():
+    sdata = _make("identity")
+    assert "ghist_std" not in ghist.tl.aggregate_to_spots(sdata).layers
+    sdata.tables["ghist"].layers["ghist_std"] = np.full((5, 3), np.nan, dtype=np.float32)
+    with pytest.raises(ValueError, match="ghist_std"):
+        ghist.tl.aggregate_to_spots(sdata, overwrite=True)

@@ -11,7 +11,7 @@ from anndata import AnnData
 from spatialdata import SpatialData
 from spatialdata.models import TableModel, get_table_keys
 
-from .._constants import PRED_KEY, REGION_KEY, SPATIAL_KEY, SPOTS_KEY, UNS_KEY
+from .._constants import PRED_KEY, PRED_STD_LAYER, REGION_KEY, SPATIAL_KEY, SPOTS_KEY, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._spatial import element_affine, shared_coordinate_system
 from .._spot_membership import assign_to_spots, membership_matrix, spot_geometry
@@ -73,7 +73,10 @@ def aggregate_to_spots(
     Returns
     -------
     The spots x genes :class:`~anndata.AnnData`, also written to ``sdata.tables[key_added]``: ``X`` the summed
-    predicted counts (``float32``), ``obs["n_cells"]`` the number of cells in each spot, ``obsm["spatial"]`` the
+    predicted counts (``float32``), ``obs["n_cells"]`` the number of cells in each spot, ``layers["ghist_std"]``
+    (when the prediction table has it) the predictive standard deviation of ``log1p`` of each sum, from the cells'
+    ``layers["ghist_std"]`` by the delta method with cells independent (the rule spot-trained models are
+    calibrated with in :func:`ghist.tl.fit`), ``obsm["spatial"]`` the
     spot centres in the spots' intrinsic coordinates, ``uns["ghist"]["aggregate_to_spots"]`` the settings. It is a
     :class:`~spatialdata.models.TableModel` annotating ``spots_key``.
 
@@ -171,6 +174,8 @@ def pseudo_spots(
 
     obs["n_cells"] = np.asarray(membership.sum(axis=1)).ravel().astype(np.int64)
     out = AnnData(X=summed.astype(np.float32), obs=obs, var=pd.DataFrame(index=table.var_names.copy()))
+    if PRED_STD_LAYER in table.layers:
+        out.layers[PRED_STD_LAYER] = _spot_std(table, cell_row, len(order))
     out.obsm[SPATIAL_KEY] = geometry.centres[order]
     out.uns[UNS_KEY] = {
         "aggregate_to_spots": {
@@ -187,6 +192,31 @@ def pseudo_spots(
     }
     out = TableModel.parse(out, region=spots_key, region_key=region_key, instance_key=instance_key)
     return out, cell_row
+
+
+def _spot_std(table: AnnData, cell_row: np.ndarray, n_spots: int) -> np.ndarray:
+    """Predictive std of ``log1p`` of each spot's summed counts, from the cells' ``ghist_std`` (delta method).
+
+    The rule :func:`ghist.tl.fit` calibrates spot-trained models with (cells independent), so that a spot model's
+    pseudo-spots carry the spread its calibration was fitted for.
+    """
+    import torch
+
+    from .._model._uncertainty import spot_variance
+
+    def dense(values) -> np.ndarray:
+        return np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float32)
+
+    std = dense(table.layers[PRED_STD_LAYER])
+    if not np.isfinite(std).all() or (std < 0).any():
+        raise ValueError(
+            f"`layers[{PRED_STD_LAYER!r}]` holds negative, NaN or infinite values; expected the standard deviations "
+            "written by `ghist.tl.predict`."
+        )
+    with np.errstate(divide="ignore"):
+        log_var = torch.from_numpy(2 * np.log(std))
+    _, var = spot_variance(torch.from_numpy(dense(table.X)), log_var, torch.from_numpy(cell_row), n_spots)
+    return np.sqrt(var.numpy()).astype(np.float32)
 
 
 def _spot_rows(
