@@ -713,6 +713,18 @@ def model_card(args, cv: pd.DataFrame, genes: list[str], sections: dict, steps: 
         f"| {name} | {r.ghist:.3f} | {r.ridge:.3f} | {r.ghist_minus_ridge:+.3f} |" for name, r in cv.iterrows()
     )
     n_spots = sum(len(s["spots"]) for s in sections.values())
+    overlap = args.tile_size // 2 - 1 if args.tile_overlap is None else args.tile_overlap
+    calibration = ""
+    if "coverage_90" in cv:
+        per_fold = ", ".join(
+            f"{name} {r.coverage_90:.2f} (rho {r.spearman_spot_std_vs_error:.2f})" for name, r in cv.iterrows()
+        )
+        calibration = (
+            '\nUncertainty (`layers["ghist_std"]`, carried to spots by `ghist.tl.aggregate_to_spots`): fraction of '
+            f"the held-out spots' measured values (scaled as training targets, all {len(genes)} genes) inside the "
+            "predicted sum's nominal 90% interval, and Spearman's rho between a spot's mean spread and its mean "
+            f"absolute error: {per_fold}.\n"
+        )
     return f"""# her2st-breast-spots
 
 A GHIST network trained on spot-level spatial transcriptomics of HER2-positive breast cancer, predicting {len(genes)}
@@ -738,7 +750,8 @@ float16 (loaded as float32). No cell types were trained (spot supervision); give
 
 ## Cross-validated accuracy (leave-one-section-out)
 Each fold trains on the other sections with exactly these settings (genes chosen on its training sections) and predicts
-the held-out one with `ghist.tl.predict` defaults (no test-time augmentation); predicted nuclei are summed per spot and
+the held-out one with `ghist.tl.predict` (tile overlap {overlap} px, {"with" if not args.no_tta else "no"} test-time
+augmentation); predicted nuclei are summed per spot and
 log-normalised like the measurements. Metric: Pearson correlation over the held-out spots, averaged over the
 {args.n_eval_genes} most variable genes. Baseline: ridge regression on hand-made spot features (colour, stain,
 texture, nucleus statistics), trained on the same spots.
@@ -747,7 +760,7 @@ texture, nucleus statistics), trained on the same spots.
 |---|---|---|---|
 {rows}
 | **mean** | **{cv["ghist"].mean():.3f}** | **{cv["ridge"].mean():.3f}** | {cv["ghist_minus_ridge"].mean():+.3f} |
-
+{calibration}
 ## Intended use
 Exploratory maps of relative expression of breast-cancer genes from H&E, at the level of groups of cells (spots,
 regions, slides): e.g. per-slide features for cohort analyses (`ghist.tl.predict_cohort`), or a starting point to
