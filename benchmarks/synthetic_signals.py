@@ -20,6 +20,7 @@ Example::
     python benchmarks/synthetic_signals.py                       # 10-minute fit, as in the README
     python benchmarks/synthetic_signals.py --max-time 00:01:00   # a quick look
     python benchmarks/synthetic_signals.py --no-fit              # oracle and ridge only
+    python benchmarks/synthetic_signals.py --max-steps 216 --context-neighbours 8  # with neighbourhood context
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ def main() -> None:
         help="a step budget instead of time (load-independent; the README's 10 min are ~216 steps)",
     )
     parser.add_argument("--width", type=int, default=32)
+    parser.add_argument(
+        "--context-neighbours", type=int, default=0, help="fit's neighbourhood context (k nearest cells; 0: none)"
+    )
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -163,7 +167,13 @@ def main() -> None:
             ref = ghist.pp.reference_profiles(ghist.datasets.synthetic_reference(), "cell_type")
             start = time.perf_counter()
             model = ghist.tl.fit(
-                tiles, reference=ref, width=args.width, max_time=args.max_time, max_steps=args.max_steps, progress=False
+                tiles,
+                reference=ref,
+                width=args.width,
+                max_time=args.max_time,
+                max_steps=args.max_steps,
+                context_neighbours=args.context_neighbours,
+                progress=False,
             )
             fit_s = time.perf_counter() - start
             hist = model.history_

@@ -65,6 +65,9 @@ class GHISTModel:
         :func:`ghist._model._encoder.prepare_encoder`, or as saved), or ``None``.
     encoder_module
         The encoder itself (see :func:`ghist.tl.fit`'s ``encoder``); ``None`` rebuilds a timm encoder by name.
+    context_neighbours
+        Mix each cell's embedding with the mean of its ``k`` nearest cells' before the heads (see
+        :func:`ghist.tl.fit`); 0: no neighbourhood context.
 
     Attributes
     ----------
@@ -102,6 +105,7 @@ class GHISTModel:
         expr_scale: float = EXPR_SCALE,
         encoder: Mapping[str, Any] | None = None,
         encoder_module: torch.nn.Module | None = None,
+        context_neighbours: int = 0,
     ):
         if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
             raise TypeError(f"`genes` must be a list of gene names; got {type(genes).__name__} {genes!r:.60}.")
@@ -116,6 +120,7 @@ class GHISTModel:
             _check_unique(cell_types, "cell_types")
         check_int("width", width, 1)
         check_int("embed_dim", embed_dim, 1)
+        check_int("context_neighbours", context_neighbours, 0)
         # five levels halve the tile four times; batch norm needs more than one value per channel at the deepest
         check_int("tile_size", tile_size, 32)
         if pixel_size is not None:
@@ -159,6 +164,7 @@ class GHISTModel:
             "std": std,
             "pixel_size": None if pixel_size is None else float(pixel_size),
             "expr_scale": float(expr_scale),
+            "context_neighbours": int(context_neighbours),
         }
         type_index = {t: i for i, t in enumerate(cell_types or [])}
         network_groups = {name: [type_index[t] for t in members] for name, members in groups.items()}
@@ -185,6 +191,7 @@ class GHISTModel:
             width=int(width),
             embed_dim=int(embed_dim),
             feature_encoder=feature_encoder,
+            context_neighbours=int(context_neighbours),
         )
         # After the network, under its own random state: the network's initialisation is what it was without it.
         self.uncertainty_head: VarianceHead | None = make_variance_head(int(embed_dim), len(genes))

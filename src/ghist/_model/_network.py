@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._backbone import UNet3Plus, fuse_conv_bn_
+from ._context import NeighbourContext, cell_centroids
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,9 @@ class GHISTNetwork(nn.Module):
     feature_encoder
         Optional :class:`~ghist._model._encoder.FeatureEncoder` (a pretrained encoder's per-nucleus features),
         concatenated to the embedding MLP's input.
+    context_neighbours
+        With ``k > 0``, each cell's embedding is mixed with the mean embedding of its ``k`` nearest cells of the
+        tile before the heads (:class:`~ghist._model._context.NeighbourContext`); 0: no context.
 
     Examples
     --------
@@ -258,6 +262,7 @@ class GHISTNetwork(nn.Module):
         upsample_first: bool = False,
         encoder: nn.Module | None = None,
         feature_encoder: nn.Module | None = None,
+        context_neighbours: int = 0,
     ):
         super().__init__()
         if n_genes < 1:
@@ -321,6 +326,14 @@ class GHISTNetwork(nn.Module):
         self.group_heads = nn.ModuleDict(
             {name: ExpressionHead(embed_dim, n_genes, query_dim, **head_kwargs) for name in clean_groups}
         )
+        if context_neighbours < 0:
+            raise ValueError(f"`context_neighbours` must be >= 0 (0: no context); got {context_neighbours}.")
+        # Built last: every other weight is initialised as without context, and the context starts as the identity.
+        self.context: NeighbourContext | None = (
+            NeighbourContext(embed_dim, context_neighbours, hidden=hidden, dropout=dropout)
+            if context_neighbours
+            else None
+        )
 
     # ------------------------------------------------------------------ pieces
     def pool_cells(
@@ -374,7 +387,7 @@ class GHISTNetwork(nn.Module):
         ``pixel_logits``
             ``(B, n_types + 1, T, T)`` (``(B, 2, T, T)`` without types), class 0 = background.
         ``embedding``
-            ``(N, embed_dim)`` cell embeddings.
+            ``(N, embed_dim)`` cell embeddings (after the neighbourhood context, if any).
         ``cell_area``
             ``(N,)`` int64 visible nucleus pixels of each cell in its tile.
         ``cell_logits``
@@ -403,6 +416,9 @@ class GHISTNetwork(nn.Module):
         if self.feature_encoder is not None:
             parts.append(self.feature_encoder(image, labels, cell_batch, n_cells).to(cell_means.dtype))
         embedding = self.embed(torch.cat(parts, dim=1))
+        if self.context is not None:
+            centroids, visible = cell_centroids(labels, n_cells)
+            embedding = self.context(embedding, centroids, visible, cell_batch)
         tile_embedding, _ = _segment_mean(embedding.float(), cell_batch, n_tiles)
 
         cell_logits = composition_logits = composition = None

@@ -94,6 +94,7 @@ def fit(
     encoder_weights: str | os.PathLike | None = None,
     encoder_trainable: bool = False,
     encoder_options: Mapping[str, Any] | None = None,
+    context_neighbours: int = 0,
     **trainer_kwargs: Any,
 ) -> GHISTModel:
     """Train the GHIST network on tiles cut by :func:`ghist.pp.make_tiles`.
@@ -219,6 +220,12 @@ def fit(
         ``"num_prefix_tokens"``, ``"patch_grid"`` (rows, columns), ``"timm_kwargs"`` (JSON keyword arguments of
         ``timm.create_model``, e.g. from the model card), ``"out_features"`` (projection size; default
         ``embed_dim``).
+    context_neighbours
+        Neighbourhood context: with ``k > 0`` each cell's embedding is mixed with the mean embedding of its ``k``
+        nearest cells (nucleus centroids) before the expression and cell-type heads, through a small MLP that starts
+        as the identity. Neighbours are the cells of the same tile; in :func:`ghist.tl.predict` each cell is
+        predicted from the tile where it lies farthest from the edges, so its neighbours across tile borders are in
+        view. 0 (default): no context.
     **trainer_kwargs
         Other :class:`lightning.pytorch.Trainer` arguments; ``callbacks=[...]`` are run after ghist's own
         (checkpointing, history, progress bar).
@@ -258,6 +265,7 @@ def fit(
     for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs), ("patience", patience)):
         check_int(name, value, 1, optional=True)
     check_int("num_workers", num_workers, 0)
+    check_int("context_neighbours", context_neighbours, 0)
     check_number("lr", lr, positive=True)
     check_number("weight_decay", weight_decay, positive=False)
     for name, value in (("color_jitter", color_jitter), ("stain_jitter", stain_jitter)):
@@ -303,6 +311,7 @@ def fit(
         pixel_size=pixel_size,
         encoder=encoder_config,
         encoder_module=encoder_module,
+        context_neighbours=context_neighbours,
     )
     module = GHISTModule(
         model.network,

@@ -1,0 +1,71 @@
+"""``fit(context_neighbours=)``: the context trains, is saved with the model, and predict uses it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ghist
+
+
+@pytest.fixture(scope="module")
+def context_model(tiles, tmp_path_factory):
+    return ghist.tl.fit(
+        tiles,
+        width=4,
+        embed_dim=16,
+        max_steps=12,
+        batch_size=4,
+        lr=3e-3,
+        seed=0,
+        precision="32-true",
+        progress=False,
+        checkpoint_dir=tmp_path_factory.mktemp("ckpt_context"),
+        context_neighbours=4,
+    )
+
+
+def test_context_is_trained(context_model):
+    assert context_model.init_params_["context_neighbours"] == 4
+    last = context_model.network.context.mix[-1]
+    # zero-initialised: any non-zero weight was learnt from the neighbours' embeddings
+    assert last.weight.abs().sum() > 0
+
+
+def test_context_survives_save_and_load(context_model, tmp_path):
+    context_model.save(tmp_path / "m")
+    loaded = ghist.GHISTModel.load(tmp_path / "m")
+    assert loaded.init_params_["context_neighbours"] == 4
+    for name, value in context_model.network.context.state_dict().items():
+        torch.testing.assert_close(loaded.network.context.state_dict()[name], value)
+
+
+def test_predict_with_context_depends_on_the_neighbours(context_model, test_sdata):
+    table = ghist.tl.predict(test_sdata, context_model, key_added="with", progress=False)
+    assert np.isfinite(table.X).all()
+    # the same weights with the context switched off predict differently: the context is used in predict
+    context = context_model.network.context
+    context_model.network.context = None
+    try:
+        plain = ghist.tl.predict(test_sdata, context_model, key_added="without", progress=False)
+    finally:
+        context_model.network.context = context
+    assert not np.allclose(np.asarray(table.X), np.asarray(plain.X))
+
+
+def test_models_saved_before_context_load_without_it(tmp_path):
+    import json
+
+    model = ghist.GHISTModel(["EPCAM", "PTPRC"], None, width=4, embed_dim=8, tile_size=32)
+    model.save(tmp_path / "old")
+    meta = tmp_path / "old" / "model.json"
+    settings = json.loads(meta.read_text())
+    del settings["init_params"]["context_neighbours"]
+    meta.write_text(json.dumps(settings))
+    assert ghist.GHISTModel.load(tmp_path / "old").network.context is None
+
+
+def test_bad_context_neighbours(tiles):
+    with pytest.raises(ValueError, match="context_neighbours"):
+        ghist.tl.fit(tiles, width=4, embed_dim=8, max_steps=1, progress=False, context_neighbours=-2)
