@@ -122,7 +122,9 @@ def test_predict_bad_inputs(trained, test_sdata):
     with pytest.raises(KeyError, match=r"not an image|not found"):
         ghist.tl.predict(test_sdata, trained, image_key="nuclei")
     with pytest.raises(TypeError, match="GHISTModel"):
-        ghist.tl.predict(test_sdata, "model")
+        ghist.tl.predict(test_sdata, 42)
+    with pytest.raises(FileNotFoundError, match="neither a bundled model"):
+        ghist.tl.predict(test_sdata, "no-such-model-folder")
     with pytest.raises(KeyError, match="refine_types"):
         ghist.tl.predict(test_sdata, trained, refine_types=["Unicorn"])
     with pytest.raises(ValueError, match="num_workers"):
