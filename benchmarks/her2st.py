@@ -799,7 +799,8 @@ fine-tune on your own spatial data. Input: an H&E image with nuclei (`ghist.pp.s
   sections before relying on it.
 - Supervised by spots of dozens of cells: per-cell values are the model's split of each spot's expression, never
   checked against single-cell measurements. Trust sums over groups of cells more than single cells.
-- Correlations above are modest (spot-level Pearson ~0.2-0.35 on held-out sections); predictions are relative, not
+- Correlations above are modest (spot-level Pearson {cv["ghist"].min():.2f}-{cv["ghist"].max():.2f} on held-out
+  sections); predictions are relative, not
   calibrated counts.
 - Not a medical device; not for diagnosis.
 """
