@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
+
+
+def dense(values, dtype=np.float64) -> np.ndarray:
+    """A table's matrix (sparse or dense) as a dense numpy array of ``dtype``."""
+    return np.asarray(values.toarray() if sp.issparse(values) else values, dtype=dtype)
 
 
 def column_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 from spatialdata.models import get_table_keys
 
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY
 from .._docs import doc_ax, doc_params, doc_save_show
+from .._stats import dense
 from .._validation import check_genes, check_number, get_image, get_table
 from ._utils import _check_crop, _check_sdata, _get_ax, _save_or_show
 
@@ -97,7 +97,7 @@ def expression(
             f"`sdata.tables[{pred_key!r}]` has no `obsm['spatial']`; expected centroids from `ghist.tl.predict`."
         )
     keep = _in_crop(xy, crop)
-    predicted = _dense(pred[keep, genes].X)
+    predicted = dense(pred[keep, genes].X)
     xy = xy[keep]
     measured = None
     if true_key is not None:
@@ -221,10 +221,6 @@ def cell_types(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _dense(X) -> np.ndarray:
-    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=float)
-
-
 def _in_crop(xy: np.ndarray, crop: tuple[float, float, float, float] | None) -> np.ndarray:
     if crop is None:
         return np.ones(len(xy), dtype=bool)
@@ -245,7 +241,7 @@ def _measured_for(true: AnnData, pred: AnnData, genes: list[str], layer: str | N
     check_genes(true.var_names, genes, where=f"`sdata.tables[{true_key!r}]`")
     rows = _match_rows(true, pred)
     X = true.layers[layer] if layer is not None else true.X
-    values = np.log1p(_dense(X[np.maximum(rows, 0)][:, true.var_names.get_indexer(genes)]))
+    values = np.log1p(dense(X[np.maximum(rows, 0)][:, true.var_names.get_indexer(genes)]))
     values[rows < 0] = np.nan
     return values
 

@@ -9,13 +9,12 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 from spatialdata import SpatialData
 from spatialdata.models import get_table_keys
 
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY, TABLE_KEY, UNS_KEY
-from .._stats import column_pearson, column_spearman, macro_f1
+from .._stats import column_pearson, column_spearman, dense, macro_f1
 from .._validation import check_genes, check_key_added, get_counts, get_table, table_of_region
 from ._spots import pseudo_spots
 
@@ -189,9 +188,9 @@ def _evaluate_cells(
     ti = true_index.get_indexer(common)
 
     counts = get_counts(true, layer=layer, where=f"`sdata.tables[{true_key!r}]`")
-    measured = _dense(counts[ti][:, true.var_names.get_indexer(genes)])
+    measured = dense(counts[ti][:, true.var_names.get_indexer(genes)])
     measured = np.log1p(measured)
-    predicted = _dense(pred[pi, genes].X)
+    predicted = dense(pred[pi, genes].X)
     coords = true.obsm[SPATIAL_KEY][ti] if SPATIAL_KEY in true.obsm else None
     result, attrs = _scores(predicted, measured, coords, genes, n_svg)
     attrs = {
@@ -232,8 +231,8 @@ def _evaluate_spots(
     panel = _scored_genes(pred, true, pred_key, true_key, None)
     genes = _scored_genes(pred, true, pred_key, true_key, genes)
     counts = get_counts(true, layer=layer, where=f"`sdata.tables[{true_key!r}]`")
-    measured = _dense(counts[:, true.var_names.get_indexer(panel)])
-    summed = _dense(pseudo[:, panel].X)
+    measured = dense(counts[:, true.var_names.get_indexer(panel)])
+    summed = dense(pseudo[:, panel].X)
 
     measured_library = measured.sum(axis=1)
     predicted_library = summed.sum(axis=1)
@@ -300,10 +299,6 @@ def _scored_genes(pred: AnnData, true: AnnData, pred_key: str, true_key: str, ge
     if not shared:
         raise KeyError(f"Tables {pred_key!r} and {true_key!r} share no gene; expected the predicted panel in both.")
     return check_genes(shared, genes, where=f"the genes shared by {pred_key!r} and {true_key!r}")
-
-
-def _dense(matrix) -> np.ndarray:
-    return np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=np.float64)
 
 
 def _scores(

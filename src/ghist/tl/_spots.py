@@ -15,6 +15,7 @@ from .._constants import PRED_KEY, PRED_STD_LAYER, REGION_KEY, SPATIAL_KEY, SPOT
 from .._docs import doc_params, doc_sdata
 from .._spatial import element_affine, shared_coordinate_system
 from .._spot_membership import assign_to_spots, membership_matrix, spot_geometry
+from .._stats import dense
 from .._validation import (
     _preview,
     check_key_added,
@@ -204,10 +205,7 @@ def _spot_std(table: AnnData, cell_row: np.ndarray, n_spots: int) -> np.ndarray:
 
     from .._model._uncertainty import spot_variance
 
-    def dense(values) -> np.ndarray:
-        return np.asarray(values.toarray() if sp.issparse(values) else values, dtype=np.float32)
-
-    std = dense(table.layers[PRED_STD_LAYER])
+    std = dense(table.layers[PRED_STD_LAYER], np.float32)
     if not np.isfinite(std).all() or (std < 0).any():
         raise ValueError(
             f"`layers[{PRED_STD_LAYER!r}]` holds negative, NaN or infinite values; expected the standard deviations "
@@ -215,7 +213,7 @@ def _spot_std(table: AnnData, cell_row: np.ndarray, n_spots: int) -> np.ndarray:
         )
     with np.errstate(divide="ignore"):
         log_var = torch.from_numpy(2 * np.log(std))
-    _, var = spot_variance(torch.from_numpy(dense(table.X)), log_var, torch.from_numpy(cell_row), n_spots)
+    _, var = spot_variance(torch.from_numpy(dense(table.X, np.float32)), log_var, torch.from_numpy(cell_row), n_spots)
     return np.sqrt(var.numpy()).astype(np.float32)
 
 
