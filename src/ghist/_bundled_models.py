@@ -37,15 +37,19 @@ class BundledModel:
     def path(self) -> Path:
         return BUNDLED_DIR / self.name
 
-    def settings(self) -> dict[str, Any]:
-        """The saved ``model.json`` (JSON only: cheap, and no torch)."""
+    def metadata_file(self) -> Path:
+        """Its ``model.json``; a FileNotFoundError saying the installation is incomplete if it is missing."""
         meta = self.path / "model.json"
         if not meta.is_file():
             raise FileNotFoundError(
                 f"The bundled model {self.name!r} has no files at {str(self.path)!r}; the ghist installation is "
                 "incomplete (reinstall ghist)."
             )
-        return json.loads(meta.read_text(encoding="utf-8"))
+        return meta
+
+    def settings(self) -> dict[str, Any]:
+        """The saved ``model.json`` (JSON only: cheap, and no torch)."""
+        return json.loads(self.metadata_file().read_text(encoding="utf-8"))
 
 
 DEFAULT_MODEL = "her2st-breast-spots"
@@ -79,7 +83,7 @@ def load_bundled(name: str) -> GHISTModel:
     from ._model import GHISTModel
 
     entry = get_bundled(name)
-    entry.settings()  # a clear error if the package data is missing
+    entry.metadata_file()  # a clear error if the package data is missing, before load reads the files
     return GHISTModel.load(entry.path)
 
 

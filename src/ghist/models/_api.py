@@ -32,8 +32,7 @@ def available() -> pd.DataFrame:
     """
     rows = []
     for entry in REGISTRY.values():
-        settings = entry.settings()
-        params = settings.get("init_params", settings)
+        params = entry.settings()["init_params"]
         size = sum(p.stat().st_size for p in entry.path.iterdir() if p.is_file())
         rows.append(
             {
@@ -43,8 +42,8 @@ def available() -> pd.DataFrame:
                 "supervision": entry.supervision,
                 "trained_on": entry.trained_on,
                 "data_terms": entry.data_terms,
-                "n_genes": len(params.get("genes", [])),
-                "pixel_size": params.get("pixel_size"),
+                "n_genes": len(params["genes"]),
+                "pixel_size": params["pixel_size"],
                 "default": entry.name == DEFAULT_MODEL,
                 "size_mb": round(size / 1e6, 2),
             }
