@@ -769,7 +769,7 @@ tiling="spots", tile_size={args.tile_size}, pixel_size={args.pixel_size})`, one 
 {len(genes)} most variable of the log-normalised spot counts (within-section variance, genes detected in >= 10% of
 spots). Network: width {args.width}, embed_dim {args.embed_dim}, batch {args.batch_size}, lr {args.lr}, seed
 {args.seed}, stain_jitter {args.stain_jitter}, color_jitter {args.color_jitter}, context_neighbours
-{getattr(args, "context_neighbours", 0)}; {steps} optimisation steps on the
+{args.context_neighbours}; {steps} optimisation steps on the
 CPU ({fit_s / 60:.0f} min, 2 cores), the same number of epochs as each cross-validation fold. Weights stored in
 float16 (loaded as float32). No cell types were trained (spot supervision); give `reference=` profiles to
 `ghist.pp.annotate_cell_types` on the predictions for cell types.
