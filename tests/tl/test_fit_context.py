@@ -69,3 +69,24 @@ def test_models_saved_before_context_load_without_it(tmp_path):
 def test_bad_context_neighbours(tiles):
     with pytest.raises(ValueError, match="context_neighbours"):
         ghist.tl.fit(tiles, width=4, embed_dim=8, max_steps=1, progress=False, context_neighbours=-2)
+
+
+def test_context_in_view_counts_cells_whose_neighbours_lay_in_their_tile():
+    from ghist.tl._predict import _context_in_view
+
+    # a row of cells 10 px apart: the 2 nearest of each are <= 20 px away (10 px for the middle ones)
+    parts = {"centroid": np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [30.0, 0.0]])}
+    parts["margin"] = np.array([25.0, 10.0, 9.0, 19.0])
+    # first: 2nd nearest at 20 <= 25; second: 10 <= 10; third: 10 > 9; last: 20 > 19
+    assert _context_in_view(parts, 2) == 0.5
+    assert _context_in_view(parts, 10) == 0.0  # more neighbours than cells: all the others
+    assert _context_in_view({"centroid": np.zeros((1, 2)), "margin": np.zeros(1)}, 8) == 1.0
+
+
+def test_predict_reports_how_often_the_context_saw_the_whole_neighbourhood(context_model, test_sdata, trained):
+    wide = ghist.tl.predict(test_sdata, context_model, key_added="wide", tile_overlap=31, progress=False)
+    none = ghist.tl.predict(test_sdata, context_model, key_added="none", tile_overlap=0, progress=False)
+    # overlapping tiles give cells near one tile's edge a tile where they sit farther in
+    assert 0 < none.uns["ghist"]["context_in_view"] < wide.uns["ghist"]["context_in_view"] <= 1
+    plain = ghist.tl.predict(test_sdata, trained, key_added="plain", progress=False)
+    assert plain.uns["ghist"]["context_in_view"] is None

@@ -144,7 +144,10 @@ def predict(
     - ``obsm["ghist_cell_type_proba"]``: class probabilities after refinement;
     - ``obsm["ghist_composition"]``: the cell-type composition the network estimated around the cell;
     - ``obsm["spatial"]``: nucleus centroids in the labels' pixel coordinates;
-    - ``uns["ghist"]``: the settings of this run.
+    - ``uns["ghist"]``: the settings of this run (``"params"``) and, for models with a neighbourhood context
+      (``fit(context_neighbours=k)``), ``"context_in_view"``: the fraction of cells whose ``k`` nearest cells on the
+      whole slide lay in the tile they were predicted from, so that their within-tile context was the slide's
+      (``None`` without context).
 
     Examples
     --------
@@ -243,6 +246,18 @@ def predict(
         loader, keep=("cell_id", *SLIDE_CELL_KEYS), progress=progress, total=len(loader), compact=_one_row_per_cell
     )
     table = _assemble_table(parts, model, grid, labels_key)
+    k = int(model.init_params_.get("context_neighbours", 0))
+    in_view = _context_in_view(parts, k) if k else None
+    if in_view is not None:
+        logger.info("Neighbourhood context: the %d nearest cells of %.1f%% of cells were in view", k, 100 * in_view)
+        if in_view < 0.9:
+            logger.warning(
+                "Only %.0f%% of cells had their %d nearest cells in the tile they were predicted from; a larger "
+                "`tile_overlap` (up to %d) gives each cell a tile with more of its neighbourhood in view.",
+                100 * in_view,
+                k,
+                model.tile_size // 2 - 1,
+            )
     if region is not None:
         keep = cells_in_region(table.obsm[SPATIAL_KEY], region)
         table = table[keep].copy()
@@ -262,7 +277,8 @@ def predict(
             "genes": list(model.genes),
             "cell_types": list(model.cell_types or []),
             "ghist_version": __version__,
-        }
+        },
+        "context_in_view": in_view,
     }
     table = TableModel.parse(table, region=labels_key, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
     _write_table(sdata, table, key_added, overwrite)
@@ -351,6 +367,23 @@ def _best_rows(parts: dict[str, np.ndarray]) -> np.ndarray:
     first = np.ones(order.size, dtype=bool)
     first[1:] = ids[order][1:] != ids[order][:-1]
     return order[first]
+
+
+def _context_in_view(parts: dict[str, np.ndarray], k: int) -> float:
+    """Fraction of cells whose ``k`` nearest cells on the whole slide all lay in the tile they were predicted from.
+
+    The network's neighbourhood context looks for a cell's nearest cells within its tile
+    (:mod:`ghist._model._context`); it equals the whole slide's when the ``k``-th nearest cell on the slide is no
+    farther from the cell's centroid than the nearest tile edge (``parts["margin"]`` of its best tile). Distances
+    are between visible centroids in pixels at the model's resolution.
+    """
+    from scipy.spatial import cKDTree
+
+    xy = parts["centroid"]
+    if len(xy) <= 1:
+        return 1.0
+    distance, _ = cKDTree(xy).query(xy, k=min(k, len(xy) - 1) + 1)  # the first is the cell itself
+    return float(np.mean(distance[:, -1] <= parts["margin"]))
 
 
 def _one_row_per_cell(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
