@@ -109,7 +109,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--signals", default="all")
     parser.add_argument("--strength", type=float, default=1.0)
-    parser.add_argument("--max-time", default="00:10:00", help="fit's time budget, DD:HH:MM:SS or HH:MM:SS")
+    parser.add_argument(
+        "--max-time",
+        default=None,
+        help="fit's time budget, DD:HH:MM:SS or HH:MM:SS (default: 00:10:00, or none when --max-steps is given)",
+    )
     parser.add_argument(
         "--max-steps",
         type=int,
@@ -123,6 +127,8 @@ def main() -> None:
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.max_time is None and args.max_steps is None:
+        args.max_time = "00:10:00"
 
     import torch
 
