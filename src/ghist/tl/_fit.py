@@ -225,7 +225,7 @@ def fit(
         nearest cells (nucleus centroids) before the expression and cell-type heads, through a small MLP that starts
         as the identity. Neighbours are the cells of the same tile; in :func:`ghist.tl.predict` each cell is
         predicted from the tile where it lies farthest from the edges, so its neighbours across tile borders are in
-        view. 0 (default): no context.
+        view (predict reports how often that held: ``uns["ghist"]["context_in_view"]``). 0 (default): no context.
     **trainer_kwargs
         Other :class:`lightning.pytorch.Trainer` arguments; ``callbacks=[...]`` are run after ghist's own
         (checkpointing, history, progress bar).
