@@ -1,10 +1,13 @@
 """Pins a small fit + predict: refactoring the house must not change what a seed gives.
 
 The pinned figures were written by ``python tests/test_regression.py --write`` on the code before the tile store,
-inference core and model state were split into their own modules (v0.1). Tiles are compared exactly; weights and
-predictions within float32 round-off (kernels differ between CPUs, so the last bits may too). The "predict" block was
-re-pinned once, deliberately, when the neighbourhood refinement's random factor became a tie-breaker (the pinned
-model is weak: 130 of its 149 cell types changed; tiles, weights and expression were unchanged).
+inference core and model state were split into their own modules (v0.1). Tile indices, labels and expression are
+compared exactly; tile images, weights and predictions within round-off (numpy's ``exp``/``sin`` and BLAS kernels
+differ between CPUs, and the H&E rendered on the AVX-512 machines that wrote the pin and on AVX2 ones is not
+byte-identical). The images are pinned as 16-px block means, added in 2026-12 from an AVX2 render of the same code.
+The "predict" block was re-pinned once, deliberately, when the neighbourhood refinement's random factor became a
+tie-breaker (the pinned model is weak: 130 of its 149 cell types changed; tiles, weights and expression were
+unchanged).
 """
 
 from __future__ import annotations
@@ -24,6 +27,21 @@ def _digest(array) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(array)).tobytes()).hexdigest()
 
 
+def block_means(image, block: int = 16) -> list[float]:
+    """Means of ``block`` x ``block`` pixel squares of an ``(..., y, x)`` image, rounded to 1e-3: a fingerprint that a
+    few pixels changed by round-off in the renderer's float kernels (which differ between CPUs) barely move."""
+    a = np.asarray(image, dtype=np.float64)
+    *lead, h, w = a.shape
+    a = a[..., : h - h % block, : w - w % block].reshape(*lead, h // block, block, w // block, block)
+    return np.round(a.mean(axis=(-3, -1)), 3).ravel().tolist()
+
+
+def assert_images_close(got: list[float], pinned: list[float]) -> None:
+    """Block means within 0.25 grey level: round-off flips a handful of pixels; any change in how tissue is drawn moves
+    whole blocks by more."""
+    np.testing.assert_allclose(got, pinned, rtol=0, atol=0.25)
+
+
 def run(tmp: Path) -> dict:
     import torch
     import zarr
@@ -41,7 +59,6 @@ def run(tmp: Path) -> dict:
         store = {
             name: _digest(root[name][...])
             for name in (
-                "images",
                 "labels",
                 "tiles/cell_ids",
                 "tiles/cell_offsets",
@@ -49,6 +66,7 @@ def run(tmp: Path) -> dict:
                 "samples/0/expr",
             )
         }
+        images_blocks = block_means(root["images"][...])
         model = ghist.tl.fit(
             tiles,
             width=4,
@@ -67,7 +85,13 @@ def run(tmp: Path) -> dict:
         test = ghist.datasets.synthetic(image_size=192, n_genes=24, seed=1)
         table = ghist.tl.predict(test, model, accelerator="cpu", progress=False, seed=0)
         return {
-            "tiles": {"n": len(tiles), "mean": tiles.mean.tolist(), "std": tiles.std.tolist(), "store": store},
+            "tiles": {
+                "n": len(tiles),
+                "mean": tiles.mean.tolist(),
+                "std": tiles.std.tolist(),
+                "store": store,
+                "images_blocks": images_blocks,
+            },
             "weights": weights,
             "predict": {
                 "cell_id": table.obs["cell_id"].astype(int).tolist(),
@@ -86,11 +110,14 @@ def test_same_seed_same_result_as_v0_1(tmp_path):
     got = run(tmp_path)
     assert got["tiles"]["n"] == pinned["tiles"]["n"]
     assert got["tiles"]["store"] == pinned["tiles"]["store"]
+    assert_images_close(got["tiles"]["images_blocks"], pinned["tiles"]["images_blocks"])
     np.testing.assert_allclose(got["tiles"]["mean"], pinned["tiles"]["mean"], rtol=1e-6)
     np.testing.assert_allclose(got["tiles"]["std"], pinned["tiles"]["std"], rtol=1e-6)
     assert got["weights"].keys() == pinned["weights"].keys()
     for name, value in pinned["weights"].items():
-        assert got["weights"][name] == pytest.approx(value, rel=1e-3, abs=1e-5), name
+        # Adam moves a parameter whose gradient is ~0 by a full step whichever sign round-off gives that gradient, so
+        # near-zero biases (sums of |w| ~ 0.01) differ by a few 1e-5 between CPUs while the predictions agree to 1e-6.
+        assert got["weights"][name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
     assert got["predict"]["cell_id"] == pinned["predict"]["cell_id"]
     np.testing.assert_allclose(got["predict"]["expr_mean"], pinned["predict"]["expr_mean"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(got["predict"]["expr_first"], pinned["predict"]["expr_first"], rtol=1e-3, atol=1e-3)

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,22 +15,27 @@ from skimage.measure import regionprops
 import ghist
 from ghist.datasets._signals import SIGNAL_GENES, SIGNALS
 
-# sha256 of the default output (H&E, nuclei, counts, centroids, types), written before the signals existed: turning
-# them off must give the very same slides (the regression test trains on the first two).
-DEFAULT_DIGESTS = {
-    (0, 256, 24): "99e59b2c90b6adbc096b7fb9ec4e72cf98868858a93442605f052e3c2eed5a6d",
-    (1, 192, 24): "664fefea25c08636cb3187c8425ca5adc8e4a48dfae42e93df23c525bb0f7cfa",
-    (1, 1024, None): "ecebc5610bf75e6da598bb0debcce9bae07d9832d7fb213cd8b992f063f5c7be",
-}
+from ..test_regression import assert_images_close, block_means
+
+# The default output (H&E, nuclei, counts, centroids, types) of three slides: turning the signals off must give the very
+# same slides (the regression test trains on the first two). First pinned as one sha256 before the signals existed;
+# the H&E's float kernels round differently on AVX-512 and AVX2 CPUs, so it is now pinned as 32-px block means and the
+# rest exactly (`python -m tests.datasets.test_synthetic_signals --write`, 2026-12, on an AVX2 machine).
+DEFAULT_PIN = Path(__file__).parents[1] / "data" / "synthetic_default.json"
+DEFAULTS = [(0, 256, 24), (1, 192, 24), (1, 1024, None)]
 
 
-def _digest(sdata) -> str:
+def _pin_key(seed, size, n_genes) -> str:
+    return f"seed={seed} size={size} n_genes={n_genes}"
+
+
+def _pin(sdata) -> dict:
     h = hashlib.sha256()
     t = sdata["table"]
-    for a in (sdata["he"].values, sdata["nuclei"].values, t.X.data, t.X.indices, t.X.indptr, t.obsm["spatial"],
+    for a in (sdata["nuclei"].values, t.X.data, t.X.indices, t.X.indptr, t.obsm["spatial"],
               t.obs["cell_type"].cat.codes.to_numpy()):  # fmt: skip
         h.update(np.ascontiguousarray(np.asarray(a)).tobytes())
-    return h.hexdigest()
+    return {"sha256": h.hexdigest(), "he_blocks": block_means(sdata["he"].values, block=32)}
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +64,12 @@ def features(sig_sdata):
             "n_small_dark": n_small_dark[order]}  # fmt: skip
 
 
-@pytest.mark.parametrize(("seed", "size", "n_genes"), list(DEFAULT_DIGESTS))
+@pytest.mark.parametrize(("seed", "size", "n_genes"), DEFAULTS)
 def test_default_output_unchanged(seed, size, n_genes):
     sdata = ghist.datasets.synthetic(seed=seed, image_size=size, n_genes=n_genes)
-    assert _digest(sdata) == DEFAULT_DIGESTS[(seed, size, n_genes)]
+    got, pinned = _pin(sdata), json.loads(DEFAULT_PIN.read_text())[_pin_key(seed, size, n_genes)]
+    assert got["sha256"] == pinned["sha256"]
+    assert_images_close(got["he_blocks"], pinned["he_blocks"])
     table = sdata["table"]
     assert "signals" not in table.uns["synthetic"]
     assert not set(SIGNALS) & set(table.obs.columns)
@@ -173,3 +182,9 @@ def test_signals_reproducible(sig_sdata):
 def test_bad_signal_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ghist.datasets.synthetic(image_size=64, **kwargs)
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    pins = {_pin_key(*k): _pin(ghist.datasets.synthetic(seed=k[0], image_size=k[1], n_genes=k[2])) for k in DEFAULTS}
+    DEFAULT_PIN.write_text(json.dumps(pins) + "\n")
+    print(f"wrote {DEFAULT_PIN}")
