@@ -98,10 +98,13 @@ def as_table(sdata, name: str, cell_ids: np.ndarray, X: np.ndarray, genes: list[
     sdata.tables[name] = TableModel.parse(table, region="nuclei", region_key="region", instance_key="cell_id")
 
 
-def score(sdata, pred_key: str, driven: list[str]) -> dict[str, float]:
+def score(sdata, pred_key: str, groups: dict[str, list[str]]) -> dict[str, float]:
+    """Mean Pearson of ``pred_key`` over all genes, over the signal-driven ones and over each signal's genes."""
     every = ghist.tl.evaluate(sdata, pred_key=pred_key)
-    sig = ghist.tl.evaluate(sdata, pred_key=pred_key, genes=driven)
-    return {"all": every.attrs["mean_pearson"], "signal": sig.attrs["mean_pearson"], "n_cells": every.attrs["n_cells"]}
+    res = {"all": every.attrs["mean_pearson"], "n_cells": every.attrs["n_cells"]}
+    for name, genes in {"signal": [g for v in groups.values() for g in v], **groups}.items():
+        res[name] = ghist.tl.evaluate(sdata, pred_key=pred_key, genes=genes).attrs["mean_pearson"]
+    return res
 
 
 def main() -> None:
@@ -138,7 +141,8 @@ def main() -> None:
     table = sdata["table"]
     genes = list(table.var_names)
     record = table.uns["synthetic"]["signals"]
-    driven = [g for rec in record.values() for g in rec["genes"]]
+    groups = {name: list(rec["genes"]) for name, rec in record.items()}
+    driven = [g for v in groups.values() for g in v]
     print(f"slide: seed {args.seed}, {table.n_obs} cells, {len(genes)} genes; signals {list(record)}; driven {driven}")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +156,7 @@ def main() -> None:
         means = expr.loc[train_ids].groupby(types.loc[train_ids].to_numpy()).mean()
         oracle = means.loc[types.loc[test_ids].to_numpy()].to_numpy()
         as_table(sdata, "oracle", test_ids, oracle, genes)
-        results = {"oracle": score(sdata, "oracle", driven)}
+        results = {"oracle": score(sdata, "oracle", groups)}
 
         feats = image_features(sdata)
         ridge = oracle.copy()  # the other genes keep the oracle's values
@@ -167,7 +171,7 @@ def main() -> None:
             model = Ridge(alpha=10.0).fit((f_tr - mu) / sd, y)
             ridge[np.ix_(np.isin(test_ids, te), cols)] += model.predict((f_te - mu) / sd)
         as_table(sdata, "ridge", test_ids, np.clip(ridge, 0, None), genes)
-        results["ridge"] = score(sdata, "ridge", driven)
+        results["ridge"] = score(sdata, "ridge", groups)
 
         if not args.no_fit:
             ref = ghist.pp.reference_profiles(ghist.datasets.synthetic_reference(), "cell_type")
@@ -188,7 +192,7 @@ def main() -> None:
             pred = ghist.tl.predict(sdata, model, progress=False)
             keep = pred[pred.obs["cell_id"].isin(test_ids)].copy()
             sdata.tables["ghist_test"] = keep
-            results["ghist"] = score(sdata, "ghist_test", driven)
+            results["ghist"] = score(sdata, "ghist_test", groups)
 
     print(f"load: {os.getloadavg()}")
     base = results["oracle"]
@@ -198,6 +202,7 @@ def main() -> None:
             f"{name:7s} cells {res['n_cells']:5d}  mean Pearson all genes {res['all']:.4f} (x{ratio_all:.3f})"
             f"  signal genes {res['signal']:.4f} (x{ratio_signal:.3f})"
         )
+        print("        " + "  ".join(f"{g} {res[g]:.4f} (x{res[g] / base[g]:.3f})" for g in groups))
 
 
 if __name__ == "__main__":
