@@ -43,7 +43,8 @@ Uncertainty: on the held-out spots, the coverage of the nominal 90% interval of 
 (its ``ghist_std`` from ``ghist.tl.aggregate_to_spots``) around the measured counts scaled as training targets are,
 and Spearman's rho between a spot's mean std and its mean absolute error (``calibration`` in ``results.json``; see
 ``spot_calibration``). ``--rescore`` scores the models a previous run saved in ``--out`` again instead of training
-(``rescore.json``; with ``--cv`` also ``cv_rescore.json``)."""
+(``rescore.json``; with ``--cv`` also ``cv_rescore.json``); with ``--final-model`` it then trains the shipped model
+from those folds, without training them again."""
 
 from __future__ import annotations
 
@@ -434,7 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="with --cv: then train on all --sections (same settings, same epochs) and write the model with its card "
-        "here (as ghist ships it: float16 weights)",
+        "here (as ghist ships it: float16 weights); with --rescore, from the folds a previous run saved",
     )
     args = parser.parse_args(argv)
     if args.max_time is None and args.max_steps is None:
@@ -699,7 +700,7 @@ def main(argv: list[str] | None = None) -> None:
         f"folds={len(folds)} seconds={summary['total_s']:.1f}",
         flush=True,
     )
-    if args.final_model is not None and not args.rescore:
+    if args.final_model is not None:
         train_final_model(sections, folds, table, args)
 
 
