@@ -405,7 +405,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-tta", action="store_true", help="predict without test-time augmentation")
     parser.add_argument("--spot-scaling", choices=["spot", "sample"], default="spot", help="see make_tiles")
     parser.add_argument("--color-jitter", type=float, default=0.0, help="see fit")
-    parser.add_argument("--stain-jitter", type=float, default=0.0, help="HED-space stain augmentation, see fit")
+    parser.add_argument(
+        "--stain-jitter",
+        type=float,
+        default=0.05,
+        help="HED-space stain augmentation, see fit (0.05 raised the CV mean from 0.295 to 0.298; 0: off)",
+    )
     parser.add_argument(
         "--context-neighbours", type=int, default=0, help="fit's neighbourhood context (k nearest cells; 0: none)"
     )

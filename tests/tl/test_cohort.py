@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import spatialdata
+from anndata import AnnData
 from spatialdata.models import Labels2DModel
 
 import ghist
@@ -281,3 +282,21 @@ def test_distributed_skip_writes_the_cache_on_the_client(cohort, trained, tmp_pa
     assert len(list(cache.glob("*.npz"))) == 1
     local = ghist.tl.predict_cohort({first: slides[first]}, trained, cache_dir=cache, progress=False, accelerator="cpu")
     assert local.uns["ghist_cohort"]["cached"] == [first]
+
+
+@pytest.mark.parametrize("n_genes", [30, 99, 250, 260, 500])
+def test_gene_set_of_the_most_expressed_gene_has_control_genes(n_genes):
+    # scanpy's rank bins of round(n / (n_bins - 1)) genes leave the top gene alone where that divides n (250 genes,
+    # 25 bins): a set of just that gene then had no control genes
+    import scanpy as sc
+
+    from ghist.tl._cohort import score_bins
+
+    rng = np.random.default_rng(0)
+    adata = AnnData(rng.gamma(2.0, 1.0, size=(40, n_genes)).astype(np.float32))
+    adata.var_names = [f"g{i}" for i in range(n_genes)]
+    top = adata.var_names[int(np.argmax(adata.X.mean(0)))]
+    kwargs = score_bins(n_genes)
+    assert 3 <= kwargs["n_bins"] <= 25
+    sc.tl.score_genes(adata, [top], random_state=0, use_raw=False, **kwargs)
+    assert np.isfinite(adata.obs["score"]).all()

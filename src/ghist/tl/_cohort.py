@@ -109,8 +109,8 @@ def predict_cohort(
         Extra arguments of :func:`ghist.pp.segment_nuclei` (e.g. ``method``, ``min_area_um2``).
     score_kwargs
         Extra arguments of :func:`scanpy.tl.score_genes` (e.g. ``ctrl_size``, ``n_bins``). Defaults here:
-        ``random_state=0`` (reproducible scores) and ``n_bins`` the number of genes // 10, between 1 and 25 (so
-        that small panels still have control genes in every expression bin).
+        ``random_state=0`` (reproducible scores) and ``n_bins`` about the number of genes // 10, between 3 and 25,
+        chosen so that every expression bin has control genes besides the set's own.
     on_error
         ``"raise"``: a slide that fails its checks stops the run before any work (one
         :class:`~ghist._validation.ValidationError` lists the problems of every slide), and an error while
@@ -452,8 +452,7 @@ def _summarise(
         import scanpy as sc
 
         scored = AnnData(X=X.astype(np.float32), var=pd.DataFrame(index=table.var_names.copy()))
-        # Fewer expression bins for small panels, so that every bin has control genes besides the set's own.
-        kwargs = {"random_state": 0, "n_bins": int(np.clip(X.shape[1] // 10, 1, 25)), **score_kwargs}
+        kwargs = {"random_state": 0, **score_bins(X.shape[1]), **score_kwargs}
         scores, score_ses = [], []
         for genes in gene_sets.values():
             sc.tl.score_genes(scored, genes, score_name="__score__", use_raw=False, **kwargs)
@@ -463,6 +462,22 @@ def _summarise(
         parts.append(np.array(scores))
         ses.append(np.array(score_ses))
     return np.concatenate([*parts, *ses])
+
+
+def score_bins(n_genes: int) -> dict[str, Any]:
+    """Binning arguments of :func:`scanpy.tl.score_genes` for a panel of ``n_genes`` (about 10 genes a bin, 3-25 bins).
+
+    scanpy cuts genes by expression rank into bins of ``round(n_genes / (n_bins - 1))``; where that divides
+    ``n_genes`` the most expressed gene is alone in the last bin, and a set of only that gene has no control genes
+    (a RuntimeError). Such bin counts are skipped; a panel with none left (e.g. 12 genes, where every bin count
+    isolates the top gene) keeps about 10 genes a bin.
+    """
+    start = int(np.clip(n_genes // 10, 3, 25))
+    for n_bins in [*range(start, 2, -1), *range(start + 1, 26)]:
+        size = int(np.round(n_genes / (n_bins - 1)))
+        if size and n_genes % size:
+            return {"n_bins": n_bins}
+    return {"n_bins": start}
 
 
 def _feature_names(model: GHISTModel, gene_sets: dict[str, list[str]], per_type: bool) -> tuple[list[str], list[str]]:
