@@ -290,13 +290,13 @@ def test_gene_set_of_the_most_expressed_gene_has_control_genes(n_genes):
     # 25 bins): a set of just that gene then had no control genes
     import scanpy as sc
 
-    from ghist.tl._cohort import score_bins
+    from ghist.tl._cohort import score_n_bins
 
     rng = np.random.default_rng(0)
     adata = AnnData(rng.gamma(2.0, 1.0, size=(40, n_genes)).astype(np.float32))
     adata.var_names = [f"g{i}" for i in range(n_genes)]
     top = adata.var_names[int(np.argmax(adata.X.mean(0)))]
-    kwargs = score_bins(n_genes)
-    assert 3 <= kwargs["n_bins"] <= 25
-    sc.tl.score_genes(adata, [top], random_state=0, use_raw=False, **kwargs)
+    n_bins = score_n_bins(n_genes)
+    assert 3 <= n_bins <= 25
+    sc.tl.score_genes(adata, [top], n_bins=n_bins, random_state=0, use_raw=False)
     assert np.isfinite(adata.obs["score"]).all()

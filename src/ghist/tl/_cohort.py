@@ -452,7 +452,7 @@ def _summarise(
         import scanpy as sc
 
         scored = AnnData(X=X.astype(np.float32), var=pd.DataFrame(index=table.var_names.copy()))
-        kwargs = {"random_state": 0, **score_bins(X.shape[1]), **score_kwargs}
+        kwargs = {"random_state": 0, "n_bins": score_n_bins(X.shape[1]), **score_kwargs}
         scores, score_ses = [], []
         for genes in gene_sets.values():
             sc.tl.score_genes(scored, genes, score_name="__score__", use_raw=False, **kwargs)
@@ -464,8 +464,8 @@ def _summarise(
     return np.concatenate([*parts, *ses])
 
 
-def score_bins(n_genes: int) -> dict[str, Any]:
-    """Binning arguments of :func:`scanpy.tl.score_genes` for a panel of ``n_genes`` (about 10 genes a bin, 3-25 bins).
+def score_n_bins(n_genes: int) -> int:
+    """``n_bins`` of :func:`scanpy.tl.score_genes` for a panel of ``n_genes`` (about 10 genes a bin, 3-25 bins).
 
     scanpy cuts genes by expression rank into bins of ``round(n_genes / (n_bins - 1))``; where that divides
     ``n_genes`` the most expressed gene is alone in the last bin, and a set of only that gene has no control genes
@@ -476,8 +476,8 @@ def score_bins(n_genes: int) -> dict[str, Any]:
     for n_bins in [*range(start, 2, -1), *range(start + 1, 26)]:
         size = int(np.round(n_genes / (n_bins - 1)))
         if size and n_genes % size:
-            return {"n_bins": n_bins}
-    return {"n_bins": start}
+            return n_bins
+    return start
 
 
 def _feature_names(model: GHISTModel, gene_sets: dict[str, list[str]], per_type: bool) -> tuple[list[str], list[str]]:
