@@ -300,3 +300,21 @@ def test_gene_set_of_the_most_expressed_gene_has_control_genes(n_genes):
     assert 3 <= n_bins <= 25
     sc.tl.score_genes(adata, [top], n_bins=n_bins, random_state=0, use_raw=False)
     assert np.isfinite(adata.obs["score"]).all()
+
+
+def test_cache_key_holds_the_default_score_bins(cohort, trained, tmp_path, monkeypatch):
+    """Gene-set scores cached under one default ``n_bins`` are not reused once the default gives another."""
+    import ghist.tl._cohort as cohort_module
+
+    slides, _ = cohort
+    first = next(iter(slides))
+    kwargs = {"gene_sets": {"set": list(trained.genes[:3])}, "progress": False, "accelerator": "cpu"}
+    before = ghist.tl.predict_cohort({first: slides[first]}, trained, cache_dir=tmp_path, **kwargs)
+    settings = before.uns["ghist_cohort"]["params"]["score_kwargs"]
+    assert settings == {"random_state": 0, "n_bins": cohort_module.score_n_bins(trained.n_genes)}
+    again = ghist.tl.predict_cohort({first: slides[first]}, trained, cache_dir=tmp_path, **kwargs)
+    assert again.uns["ghist_cohort"]["cached"] == [first]
+    monkeypatch.setattr(cohort_module, "score_n_bins", lambda n_genes: 4)
+    changed = ghist.tl.predict_cohort({first: slides[first]}, trained, cache_dir=tmp_path, **kwargs)
+    assert changed.uns["ghist_cohort"]["cached"] == []
+    assert changed.uns["ghist_cohort"]["params"]["score_kwargs"]["n_bins"] == 4

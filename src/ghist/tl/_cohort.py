@@ -197,7 +197,8 @@ def predict_cohort(
         "per_type": bool(per_type),
         "segment": bool(segment),
         "segment_kwargs": dict(segment_kwargs or {}),
-        "score_kwargs": dict(score_kwargs or {}),
+        # With its defaults filled in, so that the cache's fingerprint and `uns` hold the scoring as run.
+        "score_kwargs": {"random_state": 0, "n_bins": score_n_bins(len(model.genes)), **(score_kwargs or {})},
         "predict_kwargs": dict(predict_kwargs),
     }
     if client is not None:
@@ -452,10 +453,9 @@ def _summarise(
         import scanpy as sc
 
         scored = AnnData(X=X.astype(np.float32), var=pd.DataFrame(index=table.var_names.copy()))
-        kwargs = {"random_state": 0, "n_bins": score_n_bins(X.shape[1]), **score_kwargs}
         scores, score_ses = [], []
         for genes in gene_sets.values():
-            sc.tl.score_genes(scored, genes, score_name="__score__", use_raw=False, **kwargs)
+            sc.tl.score_genes(scored, genes, score_name="__score__", use_raw=False, **score_kwargs)
             per_cell = scored.obs["__score__"].to_numpy(dtype=np.float64)
             scores.append(float(per_cell.mean()))
             score_ses.append(float(mean_se(per_cell[:, None], None)[0]))
