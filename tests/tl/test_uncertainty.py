@@ -16,7 +16,17 @@ import torch
 import ghist
 from ghist._model._module import GHISTModule
 from ghist._model._network import GHISTNetwork
-from ghist._model._uncertainty import HEAD_PREFIX, entropy, spot_variance, uncertainty_loss
+from ghist._model._uncertainty import (
+    HEAD_HIDDEN_LR_FACTOR,
+    HEAD_LR_FACTOR,
+    HEAD_PREFIX,
+    _gaussian_nll,
+    entropy,
+    head_param_groups,
+    make_variance_head,
+    spot_variance,
+    uncertainty_loss,
+)
 from ghist.tl._cohort_se import mean_se
 
 from .test_fit_spots import spot_sample_and_tiles
@@ -95,6 +105,58 @@ def test_noisier_gene_gets_a_larger_std(tmp_path):
     # the head itself learnt it, not only the per-gene calibration factors
     raw = gene_std / np.asarray(model.uncertainty_["scale"])
     assert raw[0] > 1.25 * np.median(raw[1:])
+
+
+def _train_head_on_heteroscedastic_noise(groups_of) -> tuple[float, float]:
+    """A head trained alone (300 AdamW steps, network lr 3e-3) on noise whose sd grows with one embedding feature.
+
+    Returns the fraction of hidden units active on some test input and Spearman's rho between the head's mean std
+    and the true sd.
+    """
+    from scipy.stats import spearmanr
+
+    torch.manual_seed(0)
+    head = make_variance_head(16, 5)
+    optimizer = torch.optim.AdamW(groups_of(head, 3e-3), weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(1)
+
+    def draw(n):
+        embedding, mean = torch.randn(n, 16, generator=generator), torch.rand(n, 5, generator=generator)
+        sd = 0.05 + 0.5 * embedding[:, :1].abs()
+        return embedding, mean, mean + sd * torch.randn(n, 5, generator=generator), sd[:, 0]
+
+    for _ in range(300):
+        embedding, mean, target, _ = draw(64)
+        loss = _gaussian_nll(target, mean, head(embedding, mean))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    embedding, mean, _, sd = draw(2000)
+    with torch.no_grad():
+        hidden = head.net[2](head.net[1](head.net[0](torch.cat([embedding, mean], dim=1))))
+        std = torch.exp(0.5 * head(embedding, mean)).mean(dim=1)
+    return float((hidden > 0).any(dim=0).float().mean()), float(spearmanr(std.numpy(), sd.numpy()).statistic)
+
+
+def test_head_units_stay_alive_and_track_the_noise():
+    """The head's groups keep its ReLU units alive; one group at the levels' rate (as before) switched most off."""
+    alive, rho = _train_head_on_heteroscedastic_noise(head_param_groups)
+    assert alive > 0.9
+    assert rho > 0.8
+    alive_fast, rho_fast = _train_head_on_heteroscedastic_noise(
+        lambda head, lr: [{"params": list(head.parameters()), "lr": lr * HEAD_LR_FACTOR}]
+    )
+    assert alive_fast < 0.5
+    assert rho_fast < 0.3
+
+
+def test_head_param_groups_split_levels_from_the_rest():
+    head = make_variance_head(8, 3)
+    groups = head_param_groups(head, 1e-3)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3 * HEAD_LR_FACTOR, 1e-3 * HEAD_HIDDEN_LR_FACTOR])
+    assert groups[0]["params"] == [head.net[-1].bias]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in head.parameters())
 
 
 def test_head_leaves_the_network_gradients_unchanged(tiles):

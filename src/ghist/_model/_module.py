@@ -16,7 +16,7 @@ from .._stats import validation_score
 from ._losses import ghist_losses, spot_sums
 from ._network import GHISTNetwork, dihedral_view
 from ._stain import hed_jitter
-from ._uncertainty import HEAD_LR_FACTOR, uncertainty_loss
+from ._uncertainty import head_param_groups, uncertainty_loss
 
 
 def augment_batch(
@@ -209,10 +209,7 @@ class GHISTModule(L.LightningModule):
         params: Any = [p for p in self.network.parameters() if p.requires_grad]
         if self.uncertainty is not None:
             # Its own group, after the network's: the network's updates are what they were without the head.
-            params = [
-                {"params": params},
-                {"params": list(self.uncertainty.parameters()), "lr": self.lr * HEAD_LR_FACTOR},
-            ]
+            params = [{"params": params}, *head_param_groups(self.uncertainty, self.lr)]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: self._remaining_budget())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
