@@ -22,7 +22,9 @@ import numpy as np
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-time", default="00:10:00")
+    parser.add_argument(
+        "--max-time", default=None, help="training budget, HH:MM:SS (default: 00:10:00, or none with --max-steps)"
+    )
     parser.add_argument(
         "--max-steps",
         type=int,
@@ -33,6 +35,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    if args.max_time is None and args.max_steps is None:
+        args.max_time = "00:10:00"
+    # else a step budget alone: a busy machine must not stop the run short of it
 
     import torch
     from scipy.stats import spearmanr
