@@ -133,7 +133,7 @@ def _train_head_on_heteroscedastic_noise(groups_of) -> tuple[float, float]:
         optimizer.step()
     embedding, mean, _, sd = draw(2000)
     with torch.no_grad():
-        hidden = head.net[2](head.net[1](head.net[0](torch.cat([embedding, mean], dim=1))))
+        hidden = head.net[:3](torch.cat([embedding, mean], dim=1))  # after the ReLU
         std = torch.exp(0.5 * head(embedding, mean)).mean(dim=1)
     return float((hidden > 0).any(dim=0).float().mean()), float(spearmanr(std.numpy(), sd.numpy()).statistic)
 
