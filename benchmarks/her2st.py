@@ -44,7 +44,8 @@ Uncertainty: on the held-out spots, the coverage of the nominal 90% interval of 
 and Spearman's rho between a spot's mean std and its mean absolute error (``calibration`` in ``results.json``; see
 ``spot_calibration``). ``--rescore`` scores the models a previous run saved in ``--out`` again instead of training
 (``rescore.json``; with ``--cv`` also ``cv_rescore.json``); with ``--final-model`` it then trains the shipped model
-from those folds, without training them again."""
+from those folds, without training them again. ``--resume`` (with ``--cv``) rescores the folds whose model a stopped run
+saved and trains only the others."""
 
 from __future__ import annotations
 
@@ -436,6 +437,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="score the models a previous run saved in --out (fold_<section>/model with --cv) instead of training",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --cv: score the folds whose model a previous (stopped) run saved, train only the others",
+    )
+    parser.add_argument(
         "--final-model",
         type=Path,
         default=None,
@@ -582,7 +588,8 @@ def run_split(sections: dict[str, dict], train: list[str], test: str, args: argp
     snapshots = WeightSnapshots(args.curve_every) if args.curve_every > 0 else None
     t0 = time.perf_counter()
     callbacks = [snapshots] if snapshots is not None else None
-    if args.rescore:
+    reuse = args.rescore or (args.resume and (out / "model" / "model.json").exists())
+    if reuse:
         model = ghist.GHISTModel.load(out / "model")
     else:
         model = fit_spots(tiles, args, out / "checkpoints", args.max_steps, callbacks)
@@ -594,7 +601,7 @@ def run_split(sections: dict[str, dict], train: list[str], test: str, args: argp
         f"spot_loss_first={spot_loss[0]:.3f} spot_loss_last={spot_loss[-1]:.3f}",
         flush=True,
     )
-    if not args.rescore:
+    if not reuse:
         model.save(out / "model", overwrite=True)
 
     t0 = time.perf_counter()
@@ -630,6 +637,7 @@ def run_split(sections: dict[str, dict], train: list[str], test: str, args: argp
         "per_gene": pd.DataFrame({"ghist": r_ghist, "ghist_raw": r_raw, "ridge": r_ridge}).to_dict(orient="index"),
         "epochs": len(history),
         "steps": int(history["step"].max()),
+        "model_reused": bool(reuse),
         "history": history.to_dict(orient="list"),
         "timings_s": timings,
     }
