@@ -165,9 +165,14 @@ def is_integer_translation(matrix: np.ndarray) -> bool:
     return bool(np.array_equal(matrix[:2, :2], np.eye(2)) and np.array_equal(matrix[:2, 2], np.round(matrix[:2, 2])))
 
 
-def _read_box(labels: DataArray | np.ndarray, y_lo: int, y_hi: int, x_lo: int, x_hi: int) -> np.ndarray:
+def _values(array: Any) -> Any:
+    """What to slice: a DataArray's data, or the array itself (numpy, dask, a :class:`ChunkCachedArray`)."""
+    return array.data if isinstance(array, DataArray) else array
+
+
+def _read_box(labels: Any, y_lo: int, y_hi: int, x_lo: int, x_hi: int) -> np.ndarray:
     """Labels ``[y_lo:y_hi, x_lo:x_hi]`` as numpy, zero outside the array (reads only that region)."""
-    data = labels.data if isinstance(labels, DataArray) else labels
+    data = _values(labels)
     height, width = data.shape
     out = np.zeros((max(y_hi - y_lo, 0), max(x_hi - x_lo, 0)), dtype=data.dtype)
     ys, ye = max(y_lo, 0), min(y_hi, height)
@@ -178,7 +183,7 @@ def _read_box(labels: DataArray | np.ndarray, y_lo: int, y_hi: int, x_lo: int, x
 
 
 def read_labels_window(
-    labels: DataArray | np.ndarray,
+    labels: Any,
     matrix: np.ndarray,
     y0: int,
     x0: int,
@@ -195,7 +200,8 @@ def read_labels_window(
     Parameters
     ----------
     labels
-        2D labels ``(y, x)`` (a :class:`xarray.DataArray`, dask- or numpy-backed, or a numpy array).
+        2D labels ``(y, x)`` (a :class:`xarray.DataArray`, dask- or numpy-backed, a numpy array, or a
+        :class:`ghist._chunk_cache.ChunkCachedArray`).
     matrix
         Image pixel -> label pixel affine, from :func:`element_affine`.
     y0, x0
@@ -238,7 +244,7 @@ def read_labels_window(
 
 
 def read_image_window(
-    levels: list[tuple[float, float, DataArray]], scale: float, y0: int, x0: int, h: int, w: int
+    levels: list[tuple[float, float, Any]], scale: float, y0: int, x0: int, h: int, w: int
 ) -> np.ndarray:
     """An RGB window ``(3, h, w)`` ``uint8`` of the working grid, white outside the image.
 
@@ -247,8 +253,9 @@ def read_image_window(
     (``levels`` from :func:`ghist._validation.raster_levels`, finest first): as is when that level has the working
     pixel size, area-averaged when it is finer (anti-aliased, like the pyramid levels themselves and block-mean
     downsampling), interpolated bilinearly from full resolution when the working grid is finer than the image.
-    Used alike by :func:`ghist.pp.make_tiles` (``pixel_size=``) and :func:`ghist.tl.predict`, so that training and
-    prediction tiles at one pixel size are made the same way.
+    A level's array is a ``(c, y, x)`` DataArray or anything sliced like one (:func:`ghist._chunk_cache.chunk_cached`
+    levels, which tile sweeps read through). Used alike by :func:`ghist.pp.make_tiles` (``pixel_size=``) and
+    :func:`ghist.tl.predict`, so that training and prediction tiles at one pixel size are made the same way.
 
     Examples
     --------
@@ -261,9 +268,9 @@ def read_image_window(
     sy, sx = scale * dy, scale * dx  # working pixels per level pixel (<= 1 unless upsampling)
     if abs(sy - 1) < 1e-6 and abs(sx - 1) < 1e-6:  # a level at the working pixel size (scale 1: the image itself)
         window = np.full((3, h, w), 255, dtype=np.uint8)
-        ye, xe = min(y0 + h, level.sizes["y"]), min(x0 + w, level.sizes["x"])
+        ye, xe = min(y0 + h, level.shape[-2]), min(x0 + w, level.shape[-1])
         if ye > y0 and xe > x0:
-            window[:, : ye - y0, : xe - x0] = np.asarray(level.data[:, y0:ye, x0:xe])
+            window[:, : ye - y0, : xe - x0] = np.asarray(_values(level)[:, y0:ye, x0:xe])
         return window
     if sy < 1 or sx < 1:
         return _area_resample(level, y0, x0, h, w, sy, sx)
@@ -288,11 +295,11 @@ def _area_weights(start: int, size: int, scale: float, length: int) -> tuple[np.
 
 def _area_resample(image: DataArray, y0: int, x0: int, h: int, w: int, sy: float, sx: float) -> np.ndarray:
     """Window of the working grid (``sy``, ``sx`` working pixels per image pixel, <= 1) by area averaging."""
-    wy, ylo, yhi = _area_weights(y0, h, sy, image.sizes["y"])
-    wx, xlo, xhi = _area_weights(x0, w, sx, image.sizes["x"])
+    wy, ylo, yhi = _area_weights(y0, h, sy, image.shape[-2])
+    wx, xlo, xhi = _area_weights(x0, w, sx, image.shape[-1])
     if yhi <= ylo or xhi <= xlo:
         return np.full((3, h, w), 255, dtype=np.uint8)
-    window = np.asarray(image.data[:, ylo:yhi, xlo:xhi], dtype=np.float64)
+    window = np.asarray(_values(image)[:, ylo:yhi, xlo:xhi], dtype=np.float64)
     inside = wy.sum(axis=1)[:, None] * wx.sum(axis=1)[None, :]  # fraction of each output pixel over the image
     # optimize=True contracts one axis at a time (two matrix products); without it einsum loops over every
     # (y, x, i, j): 2.5 s instead of ~20 ms for a 64-px tile cut from 256 source pixels.
@@ -304,7 +311,7 @@ def _bilinear_resample(image: DataArray, y0: int, x0: int, h: int, w: int, scale
     """Window of the working grid finer than the image (``scale`` > 1 working pixels per image pixel), bilinear."""
     from scipy import ndimage
 
-    height, width = image.sizes["y"], image.sizes["x"]
+    height, width = image.shape[-2:]
     tile = np.full((3, h, w), 255, dtype=np.uint8)
     # Pixel centres: working pixel r sits at image coordinate (r + 0.5) / scale - 0.5.
     src_y0 = max(0, math.floor((y0 + 0.5) / scale - 0.5) - 1)
@@ -313,7 +320,7 @@ def _bilinear_resample(image: DataArray, y0: int, x0: int, h: int, w: int, scale
     src_x1 = min(width, math.ceil((x0 + w + 0.5) / scale) + 2)
     if src_y1 <= src_y0 or src_x1 <= src_x0:
         return tile
-    window = np.asarray(image.data[:, src_y0:src_y1, src_x0:src_x1]).astype(np.float32)
+    window = np.asarray(_values(image)[:, src_y0:src_y1, src_x0:src_x1]).astype(np.float32)
     offset = ((y0 + 0.5) / scale - 0.5 - src_y0, (x0 + 0.5) / scale - 0.5 - src_x0)
     for c in range(3):
         tile[c] = np.clip(

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from .._chunk_cache import chunk_cached
 from .._spatial import read_image_window, read_labels_window
 
 if TYPE_CHECKING:
@@ -173,6 +174,8 @@ class SlideTileDataset(Dataset):
 
     Only the slide region a tile covers is read, when the tile is asked for: the (dask-backed) image and labels stay
     lazy, and the dataset pickles to DataLoader worker processes, which then read and resample tiles in parallel.
+    Their chunks are decoded through a cache (:mod:`ghist._chunk_cache`): a sweep of tiles in order decodes each
+    chunk about once per chunk row, not once per tile over it.
 
     Parameters
     ----------
@@ -227,8 +230,10 @@ class SlideTileDataset(Dataset):
         levels: Sequence[tuple[float, float, DataArray]] | None = None,
     ):
         self.image = image
-        self.levels = list(levels) if levels is not None else [(1.0, 1.0, image)]
-        self.labels = labels
+        # Tiles are swept in order across chunks many times their size: read through caches of decoded chunks.
+        levels = list(levels) if levels is not None else [(1.0, 1.0, image)]
+        self.levels = [(dy, dx, chunk_cached(level)) for dy, dx, level in levels]
+        self.labels = chunk_cached(labels)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
         self.scale = float(scale)
         self.to_labels = np.asarray(to_labels, dtype=float)

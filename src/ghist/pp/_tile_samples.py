@@ -118,9 +118,11 @@ def _at_pixel_size(sample: _Sample, pixel_size: float, image_key: str) -> None:
     scale = working_scale(sample.pixel_size, pixel_size)
     if scale == 1.0:  # as predict: no resampling for a few percent
         return
+    from .._chunk_cache import chunk_cached
     from .._validation import raster_levels
 
-    levels = raster_levels(sample.sdata.images[image_key])
+    # tile by tile along the rows: through caches of decoded chunks (each chunk decoded about once per chunk row)
+    levels = [(dy, dx, chunk_cached(level)) for dy, dx, level in raster_levels(sample.sdata.images[image_key])]
     to_image = np.diag([1 / scale, 1 / scale, 1.0])  # working (x, y, 1) -> image (x, y, 1)
     sample.reader = partial(read_image_window, levels, scale)
     sample.scale = scale
