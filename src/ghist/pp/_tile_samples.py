@@ -121,7 +121,7 @@ def _at_pixel_size(sample: _Sample, pixel_size: float, image_key: str) -> None:
     from .._chunk_cache import chunk_cached
     from .._validation import raster_levels
 
-    # tile by tile along the rows: through caches of decoded chunks (each chunk decoded about once per chunk row)
+    # tile by tile along the rows: through caches of decoded chunks (a chunk decoded once per row of tiles at most)
     levels = [(dy, dx, chunk_cached(level)) for dy, dx, level in raster_levels(sample.sdata.images[image_key])]
     to_image = np.diag([1 / scale, 1 / scale, 1.0])  # working (x, y, 1) -> image (x, y, 1)
     sample.reader = partial(read_image_window, levels, scale)
