@@ -30,36 +30,23 @@ from ghist._chunk_cache import ChunkCachedArray
 
 
 def sweep(sdata, model, tile_overlap: int) -> tuple[float, int, int]:
-    """Read every predict tile of the slide once, in predict's order (rows of tiles): seconds, tiles, decoded chunks.
-
-    The slide is at the model's pixel size and its labels are on the full-resolution grid, so predict's working grid
-    is the image's own (scale 1, identity to the labels).
-    """
+    """Read every tile of predict's grid once, in predict's order: seconds, tiles, decoded chunks."""
     from ghist._model._data import SlideTileDataset
+    from ghist._validation import get_image, get_labels, raster_levels
+    from ghist.tl._predict import _SlideGrid
 
-    tree = sdata.images["he"]
-    levels = [next(iter(tree[name].ds.data_vars.values())) for name in tree.children]
-    levels.sort(key=lambda a: -a.sizes["y"])
-    image = levels[0]
-    height, width = image.sizes["y"], image.sizes["x"]
-    size = model.tile_size
-    stride = size - tile_overlap
-
-    def starts(length: int) -> list[int]:
-        last = max(length - size, 0)
-        return sorted({*range(0, last + 1, stride), last})
-
-    origins = np.array([(y, x) for y in starts(height) for x in starts(width)])
+    image, labels = get_image(sdata, "he"), get_labels(sdata, "nuclei")
+    grid = _SlideGrid.build(sdata, image, "he", "nuclei", model, tile_overlap)
     dataset = SlideTileDataset(
         image,
-        sdata.labels["nuclei"],
-        origins,
-        scale=1.0,
-        to_labels=np.eye(3),
-        tile_size=size,
+        labels,
+        grid.origins,
+        scale=grid.scale,
+        to_labels=grid.to_labels,
+        tile_size=grid.tile_size,
         mean=model.mean,
         std=model.std,
-        levels=[(height / a.sizes["y"], width / a.sizes["x"], a) for a in levels],
+        levels=raster_levels(sdata.images["he"]),
     )
     start = time.perf_counter()
     for i in range(len(dataset)):
