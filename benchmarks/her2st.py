@@ -416,9 +416,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--context-neighbours", type=int, default=0, help="fit's neighbourhood context (k nearest cells; 0: none)"
     )
     parser.add_argument(
-        "--morphometrics", action="store_true", help="fit's nucleus morphometrics (size, shape, stain, texture)"
-    )
-    parser.add_argument(
         "--min-train-umi", type=int, default=0, help="QC: leave training spots with fewer counts out of training"
     )
     parser.add_argument("--n-genes", type=int, default=250)
@@ -540,7 +537,6 @@ def fit_spots(tiles, args: argparse.Namespace, checkpoints: Path, max_steps: int
         color_jitter=args.color_jitter,
         **({"stain_jitter": args.stain_jitter} if args.stain_jitter else {}),
         **({"context_neighbours": args.context_neighbours} if args.context_neighbours else {}),
-        **({"morphometrics": True} if args.morphometrics else {}),
         callbacks=callbacks,
     )
 
@@ -787,7 +783,7 @@ tiling="spots", tile_size={args.tile_size}, pixel_size={args.pixel_size})`, one 
 {len(genes)} most variable of the log-normalised spot counts (within-section variance, genes detected in >= 10% of
 spots). Network: width {args.width}, embed_dim {args.embed_dim}, batch {args.batch_size}, lr {args.lr}, seed
 {args.seed}, stain_jitter {args.stain_jitter}, color_jitter {args.color_jitter}, context_neighbours
-{args.context_neighbours}, morphometrics {args.morphometrics}; {steps} optimisation steps on the
+{args.context_neighbours}; {steps} optimisation steps on the
 CPU ({fit_s / 60:.0f} min, 2 cores), the same number of epochs as each cross-validation fold. Weights stored in
 float16 (loaded as float32). No cell types were trained (spot supervision); give `reference=` profiles to
 `ghist.pp.annotate_cell_types` on the predictions for cell types.

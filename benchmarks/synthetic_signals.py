@@ -127,9 +127,6 @@ def main() -> None:
     parser.add_argument(
         "--context-neighbours", type=int, default=0, help="fit's neighbourhood context (k nearest cells; 0: none)"
     )
-    parser.add_argument(
-        "--morphometrics", action="store_true", help="fit's nucleus morphometrics (size, shape, stain, texture)"
-    )
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -186,7 +183,6 @@ def main() -> None:
                 max_time=args.max_time,
                 max_steps=args.max_steps,
                 context_neighbours=args.context_neighbours,
-                morphometrics=args.morphometrics,
                 progress=False,
             )
             fit_s = time.perf_counter() - start

@@ -68,9 +68,6 @@ class GHISTModel:
     context_neighbours
         Mix each cell's embedding with the mean of its ``k`` nearest cells' before the heads (see
         :func:`ghist.tl.fit`); 0: no neighbourhood context.
-    morphometrics
-        Feed each nucleus' size, shape, stain and texture to the cell embedding (see :func:`ghist.tl.fit`). Models
-        saved before ghist had this load with ``False``.
 
     Attributes
     ----------
@@ -109,7 +106,6 @@ class GHISTModel:
         encoder: Mapping[str, Any] | None = None,
         encoder_module: torch.nn.Module | None = None,
         context_neighbours: int = 0,
-        morphometrics: bool = False,
     ):
         if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
             raise TypeError(f"`genes` must be a list of gene names; got {type(genes).__name__} {genes!r:.60}.")
@@ -125,8 +121,6 @@ class GHISTModel:
         check_int("width", width, 1)
         check_int("embed_dim", embed_dim, 1)
         check_int("context_neighbours", context_neighbours, 0)
-        if not isinstance(morphometrics, bool | np.bool_):
-            raise TypeError(f"`morphometrics` must be True or False; got {morphometrics!r}.")
         # five levels halve the tile four times; batch norm needs more than one value per channel at the deepest
         check_int("tile_size", tile_size, 32)
         if pixel_size is not None:
@@ -171,7 +165,6 @@ class GHISTModel:
             "pixel_size": None if pixel_size is None else float(pixel_size),
             "expr_scale": float(expr_scale),
             "context_neighbours": int(context_neighbours),
-            "morphometrics": bool(morphometrics),
         }
         type_index = {t: i for i, t in enumerate(cell_types or [])}
         network_groups = {name: [type_index[t] for t in members] for name, members in groups.items()}
@@ -199,7 +192,6 @@ class GHISTModel:
             embed_dim=int(embed_dim),
             feature_encoder=feature_encoder,
             context_neighbours=int(context_neighbours),
-            morphometrics=bool(morphometrics),
         )
         # After the network, under its own random state: the network's initialisation is what it was without it.
         self.uncertainty_head: VarianceHead | None = make_variance_head(int(embed_dim), len(genes))
@@ -375,7 +367,6 @@ class GHISTModel:
         if not isinstance(params, Mapping) or "genes" not in params:
             raise ValueError("The settings lack the model's `init_params` (genes, cell types, ...).")
         params = dict(params)
-        params.setdefault("morphometrics", False)  # saved before ghist had it: the network without it
         if genes is not None and list(genes) != list(params["genes"]):
             missing = sorted(set(params["genes"]) - set(genes))
             extra = sorted(set(genes) - set(params["genes"]))

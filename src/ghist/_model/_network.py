@@ -25,7 +25,6 @@ from torch import nn
 
 from ._backbone import UNet3Plus, fuse_conv_bn_
 from ._context import NeighbourContext, cell_centroids
-from ._morphometrics import morphometric_features, n_morphometric_features
 
 logger = logging.getLogger(__name__)
 
@@ -234,9 +233,6 @@ class GHISTNetwork(nn.Module):
     context_neighbours
         With ``k > 0``, each cell's embedding is mixed with the mean embedding of its ``k`` nearest cells of the
         tile before the heads (:class:`~ghist._model._context.NeighbourContext`); 0: no context.
-    morphometrics
-        Also feed each nucleus' size, shape, stain and texture to the embedding MLP
-        (:func:`~ghist._model._morphometrics.morphometric_features`).
 
     Examples
     --------
@@ -267,7 +263,6 @@ class GHISTNetwork(nn.Module):
         encoder: nn.Module | None = None,
         feature_encoder: nn.Module | None = None,
         context_neighbours: int = 0,
-        morphometrics: bool = False,
     ):
         super().__init__()
         if n_genes < 1:
@@ -309,9 +304,6 @@ class GHISTNetwork(nn.Module):
         pooled = self.backbone.decoder_channels + self.backbone.encoder_channels[0]
         self.feature_encoder = feature_encoder
         extra = 0 if feature_encoder is None else int(feature_encoder.out_features)
-        self.morphometrics = bool(morphometrics)
-        if self.morphometrics:
-            extra += n_morphometric_features(3, self.backbone.encoder_channels[0])
         self.embed = _mlp(2 * pooled + extra, 2 * hidden, embed_dim, dropout)
         if n_types:
             self.type_head: nn.Module | None = _mlp(embed_dim, hidden, n_types, dropout)
@@ -423,8 +415,6 @@ class GHISTNetwork(nn.Module):
         parts = [cell_means, tile_means[cell_batch]]
         if self.feature_encoder is not None:
             parts.append(self.feature_encoder(image, labels, cell_batch, n_cells).to(cell_means.dtype))
-        if self.morphometrics:
-            parts.append(morphometric_features(image, encoded, labels, n_cells))
         embedding = self.embed(torch.cat(parts, dim=1))
         if self.context is not None:
             centroids, visible = cell_centroids(labels, n_cells)

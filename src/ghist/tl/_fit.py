@@ -95,7 +95,6 @@ def fit(
     encoder_trainable: bool = False,
     encoder_options: Mapping[str, Any] | None = None,
     context_neighbours: int = 0,
-    morphometrics: bool = False,
     **trainer_kwargs: Any,
 ) -> GHISTModel:
     """Train the GHIST network on tiles cut by :func:`ghist.pp.make_tiles`.
@@ -231,10 +230,6 @@ def fit(
         view (predict reports how often that held: ``uns["ghist"]["context_in_view"]``). 0 (default): no context.
         On HER2ST spots (leave-one-section-out, ``benchmarks/her2st.py --cv``) ``k=8`` lowered the mean Pearson on
         every held-out section (0.278 against 0.295), so it is off by default.
-    morphometrics
-        Feed each nucleus' size and shape (log area, log axis lengths), stain (mean and spread of the H&E channels)
-        and texture (spread of the backbone's first feature map) to the cell embedding, beside the pooled features,
-        which carry these only indirectly.
     **trainer_kwargs
         Other :class:`lightning.pytorch.Trainer` arguments; ``callbacks=[...]`` are run after ghist's own
         (checkpointing, history, progress bar).
@@ -321,7 +316,6 @@ def fit(
         encoder=encoder_config,
         encoder_module=encoder_module,
         context_neighbours=context_neighbours,
-        morphometrics=morphometrics,
     )
     module = GHISTModule(
         model.network,
