@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument(
         "--context-neighbours", type=int, default=0, help="fit's neighbourhood context (k nearest cells; 0: none)"
     )
+    parser.add_argument("--progress", action="store_true", help="fit's progress bar (one line per step in a log)")
+    parser.add_argument("--save-model", default=None, help="also save the fitted model into this directory")
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -183,12 +185,14 @@ def main() -> None:
                 max_time=args.max_time,
                 max_steps=args.max_steps,
                 context_neighbours=args.context_neighbours,
-                progress=False,
+                progress=args.progress,
             )
             fit_s = time.perf_counter() - start
             hist = model.history_
             print(f"fit: {fit_s:.0f} s, best epoch {model.best_epoch_}; history columns {list(hist.columns)}")
             print(hist.tail(3).to_string())
+            if args.save_model:
+                model.save(args.save_model, overwrite=True)
             pred = ghist.tl.predict(sdata, model, progress=False)
             keep = pred[pred.obs["cell_id"].isin(test_ids)].copy()
             sdata.tables["ghist_test"] = keep
