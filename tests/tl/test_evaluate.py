@@ -51,6 +51,20 @@ def _perfect(test_sdata):
     return X
 
 
+def test_constant_prediction_is_counted_and_named(test_sdata, caplog):
+    _perfect(test_sdata)
+    pred = test_sdata.tables["ghist"]
+    gene = pred.var_names[1]
+    pred.X[:, 1] = 0.0  # a model that gives one gene zero everywhere (a dead output)
+    with caplog.at_level("WARNING", logger="ghist.tl._evaluate"):
+        scores = ghist.tl.evaluate(test_sdata)
+    assert np.isnan(scores.loc[gene, "pearson"])
+    assert scores.attrs["n_constant_predictions"] == 1
+    assert scores.attrs["n_constant_genes"] == 0
+    assert "predicted constant" in caplog.text
+    assert gene in caplog.text
+
+
 def test_constant_measured_gene_gets_nan_and_is_counted(test_sdata):
     truth = test_sdata.tables["table"]
     X = truth.X.toarray() if hasattr(truth.X, "toarray") else np.asarray(truth.X).copy()

@@ -94,13 +94,14 @@ def evaluate(
     -------
     One row per scored gene: ``pearson``, ``spearman``, ``moran_i`` (of the measured expression) and ``svg_rank``;
     sorted by Pearson. A gene whose measured (or predicted) values are all equal gets NaN correlations (and, when
-    measured constant, NaN ``moran_i`` and no rank). ``.attrs`` holds ``level`` (``"cell"`` or ``"spot"``),
-    ``n_genes``, ``n_constant_genes`` (measured constant), ``mean_pearson``, ``median_pearson``,
-    ``mean_spearman`` (NaN genes left out), ``mean_pearson_svg<k>`` and ``median_pearson_svg<k>`` for each ``k``
-    of ``n_svg``; for cells ``n_cells``, ``fraction_predicted`` and, with ``cell_type_key``,
-    ``cell_type_accuracy``, ``cell_type_macro_f1`` and ``composition_error`` (total variation distance between
-    predicted and measured cell-type proportions); for spots ``n_spots``, ``n_spots_without_cells``, ``n_cells``
-    (cells in an evaluated spot), ``target_sum``, ``library`` and ``panel_share``.
+    measured constant, NaN ``moran_i`` and no rank). ``.attrs`` holds ``level`` (``"cell"`` or ``"spot"``), ``n_genes``,
+    ``n_constant_genes`` (measured constant), ``n_constant_predictions`` (predicted constant though measured varying: a
+    model that gives a gene one value everywhere; the means leave them out, so check this count when comparing models),
+    ``mean_pearson``, ``median_pearson``, ``mean_spearman`` (NaN genes left out), ``mean_pearson_svg<k>`` and
+    ``median_pearson_svg<k>`` for each ``k`` of ``n_svg``; for cells ``n_cells``, ``fraction_predicted`` and, with
+    ``cell_type_key``, ``cell_type_accuracy``, ``cell_type_macro_f1`` and ``composition_error`` (total variation
+    distance between predicted and measured cell-type proportions); for spots ``n_spots``, ``n_spots_without_cells``,
+    ``n_cells`` (cells in an evaluated spot), ``target_sum``, ``library`` and ``panel_share``.
 
     Examples
     --------
@@ -310,6 +311,7 @@ def _scores(
         index=pd.Index(genes, name="gene"),
     )
     constant = np.ptp(measured, axis=0) == 0 if len(measured) else np.ones(len(genes), dtype=bool)
+    flat = (np.ptp(predicted, axis=0) == 0 if len(predicted) else np.ones(len(genes), dtype=bool)) & ~constant
     moran = _moran(measured, coords, genes, constant)
     if moran is not None:
         result["moran_i"] = moran
@@ -318,6 +320,7 @@ def _scores(
     attrs: dict[str, float | int | str | None] = {
         "n_genes": len(genes),
         "n_constant_genes": int(constant.sum()),
+        "n_constant_predictions": int(flat.sum()),
         "mean_pearson": _nan_stat(np.nanmean, result["pearson"]),
         "median_pearson": _nan_stat(np.nanmedian, result["pearson"]),
         "mean_spearman": _nan_stat(np.nanmean, result["spearman"]),
@@ -333,6 +336,14 @@ def _scores(
             int(constant.sum()),
             len(genes),
             ", ".join(np.asarray(genes)[constant][:5]),
+        )
+    if flat.any():
+        logger.warning(
+            "%d of %d genes are predicted constant though measured varying; their NaN correlations are left out of "
+            "the means: %s",
+            int(flat.sum()),
+            len(genes),
+            ", ".join(np.asarray(genes)[flat][:5]),
         )
     return result.sort_values("pearson", ascending=False), attrs
 
