@@ -310,8 +310,8 @@ def _scores(
         {"pearson": column_pearson(predicted, measured), "spearman": column_spearman(predicted, measured)},
         index=pd.Index(genes, name="gene"),
     )
-    constant = np.ptp(measured, axis=0) == 0 if len(measured) else np.ones(len(genes), dtype=bool)
-    flat = (np.ptp(predicted, axis=0) == 0 if len(predicted) else np.ones(len(genes), dtype=bool)) & ~constant
+    constant = _constant_columns(measured)
+    flat = _constant_columns(predicted) & ~constant
     moran = _moran(measured, coords, genes, constant)
     if moran is not None:
         result["moran_i"] = moran
@@ -346,6 +346,11 @@ def _scores(
             ", ".join(np.asarray(genes)[flat][:5]),
         )
     return result.sort_values("pearson", ascending=False), attrs
+
+
+def _constant_columns(values: np.ndarray) -> np.ndarray:
+    """Which columns hold one value in every row (all of them when there is no row)."""
+    return np.ptp(values, axis=0) == 0 if len(values) else np.ones(values.shape[1], dtype=bool)
 
 
 def _nan_stat(stat, values) -> float:
