@@ -416,6 +416,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--context-neighbours", type=int, default=0, help="fit's neighbourhood context (k nearest cells; 0: none)"
     )
     parser.add_argument(
+        "--output-activation", choices=["softplus", "relu"], default=None, help="see fit (default: fit's default)"
+    )
+    parser.add_argument(
         "--min-train-umi", type=int, default=0, help="QC: leave training spots with fewer counts out of training"
     )
     parser.add_argument("--n-genes", type=int, default=250)
@@ -537,6 +540,7 @@ def fit_spots(tiles, args: argparse.Namespace, checkpoints: Path, max_steps: int
         color_jitter=args.color_jitter,
         **({"stain_jitter": args.stain_jitter} if args.stain_jitter else {}),
         **({"context_neighbours": args.context_neighbours} if args.context_neighbours else {}),
+        **({"output_activation": args.output_activation} if args.output_activation else {}),
         callbacks=callbacks,
     )
 

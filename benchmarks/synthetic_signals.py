@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument(
         "--context-neighbours", type=int, default=0, help="fit's neighbourhood context (k nearest cells; 0: none)"
     )
+    parser.add_argument(
+        "--output-activation", choices=["softplus", "relu"], default=None, help="see fit (default: fit's default)"
+    )
     parser.add_argument("--progress", action="store_true", help="fit's progress bar (one line per step in a log)")
     parser.add_argument("--save-model", default=None, help="also save the fitted model into this directory")
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
@@ -185,6 +188,7 @@ def main() -> None:
                 max_time=args.max_time,
                 max_steps=args.max_steps,
                 context_neighbours=args.context_neighbours,
+                **({"output_activation": args.output_activation} if args.output_activation else {}),
                 progress=args.progress,
             )
             fit_s = time.perf_counter() - start

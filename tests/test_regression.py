@@ -78,6 +78,7 @@ def run(tmp: Path) -> dict:
             accelerator="cpu",
             progress=False,
             checkpoint_dir=tmp / "ckpt",
+            output_activation="relu",  # v0.1's: the pinned weights and predictions were made with it
         )
         weights = {
             k: float(v.double().abs().sum()) for k, v in model.network.state_dict().items() if v.is_floating_point()

@@ -6,6 +6,7 @@ import torch
 
 from ghist._model._losses import ghist_losses
 from ghist._model._network import (
+    ExpressionHead,
     GHISTNetwork,
     neighbourhood_refine,
     segment_pool,
@@ -298,11 +299,45 @@ def test_invalid_arguments():
         GHISTNetwork(5, 3, reference=torch.zeros(2, 4), **SMALL)
     with pytest.raises(ValueError, match="NaN"):
         GHISTNetwork(5, 3, reference=torch.full((2, 5), float("nan")), **SMALL)
+    with pytest.raises(ValueError, match=r"output_activation.*'tanh'"):
+        GHISTNetwork(5, 3, output_activation="tanh", **SMALL)
     net = GHISTNetwork(5, 0, **SMALL)
     with pytest.raises(RuntimeError, match="no cell types"):
         net.expr_to_type(torch.zeros(1, 5))
     with pytest.raises(ValueError, match="cell_batch"):
         net(torch.zeros(1, 3, 16, 16), torch.zeros(1, 16, 16, dtype=torch.long), torch.zeros(2, dtype=torch.long), 3)
+
+
+@pytest.mark.parametrize("activation", ["relu", "softplus"])
+def test_a_gene_switched_off_everywhere_recovers_only_with_softplus(activation):
+    """A gene whose pre-activation is negative in every cell: ReLU gives it no gradient, so it stays 0 for good."""
+    torch.manual_seed(0)
+    n, n_genes = 256, 4
+    embedding = torch.randn(n, 16)
+    target = 2.0 + embedding[:, :n_genes]  # every gene varies with the embedding, around 2
+    head = ExpressionHead(
+        16, n_genes, 16, hidden=16, n_tokens=2, token_dim=8, n_heads=2, dropout=0.0, activation=activation
+    )
+    with torch.no_grad():
+        head.first[-1].bias[0] = -8.0  # gene 0 starts switched off in every cell
+    optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(300):
+        optimiser.zero_grad()
+        expr = head(embedding, embedding)[0]
+        ((expr - target) ** 2).mean().backward()
+        optimiser.step()
+    with torch.no_grad():
+        expr = head(embedding, embedding)[0]
+    dead = expr[:, 0].std() == 0
+    if activation == "relu":
+        assert dead
+        assert expr[:, 0].max() == 0
+    else:
+        assert not dead
+        assert np.corrcoef(expr[:, 0].numpy(), target[:, 0].numpy())[0, 1] > 0.9
+    # the genes that started alive learn under either activation
+    for g in range(1, n_genes):
+        assert np.corrcoef(expr[:, g].numpy(), target[:, g].numpy())[0, 1] > 0.9
 
 
 # ---------------------------------------------------------------------------------------------------- refinement

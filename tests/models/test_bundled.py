@@ -11,6 +11,7 @@ import torch
 from spatialdata import SpatialData
 
 import ghist
+from ghist._bundled_models import get_bundled
 
 NAME = ghist.models.DEFAULT_MODEL
 
@@ -36,6 +37,12 @@ def test_available_describes_the_shipped_model():
     # "a few MB": package data every user downloads
     assert 0 < row["size_mb"] < 10
     assert "HER2ST" in row["trained_on"]
+
+
+def test_bundled_model_keeps_the_activation_it_was_trained_with(bundled):
+    # trained before the output activation was a setting, i.e. with ReLU; its file does not say so
+    assert "output_activation" not in get_bundled(NAME).settings()["init_params"]
+    assert bundled.init_params_["output_activation"] == "relu"
 
 
 def test_card_has_what_a_user_must_read():

@@ -108,6 +108,27 @@ def test_state_roundtrip_is_json_and_tensors():
         ghist.GHISTModel._from_state({"settings": {"class": "Other"}, "tensors": {}})
 
 
+def test_output_activation_is_saved_and_older_models_load_with_relu(tmp_path):
+    model = _small_model()
+    assert model.init_params_["output_activation"] == "softplus"
+    model._mark_trained(1, None)
+    model.save(tmp_path / "new")
+    assert ghist.GHISTModel.load(tmp_path / "new").init_params_["output_activation"] == "softplus"
+
+    relu = _small_model(output_activation="relu")
+    state = relu._to_state()
+    del state["settings"]["init_params"]["output_activation"]  # as written before the setting existed
+    older = ghist.GHISTModel._from_state(state)
+    assert older.init_params_["output_activation"] == "relu"
+    # the loaded network computes what the saved one did: negative pre-activations give exactly 0
+    embedding, query = torch.randn(5, 8), torch.randn(5, 2)
+    with torch.no_grad():
+        older.network.expr_head.to_offset.bias.fill_(-100.0)
+        assert torch.equal(older.network.expr_head(embedding, query)[0], torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="output_activation"):
+        _small_model(output_activation="exp")
+
+
 def test_training_state_is_read_only():
     model = _small_model()
     with pytest.raises(AttributeError):

@@ -68,6 +68,9 @@ class GHISTModel:
     context_neighbours
         Mix each cell's embedding with the mean of its ``k`` nearest cells' before the heads (see
         :func:`ghist.tl.fit`); 0: no neighbourhood context.
+    output_activation
+        Non-linearity keeping predicted expression non-negative: ``"softplus"``, or ``"relu"`` (models saved
+        before this setting existed load with it; see :class:`~ghist._model._network.ExpressionHead`).
 
     Attributes
     ----------
@@ -106,6 +109,7 @@ class GHISTModel:
         encoder: Mapping[str, Any] | None = None,
         encoder_module: torch.nn.Module | None = None,
         context_neighbours: int = 0,
+        output_activation: str = "softplus",
     ):
         if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
             raise TypeError(f"`genes` must be a list of gene names; got {type(genes).__name__} {genes!r:.60}.")
@@ -165,6 +169,7 @@ class GHISTModel:
             "pixel_size": None if pixel_size is None else float(pixel_size),
             "expr_scale": float(expr_scale),
             "context_neighbours": int(context_neighbours),
+            "output_activation": str(output_activation),
         }
         type_index = {t: i for i, t in enumerate(cell_types or [])}
         network_groups = {name: [type_index[t] for t in members] for name, members in groups.items()}
@@ -192,6 +197,7 @@ class GHISTModel:
             embed_dim=int(embed_dim),
             feature_encoder=feature_encoder,
             context_neighbours=int(context_neighbours),
+            output_activation=str(output_activation),
         )
         # After the network, under its own random state: the network's initialisation is what it was without it.
         self.uncertainty_head: VarianceHead | None = make_variance_head(int(embed_dim), len(genes))
@@ -367,6 +373,8 @@ class GHISTModel:
         if not isinstance(params, Mapping) or "genes" not in params:
             raise ValueError("The settings lack the model's `init_params` (genes, cell types, ...).")
         params = dict(params)
+        # Models saved before the output activation was a setting were trained with ReLU.
+        params.setdefault("output_activation", "relu")
         if genes is not None and list(genes) != list(params["genes"]):
             missing = sorted(set(params["genes"]) - set(genes))
             extra = sorted(set(genes) - set(params["genes"]))
