@@ -12,8 +12,8 @@ few genes each. On its test band (the spatial fold ``make_tiles`` holds out) thi
 (c) ghist: ``make_tiles`` + ``fit`` as in the README quick start (``width=32, max_time="00:10:00"``) on the same
     slide, ``predict``; its cell types are its own.
 
-Each is scored by ``ghist.tl.evaluate`` (mean Pearson over genes, test cells only), over all genes and over the
-signal-driven genes, and the ratios to the oracle are printed. Public API only.
+Each is scored by ``ghist.tl.evaluate`` (mean Pearson over genes, test cells only; a gene predicted constant counts
+as 0), over all genes and over the signal-driven genes, and the ratios to the oracle are printed. Public API only.
 
 Example::
 
@@ -99,11 +99,20 @@ def as_table(sdata, name: str, cell_ids: np.ndarray, X: np.ndarray, genes: list[
 
 
 def score(sdata, pred_key: str, groups: dict[str, list[str]]) -> dict[str, float]:
-    """Mean Pearson of ``pred_key`` over all genes, over the signal-driven ones and over each signal's genes."""
-    every = ghist.tl.evaluate(sdata, pred_key=pred_key)
-    res = {"all": every.attrs["mean_pearson"], "n_cells": every.attrs["n_cells"]}
+    """Mean Pearson of ``pred_key`` over all genes, over the signal-driven ones and over each signal's genes.
+
+    A gene predicted constant though measured varying has no Pearson (``evaluate`` leaves it out of its means): here
+    it counts as 0, so that a model cannot gain by giving up on genes.
+    """
+
+    def mean(genes=None) -> float:
+        frame = ghist.tl.evaluate(sdata, pred_key=pred_key, genes=genes)
+        finite = frame["pearson"].dropna()
+        return float(finite.sum() / (len(finite) + frame.attrs["n_constant_predictions"]))
+
+    res = {"all": mean(), "n_cells": ghist.tl.evaluate(sdata, pred_key=pred_key).attrs["n_cells"]}
     for name, genes in {"signal": [g for v in groups.values() for g in v], **groups}.items():
-        res[name] = ghist.tl.evaluate(sdata, pred_key=pred_key, genes=genes).attrs["mean_pearson"]
+        res[name] = mean(genes)
     return res
 
 
@@ -129,6 +138,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--output-activation", choices=["softplus", "relu"], default=None, help="see fit (default: fit's default)"
+    )
+    parser.add_argument(
+        "--loss-weight",
+        action="append",
+        default=[],
+        type=lambda text: (text.split("=")[0], float(text.split("=")[1])),
+        metavar="TERM=WEIGHT",
+        help="fit's loss_weights, e.g. --loss-weight expr_pearson=1 (repeatable)",
     )
     parser.add_argument("--progress", action="store_true", help="fit's progress bar (one line per step in a log)")
     parser.add_argument("--save-model", default=None, help="also save the fitted model into this directory")
@@ -189,6 +206,7 @@ def main() -> None:
                 max_steps=args.max_steps,
                 context_neighbours=args.context_neighbours,
                 **({"output_activation": args.output_activation} if args.output_activation else {}),
+                loss_weights=dict(args.loss_weight) or None,
                 progress=args.progress,
             )
             fit_s = time.perf_counter() - start

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ghist._model._losses import (
     DEFAULT_LOSS_WEIGHTS,
+    gene_pearson_loss,
     ghist_losses,
     pixel_targets,
     spot_loss,
@@ -116,6 +117,46 @@ def test_weights_override_and_unknown_weight():
     torch.testing.assert_close(losses["total"], 2 * losses["expr"])
     with pytest.raises(KeyError, match="pixl"):
         ghist_losses(out, batch, net, weights={"pixl": 1.0})
+
+
+def test_gene_pearson_loss():
+    gen = torch.Generator().manual_seed(1)
+    true = torch.rand(40, 5, generator=gen) * 4
+    assert float(gene_pearson_loss(true, true)) == pytest.approx(0.0, abs=1e-5)
+    # a gene's level and scale do not count, only how its cells rank: 1 - r for each gene, averaged
+    assert float(gene_pearson_loss(3 * true + 7, true)) == pytest.approx(0.0, abs=1e-5)
+    assert float(gene_pearson_loss(-true, true)) == pytest.approx(2.0, abs=1e-5)
+    noisy = true + torch.rand(40, 5, generator=gen) * 4
+    r = [np.corrcoef(noisy[:, g].numpy(), true[:, g].numpy())[0, 1] for g in range(5)]
+    assert float(gene_pearson_loss(noisy, true)) == pytest.approx(1 - np.mean(r), abs=1e-5)
+    # every gene weighs the same: a gene measured 100 times larger does not dominate, unlike the MSE
+    scaled = true.clone()
+    scaled[:, 0] *= 100
+    assert float(gene_pearson_loss(noisy * torch.tensor([100.0, 1, 1, 1, 1]), scaled)) == pytest.approx(
+        1 - np.mean(r), abs=1e-5
+    )
+    # a gene measured constant is left out; fewer than 3 cells or nothing varying: no term
+    constant = true.clone()
+    constant[:, 2] = 1.0
+    assert float(gene_pearson_loss(noisy, constant)) == pytest.approx(1 - np.mean(np.delete(r, 2)), abs=1e-5)
+    assert gene_pearson_loss(true[:2], true[:2]) is None
+    assert gene_pearson_loss(true, torch.ones_like(true)) is None
+    # a gene predicted constant (nothing learnt yet) gives a finite gradient towards the measured order
+    pred = torch.zeros(40, 5, requires_grad=True)
+    gene_pearson_loss(pred, true).backward()
+    assert torch.isfinite(pred.grad).all()
+    assert all(np.corrcoef(-pred.grad[:, g].numpy(), true[:, g].numpy())[0, 1] > 0.99 for g in range(5))
+
+
+def test_pearson_term_only_when_weighted():
+    net = make_net()
+    batch = make_batch()
+    out = forward(net, batch)
+    assert "expr_pearson" not in ghist_losses(out, batch, net)  # weight 0 by default: not computed
+    losses = ghist_losses(out, batch, net, weights={"expr_pearson": 2.0})
+    torch.testing.assert_close(losses["expr_pearson"], gene_pearson_loss(out["expr"], batch["expr"]))
+    without = ghist_losses(out, batch, net)
+    torch.testing.assert_close(losses["total"], without["total"] + 2.0 * losses["expr_pearson"])
 
 
 def test_cells_without_type_drop_typed_terms():

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ def test_fit_learns(trained, tiles):
     history = trained.history_
     assert trained.is_trained
     assert trained.is_trained_  # scikit-learn style alias
+    assert trained.init_params_["output_activation"] == "softplus"  # the default with cell-level targets
     assert not trained.network.training
     assert len(history) >= 2
     losses = history["train_loss_epoch"].to_numpy()
@@ -51,6 +53,18 @@ def test_stain_jitter_reaches_training_and_stays_reproducible(tiles, tmp_path):
         for m in (plain, b)
     ]
     assert same == [False, True]
+
+
+def test_loss_weights_reach_training(tiles, tmp_path):
+    kwargs = {"width": 4, "embed_dim": 16, "max_epochs": 2, "batch_size": 4, "seed": 3, "progress": False}
+    plain = ghist.tl.fit(tiles, checkpoint_dir=tmp_path / "plain", **kwargs)
+    weighted = ghist.tl.fit(tiles, loss_weights={"expr_pearson": 1.0}, checkpoint_dir=tmp_path / "w", **kwargs)
+    assert "train/expr_pearson" not in plain.history_.columns
+    pearson = weighted.history_["train/expr_pearson"].to_numpy()
+    assert np.isfinite(pearson).all()
+    assert ((pearson > 0) & (pearson < 2)).all()
+    pairs = zip(plain.network.state_dict().values(), weighted.network.state_dict().values())
+    assert any(not torch.equal(x, y) for x, y in pairs)
 
 
 def test_resume_continues(tiles, tmp_path):
@@ -149,5 +163,11 @@ def test_fit_bad_inputs(tiles, reference):
         ghist.tl.fit(tiles, max_time="twenty minutes", width=4, max_epochs=1)
     with pytest.raises(ValueError, match="color_jitter"):
         ghist.tl.fit(tiles, color_jitter=1.5, width=4, max_epochs=1)
+    with pytest.raises(ValueError, match=r"`output_activation` must be one of \['relu', 'softplus'\]; got 'exp'"):
+        ghist.tl.fit(tiles, output_activation="exp", width=4, max_epochs=1)
+    with pytest.raises(KeyError, match=r"Unknown loss terms \['expr_pearsn'\]"):
+        ghist.tl.fit(tiles, loss_weights={"expr_pearsn": 1.0}, width=4, max_epochs=1)
+    with pytest.raises(ValueError, match=r"`loss_weights\['pixel'\]` must be a finite number >= 0"):
+        ghist.tl.fit(tiles, loss_weights={"pixel": -1.0}, width=4, max_epochs=1)
     with pytest.raises(ValueError, match=r"`accelerator` must be one of .*'auto'.*'mps'"):
         ghist.tl.fit(tiles, accelerator="tpu", width=4, max_epochs=1)

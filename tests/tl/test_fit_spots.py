@@ -93,6 +93,8 @@ def test_fit_on_spots_without_cell_types(spot_model):
     assert tiles.cell_types is None
     assert model.n_types == 0
     assert model.is_trained_
+    # the default for spot supervision (softplus scored lower on HER2ST's cross-validation)
+    assert model.init_params_["output_activation"] == "relu"
     history = model.history_
     spot = history["train/spot"].to_numpy()
     assert np.isfinite(spot).all()

@@ -22,7 +22,15 @@ from .._constants import EXPR_SCALE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_LOSS_WEIGHTS", "ghist_losses", "pixel_targets", "spot_loss", "spot_sums", "tile_composition"]
+__all__ = [
+    "DEFAULT_LOSS_WEIGHTS",
+    "gene_pearson_loss",
+    "ghist_losses",
+    "pixel_targets",
+    "spot_loss",
+    "spot_sums",
+    "tile_composition",
+]
 
 # expm1(30) ~ 1e13 counts per cell: far above any real cell, far below float32 overflow (expm1(89)).
 _MAX_LOG_COUNTS = 30.0
@@ -32,6 +40,7 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float | None] = {
     "pixel": 1.0,  # per-pixel cross-entropy of the type map (nucleus/background without types)
     "cell_type": 1.0,  # cell-type cross-entropy
     "expr": 1.0,  # expression MSE
+    "expr_pearson": 0.0,  # 1 - mean per-gene Pearson over the batch's measured cells (0: not computed)
     "specialist": None,  # sum over groups of each specialist head's MSE on its group's cells
     "expr_type": 1.0,  # cross-entropy of the expression-to-type head on predicted expression
     "expr_cosine": 100.0,  # 1 - cosine similarity of its hidden features, predicted vs measured expression
@@ -166,6 +175,27 @@ def spot_loss(
     return F.mse_loss(pred, target)
 
 
+def gene_pearson_loss(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor | None:
+    """``1 -`` the mean over genes of the Pearson correlation between predicted and measured values over cells.
+
+    Unlike the MSE, every gene weighs the same whatever its variance, and a gene's level does not count, only how
+    its cells rank against each other: the quantity the per-gene accuracy of :func:`ghist.tl.evaluate` scores.
+    Genes constant over the cells are left out; ``None`` with fewer than 3 cells or no varying gene.
+    """
+    if pred.shape[0] < 3:
+        return None
+    true_c = true - true.mean(dim=0)
+    true_ss = true_c.pow(2).sum(dim=0)
+    varying = true_ss > _EPS
+    if not bool(varying.any()):
+        return None
+    pred_c = (pred - pred.mean(dim=0))[:, varying]
+    true_c, true_ss = true_c[:, varying], true_ss[varying]
+    # the clamp keeps a gene predicted constant (as at initialisation) from giving an infinite gradient
+    denom = (pred_c.pow(2).sum(dim=0) * true_ss).clamp(min=_EPS).sqrt()
+    return 1.0 - ((pred_c * true_c).sum(dim=0) / denom).mean()
+
+
 def ghist_losses(
     out: Mapping[str, Any],
     batch: Mapping[str, Any],
@@ -246,6 +276,10 @@ def ghist_losses(
     if any_measured:
         expr_m = expr_true[measured].float()
         terms["expr"] = F.mse_loss(expr_pred[measured], expr_m)
+        if w["expr_pearson"]:
+            pearson = gene_pearson_loss(expr_pred[measured], expr_m)
+            if pearson is not None:
+                terms["expr_pearson"] = pearson
 
     # Specialist heads: each on the measured cells of its own group.
     if groups and any_measured and any_known:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -89,9 +89,11 @@ class GHISTModule(L.LightningModule):
         stain_jitter: float = 0.0,
         standardisation: tuple[Sequence[float], Sequence[float]] | None = None,
         uncertainty: torch.nn.Module | None = None,
+        loss_weights: Mapping[str, float] | None = None,
     ):
         super().__init__()
         self.network = network
+        self.loss_weights = dict(loss_weights or {})
         # The variance head (`_uncertainty.py`): trained beside the network on detached inputs, never through it.
         self.uncertainty = uncertainty
         self.expr_scale = expr_scale
@@ -120,7 +122,7 @@ class GHISTModule(L.LightningModule):
 
     def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = self.network(batch["image"], batch["labels"], batch["cell_batch"], int(batch["n_cells"]))
-        return ghist_losses(out, batch, self.network, expr_scale=self.expr_scale), out
+        return ghist_losses(out, batch, self.network, weights=self.loss_weights, expr_scale=self.expr_scale), out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if self.augment:

@@ -95,7 +95,8 @@ def fit(
     encoder_trainable: bool = False,
     encoder_options: Mapping[str, Any] | None = None,
     context_neighbours: int = 0,
-    output_activation: str = "softplus",
+    output_activation: str | None = None,
+    loss_weights: Mapping[str, float] | None = None,
     **trainer_kwargs: Any,
 ) -> GHISTModel:
     """Train the GHIST network on tiles cut by :func:`ghist.pp.make_tiles`.
@@ -232,11 +233,18 @@ def fit(
         On HER2ST spots (leave-one-section-out, ``benchmarks/her2st.py --cv``) ``k=8`` lowered the mean Pearson on
         every held-out section (0.278 against 0.295), so it is off by default.
     output_activation
-        Non-linearity that keeps predicted expression non-negative: ``"softplus"`` (default) or ``"relu"``. With
-        ReLU a gene whose pre-activation turns negative in every cell gets no gradient again and is predicted 0
-        everywhere: on ``synthetic(signals="all")`` 58 of 280 genes ended so, and softplus raised the test cells'
-        mean Pearson over all genes from 0.317 to 0.345 (those genes counted as 0). Models saved before this setting
-        existed load with ``"relu"``.
+        Non-linearity that keeps predicted expression non-negative: ``"softplus"`` or ``"relu"``. ``None``
+        (default): ``"softplus"`` with cell-level targets, ``"relu"`` with spot supervision, the better of the two in
+        each. With ReLU a gene whose pre-activation turns negative in every cell gets no gradient again and is
+        predicted 0 everywhere: on ``synthetic(signals="all")`` 58 of 280 genes ended so, and softplus raised the test
+        cells' mean Pearson over all genes from 0.317 to 0.345 (those genes counted as 0). On HER2ST spots
+        (leave-one-section-out, ``benchmarks/her2st.py``, equal training time, two seeds) softplus lowered the mean
+        Pearson from 0.284 to 0.275 and from 0.261 to 0.234: a spot sums all its cells, and softplus never predicts an
+        exact zero. The choice is saved with the model; models saved before it existed load with ``"relu"``.
+    loss_weights
+        Weights of the loss terms, overriding :data:`ghist._model._losses.DEFAULT_LOSS_WEIGHTS` (e.g.
+        ``{"expr_pearson": 1.0}`` adds one minus the mean per-gene Pearson correlation over each batch's measured
+        cells, which weighs every gene the same whatever its variance; ``{"pixel": 0.0}`` drops a term).
     **trainer_kwargs
         Other :class:`lightning.pytorch.Trainer` arguments; ``callbacks=[...]`` are run after ghist's own
         (checkpointing, history, progress bar).
@@ -278,6 +286,9 @@ def fit(
         check_int(name, value, 1, optional=True)
     check_int("num_workers", num_workers, 0)
     check_int("context_neighbours", context_neighbours, 0)
+    loss_weights = _check_loss_weights(loss_weights)
+    if output_activation is None:
+        output_activation = "relu" if tiles.spots_key is not None else "softplus"
     if output_activation not in OUTPUT_ACTIVATIONS:
         raise ValueError(f"`output_activation` must be one of {sorted(OUTPUT_ACTIVATIONS)}; got {output_activation!r}.")
     check_number("lr", lr, positive=True)
@@ -339,6 +350,7 @@ def fit(
         stain_jitter=stain_jitter,
         standardisation=(list(tiles.mean), list(tiles.std)),
         uncertainty=model.uncertainty_head,
+        loss_weights=loss_weights,
     )
 
     train_loader = DataLoader(
@@ -658,3 +670,21 @@ class _quiet_lightning:
         self._warnings.__exit__(*exc)
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def _check_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
+    """``loss_weights`` as a dict of known terms to finite, non-negative floats."""
+    from .._model._losses import DEFAULT_LOSS_WEIGHTS
+
+    if loss_weights is None:
+        return {}
+    if not isinstance(loss_weights, Mapping):
+        raise TypeError(f"`loss_weights` must be a dict of term -> weight; got {type(loss_weights).__name__}.")
+    unknown = sorted(set(loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
+    if unknown:
+        raise KeyError(
+            f"Unknown loss terms {unknown} in `loss_weights`; expected some of {sorted(DEFAULT_LOSS_WEIGHTS)}"
+        )
+    for name, value in loss_weights.items():
+        check_number(f"loss_weights[{name!r}]", value, positive=False)
+    return {name: float(value) for name, value in loss_weights.items()}
