@@ -147,6 +147,7 @@ def main() -> None:
         metavar="TERM=WEIGHT",
         help="fit's loss_weights, e.g. --loss-weight expr_pearson=1 (repeatable)",
     )
+    parser.add_argument("--morphometrics", action="store_true", help="see fit")
     parser.add_argument("--progress", action="store_true", help="fit's progress bar (one line per step in a log)")
     parser.add_argument("--save-model", default=None, help="also save the fitted model into this directory")
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
@@ -207,6 +208,7 @@ def main() -> None:
                 context_neighbours=args.context_neighbours,
                 **({"output_activation": args.output_activation} if args.output_activation else {}),
                 loss_weights=dict(args.loss_weight) or None,
+                **({"morphometrics": True} if args.morphometrics else {}),
                 progress=args.progress,
             )
             fit_s = time.perf_counter() - start

@@ -9,6 +9,7 @@ from ghist._model._network import (
     ExpressionHead,
     GHISTNetwork,
     neighbourhood_refine,
+    nucleus_morphometrics,
     segment_pool,
     specialist_expression,
 )
@@ -338,6 +339,37 @@ def test_a_gene_switched_off_everywhere_recovers_only_with_softplus(activation):
     # the genes that started alive learn under either activation
     for g in range(1, n_genes):
         assert np.corrcoef(expr[:, g].numpy(), target[:, g].numpy())[0, 1] > 0.9
+
+
+def test_nucleus_morphometrics_see_size_and_texture():
+    """Two nuclei with the same mean feature: one small and flat, one large and speckled."""
+    labels = torch.zeros(1, 32, 32, dtype=torch.long)
+    labels[0, 2:6, 2:6] = 1  # 16 px
+    labels[0, 10:26, 10:26] = 2  # 256 px
+    level = torch.full((1, 2, 32, 32), 0.5)
+    level[0, :, 10:26, 10:26] = (torch.arange(16 * 16).reshape(16, 16) % 2).float()  # mean 0.5, sd 0.5
+    means, area = segment_pool([level], labels, 2)
+    out = nucleus_morphometrics(level, labels, 2, means, area)
+    assert out.shape == (2, 3)
+    torch.testing.assert_close(out[:, :2], torch.tensor([[0.0, 0.0], [0.5, 0.5]]), atol=2e-3, rtol=0)
+    torch.testing.assert_close(out[:, 2], torch.log1p(torch.tensor([16.0, 256.0])))
+    # means alone cannot tell these nuclei apart
+    torch.testing.assert_close(means[0], means[1])
+
+
+def test_network_with_morphometrics_trains():
+    batch = disk_batch(n_types=3, n_genes=7)
+    torch.manual_seed(0)
+    plain = GHISTNetwork(7, 3, **SMALL)
+    torch.manual_seed(0)
+    net = GHISTNetwork(7, 3, morphometrics=True, **SMALL)
+    assert _count(net) - _count(plain) == (SMALL["width"] + 1) * 2 * SMALL["hidden"]  # one more input per feature
+    out = run(net, batch)
+    loss = ghist_losses(out, batch, net)["total"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    assert net.embed[0].weight.grad[:, -1].abs().sum() > 0  # the area input reaches the loss
 
 
 # ---------------------------------------------------------------------------------------------------- refinement

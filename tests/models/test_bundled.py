@@ -39,10 +39,13 @@ def test_available_describes_the_shipped_model():
     assert "HER2ST" in row["trained_on"]
 
 
-def test_bundled_model_keeps_the_activation_it_was_trained_with(bundled):
-    # trained before the output activation was a setting, i.e. with ReLU; its file does not say so
-    assert "output_activation" not in get_bundled(NAME).settings()["init_params"]
+def test_bundled_model_keeps_the_settings_it_was_trained_with(bundled):
+    # trained before these settings existed, i.e. with ReLU and no morphometrics; its file does not name them
+    saved = get_bundled(NAME).settings()["init_params"]
+    assert "output_activation" not in saved
+    assert "morphometrics" not in saved
     assert bundled.init_params_["output_activation"] == "relu"
+    assert bundled.init_params_["morphometrics"] is False
 
 
 def test_card_has_what_a_user_must_read():

@@ -108,18 +108,23 @@ def test_state_roundtrip_is_json_and_tensors():
         ghist.GHISTModel._from_state({"settings": {"class": "Other"}, "tensors": {}})
 
 
-def test_output_activation_is_saved_and_older_models_load_with_relu(tmp_path):
-    model = _small_model()
+def test_later_settings_are_saved_and_older_models_load_as_trained(tmp_path):
+    model = _small_model(morphometrics=True)
     assert model.init_params_["output_activation"] == "softplus"
     model._mark_trained(1, None)
     model.save(tmp_path / "new")
-    assert ghist.GHISTModel.load(tmp_path / "new").init_params_["output_activation"] == "softplus"
+    loaded = ghist.GHISTModel.load(tmp_path / "new")
+    assert loaded.init_params_["output_activation"] == "softplus"
+    assert loaded.init_params_["morphometrics"] is True
+    assert loaded.network.morphometrics
 
     relu = _small_model(output_activation="relu")
     state = relu._to_state()
-    del state["settings"]["init_params"]["output_activation"]  # as written before the setting existed
+    for later in ("output_activation", "morphometrics"):  # as written before these settings existed
+        del state["settings"]["init_params"][later]
     older = ghist.GHISTModel._from_state(state)
     assert older.init_params_["output_activation"] == "relu"
+    assert older.init_params_["morphometrics"] is False
     # the loaded network computes what the saved one did: negative pre-activations give exactly 0
     embedding, query = torch.randn(5, 8), torch.randn(5, 2)
     with torch.no_grad():

@@ -71,6 +71,9 @@ class GHISTModel:
     output_activation
         Non-linearity keeping predicted expression non-negative: ``"softplus"``, or ``"relu"`` (models saved
         before this setting existed load with it; see :class:`~ghist._model._network.ExpressionHead`).
+    morphometrics
+        Feed each nucleus' size and texture to the cell embedding (see
+        :class:`~ghist._model._network.GHISTNetwork`); models saved before this setting existed load without.
 
     Attributes
     ----------
@@ -110,6 +113,7 @@ class GHISTModel:
         encoder_module: torch.nn.Module | None = None,
         context_neighbours: int = 0,
         output_activation: str = "softplus",
+        morphometrics: bool = False,
     ):
         if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
             raise TypeError(f"`genes` must be a list of gene names; got {type(genes).__name__} {genes!r:.60}.")
@@ -170,6 +174,7 @@ class GHISTModel:
             "expr_scale": float(expr_scale),
             "context_neighbours": int(context_neighbours),
             "output_activation": str(output_activation),
+            "morphometrics": bool(morphometrics),
         }
         type_index = {t: i for i, t in enumerate(cell_types or [])}
         network_groups = {name: [type_index[t] for t in members] for name, members in groups.items()}
@@ -198,6 +203,7 @@ class GHISTModel:
             feature_encoder=feature_encoder,
             context_neighbours=int(context_neighbours),
             output_activation=str(output_activation),
+            morphometrics=bool(morphometrics),
         )
         # After the network, under its own random state: the network's initialisation is what it was without it.
         self.uncertainty_head: VarianceHead | None = make_variance_head(int(embed_dim), len(genes))
@@ -375,6 +381,7 @@ class GHISTModel:
         params = dict(params)
         # Models saved before the output activation was a setting were trained with ReLU.
         params.setdefault("output_activation", "relu")
+        params.setdefault("morphometrics", False)
         if genes is not None and list(genes) != list(params["genes"]):
             missing = sorted(set(params["genes"]) - set(genes))
             extra = sorted(set(genes) - set(params["genes"]))

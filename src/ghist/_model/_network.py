@@ -101,6 +101,21 @@ def _output_activation(name: str):
     return OUTPUT_ACTIVATIONS[name]
 
 
+def nucleus_morphometrics(
+    first_level: torch.Tensor, labels: torch.Tensor, n_cells: int, cell_means: torch.Tensor, area: torch.Tensor
+) -> torch.Tensor:
+    """``(N, C + 1)``: each nucleus' feature standard deviation over its pixels (C channels), and ``log1p(area)``.
+
+    ``first_level`` is the ``(B, C, T, T)`` full-resolution backbone map whose per-nucleus means are the last ``C``
+    columns of ``cell_means``; ``area`` the visible pixels per nucleus (:func:`segment_pool`'s counts).
+    """
+    channels = first_level.shape[1]
+    squares, _ = segment_pool([first_level.float().square()], labels, n_cells)
+    means = cell_means[:, -channels:].float()
+    spread = (squares - means.square()).clamp(min=0.0).add(1e-6).sqrt()
+    return torch.cat([spread, torch.log1p(area.float()).unsqueeze(1)], dim=1)
+
+
 class ExpressionHead(nn.Module):
     """First expression estimate from the cell embedding, refined by cross-attention (DESIGN section 3.5).
 
@@ -282,6 +297,7 @@ class GHISTNetwork(nn.Module):
         feature_encoder: nn.Module | None = None,
         context_neighbours: int = 0,
         output_activation: str = "softplus",
+        morphometrics: bool = False,
     ):
         super().__init__()
         _output_activation(output_activation)  # fail before building anything
@@ -324,6 +340,9 @@ class GHISTNetwork(nn.Module):
         pooled = self.backbone.decoder_channels + self.backbone.encoder_channels[0]
         self.feature_encoder = feature_encoder
         extra = 0 if feature_encoder is None else int(feature_encoder.out_features)
+        self.morphometrics = bool(morphometrics)
+        if self.morphometrics:
+            extra += self.backbone.encoder_channels[0] + 1
         self.embed = _mlp(2 * pooled + extra, 2 * hidden, embed_dim, dropout)
         if n_types:
             self.type_head: nn.Module | None = _mlp(embed_dim, hidden, n_types, dropout)
@@ -436,6 +455,8 @@ class GHISTNetwork(nn.Module):
         parts = [cell_means, tile_means[cell_batch]]
         if self.feature_encoder is not None:
             parts.append(self.feature_encoder(image, labels, cell_batch, n_cells).to(cell_means.dtype))
+        if self.morphometrics:
+            parts.append(nucleus_morphometrics(encoded, labels, n_cells, cell_means, area).to(cell_means.dtype))
         embedding = self.embed(torch.cat(parts, dim=1))
         if self.context is not None:
             centroids, visible = cell_centroids(labels, n_cells)

@@ -97,6 +97,7 @@ def fit(
     context_neighbours: int = 0,
     output_activation: str | None = None,
     loss_weights: Mapping[str, float] | None = None,
+    morphometrics: bool = False,
     **trainer_kwargs: Any,
 ) -> GHISTModel:
     """Train the GHIST network on tiles cut by :func:`ghist.pp.make_tiles`.
@@ -245,6 +246,10 @@ def fit(
         Weights of the loss terms, overriding :data:`ghist._model._losses.DEFAULT_LOSS_WEIGHTS` (e.g.
         ``{"expr_pearson": 1.0}`` adds one minus the mean per-gene Pearson correlation over each batch's measured
         cells, which weighs every gene the same whatever its variance; ``{"pixel": 0.0}`` drops a term).
+    morphometrics
+        Also feed each nucleus' size (``log1p`` of its area in pixels) and texture (the spread of the first backbone
+        level's features over its pixels) to the cell embedding, whose other input, means over the nucleus, is blind
+        to size.
     **trainer_kwargs
         Other :class:`lightning.pytorch.Trainer` arguments; ``callbacks=[...]`` are run after ghist's own
         (checkpointing, history, progress bar).
@@ -338,6 +343,7 @@ def fit(
         encoder_module=encoder_module,
         context_neighbours=context_neighbours,
         output_activation=output_activation,
+        morphometrics=bool(morphometrics),
     )
     module = GHISTModule(
         model.network,
