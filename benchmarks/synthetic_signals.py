@@ -148,6 +148,7 @@ def main() -> None:
         help="fit's loss_weights, e.g. --loss-weight expr_pearson=1 (repeatable)",
     )
     parser.add_argument("--morphometrics", action="store_true", help="see fit")
+    parser.add_argument("--cell-offset", action="store_true", help="see fit")
     parser.add_argument("--progress", action="store_true", help="fit's progress bar (one line per step in a log)")
     parser.add_argument("--save-model", default=None, help="also save the fitted model into this directory")
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
@@ -209,6 +210,7 @@ def main() -> None:
                 **({"output_activation": args.output_activation} if args.output_activation else {}),
                 loss_weights=dict(args.loss_weight) or None,
                 **({"morphometrics": True} if args.morphometrics else {}),
+                **({"cell_offset": True} if args.cell_offset else {}),
                 progress=args.progress,
             )
             fit_s = time.perf_counter() - start

@@ -372,6 +372,19 @@ def test_network_with_morphometrics_trains():
     assert net.embed[0].weight.grad[:, -1].abs().sum() > 0  # the area input reaches the loss
 
 
+def test_cell_offset_starts_as_nothing_and_learns():
+    kwargs = {"n_profiles": 3, "hidden": 16, "n_tokens": 2, "token_dim": 8, "n_heads": 2, "dropout": 0.0}
+    torch.manual_seed(0)
+    plain = ExpressionHead(16, 5, 4, **kwargs)
+    torch.manual_seed(0)
+    head = ExpressionHead(16, 5, 4, cell_offset=True, **kwargs)  # built last: the other weights are the same
+    embedding, query, reference = torch.randn(6, 16), torch.rand(6, 4), torch.rand(3, 5) * 4
+    torch.testing.assert_close(head(embedding, query, reference)[0], plain(embedding, query, reference)[0])
+    head(embedding, query, reference)[0].sum().backward()
+    assert head.cell_offset.weight.grad.abs().sum() > 0
+    assert plain.cell_offset is None
+
+
 # ---------------------------------------------------------------------------------------------------- refinement
 def _refine_case(n_tiles=20, n=60, n_types=5, seed=0):
     gen = torch.Generator().manual_seed(seed)

@@ -44,8 +44,10 @@ def test_bundled_model_keeps_the_settings_it_was_trained_with(bundled):
     saved = get_bundled(NAME).settings()["init_params"]
     assert "output_activation" not in saved
     assert "morphometrics" not in saved
+    assert "cell_offset" not in saved
     assert bundled.init_params_["output_activation"] == "relu"
     assert bundled.init_params_["morphometrics"] is False
+    assert bundled.init_params_["cell_offset"] is False
 
 
 def test_card_has_what_a_user_must_read():

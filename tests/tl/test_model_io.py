@@ -109,7 +109,7 @@ def test_state_roundtrip_is_json_and_tensors():
 
 
 def test_later_settings_are_saved_and_older_models_load_as_trained(tmp_path):
-    model = _small_model(morphometrics=True)
+    model = _small_model(morphometrics=True, cell_offset=True)
     assert model.init_params_["output_activation"] == "softplus"
     model._mark_trained(1, None)
     model.save(tmp_path / "new")
@@ -117,14 +117,17 @@ def test_later_settings_are_saved_and_older_models_load_as_trained(tmp_path):
     assert loaded.init_params_["output_activation"] == "softplus"
     assert loaded.init_params_["morphometrics"] is True
     assert loaded.network.morphometrics
+    assert loaded.init_params_["cell_offset"] is True
+    assert loaded.network.expr_head.cell_offset is not None
 
     relu = _small_model(output_activation="relu")
     state = relu._to_state()
-    for later in ("output_activation", "morphometrics"):  # as written before these settings existed
+    for later in ("output_activation", "morphometrics", "cell_offset"):  # as written before these settings existed
         del state["settings"]["init_params"][later]
     older = ghist.GHISTModel._from_state(state)
     assert older.init_params_["output_activation"] == "relu"
     assert older.init_params_["morphometrics"] is False
+    assert older.init_params_["cell_offset"] is False
     # the loaded network computes what the saved one did: negative pre-activations give exactly 0
     embedding, query = torch.randn(5, 8), torch.randn(5, 2)
     with torch.no_grad():

@@ -74,6 +74,9 @@ class GHISTModel:
     morphometrics
         Feed each nucleus' size and texture to the cell embedding (see
         :class:`~ghist._model._network.GHISTNetwork`); models saved before this setting existed load without.
+    cell_offset
+        A direct path from each cell's embedding to its genes in the expression heads (see
+        :class:`~ghist._model._network.ExpressionHead`); models saved before this setting existed load without.
 
     Attributes
     ----------
@@ -114,6 +117,7 @@ class GHISTModel:
         context_neighbours: int = 0,
         output_activation: str = "softplus",
         morphometrics: bool = False,
+        cell_offset: bool = False,
     ):
         if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
             raise TypeError(f"`genes` must be a list of gene names; got {type(genes).__name__} {genes!r:.60}.")
@@ -175,6 +179,7 @@ class GHISTModel:
             "context_neighbours": int(context_neighbours),
             "output_activation": str(output_activation),
             "morphometrics": bool(morphometrics),
+            "cell_offset": bool(cell_offset),
         }
         type_index = {t: i for i, t in enumerate(cell_types or [])}
         network_groups = {name: [type_index[t] for t in members] for name, members in groups.items()}
@@ -204,6 +209,7 @@ class GHISTModel:
             context_neighbours=int(context_neighbours),
             output_activation=str(output_activation),
             morphometrics=bool(morphometrics),
+            cell_offset=bool(cell_offset),
         )
         # After the network, under its own random state: the network's initialisation is what it was without it.
         self.uncertainty_head: VarianceHead | None = make_variance_head(int(embed_dim), len(genes))
@@ -382,6 +388,7 @@ class GHISTModel:
         # Models saved before the output activation was a setting were trained with ReLU.
         params.setdefault("output_activation", "relu")
         params.setdefault("morphometrics", False)
+        params.setdefault("cell_offset", False)
         if genes is not None and list(genes) != list(params["genes"]):
             missing = sorted(set(params["genes"]) - set(genes))
             extra = sorted(set(genes) - set(params["genes"]))

@@ -153,6 +153,11 @@ class ExpressionHead(nn.Module):
         Dropout in the MLP and the attention.
     activation
         ``"softplus"`` or ``"relu"``, the output non-linearity.
+    cell_offset
+        Add a linear map of the cell's own embedding to the offset (zero-initialised). With a reference the first
+        estimate is a mixture of reference profiles and the attention sees only that mixture and the tile
+        composition: without this path nothing distinguishes two cells with the same mixture, e.g. a cycling and a
+        resting cell of one type.
 
     """
 
@@ -169,6 +174,7 @@ class ExpressionHead(nn.Module):
         n_heads: int = 8,
         dropout: float = 0.1,
         activation: str = "softplus",
+        cell_offset: bool = False,
     ):
         super().__init__()
         self.activation = _output_activation(activation)
@@ -183,6 +189,10 @@ class ExpressionHead(nn.Module):
         self.to_offset = nn.Linear(n_tokens * token_dim, n_genes)
         nn.init.zeros_(self.to_offset.weight)
         nn.init.zeros_(self.to_offset.bias)
+        self.cell_offset: nn.Linear | None = nn.Linear(embed_dim, n_genes) if cell_offset else None
+        if self.cell_offset is not None:
+            nn.init.zeros_(self.cell_offset.weight)
+            nn.init.zeros_(self.cell_offset.bias)
 
     def forward(
         self, embedding: torch.Tensor, query: torch.Tensor, reference: torch.Tensor | None = None
@@ -203,6 +213,8 @@ class ExpressionHead(nn.Module):
         q = self.query_norm(self.to_query(query).reshape(n, self.n_tokens, self.token_dim))
         attended, _ = self.attention(q, kv, kv, need_weights=False)
         offset = self.to_offset(attended.reshape(n, self.n_tokens * self.token_dim))
+        if self.cell_offset is not None:
+            offset = offset + self.cell_offset(embedding)
         return self.activation(first + offset), first, weights
 
 
@@ -298,6 +310,7 @@ class GHISTNetwork(nn.Module):
         context_neighbours: int = 0,
         output_activation: str = "softplus",
         morphometrics: bool = False,
+        cell_offset: bool = False,
     ):
         super().__init__()
         _output_activation(output_activation)  # fail before building anything
@@ -361,6 +374,7 @@ class GHISTNetwork(nn.Module):
             "n_heads": n_heads,
             "dropout": dropout,
             "activation": output_activation,
+            "cell_offset": bool(cell_offset),
         }
         self.expr_head = ExpressionHead(embed_dim, n_genes, query_dim, **head_kwargs)
         self.group_heads = nn.ModuleDict(
