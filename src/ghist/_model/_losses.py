@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from .._constants import EXPR_SCALE
+from .._validation import check_number
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_LOSS_WEIGHTS",
+    "check_loss_weights",
     "gene_pearson_loss",
     "ghist_losses",
     "pixel_targets",
@@ -173,6 +175,22 @@ def spot_loss(
     pred = expr_scale * torch.log1p(sums[keep])
     target = expr_scale * torch.log1p(spot_expr[keep].float().clamp(min=0))
     return F.mse_loss(pred, target)
+
+
+def check_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
+    """``loss_weights`` as a dict of known terms to finite, non-negative floats."""
+    if loss_weights is None:
+        return {}
+    if not isinstance(loss_weights, Mapping):
+        raise TypeError(f"`loss_weights` must be a dict of term -> weight; got {type(loss_weights).__name__}.")
+    unknown = sorted(set(loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
+    if unknown:
+        raise KeyError(
+            f"Unknown loss terms {unknown} in `loss_weights`; expected some of {sorted(DEFAULT_LOSS_WEIGHTS)}"
+        )
+    for name, value in loss_weights.items():
+        check_number(f"loss_weights[{name!r}]", value, positive=False)
+    return {name: float(value) for name, value in loss_weights.items()}
 
 
 def gene_pearson_loss(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor | None:

@@ -289,6 +289,7 @@ def fit(
     from .._model import GHISTModel
     from .._model._data import collate_tiles, worker_context
     from .._model._device import lightning_accelerator, resolve_device
+    from .._model._losses import check_loss_weights
     from .._model._module import EpochHistory, GHISTModule
     from .._model._network import OUTPUT_ACTIVATIONS
     from ..pp import TileSet, reference_profiles
@@ -303,7 +304,7 @@ def fit(
         check_int(name, value, 1, optional=True)
     check_int("num_workers", num_workers, 0)
     check_int("context_neighbours", context_neighbours, 0)
-    loss_weights = _check_loss_weights(loss_weights)
+    loss_weights = check_loss_weights(loss_weights)
     if output_activation is None:
         output_activation = "relu" if tiles.spots_key is not None else "softplus"
     if output_activation not in OUTPUT_ACTIVATIONS:
@@ -689,21 +690,3 @@ class _quiet_lightning:
         self._warnings.__exit__(*exc)
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
-
-
-def _check_loss_weights(loss_weights: Mapping[str, float] | None) -> dict[str, float]:
-    """``loss_weights`` as a dict of known terms to finite, non-negative floats."""
-    from .._model._losses import DEFAULT_LOSS_WEIGHTS
-
-    if loss_weights is None:
-        return {}
-    if not isinstance(loss_weights, Mapping):
-        raise TypeError(f"`loss_weights` must be a dict of term -> weight; got {type(loss_weights).__name__}.")
-    unknown = sorted(set(loss_weights) - set(DEFAULT_LOSS_WEIGHTS))
-    if unknown:
-        raise KeyError(
-            f"Unknown loss terms {unknown} in `loss_weights`; expected some of {sorted(DEFAULT_LOSS_WEIGHTS)}"
-        )
-    for name, value in loss_weights.items():
-        check_number(f"loss_weights[{name!r}]", value, positive=False)
-    return {name: float(value) for name, value in loss_weights.items()}
