@@ -238,11 +238,12 @@ def fit(
         Non-linearity that keeps predicted expression non-negative: ``"softplus"`` or ``"relu"``. ``None``
         (default): ``"softplus"`` with cell-level targets, ``"relu"`` with spot supervision, the better of the two in
         each. With ReLU a gene whose pre-activation turns negative in every cell gets no gradient again and is
-        predicted 0 everywhere: on ``synthetic(signals="all")`` 58 of 280 genes ended so, and softplus raised the test
-        cells' mean Pearson over all genes from 0.317 to 0.345 (those genes counted as 0). On HER2ST spots
-        (leave-one-section-out, ``benchmarks/her2st.py``, equal training time, two seeds) softplus lowered the mean
-        Pearson from 0.284 to 0.275 and from 0.261 to 0.234: a spot sums all its cells, and softplus never predicts an
-        exact zero. The choice is saved with the model; models saved before it existed load with ``"relu"``.
+        predicted 0 everywhere: on ``synthetic(signals="all")`` 58 of 280 genes ended so after 432 steps (test
+        cells' mean Pearson over all genes 0.317, those genes counted as 0), while softplus gave 0.345 after 216. On
+        HER2ST spots (leave-one-section-out, ``benchmarks/her2st.py``, equal training time, two seeds) softplus
+        lowered the mean Pearson from 0.284 to 0.275 and from 0.261 to 0.234: a spot sums all its cells, and
+        softplus never predicts an exact zero. The choice is saved with the model; models saved before it existed
+        load with ``"relu"``.
     loss_weights
         Weights of the loss terms, overriding :data:`ghist._model._losses.DEFAULT_LOSS_WEIGHTS` (e.g.
         ``{"expr_pearson": 1.0}`` adds one minus the mean per-gene Pearson correlation over each batch's measured
