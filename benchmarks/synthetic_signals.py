@@ -149,6 +149,11 @@ def main() -> None:
     )
     parser.add_argument("--morphometrics", action="store_true", help="see fit")
     parser.add_argument("--cell-offset", action="store_true", help="see fit")
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="fit without reference profiles (the expression head predicts genes)",
+    )
     parser.add_argument("--progress", action="store_true", help="fit's progress bar (one line per step in a log)")
     parser.add_argument("--save-model", default=None, help="also save the fitted model into this directory")
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
@@ -198,7 +203,11 @@ def main() -> None:
         results["ridge"] = score(sdata, "ridge", groups)
 
         if not args.no_fit:
-            ref = ghist.pp.reference_profiles(ghist.datasets.synthetic_reference(), "cell_type")
+            ref = (
+                None
+                if args.no_reference
+                else ghist.pp.reference_profiles(ghist.datasets.synthetic_reference(), "cell_type")
+            )
             start = time.perf_counter()
             model = ghist.tl.fit(
                 tiles,
