@@ -105,14 +105,14 @@ def score(sdata, pred_key: str, groups: dict[str, list[str]]) -> dict[str, float
     it counts as 0, so that a model cannot gain by giving up on genes.
     """
 
-    def mean(genes=None) -> float:
-        frame = ghist.tl.evaluate(sdata, pred_key=pred_key, genes=genes)
+    def mean(frame: pd.DataFrame) -> float:
         finite = frame["pearson"].dropna()
         return float(finite.sum() / (len(finite) + frame.attrs["n_constant_predictions"]))
 
-    res = {"all": mean(), "n_cells": ghist.tl.evaluate(sdata, pred_key=pred_key).attrs["n_cells"]}
+    every = ghist.tl.evaluate(sdata, pred_key=pred_key)
+    res = {"all": mean(every), "n_cells": every.attrs["n_cells"]}
     for name, genes in {"signal": [g for v in groups.values() for g in v], **groups}.items():
-        res[name] = mean(genes)
+        res[name] = mean(ghist.tl.evaluate(sdata, pred_key=pred_key, genes=genes))
     return res
 
 

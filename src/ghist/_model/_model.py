@@ -385,7 +385,7 @@ class GHISTModel:
         if not isinstance(params, Mapping) or "genes" not in params:
             raise ValueError("The settings lack the model's `init_params` (genes, cell types, ...).")
         params = dict(params)
-        # Models saved before the output activation was a setting were trained with ReLU.
+        # Settings added after a model was saved: the value it was trained with (ReLU, no morphometrics, no offset).
         params.setdefault("output_activation", "relu")
         params.setdefault("morphometrics", False)
         params.setdefault("cell_offset", False)

@@ -95,7 +95,8 @@ def _segment_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> tuple[to
 OUTPUT_ACTIVATIONS = {"softplus": F.softplus, "relu": F.relu}
 
 
-def _output_activation(name: str):
+def check_output_activation(name: str):
+    """The function an ``output_activation`` name stands for; a ValueError naming the choices for another name."""
     if name not in OUTPUT_ACTIVATIONS:
         raise ValueError(f"`output_activation` must be one of {sorted(OUTPUT_ACTIVATIONS)}; got {name!r}.")
     return OUTPUT_ACTIVATIONS[name]
@@ -177,7 +178,7 @@ class ExpressionHead(nn.Module):
         cell_offset: bool = False,
     ):
         super().__init__()
-        self.activation = _output_activation(activation)
+        self.activation = check_output_activation(activation)
         self.n_tokens, self.token_dim = n_tokens, token_dim
         self.first = _mlp(embed_dim, hidden, n_profiles if n_profiles else n_genes, dropout)
         self.uses_reference = bool(n_profiles)
@@ -313,7 +314,7 @@ class GHISTNetwork(nn.Module):
         cell_offset: bool = False,
     ):
         super().__init__()
-        _output_activation(output_activation)  # fail before building anything
+        check_output_activation(output_activation)  # fail before building anything
         if n_genes < 1:
             raise ValueError(f"`n_genes` must be at least 1; got {n_genes}.")
         if n_types < 0:

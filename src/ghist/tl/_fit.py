@@ -292,7 +292,7 @@ def fit(
     from .._model._device import lightning_accelerator, resolve_device
     from .._model._losses import check_loss_weights
     from .._model._module import EpochHistory, GHISTModule
-    from .._model._network import OUTPUT_ACTIVATIONS
+    from .._model._network import check_output_activation
     from ..pp import TileSet, reference_profiles
 
     if not isinstance(tiles, TileSet):
@@ -308,8 +308,7 @@ def fit(
     loss_weights = check_loss_weights(loss_weights)
     if output_activation is None:
         output_activation = "relu" if tiles.spots_key is not None else "softplus"
-    if output_activation not in OUTPUT_ACTIVATIONS:
-        raise ValueError(f"`output_activation` must be one of {sorted(OUTPUT_ACTIVATIONS)}; got {output_activation!r}.")
+    check_output_activation(output_activation)
     check_number("lr", lr, positive=True)
     check_number("weight_decay", weight_decay, positive=False)
     for name, value in (("color_jitter", color_jitter), ("stain_jitter", stain_jitter)):
