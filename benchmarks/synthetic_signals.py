@@ -10,10 +10,13 @@ few genes each. On its test band (the spatial fold ``make_tiles`` holds out) thi
     from the image and the nuclei (nucleus area, shape and stain, the stain around it, small dark nuclei around it,
     distance to elongated nuclei), a check that the signals are visible to a very simple reader;
 (c) ghist: ``make_tiles`` + ``fit`` as in the README quick start (``width=32, max_time="00:10:00"``) on the same
-    slide, ``predict``; its cell types are its own.
+    slide, ``predict``; its cell types are its own;
+(d) the same trained model without its residual readout (``fit``'s ``readout``; the network's ``readout`` set to
+    ``None`` for a second ``predict``), so the readout is measured on the very same network.
 
 Each is scored by ``ghist.tl.evaluate`` (mean Pearson over genes, test cells only; a gene predicted constant counts
-as 0), over all genes and over the signal-driven genes, and the ratios to the oracle are printed. Public API only.
+as 0), over all genes and over the signal-driven genes, and the ratios to the oracle are printed. Public API
+only, but for (d).
 
 Example::
 
@@ -154,6 +157,7 @@ def main() -> None:
         action="store_true",
         help="fit without reference profiles (the expression head predicts genes)",
     )
+    parser.add_argument("--no-readout", action="store_true", help="fit with readout=False")
     parser.add_argument("--progress", action="store_true", help="fit's progress bar (one line per step in a log)")
     parser.add_argument("--save-model", default=None, help="also save the fitted model into this directory")
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
@@ -220,28 +224,36 @@ def main() -> None:
                 loss_weights=dict(args.loss_weight) or None,
                 **({"morphometrics": True} if args.morphometrics else {}),
                 **({"cell_offset": True} if args.cell_offset else {}),
+                **({"readout": False} if args.no_readout else {}),
                 progress=args.progress,
             )
             fit_s = time.perf_counter() - start
             hist = model.history_
             print(f"fit: {fit_s:.0f} s, best epoch {model.best_epoch_}; history columns {list(hist.columns)}")
             print(hist.tail(3).to_string())
+            if model.readout_:
+                print("readout:", {k: v for k, v in model.readout_.items() if k != "penalty"})
             if args.save_model:
                 model.save(args.save_model, overwrite=True)
-            pred = ghist.tl.predict(sdata, model, progress=False)
-            keep = pred[pred.obs["cell_id"].isin(test_ids)].copy()
-            sdata.tables["ghist_test"] = keep
-            results["ghist"] = score(sdata, "ghist_test", groups)
+            readout = model.network.readout
+            for name, head in (("ghist", readout), ("no_readout", None)):
+                if name == "no_readout" and readout is None:
+                    break
+                model.network.readout = head
+                pred = ghist.tl.predict(sdata, model, progress=False)
+                sdata.tables[f"{name}_test"] = pred[pred.obs["cell_id"].isin(test_ids)].copy()
+                results[name] = score(sdata, f"{name}_test", groups)
+            model.network.readout = readout
 
     print(f"load: {os.getloadavg()}")
     base = results["oracle"]
     for name, res in results.items():
         ratio_all, ratio_signal = res["all"] / base["all"], res["signal"] / base["signal"]
         print(
-            f"{name:7s} cells {res['n_cells']:5d}  mean Pearson all genes {res['all']:.4f} (x{ratio_all:.3f})"
+            f"{name:10s} cells {res['n_cells']:5d}  mean Pearson all genes {res['all']:.4f} (x{ratio_all:.3f})"
             f"  signal genes {res['signal']:.4f} (x{ratio_signal:.3f})"
         )
-        print("        " + "  ".join(f"{g} {res[g]:.4f} (x{res[g] / base[g]:.3f})" for g in groups))
+        print("           " + "  ".join(f"{g} {res[g]:.4f} (x{res[g] / base[g]:.3f})" for g in groups))
 
 
 if __name__ == "__main__":

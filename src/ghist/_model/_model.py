@@ -77,6 +77,10 @@ class GHISTModel:
     cell_offset
         A direct path from each cell's embedding to its genes in the expression heads (see
         :class:`~ghist._model._network.ExpressionHead`); models saved before this setting existed load without.
+    readout
+        The network holds a residual readout (:class:`~ghist._model._readout.ResidualReadout`), a linear correction
+        from each cell's embedding fitted by :func:`ghist.tl.fit` after training; models saved before it existed
+        load without.
 
     Attributes
     ----------
@@ -87,6 +91,10 @@ class GHISTModel:
         Its post-hoc calibration: ``{"scale": per-gene factors on its std, "global": the factor of all genes,
         "level": "cell"/"spot"/None, "n": values per gene it was fitted on}`` (set by :func:`ghist.tl.fit` on the
         validation split; factors 1 without one).
+    readout_
+        What :func:`ghist.tl.fit` found fitting the residual readout (cells used, genes corrected, validation mean
+        squared error before and after, penalty per gene; see :func:`ghist._model._readout.fit_readout`), or
+        ``None`` when it was not fitted.
 
     Examples
     --------
@@ -118,6 +126,7 @@ class GHISTModel:
         output_activation: str = "softplus",
         morphometrics: bool = False,
         cell_offset: bool = False,
+        readout: bool = False,
     ):
         if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
             raise TypeError(f"`genes` must be a list of gene names; got {type(genes).__name__} {genes!r:.60}.")
@@ -180,6 +189,7 @@ class GHISTModel:
             "output_activation": str(output_activation),
             "morphometrics": bool(morphometrics),
             "cell_offset": bool(cell_offset),
+            "readout": bool(readout),
         }
         type_index = {t: i for i, t in enumerate(cell_types or [])}
         network_groups = {name: [type_index[t] for t in members] for name, members in groups.items()}
@@ -210,11 +220,13 @@ class GHISTModel:
             output_activation=str(output_activation),
             morphometrics=bool(morphometrics),
             cell_offset=bool(cell_offset),
+            readout=bool(readout),
         )
         # After the network, under its own random state: the network's initialisation is what it was without it.
         self.uncertainty_head: VarianceHead | None = make_variance_head(int(embed_dim), len(genes))
         # Post-hoc factor on the head's std, fitted on the validation split by `tl.fit` (see `_uncertainty.py`).
         self.uncertainty_: dict[str, Any] = {"scale": [1.0] * len(genes), "global": 1.0, "level": None, "n": 0}
+        self.readout_: dict[str, Any] | None = None
         # Set only by `_mark_trained` (training) and `_from_state` (loading).
         self._is_trained = False
         self._history: pd.DataFrame | None = None
@@ -337,6 +349,7 @@ class GHISTModel:
             "best_epoch": self._best_epoch,
             "history": history,
             "uncertainty": json.loads(json.dumps(self.uncertainty_)),
+            "readout": json.loads(json.dumps(self.readout_)),
         }
         tensors = {name: value.detach().cpu() for name, value in self.network.state_dict().items()}
         if self.uncertainty_head is not None:
@@ -385,10 +398,12 @@ class GHISTModel:
         if not isinstance(params, Mapping) or "genes" not in params:
             raise ValueError("The settings lack the model's `init_params` (genes, cell types, ...).")
         params = dict(params)
-        # Settings added after a model was saved: the value it was trained with (ReLU, no morphometrics, no offset).
+        # Settings added after a model was saved: the value it was trained with (ReLU, no morphometrics, no offset,
+        # no readout).
         params.setdefault("output_activation", "relu")
         params.setdefault("morphometrics", False)
         params.setdefault("cell_offset", False)
+        params.setdefault("readout", False)
         if genes is not None and list(genes) != list(params["genes"]):
             missing = sorted(set(params["genes"]) - set(genes))
             extra = sorted(set(genes) - set(params["genes"]))
@@ -424,6 +439,8 @@ class GHISTModel:
             model.uncertainty_ = _uncertainty_settings(settings.get("uncertainty"), model.n_genes)
         else:  # saved before ghist had a variance head: `tl.predict` writes no spread for it
             model.uncertainty_head = None
+        readout = settings.get("readout")
+        model.readout_ = dict(readout) if isinstance(readout, Mapping) else None
         model._is_trained = bool(settings.get("is_trained", True))
         best = settings.get("best_epoch")
         model._best_epoch = None if best is None else int(best)

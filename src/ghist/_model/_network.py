@@ -25,6 +25,7 @@ from torch import nn
 
 from ._backbone import UNet3Plus, fuse_conv_bn_
 from ._context import NeighbourContext, cell_centroids
+from ._readout import ResidualReadout
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +280,14 @@ class GHISTNetwork(nn.Module):
     context_neighbours
         With ``k > 0``, each cell's embedding is mixed with the mean embedding of its ``k`` nearest cells of the
         tile before the heads (:class:`~ghist._model._context.NeighbourContext`); 0: no context.
+    output_activation, cell_offset
+        See :class:`ExpressionHead`.
+    morphometrics
+        Also feed each nucleus' ``log1p`` area and texture (:func:`nucleus_morphometrics`) to the embedding MLP.
+    readout
+        Hold a :class:`~ghist._model._readout.ResidualReadout`, added to the expression (then clipped at 0). It is
+        zero until fitted after training (:func:`~ghist._model._readout.fit_readout`); the specialist heads'
+        expressions are left as they are.
 
     Examples
     --------
@@ -312,6 +321,7 @@ class GHISTNetwork(nn.Module):
         output_activation: str = "softplus",
         morphometrics: bool = False,
         cell_offset: bool = False,
+        readout: bool = False,
     ):
         super().__init__()
         check_output_activation(output_activation)  # fail before building anything
@@ -389,6 +399,8 @@ class GHISTNetwork(nn.Module):
             if context_neighbours
             else None
         )
+        # Fitted in closed form after training (`_readout.fit_readout`); buffers only, no random initialisation.
+        self.readout: ResidualReadout | None = ResidualReadout(embed_dim, n_genes) if readout else None
 
     # ------------------------------------------------------------------ pieces
     def pool_cells(
@@ -487,6 +499,8 @@ class GHISTNetwork(nn.Module):
         else:
             query = tile_embedding[cell_batch]
         expr, expr_init, weights = self.expr_head(embedding, query, self.reference)
+        if self.readout is not None:
+            expr = (expr + self.readout(embedding).to(expr.dtype)).clamp(min=0)
         group_expr = {name: head(embedding, query, self.reference)[0] for name, head in self.group_heads.items()}
         return {
             "pixel_logits": pixel_logits,

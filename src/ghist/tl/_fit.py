@@ -18,6 +18,7 @@ from anndata import AnnData
 
 from .._validation import check_genes, check_int, check_number
 from ._fit_pixel_size import check_resumed_pixel_size, model_pixel_size, pixel_size_recorder
+from ._fit_posthoc import calibrate_uncertainty, fit_model_readout
 
 if TYPE_CHECKING:
     from .._model import GHISTModel
@@ -99,6 +100,7 @@ def fit(
     loss_weights: Mapping[str, float] | None = None,
     morphometrics: bool = False,
     cell_offset: bool = False,
+    readout: bool = True,
     **trainer_kwargs: Any,
 ) -> GHISTModel:
     """Train the GHIST network on tiles cut by :func:`ghist.pp.make_tiles`.
@@ -384,17 +386,7 @@ def fit(
         multiprocessing_context=worker_context(num_workers),
     )
     has_val = len(tiles.val) > 0
-    val_loader = (
-        DataLoader(
-            tiles.val,
-            batch_size=batch_size,
-            collate_fn=collate_tiles,
-            num_workers=num_workers,
-            multiprocessing_context=worker_context(num_workers),
-        )
-        if has_val
-        else None
-    )
+    val_loader = _eval_loader(tiles.val, batch_size, num_workers) if has_val else None
     if not has_val:
         logger.warning("No validation tiles: the last epoch is kept instead of the best validation epoch.")
 
@@ -502,8 +494,10 @@ def fit(
     finally:
         if temporary:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if readout and tiles.spots_key is None:
+        fit_model_readout(model, _eval_loader(tiles.train, batch_size, num_workers), val_loader, device)
     if val_loader is not None:
-        _calibrate_uncertainty(model, val_loader, device)
+        calibrate_uncertainty(model, val_loader, device)
     model.network.cpu().to(memory_format=torch.contiguous_format)
     model.uncertainty_head.cpu()
     frame = history.frame()
@@ -520,21 +514,18 @@ def fit(
     return model
 
 
-def _calibrate_uncertainty(model: GHISTModel, val_loader: Any, device: Any) -> None:
-    """Fit the variance head's post-hoc scale on the validation split (see `ghist._model._uncertainty`)."""
-    from .._model._uncertainty import calibration_scale
+def _eval_loader(dataset: Any, batch_size: int, num_workers: int) -> Any:
+    """Batches of ``dataset`` in order, as validation and the post-hoc fits read them."""
+    from torch.utils.data import DataLoader
 
-    model.network.to(device).eval()
-    model.uncertainty_head.to(device)
-    found = calibration_scale(model.network, model.uncertainty_head, val_loader, model.expr_scale, device)
-    model.uncertainty_ = found
-    logger.info(
-        "Variance head: 90%% intervals scaled by %.3g (genes %.3g-%.3g) to cover 90%% of %d validation %ss",
-        found["global"],
-        min(found["scale"]),
-        max(found["scale"]),
-        found["n"],
-        found["level"],
+    from .._model._data import collate_tiles, worker_context
+
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=collate_tiles,
+        num_workers=num_workers,
+        multiprocessing_context=worker_context(num_workers),
     )
 
 
