@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--no-readout", action="store_true", help="fit with readout=False")
     parser.add_argument("--progress", action="store_true", help="fit's progress bar (one line per step in a log)")
     parser.add_argument("--save-model", default=None, help="also save the fitted model into this directory")
+    parser.add_argument("--load-model", default=None, help="score this saved model instead of fitting one")
     parser.add_argument("--no-fit", action="store_true", help="oracle and ridge only")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -206,7 +207,9 @@ def main() -> None:
         as_table(sdata, "ridge", test_ids, np.clip(ridge, 0, None), genes)
         results["ridge"] = score(sdata, "ridge", groups)
 
-        if not args.no_fit:
+        if args.load_model:
+            model = ghist.GHISTModel.load(args.load_model)
+        elif not args.no_fit:
             ref = (
                 None
                 if args.no_reference
@@ -235,12 +238,13 @@ def main() -> None:
                 print("readout:", {k: v for k, v in model.readout_.items() if k != "penalty"})
             if args.save_model:
                 model.save(args.save_model, overwrite=True)
+        if args.load_model or not args.no_fit:
             readout = model.network.readout
             for name, head in (("ghist", readout), ("no_readout", None)):
                 if name == "no_readout" and readout is None:
                     break
                 model.network.readout = head
-                pred = ghist.tl.predict(sdata, model, progress=False)
+                pred = ghist.tl.predict(sdata, model, key_added=f"{name}_all", progress=False)
                 sdata.tables[f"{name}_test"] = pred[pred.obs["cell_id"].isin(test_ids)].copy()
                 results[name] = score(sdata, f"{name}_test", groups)
             model.network.readout = readout

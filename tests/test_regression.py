@@ -79,6 +79,7 @@ def run(tmp: Path) -> dict:
             progress=False,
             checkpoint_dir=tmp / "ckpt",
             output_activation="relu",  # v0.1's: the pinned weights and predictions were made with it
+            readout=False,  # v0.1 had none
         )
         weights = {
             k: float(v.double().abs().sum()) for k, v in model.network.state_dict().items() if v.is_floating_point()

@@ -67,6 +67,33 @@ def test_loss_weights_reach_training(tiles, tmp_path):
     assert any(not torch.equal(x, y) for x, y in pairs)
 
 
+def test_fit_adds_a_residual_readout_fitted_after_training(tiles, tmp_path):
+    kwargs = {"width": 4, "embed_dim": 16, "max_epochs": 2, "batch_size": 4, "seed": 3, "progress": False}
+    plain = ghist.tl.fit(tiles, readout=False, checkpoint_dir=tmp_path / "plain", **kwargs)
+    model = ghist.tl.fit(tiles, checkpoint_dir=tmp_path / "readout", **kwargs)
+    assert plain.network.readout is None and plain.readout_ is None and plain.init_params_["readout"] is False
+    report = model.readout_
+    assert report["n_train"] > 0 and report["n_val"] > 0
+    # a two-epoch network leaves residuals a linear map of its embedding explains
+    assert report["genes_corrected"] > 0
+    assert report["val_mse"]["after"] < report["val_mse"]["before"]
+    assert model.init_params_["readout"] is True and model.network.readout is not None
+    # fitted after training: every trained weight is what the same seed gives without it
+    readout_keys = {k for k in model.network.state_dict() if k.startswith("readout.")}
+    assert readout_keys == {"readout.center", "readout.scale", "readout.weight", "readout.bias"}
+    for name, value in plain.network.state_dict().items():
+        assert torch.equal(model.network.state_dict()[name], value), name
+    # and it is what the validation cells' predictions gain
+    batch = collate_tiles([tiles.val[i] for i in range(len(tiles.val))])
+    measured = torch.isfinite(batch["expr"]).all(dim=1)
+    errors = []
+    for m in (plain, model):
+        with torch.inference_mode():
+            out = m.network(batch["image"], batch["labels"], batch["cell_batch"], int(batch["n_cells"]))
+        errors.append(float(((out["expr"][measured] / m.expr_scale - batch["expr"][measured]) ** 2).mean()))
+    assert errors[1] < errors[0]
+
+
 def test_resume_continues(tiles, tmp_path):
     kwargs = {"width": 4, "embed_dim": 16, "batch_size": 4, "seed": 1, "progress": False}
     first = ghist.tl.fit(tiles, max_epochs=1, checkpoint_dir=tmp_path / "run", **kwargs)

@@ -109,8 +109,11 @@ def test_state_roundtrip_is_json_and_tensors():
 
 
 def test_later_settings_are_saved_and_older_models_load_as_trained(tmp_path):
-    model = _small_model(morphometrics=True, cell_offset=True)
+    model = _small_model(morphometrics=True, cell_offset=True, readout=True)
     assert model.init_params_["output_activation"] == "softplus"
+    with torch.no_grad():
+        model.network.readout.weight.normal_()
+    model.readout_ = {"genes_corrected": 2, "penalty": [0.1, None, 1.0]}
     model._mark_trained(1, None)
     model.save(tmp_path / "new")
     loaded = ghist.GHISTModel.load(tmp_path / "new")
@@ -119,15 +122,19 @@ def test_later_settings_are_saved_and_older_models_load_as_trained(tmp_path):
     assert loaded.network.morphometrics
     assert loaded.init_params_["cell_offset"] is True
     assert loaded.network.expr_head.cell_offset is not None
+    assert torch.equal(loaded.network.readout.weight, model.network.readout.weight)
+    assert loaded.readout_ == model.readout_
 
     relu = _small_model(output_activation="relu")
     state = relu._to_state()
-    for later in ("output_activation", "morphometrics", "cell_offset"):  # as written before these settings existed
+    for later in ("output_activation", "morphometrics", "cell_offset", "readout"):  # as before these settings existed
         del state["settings"]["init_params"][later]
+    del state["settings"]["readout"]
     older = ghist.GHISTModel._from_state(state)
     assert older.init_params_["output_activation"] == "relu"
     assert older.init_params_["morphometrics"] is False
     assert older.init_params_["cell_offset"] is False
+    assert older.init_params_["readout"] is False and older.network.readout is None and older.readout_ is None
     # the loaded network computes what the saved one did: negative pre-activations give exactly 0
     embedding, query = torch.randn(5, 8), torch.randn(5, 2)
     with torch.no_grad():
