@@ -58,8 +58,10 @@ def test_fit_readout_recovers_a_planted_signal_and_leaves_noise_alone():
     network = _EmbeddingNetwork(4, prediction=0.2 * SCALE)
     readout, report = fit_readout(network, _batches(x, y), _batches(xv, yv), SCALE)
 
-    assert report["n_train"] == 600 and report["n_val"] == 300
-    assert report["penalty"][0] is not None and report["penalty"][1] is not None  # the linear genes are corrected
+    assert report["n_train"] == 600
+    assert report["n_val"] == 300
+    assert report["penalty"][0] is not None
+    assert report["penalty"][1] is not None
     assert report["val_mse"]["after"] < 0.8 * report["val_mse"]["before"]
     xt, yt = _planted(400, seed=2)
     with torch.no_grad():
@@ -83,19 +85,23 @@ def test_fit_readout_is_ridge_on_the_standardised_embedding():
     # mean squared error + penalty * |beta|^2 is sklearn's ridge with alpha = penalty * n
     expected = Ridge(alpha=penalty * len(x)).fit(z, SCALE * y)
     corrected = [g for g, p in enumerate(report["penalty"]) if p is not None]
-    assert 0 in corrected and 1 in corrected
+    assert 0 in corrected
+    assert 1 in corrected
     got = readout.weight.numpy()
     np.testing.assert_allclose(got[:, corrected], expected.coef_.T[:, corrected], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(readout.bias.numpy()[corrected], expected.intercept_[corrected], rtol=1e-5)
     uncorrected = [g for g in range(4) if g not in corrected]
-    assert not got[:, uncorrected].any() and not readout.bias.numpy()[uncorrected].any()
+    assert not got[:, uncorrected].any()
+    assert not readout.bias.numpy()[uncorrected].any()
 
 
 def test_fit_readout_without_measured_cells_or_with_bad_penalties():
     x, y = _planted(100, seed=5)
     unmeasured = np.full_like(y, np.nan)
     readout, report = fit_readout(_EmbeddingNetwork(4), _batches(x, y), _batches(x, unmeasured), SCALE)
-    assert readout is None and report["n_val"] == 0 and report["genes_corrected"] == 0
+    assert readout is None
+    assert report["n_val"] == 0
+    assert report["genes_corrected"] == 0
     with pytest.raises(ValueError, match="penalties"):
         fit_readout(_EmbeddingNetwork(4), _batches(x, y), _batches(x, y), SCALE, penalties=[-1.0])
 
@@ -106,7 +112,8 @@ def test_network_adds_its_readout_and_clips_at_zero():
     plain = GHISTNetwork(**kwargs).eval()
     torch.manual_seed(0)
     with_readout = GHISTNetwork(readout=True, **kwargs).eval()
-    assert isinstance(with_readout.readout, ResidualReadout) and plain.readout is None
+    assert isinstance(with_readout.readout, ResidualReadout)
+    assert plain.readout is None
     image = torch.randn(1, 3, 32, 32)
     labels = torch.zeros(1, 32, 32, dtype=torch.long)
     labels[0, 4:9, 4:9], labels[0, 20:25, 10:15] = 1, 2

@@ -71,13 +71,17 @@ def test_fit_adds_a_residual_readout_fitted_after_training(tiles, tmp_path):
     kwargs = {"width": 4, "embed_dim": 16, "max_epochs": 2, "batch_size": 4, "seed": 3, "progress": False}
     plain = ghist.tl.fit(tiles, readout=False, checkpoint_dir=tmp_path / "plain", **kwargs)
     model = ghist.tl.fit(tiles, checkpoint_dir=tmp_path / "readout", **kwargs)
-    assert plain.network.readout is None and plain.readout_ is None and plain.init_params_["readout"] is False
+    assert plain.network.readout is None
+    assert plain.readout_ is None
+    assert plain.init_params_["readout"] is False
     report = model.readout_
-    assert report["n_train"] > 0 and report["n_val"] > 0
+    assert report["n_train"] > 0
+    assert report["n_val"] > 0
     # a two-epoch network leaves residuals a linear map of its embedding explains
     assert report["genes_corrected"] > 0
     assert report["val_mse"]["after"] < report["val_mse"]["before"]
-    assert model.init_params_["readout"] is True and model.network.readout is not None
+    assert model.init_params_["readout"] is True
+    assert model.network.readout is not None
     # fitted after training: every trained weight is what the same seed gives without it
     readout_keys = {k for k in model.network.state_dict() if k.startswith("readout.")}
     assert readout_keys == {"readout.center", "readout.scale", "readout.weight", "readout.bias"}

@@ -96,7 +96,9 @@ def test_fit_on_spots_without_cell_types(spot_model):
     # the default for spot supervision (softplus scored lower on HER2ST's cross-validation)
     assert model.init_params_["output_activation"] == "relu"
     # no cell is measured: no residual readout (it is fitted on cells' residuals)
-    assert model.init_params_["readout"] is False and model.network.readout is None and model.readout_ is None
+    assert model.init_params_["readout"] is False
+    assert model.network.readout is None
+    assert model.readout_ is None
     history = model.history_
     spot = history["train/spot"].to_numpy()
     assert np.isfinite(spot).all()

@@ -134,7 +134,9 @@ def test_later_settings_are_saved_and_older_models_load_as_trained(tmp_path):
     assert older.init_params_["output_activation"] == "relu"
     assert older.init_params_["morphometrics"] is False
     assert older.init_params_["cell_offset"] is False
-    assert older.init_params_["readout"] is False and older.network.readout is None and older.readout_ is None
+    assert older.init_params_["readout"] is False
+    assert older.network.readout is None
+    assert older.readout_ is None
     # the loaded network computes what the saved one did: negative pre-activations give exactly 0
     embedding, query = torch.randn(5, 8), torch.randn(5, 2)
     with torch.no_grad():

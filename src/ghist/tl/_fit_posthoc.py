@@ -1,4 +1,4 @@
-"""What :func:`ghist.tl.fit` does once the best weights are in: fit the residual readout, calibrate the spread."""
+"""What :func:`ghist.tl.fit` does once the best weights are in: the residual readout, the spread, the warnings."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from .._model import GHISTModel
 
 logger = logging.getLogger(__name__)
+
+#: Below this many optimisation steps, :func:`ghist.tl.fit` warns that the model is unlikely to be useful.
+MIN_USEFUL_STEPS = 300
 
 
 def fit_model_readout(model: GHISTModel, train_loader: Any, val_loader: Any | None, device: Any) -> None:
@@ -62,3 +67,34 @@ def calibrate_uncertainty(model: GHISTModel, val_loader: Any, device: Any) -> No
         found["n"],
         found["level"],
     )
+
+
+def warn_if_weak(history, best_epoch: int | None, steps: int, n_types: int) -> None:
+    """Warn when training was too short to be useful or the best validation score is near chance."""
+    if steps < MIN_USEFUL_STEPS:
+        logger.warning(
+            "Trained for %d optimisation steps; results are unlikely to be useful below ~%d: raise `max_time` "
+            "(or `max_steps`).",
+            steps,
+            MIN_USEFUL_STEPS,
+        )
+    if history is None or history.empty or "val_score" not in history.columns:
+        return
+    rows = history[history["epoch"] == best_epoch] if best_epoch is not None else history.iloc[[-1]]
+    best = (rows if len(rows) else history.iloc[[-1]]).iloc[-1]
+    if n_types > 1 and "val_f1" in history.columns and np.isfinite(best["val_f1"]):
+        chance = 1.0 / n_types
+        if best["val_f1"] < chance + 0.05:
+            logger.warning(
+                "The best validation cell-type macro F1 (%.3f) is near chance (1/%d cell types = %.3f): the model "
+                "has not learnt cell types; train longer or check the cell-type labels.",
+                best["val_f1"],
+                n_types,
+                chance,
+            )
+    if "val_pearson" in history.columns and np.isfinite(best["val_pearson"]) and best["val_pearson"] < 0.05:
+        logger.warning(
+            "The best validation mean gene Pearson (%.3f) is near chance (0): the model has not learnt expression; "
+            "train longer.",
+            best["val_pearson"],
+        )
