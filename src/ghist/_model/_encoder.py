@@ -119,7 +119,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         The file cannot be read safely, or holds something else than a dict of tensors (the message names it).
 
     """
-    from ._model import safe_torch_load
+    from ._safe_load import safe_torch_load
 
     path = Path(path).expanduser()
     if not path.is_file():

@@ -583,7 +583,7 @@ def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         (the message names the file).
 
     """
-    from .._model._model import safe_torch_load
+    from .._model._safe_load import safe_torch_load
 
     expected = "a Lightning checkpoint written by `ghist.tl.fit` (e.g. `<checkpoint_dir>/last.ckpt`)"
     path = Path(path)
