@@ -6,9 +6,12 @@ test split's tiles (never trained on) reports
 
 - coverage: the fraction of measured ``log1p`` values inside ``X +- 1.645 * ghist_std`` (nominal 90%);
 - Spearman's rho between each cell's mean std over genes and its mean absolute error over genes;
-- the post-hoc scale fitted on the validation split, steps trained and the load average.
+- the post-hoc scale fitted on the validation split, steps trained and the load average;
+- the mean Pearson over genes of the same cells (a gene predicted constant counts as 0), and that of the same model
+  without its residual readout (``fit``'s ``readout``; the network's ``readout`` set to ``None``).
 
-Public API only. Usage: ``python benchmarks/uncertainty.py [--max-time 00:10:00] [--image-size N]``.
+Public API only, but for the last figure.
+Usage: ``python benchmarks/uncertainty.py [--max-time 00:10:00] [--image-size N]``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,21 @@ def main() -> None:
     print(f"Spearman(per-cell mean std, per-cell mean |error|): {rho:.3f}")
     print(f"Spearman(per-gene mean std, per-gene mean |error|): {rho_gene:.3f}")
     print(f"Spearman(cell-type entropy, type is wrong): {rho_entropy:.3f} (error rate {wrong.mean():.3f})")
+    print(f"mean Pearson over genes, held-out cells: {mean_pearson(y, mu):.4f}")
+    readout = model.network.readout
+    if readout is not None:
+        model.network.readout = None
+        plain = ghist.tl.predict(sdata, model, key_added="ghist_no_readout", progress=False)
+        model.network.readout = readout
+        print(f"  without the residual readout: {mean_pearson(y, np.asarray(plain.X, dtype=np.float64)[keep]):.4f}")
+
+
+def mean_pearson(y: np.ndarray, pred: np.ndarray) -> float:
+    """Mean over genes of Pearson's r between ``pred`` and ``y`` (cells x genes); a constant column counts as 0."""
+    yc, pc = y - y.mean(0), pred - pred.mean(0)
+    denom = np.sqrt((yc**2).sum(0) * (pc**2).sum(0))
+    r = np.divide((yc * pc).sum(0), denom, out=np.zeros(y.shape[1]), where=denom > 0)
+    return float(r.mean())
 
 
 def coverage_at(y: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float:

@@ -200,5 +200,7 @@ def test_fit_bad_inputs(tiles, reference):
         ghist.tl.fit(tiles, loss_weights={"expr_pearsn": 1.0}, width=4, max_epochs=1)
     with pytest.raises(ValueError, match=r"`loss_weights\['pixel'\]` must be a finite number >= 0"):
         ghist.tl.fit(tiles, loss_weights={"pixel": -1.0}, width=4, max_epochs=1)
+    with pytest.raises(TypeError, match=r"`readout` must be True or False, got 'ridge'"):
+        ghist.tl.fit(tiles, readout="ridge", width=4, max_epochs=1)
     with pytest.raises(ValueError, match=r"`accelerator` must be one of .*'auto'.*'mps'"):
         ghist.tl.fit(tiles, accelerator="tpu", width=4, max_epochs=1)

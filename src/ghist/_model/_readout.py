@@ -139,9 +139,10 @@ def fit_readout(
 
     Returns
     -------
-    ``(readout, report)``. ``readout`` is ``None`` when either split has no measured cell, or no gene is better with
-    a correction. ``report``: ``"n_train"`` and ``"n_val"`` cells, ``"genes_corrected"``, ``"val_mse"`` before and
-    after over all genes (``log1p`` scale), and ``"penalty"`` per gene (``None``: not corrected).
+    ``(readout, report)``. ``readout`` is ``None`` when either split has no measured cell, or no gene is better
+    with a correction. ``report``: ``"n_train"`` and ``"n_val"`` measured cells (a cell in two tiles counts twice),
+    ``"genes_corrected"``, ``"val_mse"`` before and after over all genes (``log1p`` scale), and ``"penalty"`` per
+    gene (``None``: not corrected).
 
     """
     penalties = [float(p) for p in penalties]

@@ -114,8 +114,9 @@ def fit(
     per gene on its standard deviation is fitted on the validation band so that 90% intervals cover 90% of the
     measured values there (``model.uncertainty_``; see :func:`ghist.tl.predict`'s ``layers["ghist_std"]``).
 
-    Then, with per-cell targets, a residual readout (``readout``) corrects the expression linearly from each cell's
-    embedding, fitted in closed form on the training cells and checked gene by gene on the validation cells.
+    Before that calibration, with per-cell targets, a residual readout (``readout``) is fitted: a linear correction
+    of the expression from each cell's embedding, solved in closed form on the training cells and kept gene by gene
+    only where it helps the validation cells.
 
     Without any budget, it trains for 3,000 optimisation steps (``DEFAULT_MAX_STEPS``); with only ``max_time``, until
     the time is up. It warns when it trained fewer than 300 steps, or when the best validation score is near chance.
@@ -320,6 +321,9 @@ def fit(
         check_int(name, value, 1, optional=True)
     check_int("num_workers", num_workers, 0)
     check_int("context_neighbours", context_neighbours, 0)
+    for name, value in (("morphometrics", morphometrics), ("cell_offset", cell_offset), ("readout", readout)):
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"`{name}` must be True or False, got {value!r}.")
     loss_weights = check_loss_weights(loss_weights)
     if output_activation is None:
         output_activation = "relu" if tiles.spots_key is not None else "softplus"
