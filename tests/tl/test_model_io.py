@@ -124,6 +124,7 @@ def test_later_settings_are_saved_and_older_models_load_as_trained(tmp_path):
     assert loaded.network.expr_head.cell_offset is not None
     assert torch.equal(loaded.network.readout.weight, model.network.readout.weight)
     assert loaded.readout_ == model.readout_
+    assert "residual readout: 2 genes corrected" in repr(loaded)
 
     relu = _small_model(output_activation="relu")
     state = relu._to_state()

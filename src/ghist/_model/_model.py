@@ -289,6 +289,8 @@ class GHISTModel:
             enc = p["encoder"]
             state = "trainable" if enc["trainable"] else "frozen"
             lines.append(f"    encoder: {enc['label'] or enc['name']} ({state})")
+        if p.get("readout") and self.readout_:
+            lines.append(f"    residual readout: {self.readout_.get('genes_corrected', '?')} genes corrected")
         if self.best_epoch_ is not None:
             lines.append(f"    best epoch: {self.best_epoch_}")
         return "\n".join(lines)
