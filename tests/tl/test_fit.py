@@ -204,3 +204,16 @@ def test_fit_bad_inputs(tiles, reference):
         ghist.tl.fit(tiles, readout="ridge", width=4, max_epochs=1)
     with pytest.raises(ValueError, match=r"`accelerator` must be one of .*'auto'.*'mps'"):
         ghist.tl.fit(tiles, accelerator="tpu", width=4, max_epochs=1)
+
+
+def test_readout_is_skipped_with_a_reason(caplog):
+    from ghist.tl._fit_posthoc import fit_model_readout
+
+    model = ghist.GHISTModel(["A", "B"], ["T", "B"], width=4, embed_dim=8, tile_size=64)
+    with caplog.at_level("INFO", logger="ghist.tl._fit_posthoc"):
+        fit_model_readout(model, [], [], "cpu", spot_supervised=True)
+        fit_model_readout(model, [], None, "cpu")
+    assert "spot supervision gives no per-cell targets" in caplog.text
+    assert "no validation tiles" in caplog.text
+    assert model.network.readout is None
+    assert model.readout_ is None

@@ -513,8 +513,9 @@ def fit(
     finally:
         if temporary:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    if readout and tiles.spots_key is None:
-        fit_model_readout(model, _eval_loader(tiles.train, batch_size, num_workers), val_loader, device)
+    if readout:
+        train_eval = _eval_loader(tiles.train, batch_size, num_workers)
+        fit_model_readout(model, train_eval, val_loader, device, spot_supervised=tiles.spots_key is not None)
     if val_loader is not None:
         calibrate_uncertainty(model, val_loader, device)
     model.network.cpu().to(memory_format=torch.contiguous_format)

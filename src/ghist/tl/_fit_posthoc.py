@@ -17,7 +17,9 @@ logger = logging.getLogger(__name__)
 MIN_USEFUL_STEPS = 300
 
 
-def fit_model_readout(model: GHISTModel, train_loader: Any, val_loader: Any | None, device: Any) -> None:
+def fit_model_readout(
+    model: GHISTModel, train_loader: Any, val_loader: Any | None, device: Any, *, spot_supervised: bool = False
+) -> None:
     """Fit the network's residual readout (see `ghist._model._readout`) and record it in the model's settings.
 
     Skipped, with a log line saying why, without validation tiles (nothing to choose each gene's penalty on) or
@@ -25,6 +27,9 @@ def fit_model_readout(model: GHISTModel, train_loader: Any, val_loader: Any | No
     """
     from .._model._readout import fit_readout
 
+    if spot_supervised:
+        logger.info("Residual readout not fitted: spot supervision gives no per-cell targets to regress.")
+        return
     if val_loader is None:
         logger.info("Residual readout not fitted: no validation tiles to choose its penalties on.")
         return
