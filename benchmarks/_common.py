@@ -1,8 +1,11 @@
-"""Shared helpers of the benchmarks: the demo's training tiles, a synthetic tile batch, a naive pooling network."""
+"""Shared helpers of the benchmarks: the demo's training tiles, a synthetic tile batch, a naive pooling network, a
+model without its residual readout."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +86,14 @@ def amp_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
     if name is not None:
         return getattr(torch, name)
     return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+@contextmanager
+def without_readout(model: ghist.GHISTModel) -> Iterator[ghist.GHISTModel]:
+    """The same trained model with its residual readout (``fit``'s ``readout``) switched off, restored on exit."""
+    readout = model.network.readout
+    model.network.readout = None
+    try:
+        yield model
+    finally:
+        model.network.readout = readout

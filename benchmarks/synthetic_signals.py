@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _common import without_readout
 from anndata import AnnData
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
@@ -239,15 +240,16 @@ def main() -> None:
             if args.save_model:
                 model.save(args.save_model, overwrite=True)
         if args.load_model or not args.no_fit:
-            readout = model.network.readout
-            for name, head in (("ghist", readout), ("no_readout", None)):
-                if name == "no_readout" and readout is None:
-                    break
-                model.network.readout = head
+
+            def score_model(name: str, model) -> None:
                 pred = ghist.tl.predict(sdata, model, key_added=f"{name}_all", progress=False)
                 sdata.tables[f"{name}_test"] = pred[pred.obs["cell_id"].isin(test_ids)].copy()
                 results[name] = score(sdata, f"{name}_test", groups)
-            model.network.readout = readout
+
+            score_model("ghist", model)
+            if model.network.readout is not None:
+                with without_readout(model):
+                    score_model("no_readout", model)
 
     print(f"load: {os.getloadavg()}")
     base = results["oracle"]

@@ -43,6 +43,7 @@ def main() -> None:
     # else a step budget alone: a busy machine must not stop the run short of it
 
     import torch
+    from _common import without_readout
     from scipy.stats import spearmanr
 
     import ghist
@@ -94,20 +95,17 @@ def main() -> None:
     print(f"Spearman(per-gene mean std, per-gene mean |error|): {rho_gene:.3f}")
     print(f"Spearman(cell-type entropy, type is wrong): {rho_entropy:.3f} (error rate {wrong.mean():.3f})")
     print(f"mean Pearson over genes, held-out cells: {mean_pearson(y, mu):.4f}")
-    readout = model.network.readout
-    if readout is not None:
-        model.network.readout = None
-        plain = ghist.tl.predict(sdata, model, key_added="ghist_no_readout", progress=False)
-        model.network.readout = readout
+    if model.network.readout is not None:
+        with without_readout(model):
+            plain = ghist.tl.predict(sdata, model, key_added="ghist_no_readout", progress=False)
         print(f"  without the residual readout: {mean_pearson(y, np.asarray(plain.X, dtype=np.float64)[keep]):.4f}")
 
 
 def mean_pearson(y: np.ndarray, pred: np.ndarray) -> float:
     """Mean over genes of Pearson's r between ``pred`` and ``y`` (cells x genes); a constant column counts as 0."""
-    yc, pc = y - y.mean(0), pred - pred.mean(0)
-    denom = np.sqrt((yc**2).sum(0) * (pc**2).sum(0))
-    r = np.divide((yc * pc).sum(0), denom, out=np.zeros(y.shape[1]), where=denom > 0)
-    return float(r.mean())
+    from ghist._stats import column_pearson
+
+    return float(np.nan_to_num(column_pearson(pred, y), nan=0.0).mean())
 
 
 def coverage_at(y: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float:
