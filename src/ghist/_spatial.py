@@ -60,6 +60,61 @@ def working_scale(image_pixel_size: float, target_pixel_size: float) -> float:
     return ratio
 
 
+# Micrometres per pixel a microscope image can plausibly have: 0.05 (beyond any light-microscope scan; 100x oil is
+# about 0.06) to 20 (a Visium low-resolution image is about 10-25; a 72-dpi screen image read as µm is 352.8).
+# Sizes outside are refused at every entry point, and a slide file's metadata outside is ignored.
+PIXEL_SIZE_RANGE_UM = (0.05, 20.0)
+
+
+def is_plausible_pixel_size(value: Any) -> bool:
+    """Whether ``value`` is a finite number of µm per pixel within :data:`PIXEL_SIZE_RANGE_UM`."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return False
+    return PIXEL_SIZE_RANGE_UM[0] <= float(value) <= PIXEL_SIZE_RANGE_UM[1]
+
+
+def check_pixel_size(value: Any, name: str = "pixel_size", *, optional: bool = False, where: str = "") -> float | None:
+    """The one plausibility check of a pixel size in µm per pixel; returns it as a float.
+
+    Parameters
+    ----------
+    value
+        The pixel size to check.
+    name
+        How the message names it (an argument, ``"the image's pixel size"``, ...).
+    optional
+        Let ``None`` through (returned as ``None``).
+    where
+        Added to the message after the name, e.g. ``" of model.json"``.
+
+    Returns
+    -------
+    ``float(value)``, or ``None`` for an optional ``None``.
+
+    Raises
+    ------
+    ValueError
+        When ``value`` is not a finite number within :data:`PIXEL_SIZE_RANGE_UM`.
+
+    Examples
+    --------
+    >>> check_pixel_size(0.5)
+    0.5
+
+    """
+    if optional and value is None:
+        return None
+    if not is_plausible_pixel_size(value):
+        lo, hi = PIXEL_SIZE_RANGE_UM
+        raise ValueError(
+            f"`{name}`{where} must be a microscope pixel size between {lo} and {hi} µm per pixel (e.g. 0.25 for a "
+            f"40x scan, 0.5 for 20x); got {value!r}."
+        )
+    return float(value)
+
+
 def _find_element(sdata: SpatialData, key: str) -> tuple[str, Any]:
     for attr in ("images", "labels", "shapes", "points"):
         if key in getattr(sdata, attr):
