@@ -11,7 +11,8 @@ from spatialdata.models import Image2DModel
 from spatialdata.transformations import Affine, Identity, Scale, get_transformation
 
 import ghist
-from ghist.pp._segment import _resolve_pixel_size, _segmentation_f1, _segmentation_scores
+from ghist._segmentation_scores import segmentation_scores
+from ghist.pp._segment import _resolve_pixel_size
 from ghist.pp._segment_backends import _hematoxylin
 
 PIXEL_SIZE = 0.5
@@ -97,14 +98,14 @@ def test_f1_on_synthetic_tissue(he_transform):
     sdata = ghist.datasets.synthetic(image_size=384, n_genes=10, he_transform=he_transform, seed=0)
     ghist.pp.segment_nuclei(sdata, key_added="segmented", progress=False)
     truth, pred = _on_labels_grid(sdata, "segmented")
-    scores = _segmentation_scores(truth, pred)
+    scores = segmentation_scores(truth, pred)
     assert scores["f1"] >= 0.8, scores
     assert abs(scores["n_pred"] - scores["n_true"]) <= 0.15 * scores["n_true"], scores
 
 
 def test_f1_on_disks(synthetic, segmented):
     _, truth = synthetic
-    scores = _segmentation_scores(truth, _labels(segmented))
+    scores = segmentation_scores(truth, _labels(segmented))
     assert scores["f1"] >= 0.9, scores
 
 
@@ -134,7 +135,7 @@ def test_chunk_size_invariance(tissue, chunk_size):
     whole, chunked = _labels(sdata, "whole"), _labels(sdata, "chunked")
     assert chunked.shape[0] > 3 * chunk_size
     # the same objects, up to relabelling
-    assert _segmentation_f1(whole, chunked, iou=0.9) >= 0.97
+    assert segmentation_scores(whole, chunked, iou_threshold=0.9)["f1"] >= 0.97
     assert (whole > 0).sum() == pytest.approx((chunked > 0).sum(), rel=0.02)
     # ids run from 1 with few gaps
     ids = np.unique(chunked)[1:]
@@ -149,7 +150,7 @@ def test_chunk_size_invariance(tissue, chunk_size):
         counts = counts[ids > 0]
         assert (counts >= 0.2 * (whole == i).sum()).sum() <= 1, f"nucleus {i} split at a chunk border"
     truth, pred = _on_labels_grid(sdata, "chunked", truth_key="truth")
-    assert _segmentation_f1(truth, pred) >= 0.8
+    assert segmentation_scores(truth, pred)["f1"] >= 0.8
 
 
 def test_halo_too_small_warns(synthetic, caplog):
@@ -167,7 +168,7 @@ def test_multiscale_and_pixel_size_argument(synthetic):
         ghist.pp.segment_nuclei(sdata, progress=False)
     assert "nuclei" not in sdata.labels
     ghist.pp.segment_nuclei(sdata, pixel_size=PIXEL_SIZE, progress=False)
-    assert _segmentation_f1(truth, _labels(sdata)) >= 0.8
+    assert segmentation_scores(truth, _labels(sdata))["f1"] >= 0.8
 
 
 def test_size_filters(synthetic, segmented):
@@ -239,7 +240,7 @@ def test_fixed_threshold(synthetic):
     rgb, truth = synthetic
     sdata = _sdata(rgb)
     ghist.pp.segment_nuclei(sdata, threshold=0.3, progress=False)
-    assert _segmentation_f1(truth, _labels(sdata)) >= 0.8
+    assert segmentation_scores(truth, _labels(sdata))["f1"] >= 0.8
     empty = _sdata(rgb)
     ghist.pp.segment_nuclei(empty, threshold=10.0, progress=False)
     assert not _labels(empty).any()
@@ -265,34 +266,6 @@ def test_pixel_size_from_microns_transformation(synthetic):
     )
     assert _resolve_pixel_size(element, "he", None) == pytest.approx(0.25)
     assert _resolve_pixel_size(element, "he", 0.7) == 0.7
-
-
-def test_segmentation_f1():
-    true = np.zeros((20, 20), dtype=np.int32)
-    true[2:8, 2:8] = 1
-    true[10:18, 10:18] = 2
-    true[2:6, 12:18] = 3
-    assert _segmentation_f1(true, true) == 1.0
-    relabelled = np.choose(true, [0, 7, 3, 5])
-    assert _segmentation_f1(true, relabelled) == 1.0
-    # one object missed, one spurious: 2 of 3 matched on each side
-    pred = true.copy()
-    pred[true == 3] = 0
-    pred[0:2, 0:2] = 9
-    assert _segmentation_f1(true, pred) == pytest.approx(2 * 2 / (3 + 3))
-    # a prediction covering half of a true object matches at IoU 0.5, not above
-    halves = np.zeros_like(true)
-    halves[10:18, 10:14] = 1
-    halves[10:18, 14:18] = 2
-    sub = np.where(np.isin(true, [2]), true, 0)
-    assert _segmentation_f1(sub, halves, iou=0.5) == pytest.approx(2 * 1 / (1 + 2))
-    assert _segmentation_f1(sub, halves, iou=0.51) == 0.0
-    scores = _segmentation_scores(true, np.zeros_like(true))
-    assert scores["recall"] == 0.0
-    assert scores["f1"] == 0.0
-    assert _segmentation_f1(np.zeros_like(true), np.zeros_like(true)) == 1.0
-    with pytest.raises(ValueError, match="shape"):
-        _segmentation_f1(true, true[:5])
 
 
 def test_hematoxylin_matches_skimage():

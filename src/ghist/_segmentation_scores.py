@@ -1,0 +1,167 @@
+"""Instance segmentation scores: the field's one-to-one matching at IoU > 0.5, F1, SQ, PQ, AJI and pixel Dice.
+
+Every score is a ratio of sums (:func:`segmentation_sums`), so scores over several images pool by adding the sums of
+each image (:func:`scores_from_sums`) rather than by averaging per-image ratios.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# The sums every score is a ratio of; pooling images adds them key by key.
+SUM_KEYS = (
+    "n_true",
+    "n_pred",
+    "n_matched",
+    "iou_sum",
+    "aji_intersection",
+    "aji_union",
+    "fg_intersection",
+    "fg_true",
+    "fg_pred",
+)
+
+
+def _check_labels(true, pred) -> tuple[np.ndarray, np.ndarray]:
+    true, pred = np.asarray(true), np.asarray(pred)
+    if true.shape != pred.shape:
+        raise ValueError(f"`true` and `pred` must have the same shape, got {true.shape} and {pred.shape}.")
+    for name, labels in (("true", true), ("pred", pred)):
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(
+                f"`{name}` must be integer instance labels (0: background, one id per nucleus), got dtype "
+                f"{labels.dtype}."
+            )
+        if labels.size and labels.min() < 0:
+            raise ValueError(f"`{name}` has negative labels; instance labels are >= 0 (0: background).")
+    return true, pred
+
+
+def _compact(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of each pixel's object among the objects present (background included) and each object's area."""
+    top = int(flat.max()) if flat.size else 0
+    if top <= 4 * flat.size + 1024:
+        # ids of a usual size: a lookup table is linear in the pixels, where np.unique sorts them
+        area = np.bincount(flat, minlength=top + 1)
+        present = np.flatnonzero(area)
+        lut = np.zeros(top + 1, dtype=np.int64)
+        lut[present] = np.arange(present.size)
+        return lut[flat], area[present]
+    _, index = np.unique(flat, return_inverse=True)
+    return index.ravel(), np.bincount(index.ravel())
+
+
+def segmentation_sums(true, pred, iou_threshold: float = 0.5) -> dict[str, float]:
+    """The sums the scores of :func:`segmentation_scores` are ratios of (keys: ``SUM_KEYS``).
+
+    Parameters
+    ----------
+    true, pred
+        Instance labels of the same shape (0: background).
+    iou_threshold
+        A true and a predicted object match when their IoU is strictly above this; at 0.5 or above each object has at
+        most one such partner, so the matching is one-to-one by construction.
+
+    """
+    if not 0.5 <= float(iou_threshold) < 1:
+        raise ValueError(
+            f"`iou_threshold` must be in [0.5, 1), got {iou_threshold!r}: below 0.5 an object can overlap several "
+            "others by more than the threshold and the matching is no longer unique."
+        )
+    true, pred = _check_labels(true, pred)
+    t_flat = true.ravel().astype(np.int64, copy=False)
+    p_flat = pred.ravel().astype(np.int64, copy=False)
+    t_idx, t_area = _compact(t_flat)
+    p_idx, p_area = _compact(p_flat)
+    t_fg, p_fg = t_flat != 0, p_flat != 0
+    # objects are indexed in sorted id order, so index 0 is the background whenever any pixel is background
+    t_obj = np.ones(t_area.size, dtype=bool)
+    p_obj = np.ones(p_area.size, dtype=bool)
+    if (~t_fg).any():
+        t_obj[0] = False
+    if (~p_fg).any():
+        p_obj[0] = False
+
+    # pairwise overlaps of foreground objects: a sparse contingency table from the pixels both cover
+    both = t_fg & p_fg
+    codes, inter = np.unique(t_idx[both] * p_area.size + p_idx[both], return_counts=True)
+    ti, pi = np.divmod(codes, p_area.size)
+    union = t_area[ti] + p_area[pi] - inter
+    iou = inter / union
+
+    matched = iou > iou_threshold
+
+    # AJI (Kumar et al. 2017): each true object is paired with the predicted object of highest IoU (ties: lowest
+    # id); the union also takes the areas of true objects that overlap nothing and of predicted objects never paired
+    order = np.lexsort((pi, -iou, ti))
+    first = order[np.unique(ti[order], return_index=True)[1]]
+    used = np.zeros(p_area.size, dtype=bool)
+    used[pi[first]] = True
+    overlapping = np.zeros(t_area.size, dtype=bool)
+    overlapping[ti[first]] = True
+    aji_union = union[first].sum() + t_area[t_obj & ~overlapping].sum() + p_area[p_obj & ~used].sum()
+
+    return {
+        "n_true": float(t_obj.sum()),
+        "n_pred": float(p_obj.sum()),
+        "n_matched": float(matched.sum()),
+        "iou_sum": float(iou[matched].sum()),
+        "aji_intersection": float(inter[first].sum()),
+        "aji_union": float(aji_union),
+        "fg_intersection": float(both.sum()),
+        "fg_true": float(t_fg.sum()),
+        "fg_pred": float(p_fg.sum()),
+    }
+
+
+def scores_from_sums(sums: dict[str, float]) -> dict[str, float]:
+    """Scores (and counts) from the sums of :func:`segmentation_sums`, of one image or added over several.
+
+    When neither side has any object, every score is 1 (nothing to find, nothing found). Otherwise a score whose
+    denominator is empty is 0: SQ and PQ are 0 without a matched pair, precision is 0 without predictions.
+    """
+    n_true, n_pred, n_matched = sums["n_true"], sums["n_pred"], sums["n_matched"]
+    if n_true == 0 and n_pred == 0:
+        ratios = dict.fromkeys(("f1", "precision", "recall", "sq", "pq", "aji", "dice"), 1.0)
+    else:
+        f1 = 2 * n_matched / (n_true + n_pred)
+        sq = sums["iou_sum"] / n_matched if n_matched else 0.0
+        fg = sums["fg_true"] + sums["fg_pred"]
+        ratios = {
+            "f1": f1,
+            "precision": n_matched / n_pred if n_pred else 0.0,
+            "recall": n_matched / n_true if n_true else 0.0,
+            "sq": sq,
+            "pq": f1 * sq,
+            "aji": sums["aji_intersection"] / sums["aji_union"] if sums["aji_union"] else 0.0,
+            "dice": 2 * sums["fg_intersection"] / fg if fg else 1.0,
+        }
+    return {**ratios, "n_true": int(n_true), "n_pred": int(n_pred), "n_matched": int(n_matched)}
+
+
+def segmentation_scores(true, pred, iou_threshold: float = 0.5) -> dict[str, float]:
+    """Object- and pixel-level agreement of predicted nucleus instance labels with true ones.
+
+    Parameters
+    ----------
+    true, pred
+        Integer instance labels of the same shape (0: background, one id per object; ids need not be consecutive).
+    iou_threshold
+        A true and a predicted object match when their intersection over union is strictly above this (in
+        [0.5, 1), so each object matches at most one other).
+
+    Returns
+    -------
+    ``f1`` (detection F1 = 2 matched / (true + predicted)), ``precision``, ``recall``, ``sq`` (mean IoU of the
+    matched pairs), ``pq`` (F1 x SQ, panoptic quality), ``aji`` (aggregated Jaccard index of Kumar et al.: each true
+    object with its best-IoU prediction, unpaired predictions added to the union), ``dice`` (pixel Dice of the
+    foregrounds), and the counts ``n_true``, ``n_pred``, ``n_matched``.
+
+    Examples
+    --------
+    >>> true = np.zeros((4, 4), int); true[:2, :2] = 1
+    >>> segmentation_scores(true, true)["pq"]
+    1.0
+
+    """
+    return scores_from_sums(segmentation_sums(true, pred, iou_threshold))
