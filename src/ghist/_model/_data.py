@@ -8,7 +8,8 @@ Both :func:`ghist.tl.fit` (tiles of a :class:`~ghist.pp.TileSet`, :class:`TileDa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -19,8 +20,6 @@ from .._spatial import read_image_window, read_labels_window
 
 if TYPE_CHECKING:
     from xarray import DataArray
-
-    from ..pp import TileSet
 
 __all__ = [
     "SlideTileDataset",
@@ -51,13 +50,26 @@ def as_tensors(item: dict[str, Any]) -> dict[str, Any]:
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in item.items()}
 
 
+class TileSource(Protocol):
+    """What :class:`TileDataset` needs of a tile store (:class:`ghist.pp.TileSet` is one).
+
+    Named here rather than imported from :mod:`ghist.pp`, which imports this module: the batch format depends on no
+    reader of stores.
+    """
+
+    path: Path
+
+    def read(self, i: int) -> dict[str, Any]:
+        """Tile ``i`` as a dict of numpy arrays."""
+
+
 class TileDataset(Dataset):
     """A torch :class:`~torch.utils.data.Dataset` over some tiles of a :class:`TileSet` (read lazily).
 
     Parameters
     ----------
     tiles
-        The :class:`TileSet`.
+        The :class:`~ghist.pp.TileSet` (or any :class:`TileSource`).
     indices
         Tile indices of this dataset.
     transform
@@ -71,7 +83,7 @@ class TileDataset(Dataset):
     """
 
     def __init__(
-        self, tiles: TileSet, indices: Sequence[int] | np.ndarray, *, transform: Callable[[dict], dict] | None = None
+        self, tiles: TileSource, indices: Sequence[int] | np.ndarray, *, transform: Callable[[dict], dict] | None = None
     ):
         self.tiles = tiles
         self.indices = np.asarray(indices, dtype=np.int64)
