@@ -160,3 +160,18 @@ def test_against_reference_on_random_labels(seed):
     assert 0 < s["n_matched"] < min(s["n_true"], s["n_pred"])  # a mix of matches and misses
     for key, value in _reference(true, pred).items():
         assert s[key] == pytest.approx(value), key
+
+
+def test_windows_merge_to_the_whole():
+    from ghist._segmentation_scores import merge_overlaps, overlaps, sums_from_overlaps
+
+    true, pred = _jittered_disks(0)
+    whole = segmentation_sums(true, pred)
+    # bands of rows cut objects in pieces: their areas and intersections add up again
+    parts = [overlaps(true[y : y + 10], pred[y : y + 10]) for y in range(0, true.shape[0], 10)]
+    assert sums_from_overlaps(merge_overlaps(parts)) == pytest.approx(whole)
+    # windows of only background, or without any overlap, merge too
+    empty = np.zeros((5, 5), dtype=np.int32)
+    assert sums_from_overlaps(merge_overlaps([overlaps(empty, empty)]))["n_true"] == 0
+    both = merge_overlaps([overlaps(empty, empty), overlaps(true[:10], np.zeros_like(true[:10]))])
+    assert sums_from_overlaps(both)["n_pred"] == 0
