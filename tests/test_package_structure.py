@@ -47,10 +47,59 @@ def test_docstrings(func):
     # numpydoc has no empty sections: a function without parameters has no Parameters section
     for section in ("Parameters", "Returns", "Examples") if params else ("Returns", "Examples"):
         assert f"{section}\n---" in doc, f"{func.__qualname__} lacks a {section} section"
-    for name in inspect.signature(func).parameters:
-        if name in ("kwargs", "args"):
+    documented = documented_parameters(doc)
+    for name, p in params.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        assert name in doc, f"{func.__qualname__}: parameter {name!r} is not documented"
+        assert name in documented, f"{func.__qualname__}: parameter {name!r} has no entry in its Parameters section"
+
+
+_SECTION = re.compile(r"^(\w[\w ]*)\n-{3,}\s*$", re.MULTILINE)
+
+
+def documented_parameters(doc: str) -> set[str]:
+    """The names a numpy docstring's Parameters section has an entry for (``name : type`` or ``a, b : type`` lines).
+
+    An entry is an unindented line of the section; the lines under it (its description) are indented. A name that
+    only appears in another parameter's description is not documented.
+    """
+    headers = list(_SECTION.finditer(doc))
+    for i, header in enumerate(headers):
+        if header.group(1) != "Parameters":
+            continue
+        end = headers[i + 1].start() if i + 1 < len(headers) else len(doc)
+        names = set()
+        for line in doc[header.end() : end].splitlines():
+            if not line.strip() or line[0].isspace():
+                continue
+            names.update(n.strip().lstrip("*") for n in line.split(" : ")[0].split(","))
+        return names
+    return set()
+
+
+def test_documented_parameters_reads_entries_not_words():
+    doc = inspect.cleandoc(
+        """Summary.
+
+        Parameters
+        ----------
+        sdata : SpatialData
+            The data; see ``key`` below.
+        a, b : int
+            Two at once.
+        *args
+            Extra positional arguments.
+        flag
+            No type.
+
+        Returns
+        -------
+        key : str
+            Not a parameter.
+        """
+    )
+    assert documented_parameters(doc) == {"sdata", "a", "b", "args", "flag"}
+    assert documented_parameters("Summary.\n\nReturns\n-------\nint\n    A number.") == set()
 
 
 # ------------------------------------------------------------------------------------------ package boundaries

@@ -40,6 +40,16 @@ def test_compacting_while_predicting_gives_the_same_table(sdata, monkeypatch):
     np.testing.assert_array_equal(reference.obsm["spatial"], compacted.obsm["spatial"])
 
 
-def test_release_freed_memory_is_safe_to_call():
+def test_release_freed_memory_trims_the_heap_where_it_can(monkeypatch):
+    import sys
+
+    from ghist import _memory
+
+    if sys.platform == "linux":  # glibc: the real function is found
+        assert callable(_memory._malloc_trim())
+    calls = []
+    monkeypatch.setattr(_memory, "_malloc_trim", lambda: calls.append)
     release_freed_memory()
-    release_freed_memory()
+    assert calls == [0]  # malloc_trim(0): trim everything above the heap's minimum
+    monkeypatch.setattr(_memory, "_malloc_trim", lambda: None)  # no malloc_trim here: a no-op, not an error
+    assert release_freed_memory() is None
