@@ -1,4 +1,4 @@
-"""The conventions of STYLE.md, checked on every public function, and the boundaries between modules."""
+"""The package's conventions, checked on every public function, and the boundaries between modules."""
 
 from __future__ import annotations
 
@@ -212,3 +212,31 @@ def test_no_private_imports_between_pp_tl_pl(path):
                 bad.append(f"line {node.lineno}: {'.'.join(parts[:3])}")
                 break
     assert not bad, f"{module} imports private code of another subpackage: {bad}"
+
+
+# ------------------------------------------------------------------------------------------ self-contained docs
+# A reader of the package has its sources and docs only: no pointers to design notes or trackers outside them.
+_OUTSIDE_REFERENCE = re.compile(r"\bDESIGN\b|\bDESIGN\.md|\bSTYLE\.md|\bSTYLE section|\b[Ii]ssue \d+, item \d+")
+_TEXT_SUFFIXES = {".py", ".md", ".rst", ".txt", ".ipynb", ".json"}
+
+
+def _own_text_files() -> list[Path]:
+    roots = (SRC, ROOT / "docs")
+    return sorted(
+        p
+        for root in roots
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in _TEXT_SUFFIXES and not {"_build", "generated", "__pycache__"} & set(p.parts)
+    )
+
+
+def test_no_references_outside_the_repository():
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}: {line.strip()[:80]}"
+        for p in _own_text_files()
+        for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+        if _OUTSIDE_REFERENCE.search(line)
+    ]
+    assert not hits, "explain in the repository's own words (docs/method.md) instead of citing:\n" + "\n".join(hits)
+    assert _OUTSIDE_REFERENCE.search('GHIST losses (DESIGN section 3, "Losses")')  # the pattern catches the old form
+    assert not _OUTSIDE_REFERENCE.search("Visium / ST spots have gaps by design")

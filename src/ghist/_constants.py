@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# Default SpatialData element keys (DESIGN section 2).
+# Default SpatialData element keys (the data contract).
 IMAGE_KEY = "he"
 LABELS_KEY = "nuclei"
 TABLE_KEY = "table"

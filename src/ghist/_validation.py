@@ -1,4 +1,4 @@
-"""Input checks shared by every ``pp``/``tl`` entry point (DESIGN section 2, the data contract).
+"""Input checks shared by every ``pp``/``tl`` entry point (the data contract: ``ARCHITECTURE.md``).
 
 Each check names the argument, element, key or gene at fault, what was expected and what was found.
 """

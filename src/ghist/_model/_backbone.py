@@ -1,4 +1,4 @@
-"""UNet3+-style encoder-decoder used as the GHIST backbone (DESIGN section 3.1), trained from scratch."""
+"""UNet3+-style encoder-decoder used as the GHIST backbone (``docs/method.md``), trained from scratch."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Neighbourhood context: each cell's embedding mixed with the mean embedding of its k nearest cells.
 
-Issue 12, item 3. Expression of many genes depends on a cell's surroundings (immune cells near tumour, hypoxia away
+Expression of many genes depends on a cell's surroundings (immune cells near tumour, hypoxia away
 from vessels), which the per-nucleus embedding sees only through the pooled feature maps around the nucleus. Here a
 cell's ``k`` nearest cells (nucleus centroids, in pixels at the model's resolution) are found *within its tile*, and
 ``embedding + mix([embedding, mean of the neighbours' embeddings])`` feeds every head. ``mix`` ends in a

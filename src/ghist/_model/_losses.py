@@ -37,7 +37,7 @@ __all__ = [
 # expm1(30) ~ 1e13 counts per cell: far above any real cell, far below float32 overflow (expm1(89)).
 _MAX_LOG_COUNTS = 30.0
 
-#: Weight of each term in ``"total"``. ``"specialist"`` ``None`` means ``1 / n_types`` (DESIGN).
+#: Weight of each term in ``"total"``. ``"specialist"`` ``None`` means ``1 / n_types``.
 DEFAULT_LOSS_WEIGHTS: dict[str, float | None] = {
     "pixel": 1.0,  # per-pixel cross-entropy of the type map (nucleus/background without types)
     "cell_type": 1.0,  # cell-type cross-entropy

@@ -48,7 +48,7 @@ class GHISTModel:
     reference_names
         Names of the reference profiles.
     cell_type_groups
-        Specialist groups: group name -> cell types of the group (DESIGN section 3.6).
+        Specialist groups: group name -> cell types of the group (``docs/method.md``).
     width
         Channels of the first backbone level (64 is the published architecture).
     embed_dim

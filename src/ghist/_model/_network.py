@@ -639,7 +639,7 @@ def specialist_expression(
     new_types: torch.Tensor,
     groups: Mapping[str, Sequence[int]],
 ) -> torch.Tensor:
-    """Give cells that refinement moved into a specialist group that group's expression (DESIGN section 3.6).
+    """Give cells that refinement moved into a specialist group that group's expression (``docs/method.md``).
 
     A cell takes ``group_expr[name]`` when its new type is in group ``name`` and its old type was not; other
     cells keep ``expr``. Returns a new tensor.

@@ -1,6 +1,6 @@
 """Per-cell predictive uncertainty: a variance head beside the network, its loss, its calibration and entropies.
 
-Design (issue 12, item 4). The point prediction must not change, so the head lives *outside*
+The point prediction must not change, so the head lives *outside*
 :class:`~ghist._model._network.GHISTNetwork` and sees only detached tensors:
 
 - :class:`VarianceHead` maps a cell's detached embedding and its detached predicted mean (``log1p`` scale) to a

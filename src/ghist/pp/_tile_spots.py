@@ -1,4 +1,4 @@
-"""Spot-level supervision for :func:`ghist.pp.make_tiles` (Visium / legacy ST, DESIGN section 3).
+"""Spot-level supervision for :func:`ghist.pp.make_tiles` (Visium / legacy ST; ``docs/method.md``, "Spot mode").
 
 A sample then holds, besides the H&E image and the nucleus labels, a ``ShapesModel`` of spots (circles: points
 with a ``"radius"`` column; or polygons such as Visium HD bins; in any coordinate system shared with the labels)
