@@ -1,4 +1,4 @@
-"""GHIST training losses (DESIGN section 3, "Losses") and the spot-level supervision term.
+"""GHIST training losses (``docs/method.md``, "What it learns from") and the spot-level supervision term.
 
 Every term is computed only on what its labels allow and is *absent* from the returned dict when nothing can
 feed it (cells without a type, tiles without a labelled cell, unmeasured cells, no groups, no types at all),

@@ -1,4 +1,4 @@
-"""The GHIST network (DESIGN section 3): a plain :class:`torch.nn.Module`, tensors in, tensors out.
+"""The GHIST network (``docs/method.md``, "The network"): a plain :class:`torch.nn.Module`, tensors in, tensors out.
 
 Batch contract (what the tile collate function produces and :meth:`GHISTNetwork.forward` consumes):
 
@@ -119,7 +119,7 @@ def nucleus_morphometrics(
 
 
 class ExpressionHead(nn.Module):
-    """First expression estimate from the cell embedding, refined by cross-attention (DESIGN section 3.5).
+    """First expression estimate from the cell embedding, refined by cross-attention (``docs/method.md``).
 
     With a reference, an MLP with softmax gives each cell weights over the ``R`` profiles and the first estimate
     is the weighted mixture of profiles; without, an MLP gives it directly. The first estimate is tokenised by a
@@ -221,7 +221,7 @@ class ExpressionHead(nn.Module):
 
 
 class ExpressionTypeHead(nn.Module):
-    """MLP classifying cell type from an expression vector (DESIGN section 3.7).
+    """MLP classifying cell type from an expression vector (``docs/method.md``).
 
     ``forward(expr)`` returns ``(features, logits)``: the last hidden layer (after ReLU) and the class logits.
     """
@@ -243,7 +243,7 @@ class ExpressionTypeHead(nn.Module):
 
 
 class GHISTNetwork(nn.Module):
-    """The GHIST network: UNet3+ backbone, per-nucleus embedding and the cell-level heads (DESIGN section 3).
+    """The GHIST network: UNet3+ backbone, per-nucleus embedding and the cell-level heads (``docs/method.md``).
 
     Parameters
     ----------
@@ -543,7 +543,7 @@ def neighbourhood_refine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nudge uncertain cells' types so each tile's predicted composition moves toward the estimated one.
 
-    DESIGN "Neighbourhood refinement". For every tile ``b`` with ``n_b`` cells, the gap
+    ``docs/method.md``, "Neighbourhood refinement". For every tile ``b`` with ``n_b`` cells, the gap
     ``delta[b, t] = composition[b, t] * n_b - #{cells of b predicted as t}`` is computed for all tiles at once
     (one ``bincount`` over ``tile * T + type``). Each cell whose top probability is at most ``confidence`` and
     whose predicted type is in ``types`` gets ``alpha * delta[b, t] * u`` added to its score for each type ``t``
