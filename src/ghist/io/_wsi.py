@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._constants import GLOBAL_CS, IMAGE_KEY, MICRONS_CS
-from .._validation import check_number
+from .._spatial import PIXEL_SIZE_RANGE_UM, check_pixel_size, is_plausible_pixel_size
+from ._backends import (
+    OpenedSlide,
+    _formats,
+    choose_backend,
+    finite_or_none,
+    open_slide,
+    resolution_tags,
+)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -19,7 +27,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WSI_ATTRS_KEY = "ghist_wsi"  # ``sdata.attrs`` entry describing the slide file
-_FORMATS = "Aperio SVS, Hamamatsu NDPI, OME-TIFF, Philips/Leica/Ventana TIFF and generic pyramidal TIFF"
+# Attribute of each level's DataArray: the file's own tile (h, w), the smallest unit a read decodes (bounds the cost
+# of strided reads of a single-level slide).
+READ_BLOCK_ATTR = "ghist_read_block"
 
 
 def read_wsi(
@@ -29,14 +39,23 @@ def read_wsi(
     image_key: str = IMAGE_KEY,
     chunk_size: int = 2048,
     max_levels: int | None = None,
+    backend: str = "auto",
 ) -> SpatialData:
     """Open a whole-slide H&E file as a lazy, multiscale SpatialData image with a ``"microns"`` coordinate system.
 
     Every pyramid level stored in the file becomes one scale of the image (``scale0`` is full resolution), read
-    lazily with dask straight from the file's tiles (:mod:`tiffslide`, which builds on :mod:`tifffile`): opening a
-    100k x 80k px slide reads only its metadata. The full-resolution pixel grid is the ``"global"`` coordinate
-    system (identity); ``"microns"`` scales it by the pixel size read from the file (``mpp`` of SVS/NDPI,
-    ``PhysicalSizeX/Y`` of OME-TIFF, the TIFF resolution tags) or given as ``pixel_size``.
+    lazily with dask straight from the file's tiles: opening a 100k x 80k px slide reads only its metadata. The
+    full-resolution pixel grid is the ``"global"`` coordinate system (identity); ``"microns"`` scales it by the
+    pixel size read from the file (``mpp`` of SVS/NDPI, ``PhysicalSizeX/Y`` of OME-TIFF, the TIFF resolution tags)
+    or given as ``pixel_size``.
+
+    Two libraries decode the files: :mod:`tiffslide` (built on :mod:`tifffile`; installed with ghist) for the TIFF
+    family, and OpenSlide (the optional extra ``pip install "ghist[openslide]"``) for MRXS, VMS/VMU, SVSlide, DICOM
+    and, when installed, Leica SCN and Ventana BIF. Whichever reads the file, the levels, the pixel size and its
+    checks are the same. A pixel size from the file outside the plausible range of a microscope
+    (:data:`ghist._spatial.PIXEL_SIZE_RANGE_UM`, 0.05-20 µm/px; e.g. 84.7 µm/px from the 300-dpi resolution tags of
+    an image saved by an editor) is not used: pass ``pixel_size=``. A tile that does not decode (a truncated or
+    corrupt file) raises :class:`ghist.io.SlideReadError` naming the file, level and tile when it is read.
 
     The result is ready for :func:`ghist.pp.detect_tissue`, :func:`ghist.pp.segment_nuclei` and
     :func:`ghist.tl.predict`, which read the pyramid level that matches the model's pixel size.
@@ -44,24 +63,39 @@ def read_wsi(
     Parameters
     ----------
     path
-        A slide file readable by :mod:`tiffslide`: {formats}. (MRXS and other non-TIFF formats need an
-        OpenSlide-based reader, e.g. convert them to OME-TIFF first.)
+        A slide file: {formats}. Zeiss CZI, Leica LIF, Olympus VSI, Nikon ND2 and Philips iSyntax need Bio-Formats
+        or the vendor's tools: convert them to a pyramidal OME-TIFF first.
     pixel_size
-        µm per pixel at full resolution. Overrides the file's metadata (a warning says so when they differ); required
-        when the file has none.
+        µm per pixel at full resolution, within 0.05-20. Overrides the file's metadata, unreadable metadata included
+        (a warning says so when they differ); required when the file has none, or none that is plausible.
     image_key
         Key of the image in the returned ``sdata.images``.
     chunk_size
         Side of the dask chunks, in pixels (a multiple of the file's tile size reads whole tiles).
     max_levels
         Keep at most this many pyramid levels (the finest ones); default: all.
+    backend
+        ``"auto"`` (by file type: OpenSlide for the formats only it reads, and for SCN/BIF when installed; tiffslide
+        for the rest, OpenSlide if tiffslide cannot open the file), ``"tiffslide"``, ``"openslide"`` or
+        ``"bioformats"`` (not bundled: the error says how to convert the file).
 
     Returns
     -------
     A :class:`spatialdata.SpatialData` with ``images[image_key]``: RGB ``uint8``, dims ``(c, y, x)``, one scale per
     slide level, coordinate systems ``"global"`` (full-resolution pixels) and ``"microns"``.
-    ``sdata.attrs["ghist_wsi"]`` records the file, its vendor, the pixel size and its source, the level shapes and
-    downsamples.
+    ``sdata.attrs["ghist_wsi"]`` records the file, the backend that read it, its vendor, the pixel size and its
+    source, the level shapes and downsamples.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ImportError
+        The file type (or ``backend="openslide"``) needs OpenSlide and it is not installed; the message names the
+        extra.
+    ValueError
+        The file is not a readable RGB slide, holds no plausible pixel size and ``pixel_size`` is not given, or an
+        argument is invalid.
 
     Examples
     --------
@@ -72,7 +106,6 @@ def read_wsi(
     >>> ghist.tl.predict(sdata, roi_key="tissue")  # doctest: +SKIP
 
     """
-    import dask.array as da
     import xarray as xr
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
@@ -82,25 +115,32 @@ def read_wsi(
     if not path.exists():
         raise FileNotFoundError(f"No slide file at {str(path)!r}.")
     if path.is_dir():
-        raise ValueError(f"{str(path)!r} is a directory; expected a slide file ({_FORMATS}).")
+        raise ValueError(f"{str(path)!r} is a directory; expected a slide file ({_formats()}).")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 64:
         raise ValueError(f"`chunk_size` must be an integer >= 64 pixels; got {chunk_size!r}.")
     if max_levels is not None and (
         isinstance(max_levels, bool) or not isinstance(max_levels, int | np.integer) or max_levels < 1
     ):
         raise ValueError(f"`max_levels` must be a positive integer or None; got {max_levels!r}.")
-    check_number("pixel_size", pixel_size, optional=True)
+    if pixel_size is not None:
+        pixel_size = check_pixel_size(pixel_size)
+    choose_backend(path, backend)  # a bad or missing backend is named before the file is touched
 
-    slide = _open(path)
+    slide = open_slide(path, backend)
     mpp, source = _pixel_size(slide, path, pixel_size)
-    group = slide.zarr_group
-    n_levels = slide.level_count if max_levels is None else min(slide.level_count, int(max_levels))
-    levels = []
-    for i in range(n_levels):
-        array = group[str(i)] if n_levels > 1 or str(i) in group else group
-        levels.append(_level_array(array, path, i, chunk_size, da))
+    n_levels = len(slide.levels) if max_levels is None else min(len(slide.levels), int(max_levels))
+    levels = [_level_array(slide, i, chunk_size) for i in range(n_levels)]
     scales = {
-        f"scale{i}": xr.Dataset({"image": xr.DataArray(level, dims=("c", "y", "x"), coords={"c": ["r", "g", "b"]})})
+        f"scale{i}": xr.Dataset(
+            {
+                "image": xr.DataArray(
+                    level,
+                    dims=("c", "y", "x"),
+                    coords={"c": ["r", "g", "b"]},
+                    attrs={READ_BLOCK_ATTR: list(slide.read_blocks[i])} if i < len(slide.read_blocks) else {},
+                )
+            }
+        )
         for i, level in enumerate(levels)
     }
     image = xr.DataTree.from_dict(scales)
@@ -110,16 +150,18 @@ def read_wsi(
     sdata = SpatialData(images={image_key: image})
     sdata.attrs[WSI_ATTRS_KEY] = {
         "path": str(path),
-        "vendor": slide.properties.get("tiffslide.vendor"),
+        "backend": slide.backend,
+        "vendor": slide.vendor,
         "pixel_size_yx": [float(mpp[0]), float(mpp[1])],
         "pixel_size_source": source,
-        "objective_power": slide.properties.get("tiffslide.objective-power"),
+        "objective_power": slide.objective_power,
         "level_shapes": [list(level.shape[1:]) for level in levels],
-        "level_downsamples": [float(d) for d in slide.level_downsamples[:n_levels]],
+        "level_downsamples": [float(d) for d in slide.downsamples[:n_levels]],
     }
     logger.info(
-        "Opened %s: %d x %d px at %.4g µm/px (%s), %d level(s)",
+        "Opened %s with %s: %d x %d px at %.4g µm/px (%s), %d level(s)",
         path.name,
+        slide.backend,
         levels[0].shape[2],
         levels[0].shape[1],
         math.sqrt(mpp[0] * mpp[1]),
@@ -129,31 +171,23 @@ def read_wsi(
     return sdata
 
 
-read_wsi.__doc__ = read_wsi.__doc__.replace("{formats}", _FORMATS)
+read_wsi.__doc__ = read_wsi.__doc__.replace("{formats}", _formats())
 
 
-def _open(path: Path) -> Any:
-    import tiffslide
-
-    try:
-        return tiffslide.TiffSlide(path)
-    except Exception as err:  # tifffile raises several types for files that are not TIFF
-        raise ValueError(f"Cannot read {str(path)!r} as a slide file ({_FORMATS}): {err}") from err
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()
 
 
-def _pixel_size(slide: Any, path: Path, pixel_size: float | None) -> tuple[tuple[float, float], str]:
-    """µm per pixel (y, x) at full resolution, and where it came from."""
-    x, y = slide.properties.get("tiffslide.mpp-x"), slide.properties.get("tiffslide.mpp-y")
-    if x is None and y is None:
-        x, y = _ome_pixel_size(slide)
-    found = None
-    if x is not None or y is not None:
-        x = float(x if x is not None else y)
-        y = float(y if y is not None else x)
-        found = (y, x) if x > 0 and y > 0 and math.isfinite(x) and math.isfinite(y) else None
+def _pixel_size(slide: OpenedSlide, path: Path, pixel_size: float | None) -> tuple[tuple[float, float], str]:
+    """µm per pixel (y, x) at full resolution, and where it came from; ``pixel_size`` wins over any metadata."""
     if pixel_size is not None:
-        given = (float(pixel_size), float(pixel_size))
-        if found is not None and not np.allclose(found, given, rtol=0.01):
+        try:
+            found = _file_pixel_size(slide)
+        except Exception as err:  # whatever the metadata holds, the argument replaces it
+            logger.debug("%s: pixel-size metadata unreadable (%s); using pixel_size=%s", path.name, err, pixel_size)
+            found = None
+        plausible = found is not None and all(is_plausible_pixel_size(v) for v in found)
+        if plausible and not np.allclose(found, (pixel_size, pixel_size), rtol=0.01):
             logger.warning(
                 "%s: using pixel_size=%.4g µm/px instead of the file's %.4g x %.4g µm/px.",
                 path.name,
@@ -161,49 +195,81 @@ def _pixel_size(slide: Any, path: Path, pixel_size: float | None) -> tuple[tuple
                 found[1],
                 found[0],
             )
-        return given, "argument"
+        return (pixel_size, pixel_size), "argument"
+    found = _file_pixel_size(slide)
     if found is None:
         raise ValueError(
             f"{str(path)!r} holds no pixel size (no MPP, OME PhysicalSize or TIFF resolution); pass "
             "`pixel_size=` (µm per pixel at full resolution, e.g. 0.25 for a 40x scan, 0.5 for 20x)."
         )
+    if not (is_plausible_pixel_size(found[0]) and is_plausible_pixel_size(found[1])):
+        tags = resolution_tags(path)
+        why = f"from its TIFF resolution tags, {tags}: a print or screen resolution" if tags else "from its metadata"
+        lo, hi = PIXEL_SIZE_RANGE_UM
+        message = (
+            f"{str(path)!r}: the file's pixel size, {found[1]:.4g} x {found[0]:.4g} µm/px ({why}), is not a microscope "
+            f"pixel size ({lo}-{hi} µm/px), so it is not used; pass `pixel_size=` (µm per pixel at full resolution, "
+            "e.g. 0.25 for a 40x scan, 0.5 for 20x)."
+        )
+        logger.warning(message)
+        raise ValueError(message)
     return found, "file"
+
+
+def _file_pixel_size(slide: OpenedSlide) -> tuple[float, float] | None:
+    """(y, x) µm per pixel from the backend's MPP, else the OME PhysicalSize; ``None`` when neither is usable."""
+    x, y = (finite_or_none(v) for v in slide.mpp)
+    if x is None and y is None:
+        x, y = _ome_pixel_size(slide.path)
+    if x is None and y is None:
+        return None
+    x = x if x is not None else y
+    y = y if y is not None else x
+    return (y, x)
 
 
 _UM_PER_UNIT = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
-def _ome_pixel_size(slide: Any) -> tuple[float | None, float | None]:
-    """``PhysicalSizeX/Y`` of the first OME image in µm (``None`` where absent or in an unknown unit)."""
+def _ome_pixel_size(path: Path) -> tuple[float | None, float | None]:
+    """``PhysicalSizeX/Y`` of the first OME image in µm (``None`` where absent, unparseable or in an unknown unit)."""
     import tifffile
 
-    tif = getattr(slide, "ts_tifffile", None)
-    if tif is None or not tif.is_ome or not tif.ome_metadata:
-        return None, None
     try:
-        image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
-    except (KeyError, ValueError, TypeError):
+        with tifffile.TiffFile(path) as tif:
+            if not tif.is_ome or not tif.ome_metadata:
+                return None, None
+            image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        pixels = (image[0] if isinstance(image, list) else image).get("Pixels", {})
+    except Exception:  # not a TIFF, or OME-XML that does not parse: no pixel size from it
         return None, None
-    pixels = (image[0] if isinstance(image, list) else image).get("Pixels", {})
 
     def size(axis: str) -> float | None:
-        value = pixels.get(f"PhysicalSize{axis}")
+        value = finite_or_none(pixels.get(f"PhysicalSize{axis}"))
         factor = _UM_PER_UNIT.get(str(pixels.get(f"PhysicalSize{axis}Unit", "µm")))
-        return None if value is None or factor is None else float(value) * factor
+        return None if value is None or factor is None else value * factor
 
     return size("X"), size("Y")
 
 
-def _level_array(array: Any, path: Path, level: int, chunk_size: int, da: Any) -> Any:
-    """One pyramid level as a dask array ``(c, y, x)`` of RGB ``uint8``."""
-    if array.ndim == 2:
-        raise ValueError(f"{str(path)!r} level {level} is greyscale ({array.shape}); expected an RGB H&E slide.")
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+def _level_array(slide: OpenedSlide, level: int, chunk_size: int) -> Any:
+    """One pyramid level as a dask array ``(c, y, x)`` of RGB ``uint8``, read chunk by chunk through its guard."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    array, path = slide.levels[level], slide.path
+    if array.shape[-1] == 1:
+        raise ValueError(f"{str(path)!r} level {level} is greyscale ({array.shape[:2]}); expected an RGB H&E slide.")
+    if array.shape[-1] not in (3, 4):
         raise ValueError(
             f"{str(path)!r} level {level} has shape {array.shape}; expected (y, x, 3) RGB or (y, x, 4) RGBA."
         )
     if np.dtype(array.dtype) != np.uint8:
         raise ValueError(f"{str(path)!r} level {level} has dtype {array.dtype}; expected uint8 RGB.")
-    data = da.from_zarr(array, chunks=(chunk_size, chunk_size, array.shape[-1]))
+    stat = path.stat()
+    name = "ghist-wsi-" + tokenize(
+        str(path.resolve()), stat.st_mtime_ns, stat.st_size, slide.backend, level, chunk_size
+    )
+    data = da.from_array(array, chunks=(chunk_size, chunk_size, array.shape[-1]), name=name, asarray=True, fancy=False)
     # RGBA slides keep the colour; alpha marks scanned vs unscanned areas, which are white (glass) already.
     return data[..., :3].transpose(2, 0, 1)
