@@ -1091,3 +1091,132 @@ def test_predict_batch_size_hypothesis(value, base, model):
 def test_evaluate_spots_target_sum_hypothesis(value, predicted):
     with pytest.raises((ValueError, TypeError), match="target_sum"):
         ghist.tl.evaluate(predicted, true_key="spot_counts", spots_key="spots", target_sum=value)
+
+
+# ---------------------------------------------------------------- issue 28: implausible sizes, resources, raw errors
+
+EXTREME_PIXEL_SIZES = [1e-6, 0.01, 25.0, 1e30, float("inf")]
+
+
+@pytest.mark.parametrize("value", EXTREME_PIXEL_SIZES)
+def test_make_tiles_implausible_pixel_size(value, sdata, tmp_path):
+    with pytest.raises(ValueError, match=r"`pixel_size`.*between 0\.05 and 20"):
+        _quick_tiles(sdata, tmp_path, pixel_size=value)
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("value", EXTREME_PIXEL_SIZES)
+def test_segment_implausible_pixel_size(value, sdata):
+    with pytest.raises(ValueError, match=r"`pixel_size`.*between 0\.05 and 20"):
+        ghist.pp.segment_nuclei(sdata, key_added="nuclei2", pixel_size=value, progress=False)
+    assert "nuclei2" not in sdata.labels
+
+
+@pytest.mark.parametrize("value", EXTREME_PIXEL_SIZES)
+def test_fit_implausible_pixel_size(value, tiles):
+    with pytest.raises(ValueError, match=r"`pixel_size`.*between 0\.05 and 20"):
+        ghist.tl.fit(tiles, width=4, embed_dim=8, max_steps=1, pixel_size=value, progress=False)
+
+
+@pytest.mark.parametrize("value", [1e-6, 1e30])
+def test_detect_tissue_implausible_resolution(value, sdata):
+    with pytest.raises(ValueError, match=r"`resolution`.*between 0\.05 and 20"):
+        ghist.pp.detect_tissue(sdata, resolution=value)
+    assert "tissue" not in sdata.shapes
+
+
+def test_make_tiles_tile_size_beyond_memory(sdata, tmp_path):
+    # one padded 10^6-px tile alone is 7 TB: refused before anything is allocated or written
+    with pytest.raises(ghist._validation.ResourceError, match=r"tile_size=1000000.*GB"):
+        _quick_tiles(sdata, tmp_path, tile_size=10**6, fold=None)
+    assert not (tmp_path / "t").exists()
+
+
+def test_make_tiles_refused_by_the_memory_available(sdata, tmp_path, monkeypatch):
+    # the estimate is compared with what the machine has: the same call passes with enough memory
+    monkeypatch.setattr(ghist._validation, "available_memory", lambda: 10**5)
+    with pytest.raises(ValueError, match=r"tile_size=32 .*more than the 0\.0001 GB available.*smaller `tile_size`"):
+        _quick_tiles(sdata, tmp_path)
+    monkeypatch.setattr(ghist._validation, "available_memory", lambda: 10**10)
+    assert len(_quick_tiles(sdata, tmp_path)) > 0
+
+
+def test_segment_chunk_beyond_memory(sdata, monkeypatch):
+    monkeypatch.setattr(ghist._validation, "available_memory", lambda: 10**5)
+    with pytest.raises(ghist._validation.ResourceError, match=r"chunk_size=2048.*`chunk_size`"):
+        ghist.pp.segment_nuclei(sdata, key_added="nuclei2", progress=False, n_workers=1)
+    assert "nuclei2" not in sdata.labels
+
+
+def test_make_tiles_all_nan_cell_types(sdata, tmp_path):
+    sdata["table"].obs["cell_type"] = np.nan
+    with pytest.raises(ValueError, match=r"'cell_type'.*all \d+ cells are NaN.*cell_type_key=None"):
+        _quick_tiles(sdata, tmp_path, cell_type_key="cell_type")
+    assert not (tmp_path / "t").exists()
+
+
+def test_make_tiles_some_nan_cell_types_still_accepted(sdata, tmp_path):
+    types = sdata["table"].obs["cell_type"].astype(object)
+    types.iloc[::2] = np.nan
+    sdata["table"].obs["cell_type"] = types
+    assert _quick_tiles(sdata, tmp_path, cell_type_key="cell_type").cell_types
+
+
+def test_reference_profiles_all_zero(reference):
+    zero = reference.copy()
+    zero.X = np.zeros(zero.shape, dtype=np.float32)
+    with pytest.raises(ValueError, match="all zero"):
+        ghist.pp.reference_profiles(zero, "cell_type")
+
+
+def test_fit_all_zero_reference(tiles, reference):
+    profiles = ghist.pp.reference_profiles(reference, "cell_type")
+    profiles.X = np.zeros(profiles.shape, dtype=np.float32)
+    with pytest.raises(ValueError, match="all zero"):
+        ghist.tl.fit(tiles, reference=profiles, width=4, embed_dim=8, max_steps=1, progress=False)
+
+
+def test_evaluate_duplicate_cell_ids(pred):
+    table = pred["table"]
+    ids = table.obs["cell_id"].to_numpy().copy()
+    ids[1] = ids[0]
+    table.obs["cell_id"] = ids
+    with pytest.raises(ValueError, match=rf"'table'.*cell ids \[{ids[0]}\].*more than once"):
+        ghist.tl.evaluate(pred, cell_type_key="cell_type")
+
+
+@pytest.mark.parametrize("value", [4.5, "4", None, -1, 16, True])
+def test_predict_tile_overlap_not_an_integer_in_range(value, sdata, model):
+    with pytest.raises(ValueError, match=r"`tile_overlap` must be an integer in \[0, 15\]"):
+        ghist.tl.predict(sdata, model, tile_overlap=value, progress=False)
+    assert "ghist" not in sdata.tables
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**32, -1, 1.0, "0", True])
+def test_predict_seed_out_of_range(seed, sdata, model):
+    with pytest.raises(ValueError, match=r"`seed` must be an integer in \[0, 2\*\*32 - 1\]"):
+        ghist.tl.predict(sdata, model, tile_overlap=4, seed=seed, progress=False)
+
+
+@pytest.mark.parametrize("seed", [2**70, -1, True])
+def test_fit_seed_out_of_range(seed, tiles):
+    with pytest.raises(ValueError, match=r"`seed` must be an integer in \[0, 2\*\*32 - 1\]"):
+        ghist.tl.fit(tiles, width=4, embed_dim=8, max_steps=1, seed=seed, progress=False)
+
+
+@pytest.mark.parametrize("key", ["a/b", "a b", "..", "__x", "t\\u"])
+def test_key_added_spatialdata_cannot_store(key, sdata, model):
+    # refused before any prediction or segmentation is computed
+    with pytest.raises(ValueError, match="cannot name a SpatialData element"):
+        ghist.tl.predict(sdata, model, key_added=key, tile_overlap=4, progress=False)
+    with pytest.raises(ValueError, match="cannot name a SpatialData element"):
+        ghist.pp.segment_nuclei(sdata, key_added=key, progress=False)
+    with pytest.raises(ValueError, match="cannot name a SpatialData element"):
+        ghist.pp.detect_tissue(sdata, key_added=key)
+
+
+def test_key_added_differing_only_in_case(sdata, model):
+    with pytest.raises(ValueError, match=r"differs only in case from `sdata.tables\['table'\]`"):
+        ghist.tl.predict(sdata, model, key_added="TABLE", tile_overlap=4, progress=False)
+    with pytest.raises(ValueError, match=r"differs only in case from `sdata.labels\['nuclei'\]`"):
+        ghist.pp.segment_nuclei(sdata, key_added="Nuclei", progress=False)

@@ -46,12 +46,32 @@ def require_key(sdata: SpatialData, attr: str, key: str) -> Any:
 ELEMENT_KINDS = ("images", "labels", "shapes", "points", "tables")
 
 
-def check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
-    """``value`` must be an integer (not a bool) of at least ``minimum``; ``None`` too when ``optional``."""
+def check_int(name: str, value: Any, minimum: int, *, optional: bool = False, maximum: int | None = None) -> None:
+    """``value`` must be an integer (not a bool) in ``[minimum, maximum]``; ``None`` too when ``optional``."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}{' (or None)' if optional else ''}, got {value!r}.")
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+    if bad or (maximum is not None and value > maximum):
+        expected = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"`{name}` must be an integer {expected}{' (or None)' if optional else ''}, got {value!r}.")
+
+
+# numpy, torch and Lightning's ``seed_everything`` all take seeds in this range as they are; Lightning replaces a seed
+# outside it by a random one with only a warning, which would make a "seeded" run irreproducible.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """The one check of a random seed: an integer (not a bool) in :data:`SEED_RANGE`; returned as an ``int``."""
+    lo, hi = SEED_RANGE
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral) or not lo <= seed <= hi:
+        raise ValueError(f"`{name}` must be an integer in [{lo}, 2**32 - 1], got {seed!r}.")
+    return int(seed)
+
+
+def layer_names(adata: AnnData) -> list[str]:
+    """Names of ``adata.layers``, sorted; anndata >= 0.13 also lists ``None`` (``X``) among them, which is left out."""
+    return sorted(key for key in adata.layers if isinstance(key, str))
 
 
 def check_number(name: str, value: Any, *, positive: bool = True, optional: bool = False) -> None:
@@ -62,6 +82,35 @@ def check_number(name: str, value: Any, *, positive: bool = True, optional: bool
     if not ok or not (value > 0 if positive else value >= 0):
         expected = ("> 0" if positive else ">= 0") + (" (or None)" if optional else "")
         raise ValueError(f"`{name}` must be a finite number {expected}, got {value!r}.")
+
+
+def check_element_name(name: Any, arg: str = "key_added") -> str:
+    """A name spatialdata can store as an element: letters, digits, ``_``, ``-``, ``.``; not ``.``, ``..``, ``__*``.
+
+    Checked before any work, so a prediction or a segmentation is not computed only to fail when it is written.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"`{arg}` must be a non-empty string; got {name!r}.")
+    bad = sorted({c for c in name if not (c.isalnum() or c in "_-.")})
+    why = ""
+    if bad or name in (".", "..") or name.startswith("__"):
+        why = f"it holds {''.join(bad)!r}" if bad else "names '.', '..' and names starting with '__' are reserved"
+    else:
+        try:  # spatialdata's own rule too, where this version has it (it may be stricter than the one above)
+            from spatialdata._core.validation import check_valid_name
+        except ImportError:
+            check_valid_name = None
+        if check_valid_name is not None:
+            try:
+                check_valid_name(name)
+            except ValueError as error:
+                why = str(error).rstrip(".")
+    if why:
+        raise ValueError(
+            f"`{arg}={name!r}` cannot name a SpatialData element ({why}); use letters, digits, '_', '-' and '.' only, "
+            "e.g. 'ghist_2'."
+        )
+    return name
 
 
 def check_key_added(
@@ -80,13 +129,20 @@ def check_key_added(
     kind only without ``overwrite`` (``None``: the caller offers no overwrite). ``arg`` names the argument in the
     message, ``where`` says which sample (e.g. ``" of sample 'a'"``) and ``hint`` adds another way out.
     """
-    if not isinstance(key_added, str) or not key_added:
-        raise ValueError(f"`{arg}` must be a non-empty string; got {key_added!r}.")
+    check_element_name(key_added, arg)
     for attr in ELEMENT_KINDS:
         if attr != kind and key_added in getattr(sdata, attr):
             raise ValueError(
                 f"`{arg}={key_added!r}` is already the name of an element of `sdata.{attr}`{where}; element names "
                 f"must be unique: pass another `{arg}`."
+            )
+    # spatialdata refuses names that differ only in case (they would share a folder on case-insensitive disks)
+    for attr in ELEMENT_KINDS:
+        variants = [k for k in getattr(sdata, attr) if k != key_added and k.lower() == key_added.lower()]
+        if variants:
+            raise ValueError(
+                f"`{arg}={key_added!r}` differs only in case from `sdata.{attr}[{variants[0]!r}]`{where}; spatialdata "
+                f"cannot store both: pass another `{arg}`."
             )
     if key_added in getattr(sdata, kind) and not overwrite:
         raise ValueError(
@@ -94,6 +150,79 @@ def check_key_added(
             + (f", {hint}" if hint else "")
             + (" or `overwrite=True` to replace it." if overwrite is not None else " or delete it first.")
         )
+
+
+class ResourceError(ValueError):
+    """An argument (or a file) would need more memory than this machine has available; raised before allocating."""
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the kernel's ``MemAvailable``, capped by a cgroup (container) limit.
+
+    ``None`` when it cannot be told (not Linux and no ``os.sysconf``): the memory checks then pass.
+    """
+    import os
+
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            return None
+    try:  # cgroup v2: a container's limit is often far below the host's free memory
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            available = min(available, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return int(available)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.3g} GB"
+
+
+def check_memory(nbytes: float, what: str, *, hint: str = "") -> None:
+    """Refuse, with a :class:`ResourceError`, work whose estimated peak memory exceeds what is available.
+
+    ``what`` says what would need the memory (e.g. ``"tiles of tile_size=40000"``), ``hint`` how to need less.
+    Estimates are of the buffers the caller is about to allocate, so only requests that cannot fit are refused.
+    """
+    available = available_memory()
+    if available is None or nbytes <= available:
+        return
+    raise ResourceError(
+        f"{what} would need about {_gb(nbytes)} of memory, more than the {_gb(available)} available"
+        + (f"; {hint}" if hint else ".")
+    )
+
+
+def check_blocks_memory(
+    height: int, width: int, *, chunk_size: int, halo: int, n_workers: int, bytes_per_pixel: float, what: str
+) -> None:
+    """:func:`check_memory` of a sweep over ``chunk_size`` blocks with ``halo`` pixels of context on each side.
+
+    ``n_workers`` windows are worked on at once, each needing ``bytes_per_pixel`` per pixel of its window (at most
+    the whole image); ``what`` names the sweep in the message.
+    """
+    window = min(chunk_size + 2 * halo, height) * min(chunk_size + 2 * halo, width)
+    check_memory(
+        float(window) * bytes_per_pixel * max(int(n_workers), 1),
+        f"{what} in windows of {min(chunk_size + 2 * halo, height)} x {min(chunk_size + 2 * halo, width)} px "
+        f"(chunk_size={chunk_size}, halo={halo}, {n_workers} at once)",
+        hint="pass a smaller `chunk_size`, `halo` or `n_workers` (or a smaller `max_area_um2`, which sets the halo).",
+    )
 
 
 def scale0(element: DataArray | DataTree) -> DataArray:
@@ -259,7 +388,7 @@ def get_counts(
     """
     check_unique_genes(adata.var_names, where=where[:1].upper() + where[1:])
     if layer is not None and layer not in adata.layers:
-        raise KeyError(f"Layer {layer!r} not found in {where} (have {sorted(adata.layers)}).")
+        raise KeyError(f"Layer {layer!r} not found in {where} (have {layer_names(adata)}).")
     X = adata.layers[layer] if layer is not None else adata.X
     if X is None:
         raise ValueError(f"{where} has no expression matrix `X`; expected raw counts.")
@@ -279,7 +408,7 @@ def get_counts(
             raise ValueError(
                 f"{where} {source} holds non-integer values ({int(fractional.sum())} of them, e.g. {example:.4g}); "
                 "expected raw counts. It looks normalised (log1p or scaled): pass the raw counts instead, e.g. "
-                f"`layer='counts'` (have layers {sorted(adata.layers)})."
+                f"`layer='counts'` (have layers {layer_names(adata)})."
             )
     return X
 
@@ -295,7 +424,7 @@ def check_instances(table_ids: np.ndarray, label_ids: np.ndarray, *, table_key: 
 
 
 def check_cell_types(table: AnnData, cell_type_key: str | None, *, table_key: str) -> pd.Categorical | None:
-    """The cell type column as a categorical (``None`` when ``cell_type_key`` is ``None``)."""
+    """The cell type column as a categorical (``None`` when ``cell_type_key`` is ``None``); refused when all missing."""
     if cell_type_key is None:
         return None
     if cell_type_key not in table.obs:
@@ -303,4 +432,12 @@ def check_cell_types(table: AnnData, cell_type_key: str | None, *, table_key: st
             f"Cell type column {cell_type_key!r} not found in `sdata.tables[{table_key!r}].obs` "
             f"(have {list(table.obs.columns)})."
         )
-    return pd.Categorical(table.obs[cell_type_key])
+    types = pd.Categorical(table.obs[cell_type_key])
+    if len(types) and (types.codes < 0).all():
+        # a model fitted on these would have no cell types at all, and say nothing about it
+        raise ValueError(
+            f"Cell type column {cell_type_key!r} of `sdata.tables[{table_key!r}].obs` has no value: all "
+            f"{len(types)} cells are NaN; expected a cell type for (most of) the cells. Fill the column (e.g. with "
+            "`ghist.pp.annotate_cell_types`) or pass `cell_type_key=None` to train without cell types."
+        )
+    return types

@@ -65,7 +65,8 @@ def detect_tissue(
 
     Returns
     -------
-    The tissue polygons (columns ``area_um2`` or ``area_px``), also written to ``sdata.shapes[key_added]``. Without
+    The tissue polygons (columns ``area_um2`` or ``area_px``), also added as ``sdata.shapes[key_added]`` (and to
+    the Zarr store backing ``sdata``, all or nothing). Without
     any tissue: an empty frame, nothing written, and a warning.
 
     Examples
@@ -84,13 +85,14 @@ def detect_tissue(
     from spatialdata.models import ShapesModel
     from spatialdata.transformations import get_transformation
 
-    from .._spatial import image_pixel_size
-    from .._validation import check_key_added, check_number, get_image, raster_levels, require_key
+    from .._spatial import check_pixel_size, image_pixel_size
+    from .._validation import check_number, get_image, raster_levels, require_key
+    from .._write import check_writable, write_element
 
     get_image(sdata, image_key)  # RGB uint8 (c, y, x) or raise
     element = require_key(sdata, "images", image_key)
-    check_key_added(sdata, key_added, "shapes", overwrite=overwrite)
-    check_number("resolution", resolution)
+    check_writable(sdata, key_added, "shapes", overwrite=overwrite)  # memory and the backing store, before any work
+    check_pixel_size(resolution, "resolution")
     check_number("min_area_um2", min_area_um2, positive=False)
     check_number("closing_um", closing_um, positive=False)
     if isinstance(threshold, str):
@@ -141,9 +143,7 @@ def detect_tissue(
         )
         return frame
     shapes = ShapesModel.parse(frame, transformations=transformations)
-    if key_added in sdata.shapes:
-        del sdata.shapes[key_added]
-    sdata.shapes[key_added] = shapes
+    shapes = write_element(sdata, key_added, shapes, overwrite=overwrite)
     fraction = frame.geometry.area.sum() / float(full_h * full_w)
     logger.info(
         "Added `sdata.shapes[%r]`: %d tissue piece(s) covering %.0f%% of %r (worked at %.3g µm/px, saturation > %.3g)",

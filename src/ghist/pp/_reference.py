@@ -97,6 +97,8 @@ def reference_profiles(
     means = indicator @ X
     means = means.toarray() if sp.issparse(means) else np.asarray(means)
 
+    check_profiles(means, names, where=f"The reference profiles of {groupby!r}")
+
     obs = pd.DataFrame({"n_cells": n_cells.astype(np.int64)}, index=pd.Index(names, name=groupby))
     out = AnnData(X=means.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
     out.uns[UNS_KEY] = {
@@ -113,4 +115,33 @@ def _warn_if_not_counts(X: np.ndarray | sp.spmatrix) -> None:
         logger.warning(
             "The reference holds non-integer values; `reference_profiles` expects raw counts (it takes log1p). "
             "Pass `layer=` with raw counts if `X` is normalised."
+        )
+
+
+def check_profiles(matrix: np.ndarray, names: Sequence[str], *, where: str) -> None:
+    """Reference profiles (groups x genes, log1p scale) must be finite and not all zero; all-zero groups are named.
+
+    An all-zero reference (e.g. counts of the wrong genes, or an empty layer) would give the profile-mixture head
+    nothing to mix and train without a word; it is refused. A single all-zero group only gets a warning: a small
+    panel may miss a rare type's genes.
+    """
+    matrix = np.asarray(matrix)
+    if matrix.size == 0:
+        raise ValueError(f"{where} are empty ({matrix.shape[0]} groups x {matrix.shape[1]} genes).")
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{where} contain {int((~np.isfinite(matrix)).sum())} NaN or infinite values.")
+    if not matrix.any():
+        raise ValueError(
+            f"{where} are all zero ({matrix.shape[0]} groups x {matrix.shape[1]} genes): the reference holds no "
+            "expression of these genes. Check that its `var_names` are the panel's genes and that `X` (or `layer=`) "
+            "holds the counts."
+        )
+    empty = [str(n) for n, row in zip(names, matrix, strict=True) if not row.any()]
+    if empty:
+        logger.warning(
+            "%s: %d group(s) express none of the %d genes (all-zero profiles): %s.",
+            where,
+            len(empty),
+            matrix.shape[1],
+            ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
         )

@@ -25,7 +25,7 @@ from xarray import DataArray, DataTree
 from .._constants import IMAGE_KEY, LABELS_KEY, MICRONS_CS
 from .._docs import doc_image_key, doc_params, doc_progress, doc_sdata
 from .._memory import release_freed_memory
-from .._validation import check_int, check_key_added, get_image
+from .._validation import check_blocks_memory, check_int, check_key_added, get_image
 from ._segment_backends import WATERSHED_DEFAULTS, make_backend
 
 logger = logging.getLogger(__name__)
@@ -192,6 +192,10 @@ def segment_nuclei(
             halo,
             max_diameter_px,
         )
+    # the watershed peaks at about 50 bytes per window pixel, plus the window and its labels
+    check_blocks_memory(
+        *image.shape[1:], chunk_size=chunk_size, halo=halo, n_workers=n_workers, bytes_per_pixel=64, what="Segmenting"
+    )
 
     region = None
     if roi_key is not None:
@@ -245,13 +249,9 @@ def segment_nuclei(
 def _resolve_pixel_size(element: DataArray | DataTree, image_key: str, pixel_size: float | None) -> float:
     """Pixel size in µm: the argument, else the scale of the image's transformation to ``"microns"``."""
     if pixel_size is not None:
-        if (
-            isinstance(pixel_size, bool)
-            or not np.isscalar(pixel_size)
-            or not (np.isfinite(pixel_size) and pixel_size > 0)
-        ):
-            raise ValueError(f"`pixel_size` must be a positive number of µm per pixel, got {pixel_size!r}.")
-        return float(pixel_size)
+        from .._spatial import check_pixel_size  # one plausible range for every entry point
+
+        return check_pixel_size(pixel_size)
     transformations = get_transformation(element, get_all=True)
     if MICRONS_CS not in transformations:
         raise ValueError(

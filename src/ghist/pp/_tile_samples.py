@@ -7,6 +7,7 @@ run never fails half-way on a bad input.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -24,10 +25,12 @@ from .._validation import (
     check_genes,
     check_instances,
     check_key_added,
+    check_memory,
     check_unique_genes,
     get_counts,
     get_image,
     get_labels,
+    layer_names,
     table_of_region,
 )
 from ._tile_spots import SpotData, cells_in_spots, nucleus_centroids, prepare_spots, spot_footprint, spot_targets
@@ -43,6 +46,26 @@ def _check_tile_size(tile_size: int) -> int:
     if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 8:
         raise ValueError(f"`tile_size` must be an integer >= 8 pixels; got {tile_size!r}.")
     return int(tile_size)
+
+
+def _check_tile_memory(samples: list[_Sample], tile_size: int, tiling: str) -> None:
+    """Refuse a ``tile_size`` (or a ``pixel_size`` grid) whose buffers cannot fit in memory, before cutting.
+
+    The writer holds up to a batch of padded tiles (RGB ``uint8`` and ``int32`` labels: 7 bytes per pixel) twice (the
+    tiles and their stacked copy), and the cutter reads one strip of a tile row across the widest sample's grid
+    (image, labels and the labels' resampling coordinates).
+    """
+    from ._tile_store import _WRITE_BATCH
+
+    n_tiles = sum(math.ceil(s.height / tile_size) * math.ceil(s.width / tile_size) for s in samples)
+    n_buffered = _WRITE_BATCH if tiling == "spots" else min(_WRITE_BATCH, n_tiles)
+    tiles = 2.0 * n_buffered * 7 * float(tile_size) ** 2
+    strip = float(tile_size) * max(s.width for s in samples) * (7 + 16)
+    check_memory(
+        tiles + strip,
+        f"Cutting tiles of tile_size={tile_size} px (grids up to {max(s.width for s in samples)} px wide)",
+        hint="pass a smaller `tile_size` (or a coarser `pixel_size`).",
+    )
 
 
 def _check_spot_args(
@@ -237,7 +260,7 @@ def _prepare_sample(
     # before genes are chosen: pandas would fail deep inside on a duplicated name
     check_unique_genes(table.var_names, where=f"Table {table_key!r}")
     if layer is not None and layer not in table.layers:
-        raise KeyError(f"Layer {layer!r} not found in {where} (have {sorted(table.layers)}).")
+        raise KeyError(f"Layer {layer!r} not found in {where} (have {layer_names(table)}).")
     ids = table.obs[instance_key]
     if not pd.api.types.is_integer_dtype(ids.dtype):
         raise ValueError(

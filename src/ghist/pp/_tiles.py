@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .._constants import IMAGE_KEY, LABELS_KEY, TABLE_KEY
 from .._docs import doc_image_key, doc_labels_key, doc_params, doc_progress, doc_table_key
-from .._validation import check_number
+from .._spatial import check_pixel_size
 from .._version import __version__
 from ._folds import SPLIT_NAMES, _check_folds, _check_splits, row_bands, split_rows
 from ._tile_samples import (
@@ -32,6 +32,7 @@ from ._tile_samples import (
     _at_pixel_size,
     _cell_type_categories,
     _check_spot_args,
+    _check_tile_memory,
     _check_tile_size,
     _choose_genes,
     _prepare_samples,
@@ -86,7 +87,7 @@ class _Options:
     pixel_size: float | None = None
 
     def __post_init__(self) -> None:
-        check_number("pixel_size", self.pixel_size, optional=True)
+        check_pixel_size(self.pixel_size, optional=True)
         _check_spot_args(
             self.spots_key, self.cell_type_key, self.tiling, self.spot_coverage, self.spot_target_sum, self.spot_scaling
         )
@@ -299,6 +300,7 @@ def _validate(
     if opts.pixel_size is not None:
         for sample in samples:
             _at_pixel_size(sample, opts.pixel_size, opts.image_key)
+    _check_tile_memory(samples, opts.tile_size, opts.tiling)
     genes = _choose_genes(samples, genes, opts.table_key)
     spot_summaries = []
     if opts.spots_key is not None:

@@ -15,7 +15,7 @@ from spatialdata.models import get_table_keys
 
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY, TABLE_KEY, UNS_KEY
 from .._stats import column_pearson, column_spearman, dense, macro_f1
-from .._validation import check_genes, check_key_added, get_counts, get_table, table_of_region
+from .._validation import _preview, check_genes, check_key_added, get_counts, get_table, table_of_region
 from ._spots import pseudo_spots
 
 logger = logging.getLogger(__name__)
@@ -364,7 +364,18 @@ def _instances(table: AnnData, key: str) -> tuple[np.ndarray, np.ndarray]:
     if "spatialdata_attrs" not in table.uns:
         raise ValueError(f"Table {key!r} is not a spatialdata TableModel (no `uns['spatialdata_attrs']`).")
     _, region_key, instance_key = get_table_keys(table)
-    return table.obs[region_key].astype(str).to_numpy(), table.obs[instance_key].to_numpy()
+    regions, ids = table.obs[region_key].astype(str).to_numpy(), table.obs[instance_key].to_numpy()
+    pairs = pd.MultiIndex.from_arrays([regions, ids])
+    if pairs.has_duplicates:
+        # a cell with two rows cannot be paired with the other table's row: refuse rather than pick one
+        dup = pairs[pairs.duplicated()].unique()
+        raise ValueError(
+            f"Table {key!r} has {int(pairs.duplicated().sum())} duplicate rows: cell ids "
+            f"{_preview([i for _, i in dup])} of `obs[{instance_key!r}]` appear more than once for the same element "
+            f"({sorted(set(dup.get_level_values(0)))}); expected one row per cell (e.g. drop the duplicates with "
+            f"`table[~table.obs.duplicated([{region_key!r}, {instance_key!r}])]`)."
+        )
+    return regions, ids
 
 
 def _moran(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anndata import AnnData
 
-from .._validation import check_genes, check_int, check_number
+from .._validation import check_genes, check_int, check_number, check_seed
 from ._fit_pixel_size import check_resumed_pixel_size, model_pixel_size, pixel_size_recorder
 from ._fit_posthoc import calibrate_uncertainty, fit_model_readout, warn_if_weak
 
@@ -323,6 +323,7 @@ def fit(
         check_int(name, value, 1, optional=True)
     check_int("num_workers", num_workers, 0)
     check_int("context_neighbours", context_neighbours, 0)
+    check_seed(seed)
     for name, value in (("morphometrics", morphometrics), ("cell_offset", cell_offset), ("readout", readout)):
         if not isinstance(value, bool | np.bool_):
             raise TypeError(f"`{name}` must be True or False, got {value!r}.")
@@ -614,8 +615,9 @@ def _reference_matrix(
     check_genes(reference.var_names, list(genes), where="the reference (`reference.var_names`)")
     matrix = reference[:, list(genes)].X
     matrix = np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float32)
-    if not np.isfinite(matrix).all():
-        raise ValueError("The reference profiles contain NaN or infinite values.")
+    from ..pp._reference import check_profiles  # finite, not all zero
+
+    check_profiles(matrix, [str(n) for n in reference.obs_names], where="The reference profiles (`reference`)")
     if matrix.max() > 20:
         raise ValueError(
             f"The reference profiles reach {matrix.max():.0f}, which looks like raw counts; expected log1p-scale "

@@ -7,8 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .._spatial import SAME_PIXEL_SIZE_TOLERANCE
-from .._validation import check_number
+from .._spatial import SAME_PIXEL_SIZE_TOLERANCE, check_pixel_size
 
 if TYPE_CHECKING:
     from ..pp import TileSet
@@ -25,7 +24,7 @@ def model_pixel_size(tiles: TileSet, pixel_size: float | None) -> float:
     A model without a pixel size would make :func:`ghist.tl.predict` cut slides at whatever resolution they come
     in, so training without one is refused.
     """
-    check_number("pixel_size", pixel_size, optional=True)
+    check_pixel_size(pixel_size, optional=True)
     known = tiles.pixel_size
     if known is None:
         if pixel_size is None:

@@ -36,7 +36,7 @@ from .._constants import (
 )
 from .._docs import doc_accelerator, doc_batch_size, doc_image_key, doc_labels_key, doc_params, doc_progress
 from .._spatial import check_extents, element_affine, image_pixel_size, working_scale
-from .._validation import check_key_added, get_image, get_labels, raster_levels
+from .._validation import check_int, check_key_added, check_seed, get_image, get_labels, raster_levels
 from ._region import cells_in_region, region_in_labels_space
 
 if TYPE_CHECKING:
@@ -192,8 +192,8 @@ def predict(
     check_key_added(sdata, key_added, "tables", overwrite=overwrite)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"`alpha` must be a finite number >= 0 (0: no refinement); got {alpha!r}.")
-    if not 0 <= tile_overlap < model.tile_size // 2:
-        raise ValueError(f"`tile_overlap` must be in [0, {model.tile_size // 2}), got {tile_overlap}.")
+    check_int("tile_overlap", tile_overlap, 0, maximum=model.tile_size // 2 - 1)
+    check_seed(seed)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer) or num_workers < 0:
