@@ -21,8 +21,8 @@ def release_freed_memory() -> None:
 
     Segmenting or predicting a slide allocates and frees many block-sized arrays. glibc keeps such freed memory in
     its heap (its threshold for giving memory straight back rises after each large free), so without this the
-    resident size of a whole-slide run grows with the number of blocks rather than staying at a block's worth: on an
-    8k x 8k slide, segmentation left 310 MB resident that `malloc_trim` returned.
+    resident size of a whole-slide run grows with the number of blocks rather than staying at a block's worth
+    (``docs/benchmarks.md``).
     """
     trim = _malloc_trim()
     if trim is not None:

@@ -39,8 +39,8 @@ def working_scale(image_pixel_size: float, target_pixel_size: float) -> float:
     Within :data:`SAME_PIXEL_SIZE_TOLERANCE` of the image's own size, 1 (no resampling). Within it of a whole
     downsampling factor ``k`` (e.g. 2.75 µm/px from a 0.688 µm/px scan, 3.997 -> 4), ``1 / k``: the working pixels
     are then exact ``k x k`` blocks, as pyramid levels and hand downsampling make them, rather than fractional
-    areas whose sub-pixel phase drifts across the slide (on HER2ST C4 the same model scored 0.272 from whole blocks
-    and 0.246 from 3.997-pixel areas). Otherwise the exact ratio. The one rule of
+    areas whose sub-pixel phase drifts across the slide, which costs accuracy (``docs/benchmarks.md``). Otherwise
+    the exact ratio. The one rule of
     :func:`ghist.pp.make_tiles` (``pixel_size=``) and :func:`ghist.tl.predict`.
 
     Examples

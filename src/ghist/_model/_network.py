@@ -130,8 +130,8 @@ class ExpressionHead(nn.Module):
 
     The activation keeps expression non-negative. ``"softplus"`` (the default) has a gradient everywhere;
     ``"relu"`` (what models saved before the choice existed use) can leave a gene at zero in every cell for good
-    once its pre-activation is negative everywhere, as happened to a fifth of the genes on
-    ``synthetic(signals="all")``.
+    once its pre-activation is negative everywhere, as happens to many genes of ``synthetic(signals="all")``
+    (``docs/benchmarks.md``).
 
     Parameters
     ----------
@@ -550,7 +550,7 @@ def neighbourhood_refine(
     in ``types``, with a small random positive factor ``u = factor / 2 * (1 + jitter * (r - 1/2))``,
     ``r ~ Uniform(0, 1)`` drawn per cell and type, and takes the best of ``types``. The random part only breaks
     ties: the paper's ``Uniform(0, factor)`` (same mean) let the seed decide most types of a weak model, whose
-    cells are all uncertain (134 of 149 cells changed type between two seeds; none with ``jitter=1e-3``).
+    cells are all uncertain (``docs/benchmarks.md``); with ``jitter=1e-3`` the seed hardly matters.
     This is repeated ``steps`` times with the gap recomputed from the updated types (``steps=1`` is a single
     nudge): the nudges shrink as the gap closes, so the composition approaches the
     estimate instead of overshooting it, which a single large nudge does when many cells are uncertain. The

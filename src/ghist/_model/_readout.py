@@ -2,8 +2,8 @@
 
 Why: on ``synthetic(signals="all")`` a ridge regression on a trained network's cell embeddings predicts the genes
 driven by within-type signals (nucleus size, depth into a tumour nest, immune neighbours) far better than the
-network's own expression heads: mean Pearson 0.66 on the test cells against 0.57, the type-mean oracle's level
-(216 training steps). The embedding carries the signal; the heads, a mixture of reference profiles refined by the
+network's own expression heads, which stay at the type-mean oracle's level within a CPU budget
+(``docs/benchmarks.md``). The embedding carries the signal; the heads, a mixture of reference profiles refined by the
 tile's composition, do not read it within the budget. So the last layer is solved exactly instead of by SGD.
 
 How (:func:`fit_readout`): with the trained network in evaluation mode, the residual ``r = measured - predicted``

@@ -14,7 +14,7 @@ The point prediction must not change, so the head lives *outside*
 - :func:`calibration_scale` fits a post-hoc factor per gene on the validation split (cells, or spots) so that
   ``mean +- 1.645 * scale * sigma`` covers 90% of the measured values there: the head learns the *training*
   residuals, of a network in training mode (dropout, batch statistics) that may fit its training tiles, and these
-  differ from held-out residuals in evaluation mode (in a 10-minute fit the raw head covered 98% instead of 90%).
+  differ from held-out residuals in evaluation mode (the raw head over-covers: ``docs/benchmarks.md``).
 
 The head is created under a forked random state, so that building it consumes nothing of the global random stream
 that initialises the network and draws dropout masks in training.

@@ -195,9 +195,8 @@ def make_tiles(
     tile_size
         Side of the square tiles, in pixels of the image (or of the ``pixel_size`` grid). The default, 128 px
         (64 µm at 0.5 µm/px), trains about four times as many optimisation steps per minute on a CPU as the
-        published 256 px, for the same tissue seen: on 2 CPU cores the README's quick start reaches a held-out
-        cell-type accuracy of 0.92 in 10 minutes with 128 px, 0.55 with 256 px (25 steps). With a GPU, 256 px
-        gives each nucleus more context.
+        published 256 px, for the same tissue seen, and so learns more within a CPU budget (``docs/benchmarks.md``).
+        With a GPU, 256 px gives each nucleus more context.
     n_folds
         Number of horizontal bands per sample.
     fold
