@@ -42,11 +42,11 @@ from typing import Any
 from anndata import AnnData
 from spatialdata import SpatialData
 
+from ._validation import ELEMENT_KINDS, check_key_added
+
 logger = logging.getLogger(__name__)
 
-ELEMENT_KINDS = ("images", "labels", "shapes", "points", "tables")
 SCRATCH_PREFIX = ".ghist-write-"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
 _SCRATCH_RE = re.compile(rf"^{re.escape(SCRATCH_PREFIX)}(\d+)-[0-9a-f]{{32}}$")
 
 
@@ -105,12 +105,20 @@ def elements_on_disk(sdata: SpatialData) -> dict[str, str]:
 
 
 def check_writable(
-    sdata: SpatialData, key: str, kind: str, *, overwrite: bool | None = False, arg: str = "key_added"
+    sdata: SpatialData,
+    key: str,
+    kind: str,
+    *,
+    overwrite: bool | None = False,
+    arg: str = "key_added",
+    hint: str = "",
+    where: str = "",
 ) -> None:
     """Check, before any work, that ``sdata.<kind>[key]`` may be written, in memory and in ``sdata``'s store.
 
     Element names are unique across kinds, so a name taken by another kind (in memory or on disk) is always an error;
-    one of the same kind only without ``overwrite`` (``None``: the caller offers no overwrite).
+    one of the same kind only without ``overwrite`` (``None``: the caller offers no overwrite). ``hint`` adds another
+    way out to the message, ``where`` says which sample (e.g. ``" of sample 'a'"``).
 
     Raises
     ------
@@ -122,32 +130,27 @@ def check_writable(
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
     if kind not in ELEMENT_KINDS:
         raise ValueError(f"Unknown element kind {kind!r}; expected one of {list(ELEMENT_KINDS)}.")
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"`{arg}` must be a non-empty string; got {key!r}.")
-    if not _NAME_RE.match(key) or key.startswith("__"):
+    check_key_added(sdata, key, kind, overwrite=overwrite, arg=arg, where=where, hint=hint)  # in memory
+    if key.startswith("."):
         raise ValueError(
-            f"`{arg}={key!r}` is not a valid SpatialData element name: expected letters, digits, '_', '-' and '.', "
-            "not starting with '.' (hidden from `spatialdata.read_zarr`) or '__'."
+            f"`{arg}={key!r}` starts with '.': `spatialdata.read_zarr` skips such elements, so it would be written and "
+            "never read back; pass another name."
         )
-    how = "pass another `{arg}`" + (" or `overwrite=True` to replace it." if overwrite is not None else ".")
-    for attr in ELEMENT_KINDS:
-        if attr != kind and key in getattr(sdata, attr):
-            raise ValueError(
-                f"`{arg}={key!r}` is already the name of an element of `sdata.{attr}`; element names must be unique: "
-                f"pass another `{arg}`."
-            )
-    if key in getattr(sdata, kind) and not overwrite:
-        raise ValueError(f"`sdata.{kind}[{key!r}]` already exists; " + how.format(arg=arg))
+    how = (
+        "pass another `{arg}`"
+        + (f", {hint}" if hint else "")
+        + (" or `overwrite=True` to replace it." if overwrite is not None else ".")
+    )
     on_disk = elements_on_disk(sdata)
     if key in on_disk and on_disk[key] != kind:
         raise ValueError(
-            f"`{arg}={key!r}` is already the name of a {on_disk[key]} element in the zarr store {str(sdata.path)!r} "
-            f"(not loaded in `sdata`); element names must be unique: pass another `{arg}`."
+            f"`{arg}={key!r}` is already the name of a {on_disk[key]} element in the zarr store {str(sdata.path)!r}"
+            f"{where} (not loaded in `sdata`); element names must be unique: pass another `{arg}`."
         )
     if key in on_disk and key not in getattr(sdata, kind) and not overwrite:
         raise ValueError(
-            f"The zarr store {str(sdata.path)!r} backing `sdata` holds a {kind} element {key!r} that is not loaded in "
-            f"`sdata` (read with `selection=`, or deleted from memory only); " + how.format(arg=arg)
+            f"The zarr store {str(sdata.path)!r} backing `sdata`{where} holds a {kind} element {key!r} that is not "
+            f"loaded in `sdata` (read with `selection=`, or deleted from memory only); " + how.format(arg=arg)
         )
 
 

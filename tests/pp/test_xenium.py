@@ -297,7 +297,8 @@ def test_inplace_and_overwrite():
         ghist.pp.prepare_xenium(sdata, inplace=True)  # "table" is the Xenium table
     with pytest.raises(ValueError, match="unique"):
         ghist.pp.prepare_xenium(sdata, inplace=True, key_added_table="cell_circles")
-    assert ghist.pp.prepare_xenium(sdata, inplace=True, key_added_table="cells") is None
+    added = ghist.pp.prepare_xenium(sdata, inplace=True, key_added_table="cells")
+    assert added.tables["cells"] is sdata.tables["cells"]  # returns what it added (it returned None before)
     assert {"he", "he_image", "morphology_focus"} == set(sdata.images)
     assert {"nuclei", "nucleus_labels", "cell_labels"} == set(sdata.labels)
     assert sdata.tables["cells"].uns["spatialdata_attrs"]["region"] == "nuclei"

@@ -25,7 +25,8 @@ from xarray import DataArray, DataTree
 from .._constants import IMAGE_KEY, LABELS_KEY, MICRONS_CS
 from .._docs import doc_image_key, doc_params, doc_progress, doc_sdata
 from .._memory import release_freed_memory
-from .._validation import check_blocks_memory, check_int, check_key_added, get_image
+from .._validation import check_blocks_memory, check_int, get_image
+from .._write import check_writable, write_element
 from ._segment_backends import WATERSHED_DEFAULTS, make_backend
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def segment_nuclei(
     roi_key: str | None = None,
     n_workers: int | None = None,
     **method_kwargs: Any,
-) -> None:
+) -> DataArray:
     """Segment the nuclei of an H&E image into instance labels, chunk by chunk.
 
     The image is cut into ``chunk_size`` blocks, each read with a ``halo`` of context around it and segmented on its
@@ -141,18 +142,20 @@ def segment_nuclei(
 
     Returns
     -------
-    Nothing; writes ``sdata.labels[key_added]``: a :class:`~spatialdata.models.Labels2DModel` of ``int32`` nucleus ids
-    (0 = background) with the image's transformations, so it lives in the image's pixel space. When ``sdata`` is
-    backed by a Zarr store, the element is also written to disk. Logs (INFO) the number of nuclei, the megapixels
-    segmented (those of the blocks read: inside the region of interest when ``roi_key`` is given), the seconds
-    taken and the throughput in Mpx/s.
+    The labels, also added as ``sdata.labels[key_added]``: a :class:`~spatialdata.models.Labels2DModel` of ``int32``
+    nucleus ids (0 = background) with the image's transformations, so it lives in the image's pixel space. When
+    ``sdata`` is backed by a Zarr store, the element is also written to disk, all or nothing (the old labels stay
+    until the new ones are complete), and the returned labels read from there (earlier versions returned ``None``).
+    Logs (INFO) the number of nuclei, the megapixels segmented (those of the blocks read: inside the region of
+    interest when ``roi_key`` is given), the seconds taken and the throughput in Mpx/s.
 
     Examples
     --------
     >>> import ghist
     >>> sdata = ghist.datasets.synthetic(seed=0)
-    >>> ghist.pp.segment_nuclei(sdata, key_added="nuclei_he", n_workers=2, progress=False)
-    >>> sdata.labels["nuclei_he"]  # doctest: +SKIP
+    >>> labels = ghist.pp.segment_nuclei(sdata, key_added="nuclei_he", n_workers=2, progress=False)
+    >>> labels is sdata.labels["nuclei_he"]
+    True
 
     """
     if not isinstance(sdata, SpatialData):
@@ -160,7 +163,7 @@ def segment_nuclei(
     if method not in SEGMENTATION_METHODS:
         raise ValueError(f"Unknown segmentation `method` {method!r}; expected one of {list(SEGMENTATION_METHODS)}.")
     image = get_image(sdata, image_key)
-    check_key_added(sdata, key_added, "labels", overwrite=overwrite)
+    check_writable(sdata, key_added, "labels", overwrite=overwrite)  # memory and the backing store, before any work
     check_int("n_workers", n_workers, 1, optional=True)
     n_workers = default_n_workers() if n_workers is None else int(n_workers)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 64:
@@ -221,7 +224,7 @@ def segment_nuclei(
         dims=("y", "x"),
         transformations=copy.deepcopy(get_transformation(element, get_all=True)),
     )
-    sdata.labels[key_added] = labels
+    labels = write_element(sdata, key_added, labels, overwrite=overwrite)
     logger.info(
         "Segmented %d nuclei of image %r into `sdata.labels[%r]`: %.2f Mpx in %.1f s, %.2f Mpx/s (%d worker%s).",
         n_nuclei,
@@ -233,12 +236,7 @@ def segment_nuclei(
         n_workers,
         "" if n_workers == 1 else "s",
     )
-    if sdata.is_backed():
-        if f"labels/{key_added}" in sdata.elements_paths_on_disk():
-            # spatialdata refuses to overwrite a folder inside its own store; the new labels live in memory, so the
-            # old ones can be deleted from disk first.
-            sdata.delete_element_from_disk(key_added)
-        sdata.write_element(key_added)
+    return labels
 
 
 # ----------------------------------------------------------------------------------------------------------------------

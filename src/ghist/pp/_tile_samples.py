@@ -24,7 +24,6 @@ from .._validation import (
     check_cell_types,
     check_genes,
     check_instances,
-    check_key_added,
     check_memory,
     check_unique_genes,
     get_counts,
@@ -33,6 +32,7 @@ from .._validation import (
     layer_names,
     table_of_region,
 )
+from .._write import check_writable
 from ._tile_spots import SpotData, cells_in_spots, nucleus_centroids, prepare_spots, spot_footprint, spot_targets
 from ._xenium import check_not_raw_xenium
 
@@ -213,9 +213,12 @@ def _check_label_ids(label_ids: np.ndarray, labels_key: str) -> None:
 
 
 def _sample_matrix(
-    sdata: SpatialData, name: str, *, image_key: str, labels_key: str, key_added: str | None
+    sdata: SpatialData, name: str, *, image_key: str, labels_key: str, key_added: str | None, overwrite: bool = False
 ) -> np.ndarray:
-    """Image -> labels pixel affine of a sample, checked invertible; also refuses an existing ``key_added``."""
+    """Image -> labels pixel affine of a sample, checked invertible; refuses an existing ``key_added`` too.
+
+    ``key_added`` is looked up in memory and in the sample's backing store; replaced only with ``overwrite``.
+    """
     matrix = element_affine(sdata, image_key, labels_key)
     if abs(np.linalg.det(matrix[:2, :2])) < 1e-12:
         raise ValueError(f"The transformation from image {image_key!r} to labels {labels_key!r} is singular.")
@@ -223,7 +226,7 @@ def _sample_matrix(
     # and only show up later as poor folds: refuse them here, where the sample can be named.
     check_extents(sdata, image_key, labels_key)
     if key_added is not None:
-        check_key_added(sdata, key_added, "shapes", overwrite=None, where=f" of sample {name!r}")
+        check_writable(sdata, key_added, "shapes", overwrite=overwrite, where=f" of sample {name!r}")
     return matrix
 
 
@@ -238,6 +241,7 @@ def _prepare_sample(
     layer: str | None,
     key_added: str | None,
     spots_key: str | None = None,
+    overwrite: bool = False,
 ) -> _Sample:
     if spots_key is not None:
         return _prepare_spot_sample(
@@ -249,12 +253,15 @@ def _prepare_sample(
             spots_key=spots_key,
             layer=layer,
             key_added=key_added,
+            overwrite=overwrite,
         )
     check_not_raw_xenium(sdata, labels_key=labels_key, table_key=table_key, sample=name)
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
     # first: labels of the wrong extent would also make the table's ids look missing
-    matrix = _sample_matrix(sdata, name, image_key=image_key, labels_key=labels_key, key_added=key_added)
+    matrix = _sample_matrix(
+        sdata, name, image_key=image_key, labels_key=labels_key, key_added=key_added, overwrite=overwrite
+    )
     table, _, instance_key = table_of_region(sdata, table_key, labels_key, what="cells")
     where = f"table {table_key!r}"
     # before genes are chosen: pandas would fail deep inside on a duplicated name
@@ -306,11 +313,14 @@ def _prepare_spot_sample(
     spots_key: str,
     layer: str | None,
     key_added: str | None,
+    overwrite: bool = False,
 ) -> _Sample:
     """A sample supervised by spots: the table annotates the spot circles, no cell is measured."""
     image = get_image(sdata, image_key)
     labels = get_labels(sdata, labels_key)
-    matrix = _sample_matrix(sdata, name, image_key=image_key, labels_key=labels_key, key_added=key_added)
+    matrix = _sample_matrix(
+        sdata, name, image_key=image_key, labels_key=labels_key, key_added=key_added, overwrite=overwrite
+    )
     spots = prepare_spots(
         sdata, spots_key=spots_key, table_key=table_key, image_key=image_key, labels_key=labels_key, layer=layer
     )

@@ -26,6 +26,7 @@ from .._constants import IMAGE_KEY, LABELS_KEY, TABLE_KEY
 from .._docs import doc_image_key, doc_labels_key, doc_params, doc_progress, doc_table_key
 from .._spatial import check_pixel_size
 from .._version import __version__
+from .._write import write_element
 from ._folds import SPLIT_NAMES, _check_folds, _check_splits, row_bands, split_rows
 from ._tile_samples import (
     _as_samples,
@@ -85,6 +86,7 @@ class _Options:
     spot_scaling: str
     progress: bool
     pixel_size: float | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_pixel_size(self.pixel_size, optional=True)
@@ -135,6 +137,7 @@ def make_tiles(
     spot_scaling: Literal["spot", "sample"] = "spot",
     pixel_size: float | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TileSet:
     """Cut training tiles once into an on-disk store, with spatial folds.
 
@@ -207,7 +210,8 @@ def make_tiles(
         is used any more; pass ``path`` to keep the store.
     key_added
         If given, also write the grid of kept tiles as polygons to ``sdata.shapes[key_added]`` of every sample
-        (columns ``tile``, ``row``, ``col``, ``split``, ``n_cells``), in the image's coordinate systems.
+        (columns ``tile``, ``row``, ``col``, ``split``, ``n_cells``), in the image's coordinate systems (and to the
+        Zarr store backing each, all or nothing).
     tiling
         ``"grid"``: a non-overlapping grid over the whole image; ``"spots"`` (needs ``spots_key``): one tile
         centred on every spot that holds a nucleus.
@@ -229,6 +233,9 @@ def make_tiles(
         reads slides for a model of that pixel size; labels follow by nearest neighbour. ``tile_size`` is then in
         pixels of that grid, and every sample needs a ``"microns"`` coordinate system.
     {progress}
+    overwrite
+        With ``key_added``: replace an existing ``sdata.shapes[key_added]`` (in memory or in the backing store)
+        instead of raising.
 
     Returns
     -------
@@ -258,6 +265,7 @@ def make_tiles(
         spot_scaling=spot_scaling,
         progress=progress,
         pixel_size=pixel_size,
+        overwrite=overwrite,
     )
     inputs = _validate(sdata, genes, opts)
     path, owner = _new_store_path(path)
@@ -295,6 +303,7 @@ def _validate(
         layer=opts.layer,
         key_added=opts.key_added,
         spots_key=opts.spots_key,
+        overwrite=opts.overwrite,
     )
     if opts.pixel_size is not None:
         for sample in samples:
@@ -492,5 +501,6 @@ def _add_tile_shapes(tiles: TileSet, samples: list[_Sample], opts: _Options) -> 
     table = tiles.tile_table()
     for s in samples:
         sub = table[table["sample"] == s.name].drop(columns=["sample"])
-        s.sdata.shapes[opts.key_added] = _tile_grid_shapes(s, sub, opts.tile_size, opts.image_key)
+        shapes = _tile_grid_shapes(s, sub, opts.tile_size, opts.image_key)
+        write_element(s.sdata, opts.key_added, shapes, overwrite=opts.overwrite)
         logger.info("Added `sdata.shapes[%r]` (%d tiles) to sample %r", opts.key_added, len(sub), s.name)

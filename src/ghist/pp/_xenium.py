@@ -49,7 +49,8 @@ from .._constants import (
 )
 from .._docs import doc_params
 from .._spatial import element_transformations
-from .._validation import _preview, check_int, check_key_added, raster_levels, require_key, scale0
+from .._validation import _preview, check_int, raster_levels, require_key, scale0
+from .._write import check_writable, write_element
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def prepare_xenium(
     key_added_table: str = TABLE_KEY,
     inplace: bool = False,
     overwrite: bool = False,
-) -> SpatialData | None:
+) -> SpatialData:
     """Bring a Xenium sample with its post-Xenium H&E into ghist's data contract.
 
     The result holds exactly what :func:`ghist.pp.make_tiles`, :func:`ghist.tl.predict` and
@@ -164,17 +165,17 @@ def prepare_xenium(
     key_added_table
         Key of the prepared table.
     inplace
-        Add the three elements to ``sdata`` instead of returning a new :class:`~spatialdata.SpatialData`.
+        Also add the three elements to ``sdata`` (and to the Zarr store backing it, each element all or nothing).
     overwrite
         With ``inplace=True``, replace existing elements of the same kind under the ``key_added_*`` names (e.g. the
-        original ``"table"``) instead of raising.
+        original ``"table"``), in memory or in the backing store, instead of raising.
 
     Returns
     -------
-    With ``inplace=False`` (default), a new :class:`~spatialdata.SpatialData` with ``images[key_added_image]``,
-    ``labels[key_added_labels]`` and ``tables[key_added_table]`` (``uns["ghist"]["prepare_xenium"]`` holds the
-    settings and counts); ``sdata`` is left untouched. With ``inplace=True``, ``None``, and those three elements are
-    added to ``sdata``.
+    A new :class:`~spatialdata.SpatialData` with ``images[key_added_image]``, ``labels[key_added_labels]`` and
+    ``tables[key_added_table]`` (``uns["ghist"]["prepare_xenium"]`` holds the settings and counts). With
+    ``inplace=False`` (default) ``sdata`` is left untouched; with ``inplace=True`` the same three elements are also
+    added to ``sdata`` (earlier versions returned ``None`` then).
 
     Examples
     --------
@@ -276,21 +277,15 @@ def prepare_xenium(
         key_added_labels,
         ", relabelled with the cell ids" if relabel is not None else "",
     )
-    if not inplace:
-        return SpatialData(
-            images={key_added_image: he}, labels={key_added_labels: new_labels}, tables={key_added_table: prepared}
-        )
-    for attr, key, element in (
-        ("images", key_added_image, he),
-        ("labels", key_added_labels, new_labels),
-        ("tables", key_added_table, prepared),
-    ):
-        if key in getattr(sdata, attr):
-            del getattr(sdata, attr)[key]
-        getattr(sdata, attr)[key] = element
-    if sdata.is_backed():
-        logger.info("`sdata` is backed by %s: write the new elements with `sdata.write_element(...)`.", sdata.path)
-    return None
+    if inplace:
+        # one element at a time, each all or nothing (and to the backing store); the table, which refers to the
+        # labels, last
+        he = write_element(sdata, key_added_image, he, overwrite=overwrite, arg="key_added_image")
+        new_labels = write_element(sdata, key_added_labels, new_labels, overwrite=overwrite, arg="key_added_labels")
+        prepared = write_element(sdata, key_added_table, prepared, overwrite=overwrite, arg="key_added_table")
+    return SpatialData(
+        images={key_added_image: he}, labels={key_added_labels: new_labels}, tables={key_added_table: prepared}
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -302,7 +297,7 @@ def _check_inplace(sdata: SpatialData, image_key: str, labels_key: str, table_ke
         (labels_key, "labels", "key_added_labels"),
         (table_key, "tables", "key_added_table"),
     ):
-        check_key_added(sdata, key, kind, overwrite=overwrite, arg=arg, hint="`inplace=False` to get a new SpatialData")
+        check_writable(sdata, key, kind, overwrite=overwrite, arg=arg, hint="`inplace=False` to get a new SpatialData")
 
 
 _RAW_XENIUM_REGIONS = {"cell_labels", "cell_circles", "cell_boundaries"}

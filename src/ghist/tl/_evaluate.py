@@ -15,7 +15,8 @@ from spatialdata.models import get_table_keys
 
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY, TABLE_KEY, UNS_KEY
 from .._stats import column_pearson, column_spearman, dense, macro_f1
-from .._validation import _preview, check_genes, check_key_added, get_counts, get_table, table_of_region
+from .._validation import _preview, check_genes, get_counts, get_table, table_of_region
+from .._write import check_writable, write_element
 from ._spots import pseudo_spots
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def evaluate(
     library: Literal["panel", "all"] = "panel",
     panel_share: float | None = None,
     key_added: str | None = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Compare predicted with measured expression, gene by gene: cell by cell, or spot by spot.
 
@@ -88,7 +90,10 @@ def evaluate(
     key_added
         Spots only: also write the pseudo-spots to ``sdata.tables[key_added]`` (as
         :func:`ghist.tl.aggregate_to_spots` does, plus ``layers["log_normalised"]``: the normalised values that were
-        correlated). Raises if the table exists.
+        correlated).
+    overwrite
+        With ``key_added``: replace an existing ``sdata.tables[key_added]`` (in memory or in the Zarr store backing
+        ``sdata``) instead of raising.
 
     Returns
     -------
@@ -126,6 +131,7 @@ def evaluate(
     if spots_key is None:
         for name, value, default in (
             ("key_added", key_added, None),
+            ("overwrite", overwrite, False),
             ("library", library, "panel"),
             ("panel_share", panel_share, None),
         ):
@@ -141,7 +147,18 @@ def evaluate(
     if panel_share is not None and (library != "all" or not (_is_real(panel_share) and 0 < panel_share <= 1)):
         raise ValueError(f"`panel_share` needs `library='all'` and a value in (0, 1]; got {panel_share!r}.")
     return _evaluate_spots(
-        sdata, pred_key, true_key, spots_key, layer, genes, n_svg, target_sum, library, panel_share, key_added
+        sdata,
+        pred_key,
+        true_key,
+        spots_key,
+        layer,
+        genes,
+        n_svg,
+        target_sum,
+        library,
+        panel_share,
+        key_added,
+        overwrite=overwrite,
     )
 
 
@@ -221,9 +238,10 @@ def _evaluate_spots(
     library: str,
     panel_share: float | None,
     key_added: str | None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     if key_added is not None:
-        check_key_added(sdata, key_added, "tables", overwrite=False)
+        check_writable(sdata, key_added, "tables", overwrite=overwrite)  # memory and the backing store, before work
     pseudo, _ = pseudo_spots(sdata, table_key=pred_key, spots_key=spots_key, spots_table_key=true_key)
     true, _, _ = table_of_region(sdata, true_key, spots_key, what="spots")
     if true.n_obs < 3:
@@ -275,7 +293,7 @@ def _evaluate_spots(
         pseudo.uns[UNS_KEY]["evaluate"] = {
             "params": {"target_sum": target_sum, "library": library, "panel_share": panel_share}
         }
-        sdata.tables[key_added] = pseudo
+        write_element(sdata, key_added, pseudo, overwrite=overwrite)
     logger.info(
         "Evaluated %d spots (%d cells) x %d genes: mean Pearson %.3f",
         attrs["n_spots"],

@@ -18,13 +18,13 @@ from .._spot_membership import assign_to_spots, membership_matrix, spot_geometry
 from .._stats import dense
 from .._validation import (
     _preview,
-    check_key_added,
     get_table,
     positions_of_ids,
     region_mask,
     require_key,
     table_of_region,
 )
+from .._write import check_writable, write_element
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +92,10 @@ def aggregate_to_spots(
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
     # only None means "the default name": "" or 0 is a mistake to report, not to replace silently
     key_added = f"{table_key}_{spots_key}" if key_added is None else key_added
-    check_key_added(sdata, key_added, "tables", overwrite=overwrite)
+    check_writable(sdata, key_added, "tables", overwrite=overwrite)  # memory and the backing store, before any work
     out, _ = pseudo_spots(sdata, table_key=table_key, spots_key=spots_key, spots_table_key=spots_table_key)
     out.uns[UNS_KEY]["aggregate_to_spots"]["params"]["key_added"] = key_added
-    if key_added in sdata.tables:
-        del sdata.tables[key_added]
-    sdata.tables[key_added] = out
+    out = write_element(sdata, key_added, out, overwrite=overwrite)
     logger.info(
         "Added `sdata.tables[%r]` (%d spots x %d genes): %d of %d cells in a spot, %d spots without cells.",
         key_added,
