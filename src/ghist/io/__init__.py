@@ -1,6 +1,8 @@
-"""ghist.io: slide files into SpatialData."""
+"""ghist.io: slide files and nucleus outlines into SpatialData, predicted cells out to QuPath."""
 
 from ._backends import SlideReadError
+from ._nuclei import read_nuclei
+from ._qupath import write_qupath
 from ._wsi import read_wsi
 
-__all__ = ["SlideReadError", "read_wsi"]
+__all__ = ["SlideReadError", "read_nuclei", "read_wsi", "write_qupath"]
