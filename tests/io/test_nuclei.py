@@ -45,7 +45,7 @@ def _write_json(path: Path, data) -> Path:
 
 def test_qupath_export_layout():
     sdata = _sdata()
-    ghist.io.read_nuclei(DATA / "qupath_export.geojson", sdata, shapes_key="nuclei_shapes")
+    ghist.io.read_nuclei(DATA / "qupath_export.geojson", sdata, key_added_shapes="nuclei_shapes")
     labels = _labels(sdata)
     assert labels.shape == (HEIGHT, WIDTH)
     assert labels.dtype == np.int32
@@ -84,7 +84,7 @@ def test_hovernet_and_cellvit(tmp_path):
     other = [[30, 30], [34, 30], [34, 35], [30, 35]]
     hovernet = {"mag": 40, "nuc": {"7": {"contour": square, "type": 2}, "9": {"contour": other, "type": 1}}}
     sdata = _sdata()
-    ghist.io.read_nuclei(_write_json(tmp_path / "hovernet.json", hovernet), sdata, shapes_key="s")
+    ghist.io.read_nuclei(_write_json(tmp_path / "hovernet.json", hovernet), sdata, key_added_shapes="s")
     assert _areas(_labels(sdata)) == [100, 20]
     assert sdata.shapes["s"]["source_id"].tolist() == ["7", "9"]
     assert sdata.shapes["s"]["name"].tolist() == ["2", "1"]
@@ -94,7 +94,7 @@ def test_hovernet_and_cellvit(tmp_path):
         "cells": [{"contour": square, "type": 1, "centroid": [15, 15]}, {"contour": other, "type": 2}],
     }
     sdata = _sdata()
-    ghist.io.read_nuclei(_write_json(tmp_path / "cells.json", cells), sdata, shapes_key="s")
+    ghist.io.read_nuclei(_write_json(tmp_path / "cells.json", cells), sdata, key_added_shapes="s")
     assert _areas(_labels(sdata)) == [100, 20]
     assert sdata.shapes["s"]["name"].tolist() == ["Neoplastic", "Inflammatory"]
     # CellViT's GeoJSON: every nucleus of a type in one MultiPolygon feature, marked as an annotation
@@ -124,7 +124,7 @@ def test_xenium_boundaries_in_microns(tmp_path):
     frame.to_csv(tmp_path / "nucleus_boundaries.csv.gz", index=False)
     # through the image's "microns" coordinate system: 5 µm -> 10 px
     sdata = _sdata(microns=0.5)
-    ghist.io.read_nuclei(tmp_path / "nucleus_boundaries.parquet", sdata, shapes_key="s")
+    ghist.io.read_nuclei(tmp_path / "nucleus_boundaries.parquet", sdata, key_added_shapes="s")
     labels = _labels(sdata)
     assert _areas(labels) == [100, 50]
     assert (labels[10:20, 10:20] == 1).all()
@@ -145,7 +145,7 @@ def test_geoparquet(tmp_path):
     )
     frame.to_parquet(tmp_path / "boundaries.parquet")
     sdata = _sdata()
-    ghist.io.read_nuclei(tmp_path / "boundaries.parquet", sdata, shapes_key="s")
+    ghist.io.read_nuclei(tmp_path / "boundaries.parquet", sdata, key_added_shapes="s")
     assert _areas(_labels(sdata)) == [100, 20]
     assert sdata.shapes["s"]["source_id"].tolist() == ["11", "12"]
 
@@ -221,3 +221,18 @@ def test_bad_input(tmp_path):
     assert _areas(_labels(sdata)) == [100, 300, 100, 50]
     ghist.io.read_nuclei(DATA / "qupath_feature_list.geojson", sdata, overwrite=True)
     assert _areas(_labels(sdata)) == [24, 18]
+
+
+def test_returns_what_it_added_and_writes_to_the_store(tmp_path):
+    sdata = _sdata()
+    labels = ghist.io.read_nuclei(DATA / "qupath_feature_list.geojson", sdata)
+    assert labels is sdata.labels["nuclei"]
+    sdata.write(tmp_path / "s.zarr")
+    added = ghist.io.read_nuclei(DATA / "qupath_export.geojson", sdata, key_added="qp", key_added_shapes="qp_shapes")
+    assert set(added.labels) == {"qp"}
+    assert set(added.shapes) == {"qp_shapes"}
+    on_disk = sd.read_zarr(tmp_path / "s.zarr")
+    assert _areas(_labels(on_disk, "qp")) == [100, 300, 100, 50]
+    assert len(on_disk.shapes["qp_shapes"]) == 4
+    with pytest.raises(ValueError, match="already exists"):
+        ghist.io.read_nuclei(DATA / "qupath_export.geojson", sdata, key_added="qp")

@@ -15,7 +15,8 @@ import pandas as pd
 
 from .._constants import IMAGE_KEY, LABELS_KEY, MICRONS_CS
 from .._spatial import check_pixel_size, element_transformations
-from .._validation import check_int, check_key_added, require_key, scale0
+from .._validation import check_int, require_key, scale0
+from .._write import check_writable, write_element
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "qupath", "geojson", "cellvit", "hovernet", "xenium", "geoparquet")
 QUPATH_NUCLEUS_TYPES = ("detection", "cell")  # QuPath object types read by default (annotations are regions)
-NUCLEUS_COLUMNS = ("source_id", "name")  # columns of the shapes written with ``shapes_key``
+NUCLEUS_COLUMNS = ("source_id", "name")  # columns of the shapes written with ``key_added_shapes``
 _POLYGONAL = ("Polygon", "MultiPolygon")
 _EDGE_TOLERANCE_PX = 1.0  # vertices up to this far outside the image are rounding, not a wrong frame
 
@@ -401,10 +402,10 @@ def read_nuclei(
     units: Literal["pixels", "microns"] | None = None,
     pixel_size: float | None = None,
     object_types: tuple[str, ...] | None = QUPATH_NUCLEUS_TYPES,
-    shapes_key: str | None = None,
+    key_added_shapes: str | None = None,
     overwrite: bool = False,
     band_rows: int = 1024,
-) -> None:
+) -> Any:
     """Read nucleus outlines made by another tool into labels on the pixel grid of an image.
 
     Each nucleus polygon becomes one instance id (``1..n`` in file order) of ``sdata.labels[key_added]``, a labels
@@ -454,9 +455,9 @@ def read_nuclei(
         µm per pixel of the image's full-resolution level, for coordinates in microns.
     object_types
         QuPath object types read as nuclei (``None``: every feature).
-    shapes_key
-        Also write the outlines, in the image's pixels, to ``sdata.shapes[shapes_key]``: index = the labels' ids,
-        columns ``source_id`` (the nucleus's id in the file) and ``name`` (its class, if the file has one).
+    key_added_shapes
+        Also write the outlines, in the image's pixels, to ``sdata.shapes[key_added_shapes]``: index = the labels'
+        ids, columns ``source_id`` (the nucleus's id in the file) and ``name`` (its class, if the file has one).
     overwrite
         Replace existing elements of the same keys.
     band_rows
@@ -464,8 +465,9 @@ def read_nuclei(
 
     Returns
     -------
-    Nothing; writes ``sdata.labels[key_added]`` (int32, 0 = background) and, with ``shapes_key``,
-    ``sdata.shapes[shapes_key]``.
+    The labels added as ``sdata.labels[key_added]`` (int32, 0 = background); with ``key_added_shapes``, a SpatialData
+    of both elements added (the shapes are ``sdata.shapes[key_added_shapes]``). When ``sdata`` is backed by a zarr
+    store, they are written to it too, all or nothing.
 
     Examples
     --------
@@ -485,11 +487,13 @@ def read_nuclei(
     if object_types is not None:
         object_types = (object_types,) if isinstance(object_types, str) else tuple(object_types)
     image = scale0(require_key(sdata, "images", image_key))
-    check_key_added(sdata, key_added, "labels", overwrite=overwrite)
-    if shapes_key is not None:
-        check_key_added(sdata, shapes_key, "shapes", overwrite=overwrite, arg="shapes_key")
-        if shapes_key == key_added:
-            raise ValueError(f"`shapes_key` and `key_added` are both {key_added!r}; element names must be unique.")
+    check_writable(sdata, key_added, "labels", overwrite=overwrite)
+    if key_added_shapes is not None:
+        check_writable(sdata, key_added_shapes, "shapes", overwrite=overwrite, arg="key_added_shapes")
+        if key_added_shapes == key_added:
+            raise ValueError(
+                f"`key_added_shapes` and `key_added` are both {key_added!r}; element names must be unique."
+            )
     height, width = image.sizes["y"], image.sizes["x"]
 
     nuclei = read_nuclei_file(path, format=format, object_types=object_types)
@@ -504,16 +508,23 @@ def read_nuclei(
         dims=("y", "x"),
         transformations=transformations,
     )
-    sdata.labels[key_added] = labels
-    if shapes_key is not None:
+    labels = write_element(sdata, key_added, labels, overwrite=overwrite)
+    shapes = None
+    if key_added_shapes is not None:
         table = nuclei.table.copy()
         table.index = pd.RangeIndex(1, len(geometries) + 1)  # the labels' ids
         frame = gpd.GeoDataFrame(table, geometry=list(geometries))
-        sdata.shapes[shapes_key] = ShapesModel.parse(frame, transformations=copy.deepcopy(transformations))
+        shapes = ShapesModel.parse(frame, transformations=copy.deepcopy(transformations))
+        shapes = write_element(sdata, key_added_shapes, shapes, overwrite=overwrite, arg="key_added_shapes")
     logger.info(
         "Read %d nuclei of %s into `sdata.labels[%r]`%s.",
         len(geometries),
         Path(path).name,
         key_added,
-        f" and `sdata.shapes[{shapes_key!r}]`" if shapes_key else "",
+        f" and `sdata.shapes[{key_added_shapes!r}]`" if key_added_shapes else "",
     )
+    if shapes is None:
+        return labels
+    from spatialdata import SpatialData
+
+    return SpatialData(labels={key_added: labels}, shapes={key_added_shapes: shapes})
