@@ -240,3 +240,97 @@ def test_no_references_outside_the_repository():
     assert not hits, "explain in the repository's own words (docs/method.md) instead of citing:\n" + "\n".join(hits)
     assert _OUTSIDE_REFERENCE.search('GHIST losses (DESIGN section 3, "Losses")')  # the pattern catches the old form
     assert not _OUTSIDE_REFERENCE.search("Visium / ST spots have gaps by design")
+
+
+# ------------------------------------------------------------------------------------------ adding to a SpatialData
+# One write convention (ARCHITECTURE.md, "Adding to a SpatialData"): element under `key_added`, `overwrite=False`,
+# added through `ghist._write.write_element`, and what was added returned.
+_WRITER_PACKAGES = [ghist.pp, ghist.tl, ghist.io, ghist.datasets]
+WRITERS = [
+    pytest.param(getattr(mod, name), id=f"{mod.__name__}.{name}")
+    for mod in _WRITER_PACKAGES
+    for name in mod.__all__
+    if inspect.isfunction(getattr(mod, name))
+    and any(p == "key_added" or p.startswith("key_added_") for p in inspect.signature(getattr(mod, name)).parameters)
+]
+
+
+def test_write_convention_covers_the_writers():
+    names = {p.id for p in WRITERS}
+    for name in ("segment_nuclei", "detect_tissue", "make_tiles", "prepare_xenium"):
+        assert f"ghist.pp.{name}" in names
+    for name in ("predict", "aggregate_to_spots", "evaluate"):
+        assert f"ghist.tl.{name}" in names
+
+
+@pytest.mark.parametrize("func", WRITERS)
+def test_write_convention(func):
+    from ghist import _constants
+
+    name, params = func.__qualname__, inspect.signature(func).parameters
+    see = "see ARCHITECTURE.md, 'Adding to a SpatialData'"
+    overwrite = params.get("overwrite")
+    assert overwrite is not None, f"{name} has `key_added` but no `overwrite`; {see}"
+    assert overwrite.kind is overwrite.KEYWORD_ONLY, f"{name}(overwrite) must be keyword-only"
+    assert overwrite.default is False, f"{name}(overwrite) must default to False"
+    names = {v for k, v in vars(_constants).items() if k.isupper() and isinstance(v, str)}
+    for p in params.values():
+        if p.name == "key_added" or p.name.startswith("key_added_"):
+            assert p.default is None or p.default in names, f"{name}({p.name}): default not named in _constants.py"
+    returns = str(inspect.signature(func).return_annotation)
+    if "sdata" in params:  # adds to a SpatialData: returns what it added, never None, and has no copy=
+        assert "copy" not in params, f"{name}: `copy=` is for AnnData functions only; {see}"
+        returned = set(returns.split(" | "))
+        assert not returned & {"None", "inspect._empty"}, f"{name} must return what it added, not {returns}; {see}"
+        if "inplace" in params:
+            assert params["inplace"].default is False
+    else:  # a function of an AnnData (scanpy): copy=False modifies it, copy=True returns a modified copy
+        assert "copy" in params, f"{name}: a function of an AnnData with `key_added` takes scanpy's `copy=`"
+
+
+# the write sites of the package; anything else that assigns into a SpatialData builds its own new object
+_OWN_OBJECTS = {
+    "datasets/_registry.py",  # builds the SpatialData it returns
+    "_cli.py",  # the demo's in-memory test slide
+    "tl/_cohort.py",  # a scratch SpatialData per slide, never the user's
+}
+_PENDING = {"tl/_predict.py"}  # its write stage moves to ghist._write.write_element in the predict pipeline rework
+_ELEMENT_KINDS = {"images", "labels", "shapes", "points", "tables"}
+
+
+def _direct_element_writes(tree: ast.AST) -> list[int]:
+    """Lines that assign or delete ``<x>.<kind>[...]`` or call ``<x>.write_element(...)``."""
+    lines = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign | ast.Delete) else []
+        for target in targets:
+            if (
+                isinstance(target, ast.Subscript)
+                and not isinstance(target.slice, ast.Slice)  # a slice of an array, not an element
+                and isinstance(target.value, ast.Attribute)
+                and target.value.attr in _ELEMENT_KINDS
+            ):
+                lines.append(node.lineno)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("write_element", "delete_element_from_disk")
+        ):
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_one_writer():
+    """Elements reach a user's SpatialData only through `ghist._write.write_element` (memory and store, atomic)."""
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel in _OWN_OBJECTS | _PENDING | {"_write.py"} or rel.startswith("datasets/"):
+            continue
+        for line in _direct_element_writes(ast.parse(path.read_text())):
+            bad.append(f"{rel}:{line}")
+    assert not bad, f"write through ghist._write.write_element instead: {bad}"
+    example = "sdata.tables['a'] = t\ndel sdata.labels['b']\nsdata.write_element('c')\n" + (
+        "x = sdata.tables['a']\nstore.images[0:2] = tiles"  # reads, and slices of arrays, are not element writes
+    )
+    assert _direct_element_writes(ast.parse(example)) == [1, 2, 3]

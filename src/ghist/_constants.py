@@ -8,6 +8,7 @@ LABELS_KEY = "nuclei"
 TABLE_KEY = "table"
 PRED_KEY = "ghist"
 SPOTS_KEY = "spots"
+TISSUE_KEY = "tissue"  # tissue polygons of pp.detect_tissue
 
 # Table columns.
 REGION_KEY = "region"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._constants import IMAGE_KEY
+from .._constants import IMAGE_KEY, TISSUE_KEY
 from .._docs import doc_image_key, doc_params
 
 if TYPE_CHECKING:
@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TISSUE_KEY = "tissue"
 _MAX_OTSU = 0.1  # saturation: glass is ~0.02, the palest stroma ~0.1; Otsu above that would cut tissue in two
 _FALLBACK_SIDE = 2048  # working image side when the slide has no pixel size
 
