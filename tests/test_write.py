@@ -61,7 +61,7 @@ def _assert_clean(path) -> None:
     assert not [p for p in os.listdir(path) if p.startswith(SCRATCH_PREFIX)]
     on_disk = {
         f"{kind}/{name}"
-        for kind in ("labels", "tables")
+        for kind in ("images", "labels", "shapes", "points", "tables")
         if (path / kind).is_dir()
         for name in os.listdir(path / kind)
         if (path / kind / name).is_dir()
@@ -281,3 +281,80 @@ def test_sigkill_during_writes_leaves_an_openable_store(tmp_path):
     write_element(sdata, "table", _table(7), overwrite=True)
     assert _read(path)["table"].n_obs == 7
     _assert_clean(path)
+
+
+# ------------------------------------------------------------------------------------------------ nothing else touched
+def test_leaves_everything_else_in_the_store(store):
+    """Only the writer's own scratch stores of dead processes are removed; the user's files and live writers' stay."""
+    dead = multiprocessing.get_context("fork").Process(target=os.getpid)
+    dead.start()
+    dead.join()
+    stale = store / f"{SCRATCH_PREFIX}{dead.pid}-{'a' * 32}"
+    live = store / f"{SCRATCH_PREFIX}{os.getppid()}-{'b' * 32}"
+    for folder in (stale, live, store / ".mine", store / f"{SCRATCH_PREFIX}notes"):
+        folder.mkdir()
+        (folder / "f.txt").write_text("x")
+    (store / "notes.txt").write_text("mine")
+    (store / "tables" / "README").write_text("mine")
+    sdata = _read(store)
+    write_element(sdata, "table", _table(3, 5.0), overwrite=True)
+    assert not stale.exists()
+    for kept in (live, store / ".mine", store / f"{SCRATCH_PREFIX}notes"):
+        assert (kept / "f.txt").read_text() == "x"
+    assert (store / "notes.txt").read_text() == "mine"
+    assert (store / "tables" / "README").read_text() == "mine"
+    assert int(_read(store).labels["nuclei"].max()) == 1
+
+
+# ------------------------------------------------------------------------------------------------ public functions
+@pytest.fixture
+def slide_store(tmp_path):
+    """A small synthetic slide (H&E, the user's labels "nuclei", the measured "table") written to a zarr store."""
+    import ghist
+
+    path = tmp_path / "slide.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ghist.datasets.synthetic(image_size=256, seed=0).write(path)
+    return path
+
+
+def test_segment_nuclei_over_a_selection_keeps_the_labels_on_disk(slide_store):
+    """`segment_nuclei` on a store read without its labels refuses to replace them; `overwrite=True` swaps them."""
+    import ghist
+
+    theirs = np.asarray(_read(slide_store).labels["nuclei"])
+    part = spatialdata.read_zarr(slide_store, selection=("images",))
+    with pytest.raises(ValueError, match="not loaded"):
+        ghist.pp.segment_nuclei(part, key_added="nuclei", n_workers=1, progress=False)
+    np.testing.assert_array_equal(np.asarray(_read(slide_store).labels["nuclei"]), theirs)
+    assert "nuclei" not in part.labels
+    ours = ghist.pp.segment_nuclei(part, key_added="nuclei", n_workers=1, progress=False, overwrite=True)
+    assert ours is part.labels["nuclei"]
+    back = np.asarray(_read(slide_store).labels["nuclei"])
+    np.testing.assert_array_equal(back, np.asarray(ours))
+    assert not np.array_equal(back, theirs)
+    assert set(_read(slide_store).tables) == {"table"}  # the measured table is untouched
+    _assert_clean(slide_store)
+
+
+def test_detect_tissue_and_aggregate_over_a_selection(slide_store):
+    import ghist
+
+    part = spatialdata.read_zarr(slide_store, selection=("images",))
+    ghist.pp.detect_tissue(part, key_added="tissue", min_area_um2=10)
+    part = spatialdata.read_zarr(slide_store, selection=("images",))
+    with pytest.raises(ValueError, match="not loaded"):
+        ghist.pp.detect_tissue(part, key_added="tissue", min_area_um2=10)
+    with pytest.raises(ValueError, match="labels element in the zarr store"):
+        ghist.pp.detect_tissue(part, key_added="nuclei", overwrite=True)
+    assert set(_read(slide_store).shapes) == {"tissue"}
+    full = _read(slide_store)
+    full.tables["pred"] = full.tables["table"]  # stands in for a prediction table
+    with pytest.raises(ValueError, match="not loaded"):
+        ghist.tl.aggregate_to_spots(
+            spatialdata.read_zarr(slide_store, selection=("shapes",)),
+            table_key="pred",
+            spots_key="tissue",
+            key_added="table",
+        )
