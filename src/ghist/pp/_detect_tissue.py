@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +19,20 @@ logger = logging.getLogger(__name__)
 
 _MAX_OTSU = 0.1  # saturation: glass is ~0.02, the palest stroma ~0.1; Otsu above that would cut tissue in two
 _FALLBACK_SIDE = 2048  # working image side when the slide has no pixel size
+# Bounds that keep tissue detection in bounded time and memory whatever the slide: the working image has at most
+# _MAX_WORKING_PX pixels (coarser than `resolution` beyond that, with a warning); a level of up to _MAX_DENSE_PX pixels
+# is averaged down whole (a single-level 40k x 40k scan: a minute or so); a larger one (no pyramid level near the
+# working resolution) is sampled at a stride, one pixel per working pixel, so that at most _READ_BUDGET_PX pixels of
+# file tiles are decoded (only the tiles that hold a sample).
+_MAX_WORKING_PX = 2**26
+_MAX_DENSE_PX = 2**31
+_READ_BUDGET_PX = 2**28
+_MIN_WORKING_SIDE = 4
+PYRAMID_HINT = (
+    "write the slide as a tiled pyramid, e.g. `vips tiffsave slide.tif pyramid.tif --tile --pyramid "
+    "--compression jpeg --Q 90 --bigtiff`, or with tifffile (`TiffWriter.write(level0, subifds=n, tile=(512, 512))` "
+    "then each downsampled level with `subfiletype=1`), and read that with `ghist.io.read_wsi`"
+)
 
 
 @doc_params(image_key=doc_image_key)
@@ -104,8 +119,9 @@ def detect_tissue(
     levels = [(dx, array) for _, dx, array in raster_levels(element)]
     full_h, full_w = levels[0][1].shape[1:]
     target = resolution / pixel_size if pixel_size else max(1.0, max(full_h, full_w) / _FALLBACK_SIDE)
+    target = _check_target(target, full_h, full_w, resolution, pixel_size, image_key)
     um = pixel_size or 1.0  # µm per full-resolution pixel (1: the µm arguments are pixels)
-    rgb, factor = _working_image(levels, target)
+    rgb, factor = _working_image(levels, target, image_key)
 
     saturation = _saturation(rgb)
     cut = min(float(threshold_otsu(saturation)), _MAX_OTSU) if threshold == "otsu" else float(threshold)
@@ -156,13 +172,86 @@ def detect_tissue(
     return shapes
 
 
-def _working_image(levels: list[tuple[float, Any]], target: float) -> tuple[np.ndarray, float]:
-    """RGB float image ``(3, h, w)`` in [0, 1] at about ``target`` full-resolution pixels per pixel, and its factor."""
+def _check_target(
+    target: float, full_h: int, full_w: int, resolution: float, pixel_size: float | None, image_key: str
+) -> float:
+    """Full-resolution pixels per working pixel, checked against the image: named errors, bounded working size."""
+    if target < 1 / 1.001:
+        raise ValueError(
+            f"`resolution={resolution!r}` µm/px is finer than image {image_key!r} itself ({pixel_size:.4g} µm/px): "
+            f"tissue detection works on a coarser copy; pass a resolution of at least {pixel_size:.4g} (default 8)."
+        )
+    target = max(target, 1.0)
+    if min(full_h, full_w) / target < _MIN_WORKING_SIDE:
+        what = f"{resolution!r} µm/px" if pixel_size else f"{target:.4g} px"
+        raise ValueError(
+            f"Image {image_key!r} ({full_h} x {full_w} px) is under {_MIN_WORKING_SIDE} working pixels across at "
+            f"`resolution={what}`: pass a finer `resolution`."
+        )
+    coarsest = math.sqrt(full_h * full_w / _MAX_WORKING_PX)
+    if target < coarsest:
+        logger.warning(
+            "Image %r (%d x %d px) at `resolution=%s` would be a working image of %.3g Gpx: detecting tissue at %.3g "
+            "full-resolution px per working px instead.",
+            image_key,
+            full_h,
+            full_w,
+            resolution,
+            full_h * full_w / target**2 / 1e9,
+            coarsest,
+        )
+        target = coarsest
+    return target
+
+
+def _read_block(array: Any) -> tuple[int, int]:
+    """The smallest block a read of ``array`` decodes: the file's tile (recorded by read_wsi), else a dask chunk."""
+    from ..io._wsi import READ_BLOCK_ATTR
+
+    block = array.attrs.get(READ_BLOCK_ATTR)
+    if block is not None and len(block) == 2:
+        return int(block[0]), int(block[1])
+    chunks = getattr(array.data, "chunks", None)
+    if chunks is not None and len(chunks) == 3:
+        return int(max(chunks[1])), int(max(chunks[2]))
+    return 1, 1  # in memory: reading a pixel costs a pixel
+
+
+def _working_image(levels: list[tuple[float, Any]], target: float, image_key: str) -> tuple[np.ndarray, float]:
+    """RGB float image ``(3, h, w)`` in [0, 1] at about ``target`` full-resolution pixels per pixel, and its factor.
+
+    The coarsest level at least as fine as ``target`` is averaged down by whole blocks; a level too large to read
+    whole (a single-level giant slide) is sampled at a stride instead, so that at most :data:`_READ_BUDGET_PX` of
+    its pixels are decoded.
+    """
     import dask.array as da
 
     downsample, array = [pair for pair in levels if pair[0] <= target * 1.001][-1]
     k = max(1, int(target / downsample))
     data = array.data if hasattr(array.data, "dask") else da.from_array(np.asarray(array.data))
+    h, w = data.shape[1:]
+    if h * w > _MAX_DENSE_PX:
+        bh, bw = _read_block(array)
+        samples = max(1, _READ_BUDGET_PX // (bh * bw))  # each sample decodes at most one block
+        stride = max(k, math.ceil(math.sqrt(h * w / samples)))
+        if min(h, w) // stride < _MIN_WORKING_SIDE:
+            raise ValueError(
+                f"Image {image_key!r} has no pyramid level coarse enough for tissue detection ({h} x {w} px stored "
+                f"in blocks of {bh} x {bw} px): reading it would decode {h * w / 1e9:.3g} Gpx. Make a pyramid: "
+                f"{PYRAMID_HINT}."
+            )
+        logger.warning(
+            "Image %r: %d x %d px with no pyramid level near the working resolution; tissue detected from one pixel "
+            "every %d (a coarse mask, from at most %.2g Gpx decoded). For a full mask, %s.",
+            image_key,
+            h,
+            w,
+            stride,
+            _READ_BUDGET_PX / 1e9,
+            PYRAMID_HINT,
+        )
+        sampled = data[:, stride // 2 :: stride, stride // 2 :: stride]
+        return np.asarray(sampled.compute(), dtype=np.float32) / 255.0, downsample * stride
     if k > 1:
         data = da.coarsen(np.mean, data.astype(np.float32), {1: k, 2: k}, trim_excess=True)
     rgb = np.asarray(data.compute() if hasattr(data, "compute") else data, dtype=np.float32) / 255.0

@@ -178,6 +178,7 @@ def segment_nuclei(
         )
     element = sdata.images[image_key]
     pixel_size = _resolve_pixel_size(element, image_key, pixel_size)
+    _check_segment_size(sdata, element, image_key, roi_key)  # before the backend reads the image
     min_area_px = min_area_um2 / pixel_size**2
     max_area_px = max_area_um2 / pixel_size**2
     max_diameter_px = 2.0 * math.sqrt(max_area_px / math.pi)
@@ -242,6 +243,49 @@ def segment_nuclei(
 # ----------------------------------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+# Pixels one call segments at most (34 Gpx: a day of the watershed at this machine's speed; scanned slides are under
+# about 20 Gpx). Beyond that, a call would run for days: refused with the way out instead. The same bound applies to
+# the coarsest pyramid level, which the backends read whole (e.g. for the watershed's threshold).
+_MAX_SEGMENT_PX = 2**35
+_PYRAMID_HINT = (
+    "make a pyramid first, e.g. `vips tiffsave slide.tif pyramid.tif --tile --pyramid --compression jpeg --bigtiff` "
+    "(or tifffile with `subifds=`), and read it with `ghist.io.read_wsi`"
+)
+
+
+def _check_segment_size(sdata: SpatialData, element: Any, image_key: str, roi_key: str | None) -> None:
+    """Refuse, before any work, an image (or region of interest) too large to segment in bounded time."""
+    from .._validation import raster_levels
+
+    levels = [array for _, _, array in raster_levels(element)]
+    height, width = levels[0].sizes["y"], levels[0].sizes["x"]
+    coarsest = min(float(a.sizes["y"]) * float(a.sizes["x"]) for a in levels)
+    if coarsest > _MAX_SEGMENT_PX:
+        raise ValueError(
+            f"Image {image_key!r} is {height} x {width} px ({height * width / 1e9:.3g} Gpx) with no pyramid level "
+            f"under {_MAX_SEGMENT_PX / 1e9:.3g} Gpx: segmentation reads a coarse copy of the whole image, which would "
+            f"take days at this size. {_PYRAMID_HINT[0].upper()}{_PYRAMID_HINT[1:]}; then restrict segmentation to the "
+            "tissue: `ghist.pp.detect_tissue(sdata)` and `segment_nuclei(sdata, roi_key='tissue')`."
+        )
+    n_px = float(height) * float(width)
+    if n_px <= _MAX_SEGMENT_PX:
+        return
+    if roi_key is not None:
+        from .._spatial import region_in_pixels
+
+        region = region_in_pixels(sdata, roi_key, image_key)
+        x0, y0, x1, y1 = region.bounds if not region.is_empty else (0.0, 0.0, 0.0, 0.0)
+        n_px = max(0.0, min(x1, width) - max(x0, 0.0)) * max(0.0, min(y1, height) - max(y0, 0.0))
+        if n_px <= _MAX_SEGMENT_PX:
+            return
+    where = f"the bounds of region {roi_key!r}" if roi_key is not None else f"image {image_key!r}"
+    raise ValueError(
+        f"Segmenting {where} means {n_px / 1e9:.3g} Gpx ({height} x {width} px image), beyond the "
+        f"{_MAX_SEGMENT_PX / 1e9:.3g} Gpx one call segments: restrict it to the tissue, "
+        "`ghist.pp.detect_tissue(sdata)` then `segment_nuclei(sdata, roi_key='tissue')`, or to a smaller region."
+    )
 
 
 def _resolve_pixel_size(element: DataArray | DataTree, image_key: str, pixel_size: float | None) -> float:
