@@ -236,3 +236,15 @@ def test_returns_what_it_added_and_writes_to_the_store(tmp_path):
     assert len(on_disk.shapes["qp_shapes"]) == 4
     with pytest.raises(ValueError, match="already exists"):
         ghist.io.read_nuclei(DATA / "qupath_export.geojson", sdata, key_added="qp")
+
+
+def test_vectorised_geojson_matches_shapely():
+    from ghist.io._nuclei import _from_geojson
+
+    features = json.loads((DATA / "qupath_export.geojson").read_text())["features"]
+    geoms = [f["geometry"] for f in features] + [features[2]["nucleusGeometry"]]
+    fast = _from_geojson(geoms)
+    slow = [shapely.geometry.shape(g) for g in geoms]
+    assert [g.geom_type for g in fast] == [g.geom_type for g in slow]
+    assert all(shapely.equals(a, b) for a, b in zip(fast, slow, strict=True))
+    assert fast[1].interiors[0].length == 40  # the hole kept

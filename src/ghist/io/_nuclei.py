@@ -182,6 +182,41 @@ def _read_json_file(
     return fmt, geoms, ids, names
 
 
+def _from_geojson(geoms: list[dict]) -> np.ndarray:
+    """GeoJSON (Multi)Polygons as shapely geometries, built in a few vectorised calls rather than one by one."""
+    import shapely
+
+    coords: list = []
+    ring_length, ring_part, part_geometry = [], [], []
+    for g, geometry in enumerate(geoms):
+        polygons = geometry["coordinates"] if geometry["type"] == "MultiPolygon" else [geometry["coordinates"]]
+        for polygon in polygons:
+            for ring in polygon:
+                coords.extend(ring)
+                ring_length.append(len(ring))
+                ring_part.append(len(part_geometry))
+            part_geometry.append(g)
+    xy = np.asarray(coords, dtype=np.float64)  # ragged (3D) coordinates raise here: the slow path handles them
+    rings = shapely.linearrings(xy, indices=np.repeat(np.arange(len(ring_length)), ring_length))
+    parts = shapely.polygons(rings, indices=np.asarray(ring_part))  # per part: the shell, then its holes
+    part_geometry = np.asarray(part_geometry)
+    if len(parts) != len(part_geometry):
+        raise ValueError("a polygon without rings")
+    n_parts = np.bincount(part_geometry, minlength=len(geoms))
+    if (n_parts == 1).all():
+        return parts
+    out = np.empty(len(geoms), dtype=object)
+    single = n_parts[part_geometry] == 1
+    out[part_geometry[single]] = parts[single]
+    multi = ~single
+    if multi.any():
+        owners, index = np.unique(part_geometry[multi], return_inverse=True)
+        out[owners] = shapely.multipolygons(parts[multi], indices=index)
+    if (n_parts == 0).any():
+        raise ValueError("a MultiPolygon without polygons")
+    return out
+
+
 def _read_xenium(path: Path) -> tuple[np.ndarray, list[Any]]:
     import shapely
 
@@ -256,9 +291,12 @@ def read_nuclei_file(
     else:
         fmt, geoms, ids, names = _read_json_file(path, fmt, object_types)
         try:
-            geometries = np.array([shapely.geometry.shape(g) for g in geoms], dtype=object)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
-            raise ValueError(f"Nuclei file {str(path)!r} holds a malformed polygon ({err}).") from None
+            geometries = _from_geojson(geoms)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, shapely.errors.GEOSException):
+            try:  # one geometry at a time: slower, and names what is wrong
+                geometries = np.array([shapely.geometry.shape(g) for g in geoms], dtype=object)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+                raise ValueError(f"Nuclei file {str(path)!r} holds a malformed polygon ({err}).") from None
     geometries = np.asarray(geometries, dtype=object)
     kinds = shapely.get_type_id(geometries)
     polygonal = np.isin(kinds, (3, 6))  # Polygon, MultiPolygon
