@@ -175,3 +175,36 @@ def test_the_rule_itself():
 def test_bad_spots(frame, match):
     with pytest.raises(ValueError, match=match):
         spot_geometry(frame, "spots")
+
+
+def test_overlapping_spots_count_a_cell_once_by_default_or_for_every_spot():
+    """The docstring's rule, chosen by `overlap`: a nucleus under two spots counts for the nearest, or for both."""
+    from ghist._spot_membership import spot_pairs
+
+    circles = gpd.GeoDataFrame({"radius": [4.0, 4.0]}, geometry=shapely.points([[5.0, 5.0], [11.0, 5.0]]))
+    xy = np.array([[7.0, 5.0], [8.5, 5.0], [1.5, 5.0], [30.0, 30.0]])  # both spots (nearer 0, nearer 1), spot 0, none
+    spots = spot_geometry(circles, "s")
+    assert [a.tolist() for a in spot_pairs(xy, spots)] == [[0, 1, 2], [0, 1, 0]]
+    assert [a.tolist() for a in spot_pairs(xy, spots, overlap="all")] == [[0, 0, 1, 1, 2], [0, 1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="overlap"):
+        spot_pairs(xy, spots, overlap="both")
+
+    labels = np.zeros((40, 40), dtype=np.int32)
+    table = ad.AnnData(
+        np.log1p(np.array([[1.0], [2.0], [4.0], [8.0]], dtype=np.float32)),
+        obs=pd.DataFrame({"region": pd.Categorical(["nuclei"] * 4), "cell_id": [1, 2, 3, 4]}, index=list("abcd")),
+        var=pd.DataFrame(index=["g"]),
+    )
+    table.obsm["spatial"] = xy
+    sdata = SpatialData(
+        labels={"nuclei": Labels2DModel.parse(labels, dims=("y", "x"), transformations={"global": Identity()})},
+        shapes={"spots": ShapesModel.parse(circles, transformations={"global": Identity()})},
+        tables={"ghist": TableModel.parse(table, region="nuclei", region_key="region", instance_key="cell_id")},
+    )
+    nearest = ghist.tl.aggregate_to_spots(sdata, spots_key="spots")
+    np.testing.assert_allclose(np.asarray(nearest.X).ravel(), [1 + 4, 2])
+    assert nearest.obs["n_cells"].tolist() == [2, 1]
+    every = ghist.tl.aggregate_to_spots(sdata, spots_key="spots", overlap="all", key_added="all")
+    np.testing.assert_allclose(np.asarray(every.X).ravel(), [1 + 2 + 4, 1 + 2])
+    assert every.obs["n_cells"].tolist() == [3, 2]
+    assert every.uns["ghist"]["aggregate_to_spots"]["params"]["overlap"] == "all"

@@ -1,6 +1,6 @@
 """Which spot holds each cell: the one rule shared by spot training, spot aggregation and spot evaluation.
 
-A cell belongs to **exactly one** spot, or to none:
+By default (``overlap="nearest"``) a cell belongs to **exactly one** spot, or to none:
 
 - the candidates are the spots whose geometry holds the cell's nucleus centroid — circles (points with a
   ``"radius"`` column, Visium / legacy ST): within ``radius`` of the centre, boundary included; polygons (e.g. the
@@ -9,6 +9,10 @@ A cell belongs to **exactly one** spot, or to none:
   is closed);
 - of several candidates (overlapping circles, a centroid on an edge shared by two squares) the one with the
   nearest centre (polygons: centroid) wins, then the one listed first in the shapes element.
+
+With ``overlap="all"`` (:func:`spot_pairs`, :func:`ghist.tl.aggregate_to_spots`) a cell counts for every spot that
+holds it instead. Training on spots and spot evaluation always use one spot per cell, so that no cell is supervised
+twice.
 
 The rule works in the spots' intrinsic coordinates (where the radius is defined): callers map the centroids there
 with :func:`ghist._spatial.element_affine` first. Spot rows are positions in the shapes element, never in a table
@@ -24,7 +28,10 @@ import pandas as pd
 import scipy.sparse as sp
 import shapely
 
-__all__ = ["SpotGeometry", "assign_to_spots", "membership_matrix", "spot_geometry"]
+__all__ = ["SPOT_OVERLAP", "SpotGeometry", "assign_to_spots", "membership_matrix", "spot_geometry", "spot_pairs"]
+
+#: How a cell under several overlapping spots counts: for the nearest one only (default), or for all of them.
+SPOT_OVERLAP = ("nearest", "all")
 
 # Closes floating-point gaps between polygons that should share an edge, relative to the coordinates' magnitude.
 _POLYGON_TOLERANCE = 1e-9
@@ -108,8 +115,8 @@ def spot_geometry(shapes: pd.DataFrame, key: str) -> SpotGeometry:
     return SpotGeometry(key=key, index=pd.Index(shapes.index), centres=centres, polygons=geoms)
 
 
-def assign_to_spots(xy: np.ndarray, spots: SpotGeometry) -> np.ndarray:
-    """The spot (position in the shapes element) holding each point, or -1; every point gets at most one spot.
+def spot_pairs(xy: np.ndarray, spots: SpotGeometry, *, overlap: str = "nearest") -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(point, spot)`` of every point and the spots holding it, under the ``overlap`` rule.
 
     Parameters
     ----------
@@ -117,23 +124,27 @@ def assign_to_spots(xy: np.ndarray, spots: SpotGeometry) -> np.ndarray:
         ``(n, 2)`` nucleus centroids (x, y) in the spots' intrinsic coordinates.
     spots
         From :func:`spot_geometry`.
+    overlap
+        ``"nearest"``: at most one pair per point, its spot after the tie-break of the module's rule; ``"all"``:
+        one pair per spot holding the point.
 
     Returns
     -------
-    ``(n,)`` int64: the spot of each point after the tie-break of the module's rule, ``-1`` outside every spot.
+    Points ``(m,)`` and spots ``(m,)`` (positions in the shapes element), int64, by point, then nearest centre.
 
     Examples
     --------
     >>> import geopandas as gpd, shapely
     >>> circles = gpd.GeoDataFrame({"radius": [2.0, 2.0]}, geometry=shapely.points([[0.0, 0.0], [3.0, 0.0]]))
-    >>> assign_to_spots(np.array([[0.5, 0.0], [2.0, 0.0], [1.5, 0.0], [9.0, 9.0]]), spot_geometry(circles, "s"))
-    array([ 0,  1,  0, -1])
+    >>> [a.tolist() for a in spot_pairs(np.array([[1.0, 0.0]]), spot_geometry(circles, "s"), overlap="all")]
+    [[0, 0], [0, 1]]
 
     """
+    if overlap not in SPOT_OVERLAP:
+        raise ValueError(f"`overlap` must be one of {list(SPOT_OVERLAP)}, got {overlap!r}.")
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-    out = np.full(len(xy), -1, dtype=np.int64)
     if len(xy) == 0:
-        return out
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     if not np.isfinite(xy).all():
         raise ValueError("Cell centroids must be finite; found NaN or infinite coordinates.")
     if spots.radius is not None:
@@ -156,8 +167,39 @@ def assign_to_spots(xy: np.ndarray, spots: SpotGeometry) -> np.ndarray:
         cell, spot, dist = cell[inside], spot[inside], dist[inside]
     order = np.lexsort((spot, dist, cell))  # by cell, then nearest centre, then first spot
     cell, spot = cell[order], spot[order]
-    first = np.r_[True, cell[1:] != cell[:-1]] if len(cell) else np.zeros(0, dtype=bool)
-    out[cell[first]] = spot[first]
+    if overlap == "nearest":
+        first = np.r_[True, cell[1:] != cell[:-1]] if len(cell) else np.zeros(0, dtype=bool)
+        cell, spot = cell[first], spot[first]
+    return cell, spot
+
+
+def assign_to_spots(xy: np.ndarray, spots: SpotGeometry) -> np.ndarray:
+    """The spot (position in the shapes element) holding each point, or -1: the ``overlap="nearest"`` rule.
+
+    Parameters
+    ----------
+    xy
+        ``(n, 2)`` nucleus centroids (x, y) in the spots' intrinsic coordinates.
+    spots
+        From :func:`spot_geometry`.
+
+    Returns
+    -------
+    ``(n,)`` int64: the spot of each point after the tie-break of the module's rule, ``-1`` outside every spot.
+    :func:`spot_pairs` with ``overlap="all"`` gives every spot of a point instead.
+
+    Examples
+    --------
+    >>> import geopandas as gpd, shapely
+    >>> circles = gpd.GeoDataFrame({"radius": [2.0, 2.0]}, geometry=shapely.points([[0.0, 0.0], [3.0, 0.0]]))
+    >>> assign_to_spots(np.array([[0.5, 0.0], [2.0, 0.0], [1.5, 0.0], [9.0, 9.0]]), spot_geometry(circles, "s"))
+    array([ 0,  1,  0, -1])
+
+    """
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    out = np.full(len(xy), -1, dtype=np.int64)
+    cell, spot = spot_pairs(xy, spots, overlap="nearest")
+    out[cell] = spot
     return out
 
 

@@ -24,6 +24,7 @@ import shapely
 from anndata import AnnData
 from spatialdata import SpatialData
 
+from .._centroids import label_centroids, map_points
 from .._spatial import element_affine
 from .._spot_membership import SpotGeometry, assign_to_spots, spot_geometry
 from .._validation import _preview, get_counts, positions_of_ids, table_of_region
@@ -158,43 +159,12 @@ def spot_targets(
 
 
 def nucleus_centroids(labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Ids ``(n,)`` and centroids ``(n, 2)`` (x, y, intrinsic: pixel ``(i, j)`` has centre ``(j + 0.5, i + 0.5)``).
+    """Ids ``(n,)`` and centroids ``(n, 2)`` (x, y) of every nucleus, by the one rule of :mod:`ghist._centroids`.
 
     Reads a dask-backed labels element one chunk at a time (a nucleus spanning chunks is merged).
     """
-    data = labels.data if hasattr(labels, "dims") else labels
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def add(block: np.ndarray, y0: int, x0: int) -> None:
-        rows, cols = np.nonzero(block)
-        if rows.size == 0:
-            return
-        ids, inverse = np.unique(block[rows, cols], return_inverse=True)
-        parts.append(
-            (
-                ids.astype(np.int64),
-                np.bincount(inverse).astype(np.float64),
-                np.bincount(inverse, weights=cols + x0 + 0.5),
-                np.bincount(inverse, weights=rows + y0 + 0.5),
-            )
-        )
-
-    if hasattr(data, "dask"):
-        y_starts = np.concatenate([[0], np.cumsum(data.chunks[0])[:-1]])
-        x_starts = np.concatenate([[0], np.cumsum(data.chunks[1])[:-1]])
-        for i, y0 in enumerate(y_starts):
-            for j, x0 in enumerate(x_starts):
-                add(np.asarray(data.blocks[i, j].compute()), int(y0), int(x0))
-    else:
-        add(np.asarray(data), 0, 0)
-    if not parts:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.float64)
-    ids = np.concatenate([p[0] for p in parts])
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    n = np.bincount(inverse, weights=np.concatenate([p[1] for p in parts]))
-    sx = np.bincount(inverse, weights=np.concatenate([p[2] for p in parts]))
-    sy = np.bincount(inverse, weights=np.concatenate([p[3] for p in parts]))
-    return uniq, np.c_[sx / n, sy / n]
+    cells = label_centroids(labels)
+    return cells.ids, cells.xy
 
 
 def cells_in_spots(centroids_xy: np.ndarray, spots: SpotData) -> np.ndarray:
@@ -205,9 +175,7 @@ def cells_in_spots(centroids_xy: np.ndarray, spots: SpotData) -> np.ndarray:
     :func:`ghist._spot_membership.assign_to_spots` (nearest centre where spots overlap); a cell whose spot the
     table does not list gets -1.
     """
-    xy = np.asarray(centroids_xy, dtype=np.float64).reshape(-1, 2)
-    m = spots.labels_to_spots
-    shape_pos = assign_to_spots(xy @ m[:2, :2].T + m[:2, 2], spots.geometry)
+    shape_pos = assign_to_spots(map_points(centroids_xy, spots.labels_to_spots), spots.geometry)
     return np.where(shape_pos >= 0, spots.row_of_shape[np.maximum(shape_pos, 0)], -1).astype(np.int64)
 
 
@@ -238,8 +206,7 @@ def spot_footprint(centroids_xy: np.ndarray, spots: SpotData) -> dict[str, Any]:
 
     """
     geometry = spots.geometry
-    m = spots.labels_to_spots
-    xy = np.asarray(centroids_xy, dtype=np.float64).reshape(-1, 2) @ m[:2, :2].T + m[:2, 2]
+    xy = map_points(centroids_xy, spots.labels_to_spots)
     if geometry.radius is not None:
         size = 2 * float(np.median(geometry.radius))
         hull = shapely.convex_hull(shapely.multipoints(geometry.centres))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -11,10 +12,11 @@ from anndata import AnnData
 from spatialdata import SpatialData
 from spatialdata.models import TableModel, get_table_keys
 
+from .._centroids import map_points
 from .._constants import PRED_KEY, PRED_STD_LAYER, REGION_KEY, SPATIAL_KEY, SPOTS_KEY, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._spatial import element_affine, shared_coordinate_system
-from .._spot_membership import assign_to_spots, membership_matrix, spot_geometry
+from .._spot_membership import assign_to_spots, spot_geometry, spot_pairs
 from .._stats import dense
 from .._validation import (
     _preview,
@@ -39,6 +41,7 @@ def aggregate_to_spots(
     spots_key: str = SPOTS_KEY,
     spots_table_key: str | None = None,
     key_added: str | None = None,
+    overlap: Literal["nearest", "all"] = "nearest",
     overwrite: bool = False,
 ) -> AnnData:
     """Sum the predicted counts of the cells inside every spot.
@@ -49,7 +52,9 @@ def aggregate_to_spots(
     e.g. the nuclei labels' pixels) lies inside the spot: within ``radius`` of the centre for circles (boundary
     included), inside the polygon for polygons. Centroids are carried into the spots' own coordinates through a
     coordinate system both elements share (``"global"`` when they both have it), so spots and labels may live in
-    different pixel spaces. A cell inside two overlapping spots counts for both; a spot without any cell gets zeros.
+    different pixel spaces. A cell inside two overlapping spots counts, by default, for the one whose centre is
+    nearest (then the one listed first), the rule spot training and spot evaluation use; ``overlap="all"`` counts
+    it for every spot that holds it. A spot without any cell gets zeros.
 
     The prediction table's ``X`` holds ``log1p(counts)``; the spot sums are of ``expm1(X)``.
 
@@ -68,6 +73,8 @@ def aggregate_to_spots(
         ``obs["spot_id"]``.
     key_added
         Key of the new table in ``sdata.tables``; default ``f"{{table_key}}_{{spots_key}}"``.
+    overlap
+        A cell under several overlapping spots counts for the ``"nearest"`` one (default) or for ``"all"`` of them.
     overwrite
         Replace an existing ``sdata.tables[key_added]`` instead of raising.
 
@@ -93,7 +100,9 @@ def aggregate_to_spots(
     # only None means "the default name": "" or 0 is a mistake to report, not to replace silently
     key_added = f"{table_key}_{spots_key}" if key_added is None else key_added
     check_writable(sdata, key_added, "tables", overwrite=overwrite)  # memory and the backing store, before any work
-    out, _ = pseudo_spots(sdata, table_key=table_key, spots_key=spots_key, spots_table_key=spots_table_key)
+    out, _ = pseudo_spots(
+        sdata, table_key=table_key, spots_key=spots_key, spots_table_key=spots_table_key, overlap=overlap
+    )
     out.uns[UNS_KEY]["aggregate_to_spots"]["params"]["key_added"] = key_added
     out = write_element(sdata, key_added, out, overwrite=overwrite)
     logger.info(
@@ -109,12 +118,18 @@ def aggregate_to_spots(
 
 
 def pseudo_spots(
-    sdata: SpatialData, *, table_key: str, spots_key: str, spots_table_key: str | None
+    sdata: SpatialData,
+    *,
+    table_key: str,
+    spots_key: str,
+    spots_table_key: str | None,
+    overlap: Literal["nearest", "all"] = "nearest",
 ) -> tuple[AnnData, np.ndarray]:
     """The pseudo-spot table of :func:`aggregate_to_spots`, not written to ``sdata``, and each cell's spot.
 
-    The second value is, for every row of the prediction table, the row of the returned table holding the cell,
-    or -1 (outside every spot, or in a spot the spot table does not list).
+    The second value is, for every row of the prediction table, the row of the returned table holding the cell by
+    the ``"nearest"`` rule, or -1 (outside every spot, or in a spot the spot table does not list). ``overlap``
+    decides how the table's sums count cells under several spots.
     """
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
@@ -148,8 +163,7 @@ def pseudo_spots(
             continue
         matrix = element_affine(sdata, region, spots_key)
         systems[region] = shared_coordinate_system(sdata, region, spots_key)
-        xy = centroids[rows, :2]
-        in_spots[rows] = xy @ matrix[:2, :2].T + matrix[:2, 2]
+        in_spots[rows] = map_points(centroids[rows, :2], matrix)
     if np.isnan(in_spots).any():
         raise ValueError(f"Table {table_key!r} has cells with missing (NaN) centroids in `obsm[{SPATIAL_KEY!r}]`.")
 
@@ -157,7 +171,12 @@ def pseudo_spots(
     row_of_shape = np.full(len(geometry), -1, dtype=np.int64)
     row_of_shape[order] = np.arange(len(order))
     cell_row = np.where(shape_pos >= 0, row_of_shape[np.maximum(shape_pos, 0)], -1)
-    membership = membership_matrix(cell_row, len(order))
+    pair_cell, pair_spot = spot_pairs(in_spots, geometry, overlap=overlap)
+    pair_row = row_of_shape[pair_spot]
+    pair_cell, pair_row = pair_cell[pair_row >= 0], pair_row[pair_row >= 0]
+    membership = sp.csr_matrix(
+        (np.ones(len(pair_cell)), (pair_row, pair_cell)), shape=(len(order), table.n_obs), dtype=np.float64
+    )
     counts = table.X
     values = counts.data if sp.issparse(counts) else np.asarray(counts)
     if not np.issubdtype(values.dtype, np.number):
@@ -174,7 +193,7 @@ def pseudo_spots(
     obs["n_cells"] = np.asarray(membership.sum(axis=1)).ravel().astype(np.int64)
     out = AnnData(X=summed.astype(np.float32), obs=obs, var=pd.DataFrame(index=table.var_names.copy()))
     if PRED_STD_LAYER in table.layers:
-        out.layers[PRED_STD_LAYER] = _spot_std(table, cell_row, len(order))
+        out.layers[PRED_STD_LAYER] = _spot_std(table, pair_cell, pair_row, len(order))
     out.obsm[SPATIAL_KEY] = geometry.centres[order]
     out.uns[UNS_KEY] = {
         "aggregate_to_spots": {
@@ -185,7 +204,10 @@ def pseudo_spots(
                 "key_added": None,
                 "coordinate_systems": systems,
                 "value": "sum of expm1(X)",
-                "membership": "one spot per cell: the nearest centre among the spots holding its centroid",
+                "overlap": overlap,
+                "membership": "one spot per cell: the nearest centre among the spots holding its centroid"
+                if overlap == "nearest"
+                else "every spot holding the cell's centroid",
             }
         }
     }
@@ -193,7 +215,7 @@ def pseudo_spots(
     return out, cell_row
 
 
-def _spot_std(table: AnnData, cell_row: np.ndarray, n_spots: int) -> np.ndarray:
+def _spot_std(table: AnnData, pair_cell: np.ndarray, pair_row: np.ndarray, n_spots: int) -> np.ndarray:
     """Predictive std of ``log1p`` of each spot's summed counts, from the cells' ``ghist_std`` (delta method).
 
     The rule :func:`ghist.tl.fit` calibrates spot-trained models with (cells independent), so that a spot model's
@@ -211,7 +233,9 @@ def _spot_std(table: AnnData, cell_row: np.ndarray, n_spots: int) -> np.ndarray:
         )
     with np.errstate(divide="ignore"):
         log_var = torch.from_numpy(2 * np.log(std))
-    _, var = spot_variance(torch.from_numpy(dense(table.X, np.float32)), log_var, torch.from_numpy(cell_row), n_spots)
+    # A cell under several spots (overlap="all") enters each of their sums: one row per (cell, spot) pair.
+    expr = torch.from_numpy(dense(table.X, np.float32)[pair_cell])
+    _, var = spot_variance(expr, log_var[pair_cell], torch.from_numpy(pair_row), n_spots)
     return np.sqrt(var.numpy()).astype(np.float32)
 
 
