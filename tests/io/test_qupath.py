@@ -117,4 +117,17 @@ def test_bad_input(tmp_path):
     sdata.tables["other"] = TableModel.parse(plain, region="nuclei", region_key="region", instance_key="cell_id")
     with pytest.raises(ValueError, match="annotates"):
         ghist.io.write_qupath(sdata, tmp_path / "a.geojson", table_key="other", labels_key="he")
+    with pytest.raises(KeyError, match="image_key=None"):
+        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", table_key="table", image_key="missing")
     assert not list(tmp_path.iterdir())
+    # coordinates in the labels' own pixels; a NaN value is left out (JSON has no NaN)
+    table = sdata.tables["table"]
+    values = np.asarray(table.X.todense() if hasattr(table.X, "todense") else table.X, dtype=np.float32)
+    values[0, 0] = np.nan
+    table.X = values
+    path = ghist.io.write_qupath(
+        sdata, tmp_path / "b.geojson", table_key="table", image_key=None, genes=list(table.var_names[:2])
+    )
+    text = path.read_text()
+    assert "NaN" not in text
+    assert list(json.loads(text)["features"][0]["properties"]["measurements"]) == [table.var_names[1]]

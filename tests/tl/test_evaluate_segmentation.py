@@ -118,6 +118,10 @@ def test_bad_input():
         evaluate(_sdata(true, np.kron(pred, np.ones((2, 2), dtype=pred.dtype))), labels_key="pred", true_key="truth")
     with pytest.raises(ValueError, match="do not overlap"):
         evaluate(_sdata(true, pred, Translation([50, 50], axes=("y", "x"))), labels_key="pred", true_key="truth")
+    floats = _sdata(true, pred)
+    floats.labels["pred"].data = floats.labels["pred"].data.astype(np.float32)  # spatialdata 0.8 refuses to parse it
+    with pytest.raises(ValueError, match=r"labels_key.*dtype float32; expected integer"):
+        evaluate(floats, labels_key="pred", true_key="truth")
     # a bad second sample is refused before the first is scored, naming the sample
     without_pred = sd.SpatialData(labels={"truth": _labels(true)})
     with pytest.raises(KeyError, match="labels_key` \\(sample '1'\\)"):

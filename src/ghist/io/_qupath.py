@@ -17,7 +17,7 @@ import pandas as pd
 from .._constants import IMAGE_KEY, PRED_CELL_TYPE_KEY, PRED_KEY
 from .._spatial import element_affine
 from .._stats import dense
-from .._validation import check_genes, check_int, get_labels, get_table, require_key, scale0, table_of_region
+from .._validation import check_genes, check_int, get_labels, get_table, scale0, table_of_region
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -229,8 +229,13 @@ def write_qupath(
         cell_type_key = None
     matrix, extent = np.eye(3), None
     if image_key is not None:
+        if image_key not in sdata.images:
+            raise KeyError(
+                f"Image {image_key!r} not found in `sdata.images` (have {sorted(sdata.images)}); pass the image opened "
+                "in QuPath as `image_key`, or `image_key=None` to write coordinates in the labels' own pixels."
+            )
         matrix = element_affine(sdata, labels_key, image_key)
-        image = scale0(require_key(sdata, "images", image_key))
+        image = scale0(sdata.images[image_key])
         extent = shapely.box(0, 0, image.sizes["x"], image.sizes["y"])
 
     ids = pd.to_numeric(table.obs[instance_key], errors="coerce").to_numpy()
@@ -273,7 +278,10 @@ def write_qupath(
         if types is not None:
             properties["classification"] = {"name": types[row], "color": colours[types[row]]}
         if genes:
-            properties["measurements"] = {g: float(v) for g, v in zip(genes, values[row], strict=True)}
+            # JSON has no NaN: a gene without a value is left out, which QuPath shows as NaN
+            properties["measurements"] = {
+                g: float(v) for g, v in zip(genes, values[row], strict=True) if np.isfinite(v)
+            }
         features[int(row)] = {
             "type": "Feature",
             "id": str(uuid.uuid5(_ID_NAMESPACE, f"{labels_key}:{oid}")),
