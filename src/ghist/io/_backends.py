@@ -302,6 +302,8 @@ class _GuardedLevel:
                 data = np.asarray(self.array[tuple(stored[:2])])[..., None]
             else:
                 data = np.asarray(self.array[tuple(stored)])
+        except MemoryError:
+            raise
         except Exception as err:  # imagecodecs/tifffile raise many types; all mean "this tile did not decode"
             key, err = self._first_bad_tile(key, err)
             raise _read_error(self.path, self.level, key, self.shape, self.block, err) from err
@@ -365,6 +367,8 @@ class _OpenSlideLevel:
                 data = box[:: ys.step, :: xs.step]
             else:  # sparse strided samples: one small read each (OpenSlide caches the tiles they fall in)
                 data = np.stack([np.concatenate([self._read(y, x, 1, 1) for x in xs], axis=1) for y in ys])[:, 0]
+        except MemoryError:
+            raise
         except Exception as err:  # OpenSlideError and friends
             raise _read_error(self.path, self.level, key, self.shape, self.block, err) from err
         return data[..., channels]
