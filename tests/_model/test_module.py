@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ghist._model._module import GHISTModule, augment_batch
@@ -56,3 +57,39 @@ def test_module_passes_its_expr_scale_to_the_losses(monkeypatch):
     lit = GHISTModule(net, expr_scale=2.5)
     lit._losses({"image": None, "labels": None, "cell_batch": None, "n_cells": 0})
     assert seen["expr_scale"] == 2.5
+
+
+def _diverging_module(monkeypatch, value: float, **settings) -> GHISTModule:
+    import ghist._model._module as module
+
+    def losses(out, batch, network, **kwargs):
+        return {"total": torch.tensor(value), "expr": torch.tensor(value), "pixel": torch.tensor(0.5)}
+
+    monkeypatch.setattr(module, "ghist_losses", losses)
+    net = torch.nn.Module()
+    net.forward = lambda *args: {}
+    return GHISTModule(net, expr_scale=1.0, augment=False, **settings)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to")
+def test_a_non_finite_loss_stops_training_at_once_saying_what_to_change(monkeypatch):
+    from ghist._model._module import TrainingDivergedError
+
+    batch = {"image": torch.zeros(1, 3, 4, 4), "labels": None, "cell_batch": None, "n_cells": 0, "expr": torch.zeros(1)}
+    with pytest.raises(TrainingDivergedError, match=r"\['expr'\].*lr=1e\+06.*lr=100000"):
+        _diverging_module(monkeypatch, float("nan"), lr=1e6).training_step(batch, 0)
+    with pytest.raises(TrainingDivergedError):
+        _diverging_module(monkeypatch, float("inf")).training_step(batch, 0)
+    finite = _diverging_module(monkeypatch, 1.5).training_step(batch, 0)
+    assert float(finite) == 1.5
+
+
+def test_non_finite_weights_are_never_handed_back():
+    from ghist._model._module import TrainingDivergedError, check_finite_weights
+
+    net = torch.nn.Linear(2, 2)
+    check_finite_weights(net, 1e-3)
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDivergedError, match="weight"):
+        check_finite_weights(net, 1e-3)

@@ -126,3 +126,13 @@ def test_network_adds_its_readout_and_clips_at_zero():
     np.testing.assert_allclose(out["expr"][:, 0], base[:, 0] + 1.0, rtol=1e-6)
     assert torch.equal(out["expr"][:, 1], torch.zeros(2))
     assert "readout.weight" in with_readout.state_dict()
+
+
+def test_fit_readout_names_non_finite_embeddings():
+    # a diverged network's NaN embeddings made numpy raise a bare LinAlgError after the whole training
+    from ghist._model._readout import ReadoutError
+
+    x, y = _planted(200, 0)
+    x[5, 0] = np.nan
+    with pytest.raises(ReadoutError, match="lower `lr`"):
+        fit_readout(_EmbeddingNetwork(y.shape[1]), _batches(x, y), _batches(x[:50], y[:50]), SCALE)

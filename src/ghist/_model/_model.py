@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._constants import EXPR_SCALE
-from .._validation import check_int, check_number
+from ._model_files import (
+    FORMAT_VERSION,
+    LEGACY_FILE,
+    META_FILE,
+    MODEL_FILES,
+    WEIGHTS_FILE,
+    check_finite_tensors,
+    check_settings,
+    check_shapes,
+    check_training_state,
+    is_model_folder,
+    read_legacy,
+    read_settings,
+    read_tensors,
+)
 from ._network import GHISTNetwork
-from ._safe_load import safe_torch_load
+from ._spec import ArchitectureSpec, model_docs
 from ._uncertainty import HEAD_PREFIX, VarianceHead, make_variance_head
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_FILE = "weights.pt"  # a plain dict of tensors (torch.save), read back with weights_only=True
-META_FILE = "model.json"  # everything else, as JSON
-LEGACY_FILE = "model.pt"  # ghist 0.1: one pickled dict
-FORMAT_VERSION = 2  # 1: ghist 0.1, one pickled `model.pt`; 2: `weights.pt` (tensors only) + `model.json`
 
 
 class GHISTModel:
@@ -49,39 +56,17 @@ class GHISTModel:
         Names of the reference profiles.
     cell_type_groups
         Specialist groups: group name -> cell types of the group (``docs/method.md``).
-    width
-        Channels of the first backbone level (64 is the published architecture).
-    embed_dim
-        Size of the per-cell embedding.
-    tile_size
-        Side of the square tiles the network sees, in pixels.
-    mean, std
-        Per-channel statistics (0-255 scale) used to standardise H&E tiles.
-    pixel_size
-        Microns per pixel of the training images (``None`` if unknown); other slides are resampled to it.
-    expr_scale
-        The network learns ``expr_scale * log1p(counts)``.
+    spec
+        The model's :class:`~ghist._model._spec.ArchitectureSpec`, or ``None`` for its defaults; ``**settings``
+        replace its fields.
     encoder
         Settings of a pretrained encoder fused into the cell embedding (from
         :func:`ghist._model._encoder.prepare_encoder`, or as saved), or ``None``.
     encoder_module
         The encoder itself (see :func:`ghist.tl.fit`'s ``encoder``); ``None`` rebuilds a timm encoder by name.
-    context_neighbours
-        Mix each cell's embedding with the mean of its ``k`` nearest cells' before the heads (see
-        :func:`ghist.tl.fit`); 0: no neighbourhood context.
-    output_activation
-        Non-linearity keeping predicted expression non-negative: ``"softplus"``, or ``"relu"`` (models saved
-        before this setting existed load with it; see :class:`~ghist._model._network.ExpressionHead`).
-    morphometrics
-        Feed each nucleus' size and texture to the cell embedding (see
-        :class:`~ghist._model._network.GHISTNetwork`); models saved before this setting existed load without.
-    cell_offset
-        A direct path from each cell's embedding to its genes in the expression heads (see
-        :class:`~ghist._model._network.ExpressionHead`); models saved before this setting existed load without.
-    readout
-        The network holds a residual readout (:class:`~ghist._model._readout.ResidualReadout`), a linear correction
-        from each cell's embedding fitted by :func:`ghist.tl.fit` after training; models saved before it existed
-        load without.
+    **settings
+        Fields of the :class:`~ghist._model._spec.ArchitectureSpec` (checked there), each below.
+    {spec_docs}
 
     Attributes
     ----------
@@ -114,20 +99,10 @@ class GHISTModel:
         reference: np.ndarray | None = None,
         reference_names: Sequence[str] | None = None,
         cell_type_groups: Mapping[str, Sequence[str]] | None = None,
-        width: int = 64,
-        embed_dim: int = 256,
-        tile_size: int = 256,
-        mean: Sequence[float] = (0.0, 0.0, 0.0),
-        std: Sequence[float] = (1.0, 1.0, 1.0),
-        pixel_size: float | None = None,
-        expr_scale: float = EXPR_SCALE,
+        spec: ArchitectureSpec | None = None,
         encoder: Mapping[str, Any] | None = None,
         encoder_module: torch.nn.Module | None = None,
-        context_neighbours: int = 0,
-        output_activation: str = "softplus",
-        morphometrics: bool = False,
-        cell_offset: bool = False,
-        readout: bool = False,
+        **settings: Any,
     ):
         if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
             raise TypeError(f"`genes` must be a list of gene names; got {type(genes).__name__} {genes!r:.60}.")
@@ -140,14 +115,7 @@ class GHISTModel:
         cell_types = None if cell_types is None else [str(t) for t in cell_types]
         if cell_types is not None:
             _check_unique(cell_types, "cell_types")
-        check_int("width", width, 1)
-        check_int("embed_dim", embed_dim, 1)
-        check_int("context_neighbours", context_neighbours, 0)
-        # five levels halve the tile four times; batch norm needs more than one value per channel at the deepest
-        check_int("tile_size", tile_size, 32)
-        if pixel_size is not None:
-            check_number("pixel_size", pixel_size)
-        check_number("expr_scale", expr_scale)
+        spec = ArchitectureSpec.build(**settings) if spec is None else spec.replace(**settings) if settings else spec
         groups = _check_groups(cell_type_groups, cell_types)
         if reference is not None:
             reference = np.asarray(reference, dtype=np.float32)
@@ -165,33 +133,12 @@ class GHISTModel:
                 raise ValueError(
                     f"`reference_names` has {len(reference_names)} names for {reference.shape[0]} reference profiles."
                 )
-        mean = [float(m) for m in mean]
-        std = [float(s) for s in std]
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"`mean`/`std` must hold 3 channel statistics with std > 0; got {mean}, {std}.")
 
         self.genes = genes
         self.cell_types = cell_types
         self.cell_type_groups = groups
         self.reference_names = None if reference is None else list(reference_names)
-        self.init_params_: dict[str, Any] = {
-            "genes": genes,
-            "cell_types": cell_types,
-            "reference_names": self.reference_names,
-            "cell_type_groups": groups,
-            "width": int(width),
-            "embed_dim": int(embed_dim),
-            "tile_size": int(tile_size),
-            "mean": mean,
-            "std": std,
-            "pixel_size": None if pixel_size is None else float(pixel_size),
-            "expr_scale": float(expr_scale),
-            "context_neighbours": int(context_neighbours),
-            "output_activation": str(output_activation),
-            "morphometrics": bool(morphometrics),
-            "cell_offset": bool(cell_offset),
-            "readout": bool(readout),
-        }
+        self._encoder_config: dict[str, Any] | None = None
         type_index = {t: i for i, t in enumerate(cell_types or [])}
         network_groups = {name: [type_index[t] for t in members] for name, members in groups.items()}
         feature_encoder = None
@@ -201,30 +148,24 @@ class GHISTModel:
             feature_encoder = FeatureEncoder(
                 encoder_for_load(encoder, encoder_module),
                 encoder,
-                tile_mean=mean,
-                tile_std=std,
-                tile_size=int(tile_size),
-                out_features=int(embed_dim),
+                tile_mean=list(spec.mean),
+                tile_std=list(spec.std),
+                tile_size=spec.tile_size,
+                out_features=spec.embed_dim,
             )
-            self.init_params_["encoder"] = json.loads(json.dumps(feature_encoder.config))
+            self._encoder_config = json.loads(json.dumps(feature_encoder.config))
         elif encoder_module is not None:
             raise ValueError("`encoder` was given, but this model has no encoder (it was trained without one).")
         self.network = GHISTNetwork(
             n_genes=len(genes),
             n_types=len(cell_types or []),
-            reference=None if reference is None else torch.from_numpy(reference * float(expr_scale)),
+            reference=None if reference is None else torch.from_numpy(reference * spec.expr_scale),
             groups=network_groups or None,
-            width=int(width),
-            embed_dim=int(embed_dim),
+            spec=spec,
             feature_encoder=feature_encoder,
-            context_neighbours=int(context_neighbours),
-            output_activation=str(output_activation),
-            morphometrics=bool(morphometrics),
-            cell_offset=bool(cell_offset),
-            readout=bool(readout),
         )
         # After the network, under its own random state: the network's initialisation is what it was without it.
-        self.uncertainty_head: VarianceHead | None = make_variance_head(int(embed_dim), len(genes))
+        self.uncertainty_head: VarianceHead | None = make_variance_head(spec.embed_dim, len(genes))
         # Post-hoc factor on the head's std, fitted on the validation split by `tl.fit` (see `_uncertainty.py`).
         self.uncertainty_: dict[str, Any] = {"scale": [1.0] * len(genes), "global": 1.0, "level": None, "n": 0}
         self.readout_: dict[str, Any] | None = None
@@ -232,6 +173,8 @@ class GHISTModel:
         self._is_trained = False
         self._history: pd.DataFrame | None = None
         self._best_epoch: int | None = None
+
+    __doc__ = (__doc__ or "").replace("    {spec_docs}", textwrap.indent(model_docs(), "    "))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -245,29 +188,52 @@ class GHISTModel:
         return len(self.cell_types or [])
 
     @property
+    def spec(self) -> ArchitectureSpec:
+        """The model's :class:`~ghist._model._spec.ArchitectureSpec` (held by its network)."""
+        return self.network.spec
+
+    @property
+    def init_params_(self) -> dict[str, Any]:
+        """What the model was built from, as saved in ``model.json`` (a new dict).
+
+        Genes, cell types, reference names, groups, the :class:`~ghist._model._spec.ArchitectureSpec`'s fields and
+        the encoder's settings.
+        """
+        params = {
+            "genes": list(self.genes),
+            "cell_types": None if self.cell_types is None else list(self.cell_types),
+            "reference_names": None if self.reference_names is None else list(self.reference_names),
+            "cell_type_groups": {k: list(v) for k, v in self.cell_type_groups.items()},
+            **self.spec.to_json(),
+        }
+        if self._encoder_config is not None:
+            params["encoder"] = json.loads(json.dumps(self._encoder_config))
+        return params
+
+    @property
     def tile_size(self) -> int:
         """Tile side in pixels."""
-        return self.init_params_["tile_size"]
+        return self.spec.tile_size
 
     @property
     def pixel_size(self) -> float | None:
         """Microns per pixel of the training images."""
-        return self.init_params_["pixel_size"]
+        return self.spec.pixel_size
 
     @property
     def expr_scale(self) -> float:
         """Scale of the network's expression output relative to ``log1p(counts)``."""
-        return self.init_params_["expr_scale"]
+        return self.spec.expr_scale
 
     @property
     def mean(self) -> np.ndarray:
         """Per-channel mean used to standardise tiles."""
-        return np.asarray(self.init_params_["mean"], dtype=np.float32)
+        return np.asarray(self.spec.mean, dtype=np.float32)
 
     @property
     def std(self) -> np.ndarray:
         """Per-channel standard deviation used to standardise tiles."""
-        return np.asarray(self.init_params_["std"], dtype=np.float32)
+        return np.asarray(self.spec.std, dtype=np.float32)
 
     def __repr__(self) -> str:
         p = self.init_params_
@@ -398,43 +364,60 @@ class GHISTModel:
         ):
             raise ValueError("The model's weights must be a dict of name -> tensor.")
         params = settings.get("init_params")
-        if not isinstance(params, Mapping) or "genes" not in params:
+        if not isinstance(params, Mapping) or not isinstance(params.get("genes"), list):
             raise ValueError("The settings lack the model's `init_params` (genes, cell types, ...).")
         params = dict(params)
-        # Settings added after a model was saved: the value it was trained with (ReLU, no morphometrics, no offset,
-        # no readout).
-        params.setdefault("output_activation", "relu")
-        params.setdefault("morphometrics", False)
-        params.setdefault("cell_offset", False)
-        params.setdefault("readout", False)
-        if genes is not None and list(genes) != list(params["genes"]):
-            missing = sorted(set(params["genes"]) - set(genes))
-            extra = sorted(set(genes) - set(params["genes"]))
+        vocabulary = {k: params.pop(k, None) for k in ("genes", "cell_types", "reference_names", "cell_type_groups")}
+        encoder_config = params.pop("encoder", None)
+        try:
+            # Every number checked (types, ranges, finiteness) before anything is allocated; a setting the file does
+            # not name gets the value older models were trained with (see `ArchitectureSpec.from_saved`).
+            spec = ArchitectureSpec.from_saved(params)
+            best = check_training_state(settings)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"The model's settings are invalid: {err}") from None
+        saved_genes = vocabulary["genes"]
+        if genes is not None and list(genes) != list(saved_genes):
+            missing = sorted(set(saved_genes) - set(genes))
+            extra = sorted(set(genes) - set(saved_genes))
             raise ValueError(
                 f"The saved model predicts other genes than expected: missing {missing[:5]}, unexpected {extra[:5]} "
                 "(or a different order)."
             )
+        check_finite_tensors(tensors)
         head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
         tensors = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
         reference = tensors.get("reference")
         if reference is not None:
             # The buffer holds the profiles on the network's scale; the constructor takes them on the log1p scale.
-            reference = (reference.detach().to("cpu", torch.float32) / float(params["expr_scale"])).numpy()
-        if params.get("encoder") is not None and encoder is not None:
+            reference = (reference.detach().to("cpu", torch.float32) / spec.expr_scale).numpy()
+        if encoder_config is not None and encoder is not None:
             import copy
 
             encoder = copy.deepcopy(encoder)  # the weights loaded below must not overwrite the caller's module
+        build = {
+            "reference": reference,
+            "reference_names": vocabulary["reference_names"],
+            "cell_type_groups": vocabulary["cell_type_groups"],
+            "spec": spec,
+        }
         try:
-            genes_, types_ = params.pop("genes"), params.pop("cell_types", None)
-            model = cls(genes_, types_, reference=reference, encoder_module=encoder, **params)
-            if params.get("encoder") is not None:
+            if encoder_config is None:
+                # The shapes the settings imply, from a network on the meta device (no memory), before a real one.
+                with torch.device("meta"):
+                    skeleton = cls(saved_genes, vocabulary["cell_types"], **build)
+                check_shapes(skeleton.network.state_dict(), tensors, "network")
+                if head:
+                    check_shapes(skeleton.uncertainty_head.state_dict(), head, "variance head")
+            model = cls(saved_genes, vocabulary["cell_types"], encoder=encoder_config, encoder_module=encoder, **build)
+            if encoder_config is not None:
                 from ._encoder import check_encoder_weights
 
                 check_encoder_weights(model.network, tensors)
             model.network.load_state_dict(dict(tensors))
             if head:
                 model.uncertainty_head.load_state_dict(head)
-        except (TypeError, RuntimeError) as err:
+        except (TypeError, RuntimeError, KeyError) as err:
             raise ValueError(f"The saved weights do not fit the model the settings describe: {err}") from err
         model.network.eval()
         if head:
@@ -445,8 +428,7 @@ class GHISTModel:
         readout = settings.get("readout")
         model.readout_ = dict(readout) if isinstance(readout, Mapping) else None
         model._is_trained = bool(settings.get("is_trained", True))
-        best = settings.get("best_epoch")
-        model._best_epoch = None if best is None else int(best)
+        model._best_epoch = best
         model._history = _history_frame(settings.get("history"))
         return model
 
@@ -466,7 +448,14 @@ class GHISTModel:
         dir_path
             Destination directory.
         overwrite
-            Replace an existing directory at ``dir_path``.
+            Replace an existing ghist model at ``dir_path`` (a folder whose ``model.json`` names a GHISTModel, or a
+            ghist 0.1 ``model.pt``, holding nothing else but a ``CARD.md``). Any other folder or file there is left
+            as it is and refused with a ``FileExistsError``: nothing of yours is deleted, nothing beside it touched.
+
+        Raises
+        ------
+        FileExistsError
+            ``dir_path`` exists and ``overwrite`` is false, or it is not a ghist model folder.
 
         Examples
         --------
@@ -478,26 +467,19 @@ class GHISTModel:
         ['EPCAM', 'PTPRC']
 
         """
+        from .._folders import replace_folder
+
         dir_path = Path(dir_path)
-        if dir_path.exists() and not overwrite:
-            raise FileExistsError(f"{str(dir_path)!r} already exists; pass `overwrite=True` to replace it.")
-        dir_path.parent.mkdir(parents=True, exist_ok=True)
         state = self._to_state()
         settings = {**state["settings"], "weights_file": WEIGHTS_FILE}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dir_path.name}.", dir=dir_path.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             torch.save(state["tensors"], tmp / WEIGHTS_FILE)
             (tmp / META_FILE).write_text(json.dumps(settings, indent=2, allow_nan=False))
-            if dir_path.exists():
-                backup = dir_path.with_name(f".{dir_path.name}.old")
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(dir_path, backup)
-                os.replace(tmp, dir_path)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(tmp, dir_path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        replace_folder(
+            dir_path, write, overwrite=overwrite, is_ours=is_model_folder, own_names=MODEL_FILES, what="ghist model"
+        )
         logger.info("Saved %s to %s", type(self).__name__, dir_path)
 
     @classmethod
@@ -544,11 +526,12 @@ class GHISTModel:
         dir_path = Path(dir_path)
         weights, meta, legacy = dir_path / WEIGHTS_FILE, dir_path / META_FILE, dir_path / LEGACY_FILE
         if weights.is_file() or (meta.is_file() and not legacy.is_file()):
-            settings = _read_settings(meta)
-            tensors = _read_tensors(weights, map_location)
+            settings = read_settings(meta)
+            check_settings(settings, meta)  # every number, before the weights are read or anything is built
+            tensors = read_tensors(weights, map_location)
             source = weights
         elif legacy.is_file():
-            settings, tensors = _read_legacy(legacy, map_location)
+            settings, tensors = read_legacy(legacy, map_location)
             source = legacy
         else:
             raise FileNotFoundError(
@@ -594,62 +577,6 @@ def _history_frame(history: Any) -> pd.DataFrame | None:
         if converted.notna().sum() == frame[column].notna().sum():
             frame[column] = converted.astype(float)
     return frame
-
-
-def _read_settings(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} is missing; expected the JSON settings that `GHISTModel.save` writes.")
-    try:
-        settings = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(
-            f"{str(path)!r} is not readable JSON ({err}); expected the settings that `GHISTModel.save` writes."
-        ) from err
-    if not isinstance(settings, dict) or settings.get("class") != GHISTModel.__name__:
-        raise ValueError(
-            f"{str(path)!r} does not describe a GHISTModel; expected the settings `GHISTModel.save` writes."
-        )
-    return settings
-
-
-def _read_tensors(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
-    expected = "a dict of tensors written by `GHISTModel.save`"
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} is missing; expected {expected}.")
-    tensors = safe_torch_load(path, what="Model weights", expected=expected, map_location=map_location)
-    if not isinstance(tensors, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
-    ):
-        raise ValueError(
-            f"{str(path)!r} holds a {type(tensors).__name__} with other things than tensors; expected {expected}."
-        )
-    return tensors
-
-
-def _read_legacy(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Settings and tensors of a ghist 0.1 ``model.pt`` (one pickled dict), read with ``weights_only=True``."""
-    expected = "a model file written by `GHISTModel.save`"
-    payload = safe_torch_load(
-        path,
-        what="Model file",
-        expected=expected,
-        map_location=map_location,
-        hint=" If it is an old ghist model you trust, load it with the ghist version that wrote it and save it again "
-        "with this one.",
-    )
-    if not isinstance(payload, dict) or payload.get("class") != GHISTModel.__name__ or "state_dict" not in payload:
-        raise ValueError(f"{str(path)!r} is not a GHISTModel file; expected {expected}.")
-    history = payload.get("history")
-    settings = {
-        "class": payload["class"],
-        "format_version": 1,
-        "ghist_version": payload.get("ghist_version"),
-        "init_params": payload.get("init_params"),
-        "is_trained": payload.get("is_trained", True),
-        "best_epoch": payload.get("best_epoch"),
-        "history": None if history is None else dict(history),
-    }
-    return settings, payload["state_dict"]
 
 
 def _check_unique(names: list[str], arg: str) -> None:

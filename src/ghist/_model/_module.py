@@ -15,8 +15,25 @@ from lightning.pytorch.callbacks import Callback, Timer
 from .._stats import validation_score
 from ._losses import ghist_losses, spot_sums
 from ._network import GHISTNetwork, dihedral_view
+from ._spec import TrainingSpec
 from ._stain import hed_jitter
 from ._uncertainty import head_param_groups, uncertainty_loss
+
+
+class TrainingDivergedError(ValueError, FloatingPointError):
+    """Training stopped at a non-finite loss or with non-finite weights (e.g. too high a learning rate)."""
+
+
+def check_finite_weights(network: torch.nn.Module, lr: float) -> None:
+    """Refuse to hand back a network whose weights hold NaN or infinities (it would predict them)."""
+    bad = [
+        name for name, value in network.state_dict().items() if value.is_floating_point() and not value.isfinite().all()
+    ]
+    if bad:
+        raise TrainingDivergedError(
+            f"Training diverged: the weights {bad[:3]} hold NaN or infinite values. Lower the learning rate "
+            f"(`lr={lr:g}`, e.g. `lr={lr / 10:g}`)."
+        )
 
 
 def augment_batch(
@@ -79,32 +96,30 @@ class GHISTModule(L.LightningModule):
     def __init__(
         self,
         network: GHISTNetwork,
+        training: TrainingSpec | None = None,
         *,
         expr_scale: float,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        augment: bool = True,
-        seed: int = 0,
-        color_jitter: float = 0.0,
-        stain_jitter: float = 0.0,
         standardisation: tuple[Sequence[float], Sequence[float]] | None = None,
         uncertainty: torch.nn.Module | None = None,
-        loss_weights: Mapping[str, float] | None = None,
+        **settings: Any,
     ):
         super().__init__()
+        # `settings`: fields of the TrainingSpec replacing those of `training` (e.g. `lr=1e-2`)
+        training = TrainingSpec.build(**settings) if training is None else training.replace(**settings)
+        self.training_spec = training
         self.network = network
-        self.loss_weights = dict(loss_weights or {})
+        self.loss_weights = dict(training.loss_weights)
         # The variance head (`_uncertainty.py`): trained beside the network on detached inputs, never through it.
         self.uncertainty = uncertainty
         self.expr_scale = expr_scale
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.augment = augment
-        self.color_jitter = float(color_jitter)
-        self.stain_jitter = float(stain_jitter)
+        self.lr = training.lr
+        self.weight_decay = training.weight_decay
+        self.augment = training.augment
+        self.color_jitter = training.color_jitter
+        self.stain_jitter = training.stain_jitter
         self.standardisation = standardisation
-        self.seed = seed
-        self._generator = torch.Generator().manual_seed(seed)
+        self.seed = training.seed
+        self._generator = torch.Generator().manual_seed(training.seed)
         self._val_outputs: list[dict[str, np.ndarray]] = []
 
     # The augmentation generator must survive checkpoint/resume for a resumed run to match an uninterrupted one.
@@ -156,7 +171,21 @@ class GHISTModule(L.LightningModule):
                     f"train/{name}", value, batch_size=bs, on_step=False, on_epoch=True, sync_dist=self._distributed
                 )
         # Not part of the logged `train_loss`: that stays the network's loss (it picks the best epoch without val).
-        return losses["total"] if nll is None else losses["total"] + nll
+        total = losses["total"] if nll is None else losses["total"] + nll
+        # At the first non-finite loss, not after the budget: the weights are lost from here on.
+        if not bool(torch.isfinite(total.detach())):
+            terms = {**losses, **({} if nll is None else {"uncertainty_nll": nll})}
+            raise TrainingDivergedError(self._diverged_message(terms))
+        return total
+
+    def _diverged_message(self, terms: Mapping[str, torch.Tensor]) -> str:
+        bad = [name for name, value in terms.items() if name != "total" and not bool(torch.isfinite(value.detach()))]
+        step = self._trainer.global_step if self._trainer is not None else "?"
+        return (
+            f"Training diverged at optimisation step {step}: the loss is not finite (terms {bad or ['total']}). "
+            f"Lower the learning rate (`lr={self.lr:g}`, e.g. `lr={self.lr / 10:g}`), or the weights of those terms "
+            "(`loss_weights`); check that the tiles' expression is finite."
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         batch = self._prepare(batch)

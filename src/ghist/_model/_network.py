@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 from ._backbone import UNet3Plus, fuse_conv_bn_
 from ._context import NeighbourContext, cell_centroids
 from ._readout import ResidualReadout
+from ._spec import ArchitectureSpec
 
 logger = logging.getLogger(__name__)
 
@@ -258,10 +260,9 @@ class GHISTNetwork(nn.Module):
     groups
         Specialist groups, ``name -> cell type indices``; each gets its own expression head. Names must be
         non-empty and contain no ``"."``.
-    width
-        Channels of the first backbone level (64 in the paper).
-    embed_dim
-        Size of the cell embedding.
+    spec
+        The model's :class:`~ghist._model._spec.ArchitectureSpec` (width, embedding size, context, activation,
+        morphometrics, cell offset, readout: documented there), or ``None`` for its defaults.
     hidden
         Hidden width of the heads' MLPs (the embedding MLP uses ``2 * hidden``).
     n_tokens
@@ -277,17 +278,11 @@ class GHISTNetwork(nn.Module):
     feature_encoder
         Optional :class:`~ghist._model._encoder.FeatureEncoder` (a pretrained encoder's per-nucleus features),
         concatenated to the embedding MLP's input.
-    context_neighbours
-        With ``k > 0``, each cell's embedding is mixed with the mean embedding of its ``k`` nearest cells of the
-        tile before the heads (:class:`~ghist._model._context.NeighbourContext`); 0: no context.
-    output_activation, cell_offset
-        See :class:`ExpressionHead`.
-    morphometrics
-        Also feed each nucleus' ``log1p`` area and texture (:func:`nucleus_morphometrics`) to the embedding MLP.
-    readout
-        Hold a :class:`~ghist._model._readout.ResidualReadout`, added to the expression (then clipped at 0). It is
-        zero until fitted after training (:func:`~ghist._model._readout.fit_readout`); the specialist heads'
-        expressions are left as they are.
+    **settings
+        Fields of the :class:`~ghist._model._spec.ArchitectureSpec` replacing those of ``spec`` (e.g.
+        ``width=16``). The readout (``readout=True``) is added to the expression (then clipped at 0) and zero until
+        fitted after training (:func:`~ghist._model._readout.fit_readout`); the specialist heads' expressions are
+        left as they are.
 
     Examples
     --------
@@ -308,8 +303,7 @@ class GHISTNetwork(nn.Module):
         *,
         reference: torch.Tensor | None = None,
         groups: Mapping[str, Sequence[int]] | None = None,
-        width: int = 64,
-        embed_dim: int = 256,
+        spec: ArchitectureSpec | None = None,
         hidden: int = 256,
         n_tokens: int = 8,
         n_heads: int = 8,
@@ -317,14 +311,13 @@ class GHISTNetwork(nn.Module):
         upsample_first: bool = False,
         encoder: nn.Module | None = None,
         feature_encoder: nn.Module | None = None,
-        context_neighbours: int = 0,
-        output_activation: str = "softplus",
-        morphometrics: bool = False,
-        cell_offset: bool = False,
-        readout: bool = False,
+        **settings: Any,
     ):
         super().__init__()
-        check_output_activation(output_activation)  # fail before building anything
+        # checked before anything is built
+        spec = ArchitectureSpec.build(**settings) if spec is None else spec.replace(**settings) if settings else spec
+        self.spec = spec
+        width, embed_dim = spec.width, spec.embed_dim
         if n_genes < 1:
             raise ValueError(f"`n_genes` must be at least 1; got {n_genes}.")
         if n_types < 0:
@@ -364,7 +357,7 @@ class GHISTNetwork(nn.Module):
         pooled = self.backbone.decoder_channels + self.backbone.encoder_channels[0]
         self.feature_encoder = feature_encoder
         extra = 0 if feature_encoder is None else int(feature_encoder.out_features)
-        self.morphometrics = bool(morphometrics)
+        self.morphometrics = spec.morphometrics
         if self.morphometrics:
             extra += self.backbone.encoder_channels[0] + 1
         self.embed = _mlp(2 * pooled + extra, 2 * hidden, embed_dim, dropout)
@@ -384,23 +377,26 @@ class GHISTNetwork(nn.Module):
             "token_dim": embed_dim,
             "n_heads": n_heads,
             "dropout": dropout,
-            "activation": output_activation,
-            "cell_offset": bool(cell_offset),
+            "activation": spec.output_activation,
+            "cell_offset": spec.cell_offset,
         }
         self.expr_head = ExpressionHead(embed_dim, n_genes, query_dim, **head_kwargs)
         self.group_heads = nn.ModuleDict(
             {name: ExpressionHead(embed_dim, n_genes, query_dim, **head_kwargs) for name in clean_groups}
         )
-        if context_neighbours < 0:
-            raise ValueError(f"`context_neighbours` must be >= 0 (0: no context); got {context_neighbours}.")
         # Built last: every other weight is initialised as without context, and the context starts as the identity.
         self.context: NeighbourContext | None = (
-            NeighbourContext(embed_dim, context_neighbours, hidden=hidden, dropout=dropout)
-            if context_neighbours
+            NeighbourContext(embed_dim, spec.context_neighbours, hidden=hidden, dropout=dropout)
+            if spec.context_neighbours
             else None
         )
         # Fitted in closed form after training (`_readout.fit_readout`); buffers only, no random initialisation.
-        self.readout: ResidualReadout | None = ResidualReadout(embed_dim, n_genes) if readout else None
+        self.readout: ResidualReadout | None = ResidualReadout(embed_dim, n_genes) if spec.readout else None
+
+    def set_readout(self, readout: ResidualReadout | None) -> None:
+        """Hold ``readout`` (fitted after training), recorded in :attr:`spec` so that it is saved and rebuilt."""
+        self.readout = readout
+        self.spec = self.spec.replace(readout=readout is not None)
 
     # ------------------------------------------------------------------ pieces
     def pool_cells(

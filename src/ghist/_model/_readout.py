@@ -110,6 +110,10 @@ def _validation_mse(sums: _Sums, weight: np.ndarray, offset: np.ndarray) -> np.n
     return (sums.yy - 2 * cross + square) / sums.n
 
 
+class ReadoutError(ValueError):
+    """The residual readout could not be fitted (non-finite embeddings or an unsolvable system)."""
+
+
 def fit_readout(
     network: nn.Module,
     train_loader: Iterable[dict[str, Any]],
@@ -160,13 +164,25 @@ def fit_readout(
     if train.n < 2 or val.n == 0:
         return None, report
 
+    for name, sums in (("training", train), ("validation", val)):
+        if not all(np.isfinite(part).all() for part in (sums.x, sums.y, sums.xx, sums.xy, sums.yy)):
+            raise ReadoutError(
+                f"The residual readout cannot be fitted: the network's embeddings or predictions of the {name} cells "
+                "are not finite (the training diverged: lower `lr`), or pass `readout=False`."
+            )
     mean_x, mean_y = train.x / train.n, train.y / train.n
     cov_xx = train.xx / train.n - np.outer(mean_x, mean_x)
     cov_xy = train.xy / train.n - np.outer(mean_x, mean_y)
     std = np.sqrt(np.clip(np.diag(cov_xx), 0, None))
     scale = np.where(std > 1e-8, std, 1.0)  # a constant dimension gets no weight anyway
     corr = cov_xx / np.outer(scale, scale)
-    eigval, eigvec = np.linalg.eigh((corr + corr.T) / 2)
+    try:
+        eigval, eigvec = np.linalg.eigh((corr + corr.T) / 2)
+    except np.linalg.LinAlgError as err:
+        raise ReadoutError(
+            f"The residual readout cannot be fitted: its {len(mean_x)}-dimensional ridge system did not solve ({err}); "
+            "fit with `readout=False`."
+        ) from err
     projected = eigvec.T @ (cov_xy / scale[:, None])
 
     baseline = val.yy / val.n  # no correction

@@ -9,14 +9,14 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from anndata import AnnData
 
-from .._validation import check_genes, check_int, check_number, check_seed
+from .._model._spec import ArchitectureSpec, split_fit_options, with_fit_options
+from .._validation import check_genes
 from ._fit_pixel_size import check_resumed_pixel_size, model_pixel_size, pixel_size_recorder
 from ._fit_posthoc import calibrate_uncertainty, fit_model_readout, warn_if_weak
 
@@ -30,25 +30,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_STEPS = 3000
 #: ``patience=None``: early stopping waits for epochs spanning about this many steps (and at least 10 epochs).
 PATIENCE_STEPS = 500
-#: What :class:`lightning.pytorch.Trainer` accepts as ``precision`` (``None``: ghist chooses).
-PRECISIONS = (
-    "32-true",
-    "32",
-    32,
-    "bf16-mixed",
-    "bf16-true",
-    "bf16",
-    "16-mixed",
-    "16-true",
-    "16",
-    16,
-    "64-true",
-    "64",
-    64,
-    "transformer-engine",
-    "transformer-engine-float16",
-    None,
-)
 # Lightning messages that say nothing to a ghist user (ghist says what matters in its own words).
 _LIGHTNING_NOISE = (
     r"Checkpoint directory .* exists and is not empty",
@@ -60,46 +41,20 @@ _LIGHTNING_NOISE = (
 )
 
 
+@with_fit_options
 def fit(
     tiles: TileSet,
     *,
     reference: AnnData | None = None,
     reference_groupby: str | None = None,
     cell_type_groups: Mapping[str, Sequence[str]] | None = None,
-    width: int = 64,
-    embed_dim: int = 256,
-    max_steps: int | None = None,
-    max_epochs: int | None = None,
-    max_time: str | timedelta | None = None,
-    early_stopping: bool = True,
-    patience: int | None = None,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    augment: bool = True,
-    color_jitter: float = 0.0,
-    stain_jitter: float = 0.0,
-    accelerator: str = "auto",
-    devices: int | str | Sequence[int] = "auto",
-    strategy: str = "auto",
-    precision: str | int | None = None,
-    seed: int = 0,
-    pixel_size: float | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
     encoder: Any = None,
     encoder_weights: str | os.PathLike | None = None,
     encoder_trainable: bool = False,
     encoder_options: Mapping[str, Any] | None = None,
-    context_neighbours: int = 0,
-    output_activation: str | None = None,
-    loss_weights: Mapping[str, float] | None = None,
-    morphometrics: bool = False,
-    cell_offset: bool = False,
-    readout: bool = True,
-    **trainer_kwargs: Any,
+    **options: Any,
 ) -> GHISTModel:
     """Train the GHIST network on tiles cut by :func:`ghist.pp.make_tiles`.
 
@@ -134,60 +89,7 @@ def fit(
         holds profiles.
     cell_type_groups
         Specialist groups of cell types, e.g. ``{"immune": ["B", "T", "Plasma"], "tumour": ["Malignant"]}``.
-    width
-        Channels of the first backbone level; 64 is the published architecture (29M parameters), 16-32 train
-        quickly on a CPU.
-    embed_dim
-        Size of the per-cell embedding.
-    max_steps
-        Maximum number of optimisation steps (batches); ``None``: no step limit if ``max_epochs`` or ``max_time``
-        is given, else 3,000.
-    max_epochs
-        Maximum number of passes over the training tiles; ``None``: no epoch limit.
-    max_time
-        Wall-clock budget of training, e.g. ``"00:20:00"`` (``"DD:HH:MM:SS"`` or ``"HH:MM:SS"``) or a
-        :class:`~datetime.timedelta` (a bare number is refused: its unit would be a guess). With ``resume``, the
-        time already used by the run resumed counts.
-    early_stopping
-        Stop when the validation score has not improved for ``patience`` epochs (not without validation tiles).
-    patience
-        Epochs without improvement before stopping early; ``None``: the epochs of about 500 optimisation steps, at
-        least 10.
-    batch_size
-        Tiles per optimisation step.
-    lr, weight_decay
-        AdamW settings.
-    augment
-        Random flips and 90° rotations of training tiles.
-    color_jitter
-        With ``augment``, also scale and shift each training tile's standardised colour channels by random amounts
-        up to this fraction (e.g. ``0.1``), so that stain differences between slides are not learnt; 0: off.
-    stain_jitter
-        With ``augment``, also rescale and shift each training tile's haematoxylin, eosin and DAB concentrations
-        (colour deconvolution) by random fractions up to this value (``0.05``: Tellez et al.'s "light" HED
-        augmentation), for robustness to staining and scanners of unseen sections; 0: off. On HER2ST spots
-        (leave-one-section-out, ``benchmarks/her2st.py --cv``) 0.05 raised the mean Pearson from 0.295 to 0.298
-        (better on two held-out sections, the same on one, worse on one); the bundled model is trained with it.
-    accelerator, devices, strategy, precision
-        ``accelerator`` is one of ``"auto"``, ``"cpu"``, ``"gpu"``, ``"cuda"``, ``"mps"`` (``"auto"``: CUDA, then
-        MPS, then the CPU, as :func:`ghist.tl.predict` chooses); the device it resolves to, ``devices``, ``strategy``
-        and ``precision`` go to :class:`lightning.pytorch.Trainer`: e.g. ``accelerator="gpu", devices=4,
-        strategy="ddp"`` or ``precision="16-mixed"``. ``precision=None`` picks ``"bf16-mixed"`` on CUDA GPUs from
-        Ampere on (1.7x faster on an H200 at width 64, 256-px tiles) and ``"32-true"`` everywhere else, so that a
-        seed gives the same model on any CPU. ``precision="bf16-mixed"`` on a CPU with AVX512-BF16 or AMX trains up
-        to about 3x faster per step, but learns less per step at small widths (a tiny test fit reached cell-type
-        accuracy 0.16 with it, 0.68 in float32): compare on your data before relying on it. Data-parallel training
-        (``strategy="ddp"``, several GPUs or nodes through Lightning, or ``devices=2, accelerator="cpu"`` with gloo)
-        splits each epoch's tiles between the processes, scores validation over all of them and, on GPUs,
-        synchronises batch norm (``sync_batchnorm=True`` unless given); ``batch_size`` is per process. From a
-        notebook use ``strategy="ddp_notebook"``; on a cluster, launch the script as Lightning documents (``srun``).
-    seed
-        Seed of weights, tile order and augmentation; the same seed gives the same model on the CPU.
-    pixel_size
-        µm per pixel of the tiles' images, which :func:`ghist.tl.predict` resamples every slide to. Needed only when
-        the tiles do not know it (their images had no ``"microns"`` coordinate system): training without it raises
-        a ``ValueError``. When the tiles know it, a value more than 5% off is refused and the tiles' own is kept.
-        With ``resume``, it must be the one the checkpoint was trained at.
+    {fit_options}
     checkpoint_dir
         Where checkpoints (``last.ckpt`` after every epoch, and the best epoch) and the metrics CSV (``logs/``) go;
         by default a temporary directory, removed once the best weights are in the returned model.
@@ -195,10 +97,6 @@ def fit(
         A checkpoint (e.g. ``<checkpoint_dir>/last.ckpt``) to continue training from. It is read with
         ``torch.load(..., weights_only=True)``: a checkpoint holding anything but tensors and plain containers (e.g.
         state of a user callback that pickles objects) is refused with a ``ValueError`` rather than unpickled.
-    num_workers
-        DataLoader worker processes.
-    progress
-        Show a progress bar (Lightning's banners and tips are never shown).
     encoder
         A pretrained encoder whose features join ghist's own in each nucleus' embedding (``None``: ghist's network
         alone). Either a :class:`torch.nn.Module` mapping RGB tiles ``(B, 3, H, W)`` to feature maps
@@ -230,60 +128,9 @@ def fit(
         ``"num_prefix_tokens"``, ``"patch_grid"`` (rows, columns), ``"timm_kwargs"`` (JSON keyword arguments of
         ``timm.create_model``, e.g. from the model card), ``"out_features"`` (projection size; default
         ``embed_dim``).
-    context_neighbours
-        Neighbourhood context: with ``k > 0`` each cell's embedding is mixed with the mean embedding of its ``k``
-        nearest cells (nucleus centroids) before the expression and cell-type heads, through a small MLP that starts
-        as the identity. Neighbours are the cells of the same tile; in :func:`ghist.tl.predict` each cell is
-        predicted from the tile where it lies farthest from the edges, so its neighbours across tile borders are in
-        view (predict reports how often that held: ``uns["ghist"]["context_in_view"]``). 0 (default): no context.
-        On HER2ST spots (leave-one-section-out, ``benchmarks/her2st.py --cv``) ``k=8`` lowered the mean Pearson on
-        every held-out section (0.278 against 0.295), so it is off by default.
-    output_activation
-        Non-linearity that keeps predicted expression non-negative: ``"softplus"`` or ``"relu"``. ``None``
-        (default): ``"softplus"`` with cell-level targets, ``"relu"`` with spot supervision, the better of the two in
-        each. With ReLU a gene whose pre-activation turns negative in every cell gets no gradient again and is
-        predicted 0 everywhere: on ``synthetic(signals="all")`` 58 of 280 genes ended so after 432 steps (test
-        cells' mean Pearson over all genes 0.317, those genes counted as 0), while softplus gave 0.345 after 216. On
-        HER2ST spots (leave-one-section-out, ``benchmarks/her2st.py``, equal training time, two seeds) softplus
-        lowered the mean Pearson from 0.284 to 0.275 and from 0.261 to 0.234: a spot sums all its cells, and
-        softplus never predicts an exact zero. The choice is saved with the model; models saved before it existed
-        load with ``"relu"``.
-    loss_weights
-        Weights of the loss terms, overriding :data:`ghist._model._losses.DEFAULT_LOSS_WEIGHTS` (e.g.
-        ``{"expr_pearson": 1.0}`` adds one minus the mean per-gene Pearson correlation over each batch's measured
-        cells, which weighs every gene the same whatever its variance; ``{"pixel": 0.0}`` drops a term). On
-        ``synthetic(signals="all")`` (216 steps, seed 1; ``benchmarks/synthetic_signals.py``) ``expr_pearson`` 5 moved
-        the test cells' mean Pearson from 0.345 to 0.357 over all genes and from 0.573 to 0.581 over the signal
-        genes (20: 0.352, 0.580): within one seed's noise, so it is off by default.
-    morphometrics
-        Also feed each nucleus' size (``log1p`` of its area in pixels) and texture (the spread of the first backbone
-        level's features over its pixels) to the cell embedding, whose other input, means over the nucleus, is blind
-        to size. On ``synthetic(signals="all")`` (216 steps, with ``expr_pearson`` 5) the signal genes' mean Pearson
-        stayed at 0.579 (0.581 without): off by default.
-    cell_offset
-        Add a direct path from each cell's embedding to its genes in the expression heads. With a ``reference`` the
-        first estimate is a mixture of reference profiles, and the refinement sees only that mixture and the tile:
-        two cells of one type with the same mixture get the same expression, whatever their nuclei look like. On
-        ``synthetic(signals="all")`` (216 steps, with ``morphometrics`` and ``expr_pearson`` 5) the proliferation
-        genes' mean Pearson rose from 0.469 to 0.497 and the signal genes' from 0.579 to 0.586, one seed: off by
-        default until more seeds confirm it.
-    readout
-        After training, fit a linear correction of each cell's predicted expression from its embedding in closed
-        form: ridge regression of the training cells' residuals (measured minus predicted) on the embedding, each
-        gene's penalty chosen on the validation cells, no correction for a gene where none helps there (see
-        ``ghist._model._readout``). It is saved with the model; ``model.readout_`` reports the genes corrected and
-        the validation error before and after. Needs per-cell targets and validation tiles: skipped, with a log
-        line, under spot supervision or without validation tiles. The embedding carries within-type signal (nucleus
-        size, context) that the expression heads, trained by SGD within the budget, hardly read: on
-        ``synthetic(signals="all")`` (216 steps, ``benchmarks/synthetic_signals.py``, seed 1) the same network
-        scored a mean Pearson over the signal-driven genes of 0.682 with it and 0.572 without (type-mean oracle
-        with the true types: 0.571; proliferation genes 0.684 against 0.471), over all genes 0.355 against 0.345
-        (oracle 0.359); on seed 2's slide 0.717 against 0.535 (oracle 0.542), on seed 3's 0.686 against 0.554
-        (oracle 0.561). On ``synthetic(seed=1)`` without such signals it costs nothing (all genes 0.341 against
-        0.337; ``benchmarks/uncertainty.py``: the 90% intervals still cover 91%).
     **trainer_kwargs
-        Other :class:`lightning.pytorch.Trainer` arguments; ``callbacks=[...]`` are run after ghist's own
-        (checkpointing, history, progress bar).
+        Other :class:`lightning.pytorch.Trainer` arguments (a name neither fit nor the Trainer knows is refused
+        before training); ``callbacks=[...]`` are run after ghist's own (checkpointing, history, progress bar).
 
     Returns
     -------
@@ -308,45 +155,28 @@ def fit(
     from .._model import GHISTModel
     from .._model._data import collate_tiles, worker_context
     from .._model._device import lightning_accelerator, resolve_device
-    from .._model._losses import check_loss_weights
-    from .._model._module import EpochHistory, GHISTModule
-    from .._model._network import check_output_activation
+    from .._model._module import EpochHistory, GHISTModule, check_finite_weights
     from ..pp import TileSet, reference_profiles
 
     if not isinstance(tiles, TileSet):
         raise TypeError(f"`tiles` must be a ghist TileSet from `ghist.pp.make_tiles`, got {type(tiles).__name__}.")
     if len(tiles.train) == 0:
         raise ValueError(f"{tiles!r}\nhas no training tiles; cut more tiles or use fewer folds.")
-    for name, value in (("width", width), ("embed_dim", embed_dim), ("batch_size", batch_size)):
-        check_int(name, value, 1)
-    for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs), ("patience", patience)):
-        check_int(name, value, 1, optional=True)
-    check_int("num_workers", num_workers, 0)
-    check_int("context_neighbours", context_neighbours, 0)
-    check_seed(seed)
-    for name, value in (("morphometrics", morphometrics), ("cell_offset", cell_offset), ("readout", readout)):
-        if not isinstance(value, bool | np.bool_):
-            raise TypeError(f"`{name}` must be True or False, got {value!r}.")
-    loss_weights = check_loss_weights(loss_weights)
-    if output_activation is None:
-        output_activation = "relu" if tiles.spots_key is not None else "softplus"
-    check_output_activation(output_activation)
-    check_number("lr", lr, positive=True)
-    check_number("weight_decay", weight_decay, positive=False)
-    for name, value in (("color_jitter", color_jitter), ("stain_jitter", stain_jitter)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-            raise ValueError(f"`{name}` must be a fraction in [0, 1), got {value!r}.")
-    if isinstance(precision, bool) or precision not in PRECISIONS:
-        raise ValueError(f"`precision` must be one of {list(PRECISIONS)}, got {precision!r}.")
-    max_time = _check_max_time(max_time)
-    device = resolve_device(accelerator)
-    pixel_size = model_pixel_size(tiles, pixel_size)
+    # fit's keywords -> the model's settings, this run's settings and Lightning's (checked here, before any work)
+    settings, run, trainer_kwargs = split_fit_options(options)
+    _check_trainer_kwargs(trainer_kwargs, L.Trainer)
+    if settings["output_activation"] is None:
+        settings["output_activation"] = "relu" if tiles.spots_key is not None else "softplus"
+    settings["pixel_size"] = model_pixel_size(tiles, settings["pixel_size"])
+    spec = ArchitectureSpec(**settings, tile_size=tiles.tile_size, mean=tuple(tiles.mean), std=tuple(tiles.std))
+    device = resolve_device(run.accelerator)
     if resume is not None:
         if not Path(resume).exists():
             raise FileNotFoundError(f"Checkpoint to resume from not found: {str(resume)!r}.")
         # refuse a damaged or unsafe checkpoint, or one trained at another pixel size, before any training starts
-        check_resumed_pixel_size(_read_checkpoint(resume), resume, pixel_size)
-    if max_steps is None and max_epochs is None and max_time is None:
+        check_resumed_pixel_size(_read_checkpoint(resume), resume, spec.pixel_size)
+    max_steps = run.max_steps
+    if max_steps is None and run.max_epochs is None and run.max_time is None:
         max_steps = DEFAULT_MAX_STEPS
 
     profiles, profile_names = _reference_matrix(reference, reference_groupby, tiles.genes, reference_profiles)
@@ -361,47 +191,32 @@ def fit(
     elif encoder_weights is not None or encoder_options:
         raise ValueError("`encoder_weights` / `encoder_options` were given without an `encoder`.")
 
-    L.seed_everything(seed, workers=True, verbose=False)
+    L.seed_everything(run.seed, workers=True, verbose=False)
     model = GHISTModel(
         tiles.genes,
         tiles.cell_types,
         reference=profiles,
         reference_names=profile_names,
         cell_type_groups=cell_type_groups,
-        width=width,
-        embed_dim=embed_dim,
-        tile_size=tiles.tile_size,
-        mean=tiles.mean,
-        std=tiles.std,
-        pixel_size=pixel_size,
+        spec=spec,
         encoder=encoder_config,
         encoder_module=encoder_module,
-        context_neighbours=context_neighbours,
-        output_activation=output_activation,
-        morphometrics=bool(morphometrics),
-        cell_offset=bool(cell_offset),
     )
     module = GHISTModule(
         model.network,
+        run,
         expr_scale=model.expr_scale,
-        lr=lr,
-        weight_decay=weight_decay,
-        augment=augment,
-        seed=seed,
-        color_jitter=color_jitter,
-        stain_jitter=stain_jitter,
         standardisation=(list(tiles.mean), list(tiles.std)),
         uncertainty=model.uncertainty_head,
-        loss_weights=loss_weights,
     )
-
+    batch_size, num_workers = run.batch_size, run.num_workers
     train_loader = DataLoader(
         tiles.train,
         batch_size=batch_size,
         shuffle=True,
         collate_fn=collate_tiles,
         num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(run.seed),
         persistent_workers=num_workers > 0,
         multiprocessing_context=worker_context(num_workers),
     )
@@ -437,8 +252,9 @@ def fit(
         save_on_train_epoch_end=True,
     )
     history = EpochHistory()
-    callbacks: list[Callback] = [checkpoint, last, history, pixel_size_recorder(pixel_size)]
-    if early_stopping and has_val:
+    callbacks: list[Callback] = [checkpoint, last, history, pixel_size_recorder(spec.pixel_size)]
+    if run.early_stopping and has_val:
+        patience = run.patience
         if patience is None:
             steps_per_epoch = math.ceil(len(tiles.train) / batch_size)
             patience = max(10, math.ceil(PATIENCE_STEPS / steps_per_epoch))
@@ -446,12 +262,13 @@ def fit(
         callbacks.append(
             EarlyStopping(monitor="val_score", mode="max", patience=patience, check_finite=False, strict=False)
         )
-    if progress:
+    if run.progress:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     extra = trainer_kwargs.pop("callbacks", None) or []
     callbacks.extend([extra] if isinstance(extra, Callback) else extra)
 
     on_cpu, on_cuda = device.type == "cpu", device.type == "cuda"
+    precision = run.precision
     if precision is None:
         # Not bf16 on CPUs even where native: results would then depend on the CPU (see the docstring).
         precision = "bf16-mixed" if on_cuda and _cuda_has_bf16() else "32-true"
@@ -459,19 +276,19 @@ def fit(
     model.network.to(memory_format=torch.channels_last)
     budget = ", ".join(
         f"{name} {value}"
-        for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs), ("max_time", max_time))
+        for name, value in (("max_steps", max_steps), ("max_epochs", run.max_epochs), ("max_time", run.max_time))
         if value is not None
     )
     logger.info(
         "Training GHIST (width=%d, precision %s, %s) on %d tiles, validating on %d; checkpoints in %s",
-        width,
+        spec.width,
         precision,
         budget,
         len(tiles.train),
         len(tiles.val),
         checkpoint_dir,
     )
-    if isinstance(strategy, str) and "ddp" in strategy and device.type == "cuda":
+    if isinstance(run.strategy, str) and "ddp" in run.strategy and device.type == "cuda":
         # Per-process batches are small: batch-norm statistics over all processes' tiles, as one process would see
         # (torch synchronises batch norm on GPUs only).
         trainer_kwargs.setdefault("sync_batchnorm", True)
@@ -479,16 +296,16 @@ def fit(
         with _quiet_lightning():
             trainer = L.Trainer(
                 accelerator=lightning_accelerator(device),
-                devices=devices,
-                strategy=strategy,
+                devices=run.devices,
+                strategy=run.strategy,
                 precision=precision,
                 max_steps=-1 if max_steps is None else max_steps,
                 # -1: no epoch limit (Lightning's None would mean 1000 epochs)
-                max_epochs=-1 if max_epochs is None else max_epochs,
-                max_time=max_time,
+                max_epochs=-1 if run.max_epochs is None else run.max_epochs,
+                max_time=run.max_time,
                 callbacks=callbacks,
                 logger=CSVLogger(checkpoint_dir, name="logs"),
-                enable_progress_bar=progress,
+                enable_progress_bar=run.progress,
                 enable_model_summary=False,
                 num_sanity_val_steps=0,
                 log_every_n_steps=1,
@@ -514,7 +331,8 @@ def fit(
     finally:
         if temporary:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    if readout:
+    check_finite_weights(model.network, run.lr)
+    if run.readout:
         train_eval = _eval_loader(tiles.train, batch_size, num_workers)
         fit_model_readout(model, train_eval, val_loader, device, spot_supervised=tiles.spots_key is not None)
     if val_loader is not None:
@@ -550,21 +368,25 @@ def _eval_loader(dataset: Any, batch_size: int, num_workers: int) -> Any:
     )
 
 
-def _check_max_time(max_time: Any) -> timedelta | None:
-    if max_time is None:
-        return None
-    if isinstance(max_time, str):
-        parsed = _parse_duration(max_time)
-    elif isinstance(max_time, timedelta):
-        parsed = max_time
-    else:
-        raise ValueError(
-            f"`max_time` must be a string 'HH:MM:SS' (or 'DD:HH:MM:SS') or a datetime.timedelta, got {max_time!r} "
-            f"({type(max_time).__name__}); e.g. '00:10:00' for ten minutes."
-        )
-    if parsed.total_seconds() < 1:
-        raise ValueError(f"`max_time` must allow at least one step (1 second or more), got {max_time!r}.")
-    return parsed
+def _check_max_time(max_time: Any) -> Any:
+    """``max_time`` checked as fit checks it (for the command line's ``--max-time``)."""
+    from .._model._spec import check_max_time
+
+    return check_max_time("max_time", max_time)
+
+
+def _check_trainer_kwargs(trainer_kwargs: Mapping[str, Any], trainer_class: Any) -> None:
+    """Keywords neither fit nor Lightning's Trainer knows are refused now, naming the nearest of fit's options."""
+    import difflib
+    import inspect
+
+    known = set(inspect.signature(trainer_class.__init__).parameters) - {"self"}
+    unknown = sorted(set(trainer_kwargs) - known)
+    if unknown:
+        options = list(inspect.signature(fit).parameters)
+        hints = {name: difflib.get_close_matches(name, options, n=1) for name in unknown}
+        said = ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items())
+        raise TypeError(f"`fit` got unknown keyword arguments {said}; neither fit nor Lightning's Trainer takes them.")
 
 
 def _warn_if_old_checkpoints(checkpoint_dir: Path, resume: str | os.PathLike | None) -> None:
@@ -635,16 +457,6 @@ def _cuda_has_bf16() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
-
-
-def _parse_duration(text: str) -> timedelta:
-    parts = text.split(":")
-    if not 3 <= len(parts) <= 4 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"`max_time` {text!r} is not 'HH:MM:SS' or 'DD:HH:MM:SS'.")
-    values = [int(p) for p in parts]
-    days = values[0] if len(values) == 4 else 0
-    hours, minutes, seconds = values[-3:]
-    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
 def _fmt(value: Any) -> str:

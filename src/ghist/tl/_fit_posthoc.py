@@ -41,8 +41,7 @@ def fit_model_readout(
         why = "no measured cells" if not report["n_train"] or not report["n_val"] else "no gene was better with it"
         logger.info("Residual readout not fitted: %s.", why)
         return
-    model.network.readout = readout.to(device)
-    model.init_params_["readout"] = True
+    model.network.set_readout(readout.to(device))
     logger.info(
         "Residual readout: corrected %d of %d genes from %d training cells; validation MSE (log1p) %.4g -> %.4g "
         "over %d cells (%.0f s)",
