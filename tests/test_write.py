@@ -169,7 +169,7 @@ def test_other_element_reading_old_files_is_protected(store):
 
 # ------------------------------------------------------------------------------------------------ memory
 def test_dask_table_written_chunk_by_chunk(store):
-    """A dask-backed X is written block by block (each computed once, none whole) and then read from the store."""
+    """Dask X and layers are written block by block (each computed once, none whole), then read from the store."""
     n, g, rows = 4000, 50, 250
     calls: list[int] = []
     lock = threading.Lock()
@@ -184,16 +184,21 @@ def test_dask_table_written_chunk_by_chunk(store):
     x = da.zeros((n, g), chunks=(rows, g), dtype=np.float32).map_blocks(block, dtype=np.float32)
     table = _table(n, n_genes=g)
     table.X = x
+    table.layers["std"] = da.zeros((n, g), chunks=(rows, g), dtype=np.float32).map_blocks(block, dtype=np.float32) * 2
     sdata = _read(store)
     out = write_element(sdata, "pred", table)
-    assert len(calls) == n // rows
+    assert len(calls) == 2 * (n // rows)  # X and the layer
     assert max(calls) == rows
     assert out is table
-    assert isinstance(table.X, da.Array)
-    assert table.X.chunks == x.chunks
-    np.testing.assert_array_equal(np.asarray(_read(store)["pred"].X)[:, 0], np.arange(n))
+    for written in (table.X, table.layers["std"]):
+        assert isinstance(written, da.Array)
+        assert written.chunks == x.chunks
+    back = _read(store)["pred"]
+    np.testing.assert_array_equal(np.asarray(back.X)[:, 0], np.arange(n))
+    np.testing.assert_array_equal(np.asarray(back.layers["std"])[:, 0], 2 * np.arange(n))
     np.testing.assert_array_equal(table.X[n - 1].compute(), n - 1)
-    assert len(calls) == n // rows  # nothing recomputed from the old graph
+    np.testing.assert_array_equal(table.layers["std"][n - 1].compute(), 2 * (n - 1))
+    assert len(calls) == 2 * (n // rows)  # read from the store now, nothing recomputed from the old graphs
 
 
 # ------------------------------------------------------------------------------------------------ crashes

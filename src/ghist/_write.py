@@ -372,7 +372,7 @@ def _repoint_dask_arrays(table: AnnData, path: Path) -> None:
     if isinstance(table.X, da.Array):
         table.X = from_store("X", table.X)
     for name in list(table.layers):
-        if isinstance(table.layers[name], da.Array):
+        if name is not None and isinstance(table.layers[name], da.Array):  # anndata 0.13 lists X as layer None
             table.layers[name] = from_store(f"layers/{name}", table.layers[name])
     for name in list(table.obsm):
         if isinstance(table.obsm[name], da.Array):
