@@ -31,8 +31,10 @@ from ._segment_backends import WATERSHED_DEFAULTS, make_backend
 
 logger = logging.getLogger(__name__)
 
-SegmentationMethod = Literal["watershed", "stardist", "cellpose"]
-SEGMENTATION_METHODS: tuple[str, ...] = ("watershed", "stardist", "cellpose")
+SegmentationMethod = Literal["watershed", "ghist", "stardist", "cellpose"]
+SEGMENTATION_METHODS: tuple[str, ...] = ("watershed", "ghist", "stardist", "cellpose")
+#: Nucleus areas (µm²) kept by default, unless a learned model says what it was trained on.
+DEFAULT_AREA_UM2 = (10.0, 200.0)
 
 # Default cap on worker threads: each holds a window and its float intermediates (about 0.4 GB at the default
 # chunk_size of 2048), and up to twice as many finished blocks wait to be stitched, so 8 workers stay near 5 GB.
@@ -58,8 +60,8 @@ def segment_nuclei(
     key_added: str = LABELS_KEY,
     method: SegmentationMethod = "watershed",
     pixel_size: float | None = None,
-    min_area_um2: float = 10.0,
-    max_area_um2: float = 200.0,
+    min_area_um2: float | None = None,
+    max_area_um2: float | None = None,
     chunk_size: int = 2048,
     halo: int | None = None,
     overwrite: bool = False,
@@ -81,7 +83,7 @@ def segment_nuclei(
     release the GIL, and threads share the (possibly lazy, file-backed) image and the model without copying them.
     At most ``2 * n_workers`` blocks are in flight, so memory grows with ``n_workers``, not with the slide.
 
-    Three ``method`` values are available.
+    Four ``method`` values are available.
 
     ``"watershed"`` (default, no model needed)
         Colour deconvolution (:func:`skimage.color.rgb2hed`) to the hematoxylin channel, Gaussian smoothing and a
@@ -94,6 +96,14 @@ def segment_nuclei(
         ``min_distance_um`` (closest two seeds may be), ``max_hole_um2`` (largest hole filled) and
         ``background_gray`` (pixels whose mean RGB value is above it count as glass, not tissue, for Otsu's
         threshold). Defaults: {watershed_defaults}.
+    ``"ghist"``
+        A learned segmenter, :class:`~ghist.pp.NucleusSegmenter`, trained with :func:`ghist.pp.fit_segmenter`:
+        passed as ``model``, or the folder it was saved to, or the name of a bundled one (none ships yet). Each
+        block is resampled to the model's working pixel size; the network predicts each pixel's nucleus
+        probability and relative distance to its nucleus' border, brought back to the block's grid, where a
+        watershed seeded by the distance peaks splits touching nuclei. Options: ``fg_threshold``,
+        ``marker_threshold`` (by default those chosen on the model's validation data) and ``min_marker_um2``.
+        Only the network's forward passes are serialised; the watershed runs in every worker.
     ``"stardist"``
         A :class:`stardist.models.StarDist2D` passed as ``model``, or the path of a local model folder (its
         ``config.json`` and ``*.h5`` weights, as ``StarDist2D`` saves them); each block, percentile-normalised, goes
@@ -114,12 +124,13 @@ def segment_nuclei(
     key_added
         Key of the labels written into ``sdata.labels``.
     method
-        ``"watershed"``, ``"stardist"`` or ``"cellpose"``.
+        ``"watershed"``, ``"ghist"``, ``"stardist"`` or ``"cellpose"``.
     pixel_size
         Size of a full-resolution image pixel in µm. By default read from the image's transformation to the
         ``"microns"`` coordinate system.
     min_area_um2, max_area_um2
-        Nuclei smaller or larger than these areas (µm²) are discarded.
+        Nuclei smaller or larger than these areas (µm²) are discarded. By default 10 and 200, or for
+        ``method="ghist"`` the range of the nuclei the model was trained on (a little widened).
     chunk_size
         Side of the square blocks segmented one at a time (per worker), in pixels.
     halo
@@ -129,7 +140,8 @@ def segment_nuclei(
         Replace an existing ``sdata.labels[key_added]``.
     {progress}
     model
-        The model object (or path to its weights) of the ``"stardist"`` and ``"cellpose"`` methods.
+        The model object (or path to its weights or folder) of the ``"ghist"``, ``"stardist"`` and ``"cellpose"``
+        methods (for ``"ghist"`` also a bundled model's name).
     roi_key
         Shapes of ``sdata`` (e.g. from :func:`ghist.pp.detect_tissue`): only blocks touching them are read and
         segmented, so the glass of a whole slide costs nothing.
@@ -169,22 +181,26 @@ def segment_nuclei(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 64:
         raise ValueError(f"`chunk_size` must be an integer >= 64 pixels, got {chunk_size!r}.")
     for name, value in (("min_area_um2", min_area_um2), ("max_area_um2", max_area_um2)):
-        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float | np.number)):
             raise ValueError(f"`{name}` must be a number of µm²; got {value!r}.")
+    element = sdata.images[image_key]
+    pixel_size = _resolve_pixel_size(element, image_key, pixel_size)
+    _check_segment_size(sdata, element, image_key, roi_key)  # before the backend reads the image
+
+    start = time.perf_counter()
+    backend = make_backend(method, element, pixel_size, model, method_kwargs)
+    # A learned model keeps, unless told otherwise, the range of nucleus areas it was trained on.
+    default_area = backend.area_um2 or DEFAULT_AREA_UM2
+    min_area_um2 = default_area[0] if min_area_um2 is None else min_area_um2
+    max_area_um2 = default_area[1] if max_area_um2 is None else max_area_um2
     if not (np.isfinite(min_area_um2) and np.isfinite(max_area_um2) and 0 <= min_area_um2 < max_area_um2):
         raise ValueError(
             f"Expected 0 <= `min_area_um2` < `max_area_um2`, got min_area_um2={min_area_um2!r}, "
             f"max_area_um2={max_area_um2!r}."
         )
-    element = sdata.images[image_key]
-    pixel_size = _resolve_pixel_size(element, image_key, pixel_size)
-    _check_segment_size(sdata, element, image_key, roi_key)  # before the backend reads the image
     min_area_px = min_area_um2 / pixel_size**2
     max_area_px = max_area_um2 / pixel_size**2
     max_diameter_px = 2.0 * math.sqrt(max_area_px / math.pi)
-
-    start = time.perf_counter()
-    backend = make_backend(method, element, pixel_size, model, method_kwargs)
     if halo is None:
         halo = math.ceil(2.0 * max_diameter_px + backend.margin) + 2
     elif isinstance(halo, bool) or not isinstance(halo, int | np.integer) or halo < 0:

@@ -1,4 +1,4 @@
-"""Per-window nucleus segmenters of ``segment_nuclei``: the watershed (no model) and the StarDist/Cellpose models."""
+"""Per-window nucleus segmenters of ``segment_nuclei``: watershed, ghist's learned model, StarDist, Cellpose."""
 
 from __future__ import annotations
 
@@ -31,10 +31,14 @@ _Segmenter = Callable[[np.ndarray], np.ndarray]
 
 
 class Backend(NamedTuple):
-    """A per-window segmenter, safe to call from several threads, and the margin (pixels) it needs around a nucleus."""
+    """A per-window segmenter, safe to call from several threads, and the margin (pixels) it needs around a nucleus.
+
+    ``area_um2``: the nucleus areas (min, max) the method keeps by default, when it knows them (a learned model).
+    """
 
     segment: _Segmenter
     margin: float
+    area_um2: tuple[float, float] | None = None
 
 
 def make_backend(
@@ -43,10 +47,14 @@ def make_backend(
     """The backend of ``method``; the arguments are checked here, before any block is read."""
     if method == "watershed":
         if model is not None:
-            raise ValueError("`model` is used by method='stardist' or 'cellpose' only; method='watershed' needs none.")
+            raise ValueError(
+                "`model` is used by method='ghist', 'stardist' or 'cellpose' only; method='watershed' needs none."
+            )
         segment, margin = _watershed_segmenter(element, pixel_size, method_kwargs)
         # Pure numpy/scipy/skimage on arrays of its own: safe to run in several threads.
         return Backend(segment, margin)
+    if method == "ghist":
+        return _ghist_backend(model, pixel_size, method_kwargs)
     segment = (
         _stardist_segmenter(model, method_kwargs) if method == "stardist" else _cellpose_segmenter(model, method_kwargs)
     )
@@ -199,6 +207,33 @@ def _watershed_window(
     if n_rest:
         labels = np.where(rest > 0, rest + n, labels)
     return labels.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ghist's learned segmenter
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _ghist_backend(model: Any, pixel_size: float, method_kwargs: dict[str, Any]) -> Backend:
+    """The learned segmenter: its forward passes serialised inside the model, its watershed in every thread."""
+    from ._segmenter_model import POSTPROCESS_KEYS, resolve_segmenter
+
+    segmenter = resolve_segmenter(model)
+    unknown = sorted(set(method_kwargs) - set(POSTPROCESS_KEYS))
+    if unknown:
+        raise TypeError(f"Unknown option(s) {unknown} for method='ghist'; expected some of {list(POSTPROCESS_KEYS)}.")
+    options = dict(method_kwargs)
+    for name in ("fg_threshold", "marker_threshold"):
+        if name in options and (
+            isinstance(options[name], bool) or not isinstance(options[name], int | float) or not 0 < options[name] < 1
+        ):
+            raise ValueError(f"Option `{name}` of method='ghist' must be a number in (0, 1), got {options[name]!r}.")
+
+    def segment(rgb: np.ndarray) -> np.ndarray:
+        return segmenter.segment(rgb, pixel_size, **options)
+
+    area = (segmenter.min_area_um2, segmenter.max_area_um2)
+    return Backend(segment, segmenter.margin_px(pixel_size), area)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
