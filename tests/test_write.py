@@ -254,6 +254,59 @@ def test_killed_after_each_stage(store, stage, expected):
     np.testing.assert_array_equal(np.asarray(table.X), 1.0 if expected == 5 else 3.0)
 
 
+def _killed_after_first_rename(path: str, key: str, exchange: bool) -> None:
+    """Child process: one write of ``key``, killed right after its first ``os.rename``."""
+    import ghist._write as w
+
+    warnings.simplefilter("ignore")
+    rename = os.rename
+
+    def rename_then_die(*args):
+        rename(*args)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    w.os.rename = rename_then_die
+    if not exchange:
+        w._exchange = lambda a, b: False
+    sdata = spatialdata.read_zarr(path, selection=("labels",))
+    write_element(sdata, key, _table(9, 3.0), overwrite=True)
+
+
+def _run(target, *args) -> None:
+    child = multiprocessing.get_context("fork").Process(target=target, args=args)
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+
+
+def test_killed_new_element_before_consolidation_still_counts(store):
+    """A new element moved in but not yet in the consolidated metadata: the store opens as before, and the element
+    is not overwritten later without `overwrite=True`."""
+    _run(_killed_after_first_rename, str(store), "pred", True)
+    assert set(_read(store).tables) == {"table"}
+    with pytest.raises(ValueError, match="not loaded"):
+        check_writable(spatialdata.read_zarr(store, selection=("labels",)), "pred", "tables")
+
+
+def test_fallback_swap_and_its_recovery(store, monkeypatch):
+    """Without an atomic exchange the old folder is renamed aside first; a writer killed right then leaves it in its
+    scratch store, and the next write puts it back before anything else."""
+    import ghist._write as w
+
+    _run(_killed_after_first_rename, str(store), "table", False)
+    assert not (store / "tables" / "table").exists()  # the window the exchange closes
+    part = spatialdata.read_zarr(store, selection=("labels",))
+    write_element(part, "other", _table(2))  # any later write recovers the old table first
+    back = _read(store)
+    assert back["table"].n_obs == 5
+    np.testing.assert_array_equal(back["table"].X, 1.0)
+    _assert_clean(store)
+    monkeypatch.setattr(w, "_exchange", lambda a, b: False)  # and the fallback itself replaces
+    write_element(part, "table", _table(3, 4.0), overwrite=True)
+    assert _read(store)["table"].n_obs == 3
+    _assert_clean(store)
+
+
 @pytest.mark.slow
 def test_sigkill_during_writes_leaves_an_openable_store(tmp_path):
     """Kill a writer at random points, 12 times: the store opens, and holds the old or the new table, complete."""

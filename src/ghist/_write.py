@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import re
@@ -47,6 +48,7 @@ from ._validation import ELEMENT_KINDS, check_key_added
 logger = logging.getLogger(__name__)
 
 SCRATCH_PREFIX = ".ghist-write-"
+_INTENT, _STORE, _ASIDE = "ghist-write.json", "new.zarr", "old"
 _SCRATCH_RE = re.compile(rf"^{re.escape(SCRATCH_PREFIX)}(\d+)-[0-9a-f]{{32}}$")
 
 
@@ -87,7 +89,8 @@ def elements_on_disk(sdata: SpatialData) -> dict[str, str]:
     """Name -> kind of every element in the zarr store backing ``sdata`` (empty when not backed).
 
     Hidden folders (names starting with ``.``, such as the writer's scratch stores) are not elements: spatialdata
-    does not read them.
+    does not read them. Element folders that the store's consolidated metadata does not list yet (a write killed
+    before it rewrote them) count too.
     """
     if sdata.path is None:
         return {}
@@ -101,6 +104,12 @@ def elements_on_disk(sdata: SpatialData) -> dict[str, str]:
         kind, _, name = path.partition("/")
         if not name.startswith("."):
             out[name] = kind
+    for kind in ELEMENT_KINDS:
+        folder = Path(sdata.path) / kind
+        if folder.is_dir():
+            for child in folder.iterdir():
+                if not child.name.startswith(".") and (child / "zarr.json").is_file():
+                    out.setdefault(child.name, kind)
     return out
 
 
@@ -207,10 +216,13 @@ def write_element(
     scratch = root / f"{SCRATCH_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     moved = False
     try:
+        scratch.mkdir()
+        # what this scratch store is for, so that the next writer can put an old element back (see _swap)
+        (scratch / _INTENT).write_text(json.dumps({"kind": kind, "key": key}))
         _write_scratch(scratch, key, kind, element)
         _ensure_kind_group(root, kind)
         target = root / kind / key
-        staged = scratch / kind / key
+        staged = scratch / _STORE / kind / key
         if target.exists():
             _swap(staged, target, scratch)
         else:
@@ -259,11 +271,24 @@ def _check_no_other_reader(sdata: SpatialData, key: str, kind: str, element: Any
 
 
 def _remove_stale_scratch(root: Path) -> None:
-    """Remove scratch stores left by writers that were killed (their process is gone); never anything else."""
+    """Remove scratch stores left by writers that were killed (their process is gone); never anything else.
+
+    A writer killed between the two renames of the fallback swap left the old element in its scratch store and none
+    in its place: that element is put back first.
+    """
     for child in root.iterdir():
         match = _SCRATCH_RE.match(child.name)
         if match is None or not child.is_dir() or _process_alive(int(match.group(1))):
             continue
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            intent = json.loads((child / _INTENT).read_text())
+            kind, key = intent["kind"], intent["key"]
+            if kind not in ELEMENT_KINDS or not isinstance(key, str) or "/" in key or key.startswith("."):
+                raise ValueError(f"not an element: {intent}")
+            target, aside = root / kind / key, child / _ASIDE
+            if aside.is_dir() and not target.exists():
+                logger.warning("Putting %s back from %s, where an interrupted write left it", target, aside)
+                os.rename(aside, target)
         logger.info("Removing %s, left in the store by an interrupted write", child)
         shutil.rmtree(child, ignore_errors=True)
 
@@ -287,7 +312,7 @@ def _write_scratch(scratch: Path, key: str, kind: str, element: Any) -> None:
         # A table annotating labels that the scratch store does not hold: expected here.
         warnings.filterwarnings("ignore", message=".*is annotating.*not present", category=UserWarning)
         getattr(holder, kind)[key] = element
-        holder.write(scratch, consolidate_metadata=False)
+        holder.write(scratch / _STORE, consolidate_metadata=False)
 
 
 def _ensure_kind_group(root: Path, kind: str) -> None:
@@ -316,7 +341,7 @@ def _swap(staged: Path, target: Path, scratch: Path) -> None:
     """Put ``staged`` at ``target`` and the old ``target`` at ``staged``, atomically where the OS can."""
     if _exchange(staged, target):
         return
-    aside = scratch / "old"
+    aside = scratch / _ASIDE
     os.rename(target, aside)
     try:
         os.rename(staged, target)
