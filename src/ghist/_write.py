@@ -16,10 +16,12 @@ Two promises, kept for tables, labels, images, shapes and points alike:
     or, for a new name, does not list it yet (the store opens as before the write);
   * consolidated metadata is one file replaced atomically by zarr; it never names a folder that is missing.
 
+  An element folder the consolidated metadata does not list yet still counts as existing for ``overwrite``.
   Left-over scratch stores of killed runs are removed by the next write into the same store (only those whose
   process is gone). Where the platform cannot exchange two folders atomically (not Linux or macOS, or a filesystem
   without the exchange), the old folder is renamed aside first: a kill in the microseconds between the two renames
-  leaves the old element complete in the scratch store, not in its place.
+  leaves the old element complete in the scratch store, not in its place (the store does not open then), and the
+  next write puts it back before anything else.
 
 The table is never copied: an AnnData whose ``X``, layers or ``obsm`` are dask arrays is written chunk by chunk by
 anndata, and afterwards those arrays read from the written store, so whatever backed them before may be deleted.
