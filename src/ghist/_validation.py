@@ -33,10 +33,27 @@ def _preview(values: Iterable[Any], n: int = 5) -> str:
     return f"[{shown}{', ...' if len(values) > n else ''}] ({len(values)} in all)"
 
 
-def require_key(sdata: SpatialData, attr: str, key: str) -> Any:
+def check_key_type(key: Any, arg: str, attr: str) -> None:
+    """An element key must be a string: anything else would fail as a raw ``TypeError`` (unhashable) in a lookup."""
+    if not isinstance(key, str):
+        raise TypeError(f"`{arg}` must be a string naming an element of `sdata.{attr}`; got {key!r}.")
+
+
+def check_name(value: Any, arg: str, what: str, *, optional: bool = False) -> None:
+    """A column, layer or group name must be a string (``None`` too when ``optional``).
+
+    Anything else would fail as a raw ``TypeError`` (unhashable) or a ``KeyError`` about the wrong thing in a lookup.
+    """
+    if (optional and value is None) or isinstance(value, str):
+        return
+    raise TypeError(f"`{arg}` must be a string naming {what}{' (or None)' if optional else ''}; got {value!r}.")
+
+
+def require_key(sdata: SpatialData, attr: str, key: str, arg: str = "key") -> Any:
     """Return ``getattr(sdata, attr)[key]`` or raise a :class:`KeyError` listing the keys that exist."""
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
+    check_key_type(key, arg, attr)
     elements = getattr(sdata, attr)
     if key not in elements:
         raise KeyError(f"{key!r} not found in `sdata.{attr}` (have {sorted(elements)}).")
@@ -249,6 +266,7 @@ def raster_levels(element: DataArray | DataTree) -> list[tuple[float, float, Dat
 
 def get_image(sdata: SpatialData, image_key: str) -> DataArray:
     """Full-resolution H&E image, checked to be RGB ``uint8`` with dims ``(c, y, x)``."""
+    check_key_type(image_key, "image_key", "images")
     if image_key not in sdata.images:
         where = [a for a in ("labels", "shapes", "points", "tables") if image_key in getattr(sdata, a)]
         hint = f"; {image_key!r} is in `sdata.{where[0]}`, which is not an image" if where else ""
@@ -268,6 +286,7 @@ def get_image(sdata: SpatialData, image_key: str) -> DataArray:
 
 def get_labels(sdata: SpatialData, labels_key: str) -> DataArray:
     """Full-resolution nucleus labels, checked to be a 2D integer array."""
+    check_key_type(labels_key, "labels_key", "labels")
     if labels_key not in sdata.labels:
         where = [a for a in ("images", "shapes", "points", "tables") if labels_key in getattr(sdata, a)]
         hint = f"; {labels_key!r} is in `sdata.{where[0]}`, which is not a labels element" if where else ""
@@ -280,13 +299,14 @@ def get_labels(sdata: SpatialData, labels_key: str) -> DataArray:
     return labels
 
 
-def get_table(data: AnnData | SpatialData, table_key: str | None) -> AnnData:
-    """The AnnData itself, or ``sdata.tables[table_key]``."""
+def get_table(data: AnnData | SpatialData, table_key: str | None, arg: str = "table_key") -> AnnData:
+    """The AnnData itself, or ``sdata.tables[table_key]`` (``arg`` names the argument in messages)."""
     if isinstance(data, AnnData):
         return data
     if isinstance(data, SpatialData):
         if table_key is None:
-            raise ValueError(f"Pass `table_key` to choose a table of `sdata.tables` (have {sorted(data.tables)}).")
+            raise ValueError(f"Pass `{arg}` to choose a table of `sdata.tables` (have {sorted(data.tables)}).")
+        check_key_type(table_key, arg, "tables")
         if table_key not in data.tables:
             raise KeyError(f"Table {table_key!r} not found in `sdata.tables` (have {sorted(data.tables)}).")
         return data.tables[table_key]
@@ -387,6 +407,7 @@ def get_counts(
     pass instead. ``integer=False`` accepts non-integer (e.g. ambient-corrected) counts.
     """
     check_unique_genes(adata.var_names, where=where[:1].upper() + where[1:])
+    check_name(layer, "layer", f"a layer of {where}", optional=True)
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"Layer {layer!r} not found in {where} (have {layer_names(adata)}).")
     X = adata.layers[layer] if layer is not None else adata.X
@@ -427,6 +448,7 @@ def check_cell_types(table: AnnData, cell_type_key: str | None, *, table_key: st
     """The cell type column as a categorical (``None`` when ``cell_type_key`` is ``None``); refused when all missing."""
     if cell_type_key is None:
         return None
+    check_name(cell_type_key, "cell_type_key", "a column of the table's `obs`")
     if cell_type_key not in table.obs:
         raise KeyError(
             f"Cell type column {cell_type_key!r} not found in `sdata.tables[{table_key!r}].obs` "

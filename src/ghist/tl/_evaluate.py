@@ -15,7 +15,7 @@ from spatialdata.models import get_table_keys
 
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY, TABLE_KEY, UNS_KEY
 from .._stats import column_pearson, column_spearman, dense, macro_f1
-from .._validation import _preview, check_genes, get_counts, get_table, table_of_region
+from .._validation import _preview, check_genes, check_name, get_counts, get_table, table_of_region
 from .._write import check_writable, write_element
 from ._spots import pseudo_spots
 
@@ -128,6 +128,7 @@ def evaluate(
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
     n_svg = _check_n_svg(n_svg)
+    check_name(cell_type_key, "cell_type_key", "a column of both tables' `obs`", optional=True)
     if spots_key is None:
         for name, value, default in (
             ("key_added", key_added, None),
