@@ -1227,3 +1227,9 @@ def test_key_added_differing_only_in_case(sdata, model):
         ghist.tl.predict(sdata, model, key_added="TABLE", tile_overlap=4, progress=False)
     with pytest.raises(ValueError, match=r"differs only in case from `sdata.labels\['nuclei'\]`"):
         ghist.pp.segment_nuclei(sdata, key_added="Nuclei", progress=False)
+
+
+@pytest.mark.parametrize("seed", [2**70, -1, "0"])
+def test_tileset_loader_seed_out_of_range(seed, tiles):
+    with pytest.raises(ValueError, match=r"`seed` must be an integer in \[0, 2\*\*32 - 1\]"):
+        tiles.loader("train", seed=seed)

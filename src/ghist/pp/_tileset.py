@@ -391,7 +391,9 @@ class TileSet:
         from torch.utils.data import DataLoader
 
         from .._model._data import collate_tiles, worker_context
+        from .._validation import check_seed
 
+        check_seed(seed)
         return DataLoader(
             self.dataset(split, transform=transform),
             batch_size=batch_size,
