@@ -724,7 +724,7 @@ def test_evaluate_is_quiet(pred, recwarn):
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
         ghist.tl.evaluate(pred)
-        ghist.tl.evaluate(pred, true_key="spot_counts", spots_key="spots")
+        ghist.tl.evaluate(pred, table_key="spot_counts", spots_key="spots")
     assert not [w for w in recwarn if issubclass(w.category, FutureWarning | DeprecationWarning)]
 
 
@@ -930,7 +930,9 @@ def test_pl_hazard_ratios_not_dataframe(bad):
         ghist.pl.hazard_ratios("x" if bad == "string" else None, show=False)
 
 
-@pytest.mark.parametrize(("arg", "value"), [("top", 0), ("top", -1), ("alpha", 0), ("alpha", 1.5), ("alpha", np.nan)])
+@pytest.mark.parametrize(
+    ("arg", "value"), [("top", 0), ("top", -1), ("q_highlight", 0), ("q_highlight", 1.5), ("q_highlight", np.nan)]
+)
 def test_pl_hazard_ratios_bad_numbers(arg, value, cox):
     with pytest.raises((ValueError, TypeError), match=arg):
         ghist.pl.hazard_ratios(cox, show=False, **{arg: value})
@@ -959,8 +961,8 @@ def test_synthetic_image_size_hypothesis(value):
 
 
 def test_synthetic_unknown_options():
-    with pytest.raises(ValueError, match=r"he_transform.*'shear'"):
-        ghist.datasets.synthetic(image_size=64, n_genes=8, he_transform="shear")
+    with pytest.raises(ValueError, match=r"image_transform.*'shear'"):
+        ghist.datasets.synthetic(image_size=64, n_genes=8, image_transform="shear")
     with pytest.raises((KeyError, ValueError), match="Unicorn"):
         ghist.datasets.synthetic(image_size=64, n_genes=8, cell_types=["T", "Unicorn"])
 

@@ -177,10 +177,10 @@ def _demo_figure(sdata, scores, path: Path) -> None:
     genes = list(scores.index[:3])
     height, width = sdata.labels["nuclei"].shape
     crop = (0, 0, min(width, 512), min(height, 512))
-    fig = pl.expression(sdata, genes, true_key="table", image_key="he", crop=crop, show=False)
+    fig = pl.expression(sdata, genes, table_key="table", image_key="he", crop=crop, show=False)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    axes = pl.cell_types(sdata, true_key="table", cell_type_key="cell_type", crop=crop, show=False)
+    axes = pl.cell_types(sdata, table_key="table", cell_type_key="cell_type", crop=crop, show=False)
     axes[0].figure.savefig(path.with_name(path.stem + "_cell_types.png"), dpi=110, bbox_inches="tight")
     plt.close(axes[0].figure)
 

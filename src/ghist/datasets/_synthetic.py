@@ -25,6 +25,7 @@ from .._constants import (
     TABLE_KEY,
     XENIUM_BREAST_CELL_TYPES,
 )
+from .._deprecation import renamed_arguments
 from .._validation import check_genes
 from . import _signals
 from ._profiles import load_profiles
@@ -136,6 +137,7 @@ def _check_seed(seed: object) -> None:
         raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
 
 
+@renamed_arguments(he_transform="image_transform", he_scale="image_scale")
 def synthetic(
     *,
     image_size: int = 1024,
@@ -143,8 +145,8 @@ def synthetic(
     cell_types: Sequence[str] | None = None,
     type_weights: Mapping[str, float] | None = None,
     pixel_size: float = 0.5,
-    he_transform: Literal["identity", "scale", "affine"] = "identity",
-    he_scale: float | None = None,
+    image_transform: Literal["identity", "scale", "affine"] = "identity",
+    image_scale: float | None = None,
     n_cells: int | None = None,
     thinning: float = 0.9,
     signals: str | Sequence[str] | None = None,
@@ -202,13 +204,13 @@ def synthetic(
         compartments (tumour nests, ducts, vessel walls) are unchanged. Used to vary composition between slides.
     pixel_size
         Microns per labels pixel; sets the ``"microns"`` coordinate system and how many cells fit in the image.
-    he_transform
+    image_transform
         How the H&E pixel grid relates to the labels (``"global"`` coordinate system):
-        ``"identity"``: the same grid; ``"scale"``: a ``Scale`` (H&E pixels ``he_scale`` times the labels
+        ``"identity"``: the same grid; ``"scale"``: a ``Scale`` (H&E pixels ``image_scale`` times the labels
         pixels, default 0.5, i.e. twice finer); ``"affine"``: an ``Affine`` made of a 4 degree rotation, a scale
-        (``he_scale``, default 0.8) and a translation, with an H&E large enough to cover the whole labels image.
-    he_scale
-        Size of an H&E pixel in labels pixels; default depends on ``he_transform`` (see there).
+        (``image_scale``, default 0.8) and a translation, with an H&E large enough to cover the whole labels image.
+    image_scale
+        Size of an H&E pixel in labels pixels; default depends on ``image_transform`` (see there).
     n_cells
         Keep only this many labelled cells, chosen at random (the others are not drawn at all). ``None`` keeps
         every cell that fits; a warning is given if fewer than ``n_cells`` fit.
@@ -261,14 +263,16 @@ def synthetic(
         raise ValueError(f"`image_size` must be an integer >= 16, got {image_size!r}.")
     if not _positive(pixel_size):
         raise ValueError(f"`pixel_size` must be a positive number of microns per pixel, got {pixel_size!r}.")
-    if he_transform not in HE_TRANSFORMS:
-        raise ValueError(f"`he_transform` must be one of {list(HE_TRANSFORMS)}, got {he_transform!r}.")
-    if he_transform == "identity" and he_scale not in (None, 1, 1.0):
-        raise ValueError(f"`he_scale` must be None with he_transform='identity', got {he_scale!r}; use 'scale'.")
-    if he_scale is None:
-        he_scale = DEFAULT_HE_SCALE[he_transform]
-    if not _is_real(he_scale) or not np.isfinite(he_scale) or not 0.2 <= he_scale <= 5:
-        raise ValueError(f"`he_scale` must be between 0.2 and 5 labels pixels per H&E pixel, got {he_scale!r}.")
+    if image_transform not in HE_TRANSFORMS:
+        raise ValueError(f"`image_transform` must be one of {list(HE_TRANSFORMS)}, got {image_transform!r}.")
+    if image_transform == "identity" and image_scale not in (None, 1, 1.0):
+        raise ValueError(
+            f"`image_scale` must be None with image_transform='identity', got {image_scale!r}; use 'scale'."
+        )
+    if image_scale is None:
+        image_scale = DEFAULT_HE_SCALE[image_transform]
+    if not _is_real(image_scale) or not np.isfinite(image_scale) or not 0.2 <= image_scale <= 5:
+        raise ValueError(f"`image_scale` must be between 0.2 and 5 labels pixels per H&E pixel, got {image_scale!r}.")
     if n_cells is not None and (isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1):
         raise ValueError(f"`n_cells` must be a positive integer or None, got {n_cells!r}.")
     if not (_is_real(thinning) and 0 < thinning <= 1):
@@ -294,7 +298,7 @@ def synthetic(
     # The signals draw from a seventh stream, so that turning them on leaves the other six (the layout) as they are.
     rng_signal = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(7)[6])
     ps = float(pixel_size)
-    he_mat, he_shape = _he_matrix(he_transform, image_size, float(he_scale))
+    he_mat, he_shape = _he_matrix(image_transform, image_size, float(image_scale))
     to_um = np.diag([ps, ps, 1.0])
     he_frame = _tissue.Frame(he_shape, to_um @ he_mat)
     # The field grid: labels pixels, extended to cover the H&E.
@@ -385,9 +389,9 @@ def synthetic(
         "seed": int(seed),
         "pixel_size": ps,
         "image_size": image_size,
-        "he_transform": he_transform,
+        "he_transform": image_transform,
         "he_scale": float(np.sqrt(abs(np.linalg.det(he_mat[:2, :2])))),
-        "he_rotation_deg": AFFINE_ROTATION_DEG if he_transform == "affine" else 0.0,
+        "he_rotation_deg": AFFINE_ROTATION_DEG if image_transform == "affine" else 0.0,
         "cell_types": list(types),
         "type_weights": weights,
         "n_genes": len(genes),
@@ -403,14 +407,14 @@ def synthetic(
     labels_el = Labels2DModel.parse(
         labels, dims=("y", "x"), transformations={GLOBAL_CS: Identity(), MICRONS_CS: microns}
     )
-    if he_transform == "identity":
+    if image_transform == "identity":
         he_global = Identity()
-    elif he_transform == "scale":
+    elif image_transform == "scale":
         he_global = Scale([he_mat[1, 1], he_mat[0, 0]], axes=("y", "x"))
     else:
         he_global = Affine(he_mat, input_axes=("x", "y"), output_axes=("x", "y"))
     he_microns = Affine(to_um @ he_mat, input_axes=("x", "y"), output_axes=("x", "y"))
-    if he_transform != "affine":
+    if image_transform != "affine":
         he_microns = Scale([ps * he_mat[1, 1], ps * he_mat[0, 0]], axes=("y", "x"))
     image_el = Image2DModel.parse(
         he,

@@ -30,7 +30,7 @@ def synthetic_xenium(
 ) -> SpatialData:
     """A synthetic Xenium sample with its post-Xenium H&E, laid out as spatialdata-io reads the real thing.
 
-    The tissue, H&E and counts are those of :func:`ghist.datasets.synthetic` (``he_transform="affine"``); only the
+    The tissue, H&E and counts are those of :func:`ghist.datasets.synthetic` (``image_transform="affine"``); only the
     layout changes, to what ``spatialdata_io.xenium(path, cells_as_circles=False, cells_boundaries=False,
     nucleus_boundaries=True, transcripts=False, morphology_mip=False, morphology_focus=False)`` followed by
     ``sdata.images["he_image"] = spatialdata_io.xenium_aligned_image(he_path, alignment_csv)`` returns for XOA 2.0
@@ -85,7 +85,7 @@ def synthetic_xenium(
     from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Affine, Scale, get_transformation
 
-    base = synthetic(image_size=image_size, n_genes=n_genes, pixel_size=pixel_size, he_transform="affine", seed=seed)
+    base = synthetic(image_size=image_size, n_genes=n_genes, pixel_size=pixel_size, image_transform="affine", seed=seed)
     rng = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(7)[6])
     table = base.tables[TABLE_KEY]
     n = table.n_obs

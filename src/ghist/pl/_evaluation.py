@@ -66,7 +66,7 @@ def gene_correlation(
 
     Examples
     --------
-    >>> res = ghist.tl.evaluate(sdata, pred_key="ghist", true_key="table")
+    >>> res = ghist.tl.evaluate(sdata, pred_key="ghist", table_key="table")
     >>> ghist.pl.gene_correlation(res, metric="pearson", svg="is_svg", top=40)
 
     """

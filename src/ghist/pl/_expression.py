@@ -13,6 +13,7 @@ from anndata import AnnData
 from spatialdata.models import get_table_keys
 
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY
+from .._deprecation import renamed_arguments
 from .._docs import doc_ax, doc_params, doc_save_show
 from .._stats import dense
 from .._validation import check_genes, check_number, get_image, get_table
@@ -26,13 +27,14 @@ if TYPE_CHECKING:  # matplotlib loads when a plot is drawn, not on ``import ghis
 logger = logging.getLogger(__name__)
 
 
+@renamed_arguments(true_key="table_key")
 @doc_params(save_show=doc_save_show, ax=doc_ax)
 def expression(
     sdata: SpatialData,
     genes: str | Sequence[str],
     *,
     pred_key: str = PRED_KEY,
-    true_key: str | None = None,
+    table_key: str | None = None,
     image_key: str | None = None,
     layer: str | None = None,
     crop: tuple[float, float, float, float] | None = None,
@@ -44,7 +46,7 @@ def expression(
 ) -> Figure:
     """Predicted expression of each gene, next to the measured expression and the H&E.
 
-    One column per gene; the first row shows the prediction, the second (with ``true_key``) the measurement
+    One column per gene; the first row shows the prediction, the second (with ``table_key``) the measurement
     on the same cells, sharing one colour scale per gene (``log1p`` counts, clipped at the 99th percentile);
     with ``image_key`` a first column shows the H&E of the same area.
 
@@ -56,7 +58,7 @@ def expression(
         Gene or genes to show.
     pred_key
         Prediction table in ``sdata.tables``.
-    true_key
+    table_key
         Table of measured raw counts annotating the same labels, shown below the prediction.
     image_key
         H&E image to show beside; drawn in the cells' (labels) pixel coordinates, which must be related to
@@ -80,7 +82,7 @@ def expression(
     Examples
     --------
     >>> import ghist
-    >>> ghist.pl.expression(sdata, ["EPCAM", "PTPRC"], true_key="table", image_key="he")  # doctest: +SKIP
+    >>> ghist.pl.expression(sdata, ["EPCAM", "PTPRC"], table_key="table", image_key="he")  # doctest: +SKIP
 
     """
     import matplotlib.pyplot as plt
@@ -100,8 +102,8 @@ def expression(
     predicted = dense(pred[keep, genes].X)
     xy = xy[keep]
     measured = None
-    if true_key is not None:
-        measured = _measured_for(get_table(sdata, true_key), pred[keep], genes, layer, true_key)
+    if table_key is not None:
+        measured = _measured_for(get_table(sdata, table_key), pred[keep], genes, layer, table_key)
     rows = 1 + (measured is not None)
     lead = int(image_key is not None)
     fig, axes = plt.subplots(
@@ -128,12 +130,13 @@ def expression(
     return fig
 
 
+@renamed_arguments(true_key="table_key")
 @doc_params(save_show=doc_save_show, ax=doc_ax)
 def cell_types(
     sdata: SpatialData,
     *,
     pred_key: str = PRED_KEY,
-    true_key: str | None = None,
+    table_key: str | None = None,
     cell_type_key: str | None = None,
     crop: tuple[float, float, float, float] | None = None,
     size: float | None = None,
@@ -150,10 +153,10 @@ def cell_types(
         SpatialData with the prediction table of :func:`ghist.tl.predict`.
     pred_key
         Prediction table in ``sdata.tables``.
-    true_key
+    table_key
         Table with measured cell types in ``obs[cell_type_key]``, annotating the same labels.
     cell_type_key
-        Column of the measured table with cell types (needed with ``true_key``).
+        Column of the measured table with cell types (needed with ``table_key``).
     crop
         ``(x_min, y_min, x_max, y_max)`` in the cells' coordinates.
     size
@@ -161,17 +164,17 @@ def cell_types(
     palette
         Cell type -> colour (default: tab10/tab20).
     ax
-        Axes to draw the predicted map into (only without ``true_key``).
+        Axes to draw the predicted map into (only without ``table_key``).
     {save_show}
 
     Returns
     -------
-    The Axes, or an array of two Axes (predicted, measured) with ``true_key``.
+    The Axes, or an array of two Axes (predicted, measured) with ``table_key``.
 
     Examples
     --------
     >>> import ghist
-    >>> ghist.pl.cell_types(sdata, true_key="table", cell_type_key="cell_type")  # doctest: +SKIP
+    >>> ghist.pl.cell_types(sdata, table_key="table", cell_type_key="cell_type")  # doctest: +SKIP
 
     """
     _check_sdata(sdata)
@@ -185,13 +188,13 @@ def cell_types(
     xy = np.asarray(pred.obsm[SPATIAL_KEY], dtype=float)
     types = pred.obs[PRED_CELL_TYPE_KEY].astype(str).to_numpy()
     panels = [("predicted", types)]
-    if true_key is not None:
+    if table_key is not None:
         if cell_type_key is None:
-            raise ValueError("`cell_type_key` is needed with `true_key`: the column of measured cell types.")
-        true = get_table(sdata, true_key)
+            raise ValueError("`cell_type_key` is needed with `table_key`: the column of measured cell types.")
+        true = get_table(sdata, table_key)
         if cell_type_key not in true.obs:
             raise KeyError(
-                f"{cell_type_key!r} not found in `sdata.tables[{true_key!r}].obs` (have {list(true.obs.columns)})."
+                f"{cell_type_key!r} not found in `sdata.tables[{table_key!r}].obs` (have {list(true.obs.columns)})."
             )
         rows = _match_rows(true, pred)
         measured = np.where(rows >= 0, true.obs[cell_type_key].astype(str).to_numpy()[np.maximum(rows, 0)], "n/a")
@@ -237,8 +240,8 @@ def _match_rows(true: AnnData, pred: AnnData) -> np.ndarray:
     return true_index.get_indexer(pred_index)
 
 
-def _measured_for(true: AnnData, pred: AnnData, genes: list[str], layer: str | None, true_key: str) -> np.ndarray:
-    check_genes(true.var_names, genes, where=f"`sdata.tables[{true_key!r}]`")
+def _measured_for(true: AnnData, pred: AnnData, genes: list[str], layer: str | None, table_key: str) -> np.ndarray:
+    check_genes(true.var_names, genes, where=f"`sdata.tables[{table_key!r}]`")
     rows = _match_rows(true, pred)
     X = true.layers[layer] if layer is not None else true.X
     values = np.log1p(dense(X[np.maximum(rows, 0)][:, true.var_names.get_indexer(genes)]))

@@ -12,6 +12,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from .._deprecation import renamed_arguments
 from .._docs import doc_ax, doc_params, doc_save_show
 from .._survival_data import durations, events
 from ._utils import _check_top, _get_ax, _save_or_show
@@ -26,6 +27,7 @@ __all__ = ["hazard_ratios", "kaplan_meier"]
 _HIGH, _LOW, _NS = "#c0392b", "#2e6fbd", "#9a9a9a"
 
 
+@renamed_arguments(split="cutoff")
 @doc_params(save_show=doc_save_show, ax=doc_ax)
 def kaplan_meier(
     adata: AnnData,
@@ -33,7 +35,7 @@ def kaplan_meier(
     *,
     duration_key: str,
     event_key: str,
-    split: str | float | Callable[[np.ndarray], float] = "median",
+    cutoff: str | float | Callable[[np.ndarray], float] = "median",
     layer: str | None = None,
     show_at_risk: bool = True,
     ci: bool = True,
@@ -60,8 +62,8 @@ def kaplan_meier(
         Column of ``adata.obs`` with the follow-up time.
     event_key
         Column of ``adata.obs`` with the event indicator (``1``/``True`` = event observed).
-    split
-        How a numeric feature is split: ``"median"``, a quantile in ``(0, 1)`` (e.g. ``0.75`` puts the top
+    cutoff
+        Where a numeric feature is split: ``"median"``, a quantile in ``(0, 1)`` (e.g. ``0.75`` puts the top
         quarter in *high*), or a callable taking the feature values and returning the threshold.
     layer
         Layer of ``adata`` to read a ``var_names`` feature from instead of ``X``.
@@ -98,7 +100,7 @@ def kaplan_meier(
     if (~ok).any():
         logger.info("Dropping %d samples with a missing duration, event or %r.", int((~ok).sum()), feature)
     values, duration, event = values[ok], duration[ok], event[ok]
-    groups, labels, colors = _groups(values, split, feature)
+    groups, labels, colors = _groups(values, cutoff, feature)
 
     fig, ax = _get_ax(ax, (6.0, 4.5))
     fitters = []
@@ -137,13 +139,14 @@ def kaplan_meier(
     return ax
 
 
+@renamed_arguments(alpha="q_highlight")
 @doc_params(save_show=doc_save_show, ax=doc_ax)
 def hazard_ratios(
     result: pd.DataFrame,
     *,
     top: int | None = 20,
     q_threshold: float | None = None,
-    alpha: float = 0.05,
+    q_highlight: float = 0.05,
     title: str | None = None,
     ax: Axes | None = None,
     save: str | PathLike | None = None,
@@ -152,7 +155,7 @@ def hazard_ratios(
     """Forest plot of Cox hazard ratios: one row per feature, point estimate with its 95% confidence interval.
 
     Features are ordered by p-value (smallest at the top) on a log-scaled hazard-ratio axis with a reference line
-    at 1; features with ``q < alpha`` are coloured (red: higher risk, blue: lower risk), the others grey. The
+    at 1; features with ``q < q_highlight`` are coloured (red: higher risk, blue: lower risk), the others grey. The
     hazard ratio, its interval and the q-value are written to the right of each row.
 
     Parameters
@@ -164,7 +167,7 @@ def hazard_ratios(
         Show at most this many features (the smallest p-values). ``None`` shows all.
     q_threshold
         Show only features with ``q`` (``p`` when there is no ``q`` column) below this.
-    alpha
+    q_highlight
         Features with ``q`` (or ``p``) below this are highlighted.
     title
         Axes title.
@@ -195,8 +198,8 @@ def hazard_ratios(
             "pass the output of `ghist.tl.survival`."
         )
     _check_top(top)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
-        raise ValueError(f"`alpha` must be a number in (0, 1), got {alpha!r}.")
+    if isinstance(q_highlight, bool) or not isinstance(q_highlight, int | float) or not 0 < q_highlight < 1:
+        raise ValueError(f"`q_highlight` must be a number in (0, 1), got {q_highlight!r}.")
     sig_col = "q" if "q" in result.columns else "p"
     df = result[result[needed].notna().all(axis=1) & np.isfinite(result[needed]).all(axis=1)]
     df = df[(df["hr"] > 0) & (df["ci_lower"] > 0)]
@@ -213,7 +216,7 @@ def hazard_ratios(
     fig, ax = _get_ax(ax, (6.5, 0.8 + 0.32 * n))
     y = np.arange(n)[::-1]  # smallest p at the top
     hr, lo, hi = (df[c].to_numpy(float) for c in ("hr", "ci_lower", "ci_upper"))
-    sig = df[sig_col].to_numpy(float) < alpha
+    sig = df[sig_col].to_numpy(float) < q_highlight
     colors = np.where(~sig, _NS, np.where(hr >= 1, _HIGH, _LOW))
 
     ax.axvline(1.0, color="0.35", lw=0.9, ls="--", zorder=0)
@@ -261,8 +264,8 @@ def hazard_ratios(
     if title is not None:
         ax.set_title(title)
     handles = [
-        Line2D([], [], color=_HIGH, marker="s", ls="-", label=f"{sig_col} < {alpha:g}, HR > 1"),
-        Line2D([], [], color=_LOW, marker="s", ls="-", label=f"{sig_col} < {alpha:g}, HR < 1"),
+        Line2D([], [], color=_HIGH, marker="s", ls="-", label=f"{sig_col} < {q_highlight:g}, HR > 1"),
+        Line2D([], [], color=_LOW, marker="s", ls="-", label=f"{sig_col} < {q_highlight:g}, HR < 1"),
         Line2D([], [], color=_NS, marker="s", ls="-", label="not significant"),
     ]
     below = ax.transAxes + ScaledTranslation(0, -0.5, fig.dpi_scale_trans)  # half an inch under the x axis
@@ -296,7 +299,7 @@ def _values(adata: AnnData, feature: str, layer: str | None) -> pd.Series:
 
 
 def _groups(
-    values: pd.Series, split: str | float | Callable, feature: str
+    values: pd.Series, cutoff: str | float | Callable, feature: str
 ) -> tuple[list[np.ndarray], list[str], list[str]]:
     """Boolean masks, labels and colours of the groups to draw."""
     is_numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
@@ -309,19 +312,25 @@ def _groups(
         return groups, labels, [f"C{i}" for i in range(len(groups))]
 
     x = values.to_numpy(float)
-    if callable(split):
-        thr = float(split(x))
-    elif isinstance(split, str):
-        if split != "median":
-            raise ValueError(f"`split` must be 'median', a quantile in (0, 1) or a callable, got {split!r}.")
+    if callable(cutoff):
+        thr = float(cutoff(x))
+    elif isinstance(cutoff, str):
+        if cutoff != "median":
+            raise ValueError(
+                f"`cutoff` (where to split) must be 'median', a quantile in (0, 1) or a callable, got {cutoff!r}."
+            )
         thr = float(np.median(x))
-    elif isinstance(split, int | float) and 0 < split < 1:
-        thr = float(np.quantile(x, split))
+    elif isinstance(cutoff, int | float) and 0 < cutoff < 1:
+        thr = float(np.quantile(x, cutoff))
     else:
-        raise ValueError(f"`split` must be 'median', a quantile in (0, 1) or a callable, got {split!r}.")
+        raise ValueError(
+            f"`cutoff` (where to split) must be 'median', a quantile in (0, 1) or a callable, got {cutoff!r}."
+        )
     high = x > thr
     if high.all() or not high.any():
-        raise ValueError(f"Splitting {feature!r} at {thr:.4g} leaves one group empty; choose another `split`.")
+        raise ValueError(
+            f"Splitting {feature!r} at {thr:.4g} leaves one group empty; choose another `cutoff` to split at."
+        )
     low = ~high
     labels = [f"low (≤ {thr:.3g}, n={int(low.sum())})", f"high (> {thr:.3g}, n={int(high.sum())})"]
     return [low, high], labels, [_LOW, _HIGH]

@@ -14,6 +14,7 @@ from spatialdata import SpatialData
 from spatialdata.models import get_table_keys
 
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY, TABLE_KEY, UNS_KEY
+from .._deprecation import renamed_arguments
 from .._stats import column_pearson, column_spearman, dense, macro_f1
 from .._validation import _preview, check_genes, check_name, get_counts, get_table, table_of_region
 from .._write import check_writable, write_element
@@ -25,11 +26,12 @@ _SQUIDPY_LOGGER = "spatialdata._logging"  # squidpy.gr logs through it (squidpy 
 NORMALISED_LAYER = "log_normalised"  # layer of the pseudo-spot table written by `evaluate(..., key_added=...)`
 
 
+@renamed_arguments(true_key="table_key")
 def evaluate(
     sdata: SpatialData,
     *,
     pred_key: str = PRED_KEY,
-    true_key: str = TABLE_KEY,
+    table_key: str = TABLE_KEY,
     spots_key: str | None = None,
     cell_type_key: str | None = None,
     layer: str | None = None,
@@ -43,11 +45,11 @@ def evaluate(
 ) -> pd.DataFrame:
     """Compare predicted with measured expression, gene by gene: cell by cell, or spot by spot.
 
-    **Cells** (default, ``spots_key=None``): ``true_key`` holds measured counts of the same nuclei as the
+    **Cells** (default, ``spots_key=None``): ``table_key`` holds measured counts of the same nuclei as the
     predictions (e.g. Xenium). Cells are matched through the instance ids both tables use for the labels they
     annotate; measured counts are put on the predicted scale (``log1p``).
 
-    **Spots** (``spots_key`` given): ``true_key`` holds measured spot counts annotating ``sdata.shapes[spots_key]``
+    **Spots** (``spots_key`` given): ``table_key`` holds measured spot counts annotating ``sdata.shapes[spots_key]``
     (Visium circles, Visium HD bins, legacy ST). The per-cell predictions are summed into pseudo-spots with the
     rule of :func:`ghist.tl.aggregate_to_spots` (a cell counts for the one spot holding its centroid). Both sides
     are then normalised per spot — scaled to ``target_sum`` counts per spot, ``log1p`` — and correlated over the
@@ -60,13 +62,13 @@ def evaluate(
         SpatialData holding both tables (and, for spots, the spots).
     pred_key
         Table written by :func:`ghist.tl.predict` (``X`` = ``log1p`` counts, centroids in ``obsm["spatial"]``).
-    true_key
+    table_key
         Table of measured raw counts: annotating the same labels as ``pred_key`` (cells), or annotating
         ``spots_key`` (spots).
     spots_key
         Key of the spots in ``sdata.shapes`` (circles with a ``radius`` column, or polygons): evaluate spot by spot.
     cell_type_key
-        Cells only: column of ``sdata.tables[true_key].obs`` with the measured cell types; enables the cell-type
+        Cells only: column of ``sdata.tables[table_key].obs`` with the measured cell types; enables the cell-type
         scores.
     layer
         Layer of the measured table holding raw counts (default ``X``).
@@ -81,7 +83,7 @@ def evaluate(
         per-spot normalisation).
     library
         Spots only: what a spot's total is. ``"panel"``: its counts over the shared genes, on both sides.
-        ``"all"``: for the measurement, its counts over every gene of ``true_key`` (the usual library size); for
+        ``"all"``: for the measurement, its counts over every gene of ``table_key`` (the usual library size); for
         the pseudo-spot, which only knows the panel, its panel total divided by ``panel_share``.
     panel_share
         Spots only, with ``library="all"``: the share of a spot's counts that falls on the panel. Default: the
@@ -121,7 +123,7 @@ def evaluate(
     Spots, against the measured counts of Visium spots (a table annotating the spot circles):
 
     >>> ghist.tl.predict(visium, model, region_key="spots")  # doctest: +SKIP
-    >>> scores = ghist.tl.evaluate(visium, true_key="spot_counts", spots_key="spots")  # doctest: +SKIP
+    >>> scores = ghist.tl.evaluate(visium, table_key="spot_counts", spots_key="spots")  # doctest: +SKIP
     >>> scores.head(), scores.attrs["mean_pearson"], scores.attrs["n_spots"]  # doctest: +SKIP
 
     """
@@ -138,7 +140,7 @@ def evaluate(
         ):
             if value != default:
                 raise ValueError(f"`{name}` applies to spots only; pass `spots_key` too.")
-        return _evaluate_cells(sdata, pred_key, true_key, cell_type_key, layer, genes, n_svg)
+        return _evaluate_cells(sdata, pred_key, table_key, cell_type_key, layer, genes, n_svg)
     if cell_type_key is not None:
         raise ValueError("`cell_type_key` scores cell types cell by cell; spots carry none (`spots_key` is set).")
     if library not in ("panel", "all"):
@@ -150,7 +152,7 @@ def evaluate(
     return _evaluate_spots(
         sdata,
         pred_key,
-        true_key,
+        table_key,
         spots_key,
         layer,
         genes,

@@ -12,6 +12,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._constants import COHORT_SE_LAYER
+from .._deprecation import renamed_arguments
 from .._survival_data import durations, events
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ _DURATION, _EVENT, _FEATURE, _WEIGHT = "__duration__", "__event__", "__feature__
 INVERSE_VARIANCE = "inverse_variance"
 
 
+@renamed_arguments(standardize="standardise")
 def survival(
     adata: AnnData,
     *,
@@ -32,7 +34,7 @@ def survival(
     covariates: Sequence[str] | None = None,
     layer: str | None = None,
     penalizer: float = 0.0,
-    standardize: bool = True,
+    standardise: bool = True,
     weights: str | None = None,
     se_layer: str = COHORT_SE_LAYER,
     progress: bool = True,
@@ -40,7 +42,7 @@ def survival(
     """Fit one Cox proportional-hazards model per feature and rank the features by their association with survival.
 
     For every feature a Cox model (:class:`lifelines.CoxPHFitter`) is fitted with that feature as the only
-    predictor, plus the optional ``covariates`` it is adjusted for. With ``standardize=True`` the feature is
+    predictor, plus the optional ``covariates`` it is adjusted for. With ``standardise=True`` the feature is
     z-scored over the samples used for its fit, so the hazard ratio is per standard deviation and comparable
     between features. p-values are Wald tests of the feature's coefficient, and q-values are Benjamini–Hochberg
     adjusted over the features that could be fitted.
@@ -65,7 +67,7 @@ def survival(
     penalizer
         L2 penalty passed to :class:`lifelines.CoxPHFitter`; a small value (e.g. ``0.01``) helps convergence
         on small or separable cohorts.
-    standardize
+    standardise
         z-score each feature, so that ``hr`` is the hazard ratio per standard deviation. Otherwise per unit.
     weights
         Down-weight uncertain samples. ``None``: every sample counts once. The name of a column of ``adata.obs``:
@@ -77,7 +79,7 @@ def survival(
         p-values use its robust (sandwich, Lin–Wei) variance, as weights that are not frequencies require. This
         makes precisely measured slides count more; it does not correct the attenuation of a hazard ratio by a
         noisy feature (that would be a measurement-error model, e.g. regression calibration). The z-scoring of
-        ``standardize`` is unweighted.
+        ``standardise`` is unweighted.
     se_layer
         Layer of per-feature standard errors for ``weights="inverse_variance"``.
     progress
@@ -143,7 +145,7 @@ def survival(
         w = sample_weights if se is None else _inverse_variance(se[:, j], ok, name, adata.obs_names)
         if reason is None:
             xo = x[ok]
-            if standardize:
+            if standardise:
                 xo = (xo - xo.mean()) / xo.std(ddof=1)
             frame = pd.DataFrame({_DURATION: duration[ok], _EVENT: event[ok], _FEATURE: xo})
             sub_cov = cov.loc[ok].reset_index(drop=True)
@@ -193,7 +195,7 @@ def survival(
         "covariates": covariates,
         "layer": layer,
         "penalizer": penalizer,
-        "standardize": standardize,
+        "standardise": standardise,
         "weights": weights,
         "se_layer": se_layer if weights == INVERSE_VARIANCE else None,
     }
