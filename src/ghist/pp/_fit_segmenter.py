@@ -6,7 +6,6 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -129,7 +128,8 @@ def fit_segmenter(
     from tqdm.auto import tqdm
 
     from .._model._nucleus_net import nucleus_loss
-    from .._validation import check_int, check_number
+    from .._model._spec import check_max_time
+    from .._validation import check_int, check_number, check_seed
 
     samples_in = [sdata] if isinstance(sdata, SpatialData) else list(sdata) if isinstance(sdata, list | tuple) else None
     if not samples_in or not all(isinstance(s, SpatialData) for s in samples_in):
@@ -139,9 +139,9 @@ def fit_segmenter(
             + "."
         )
     sizes = _check_pixel_sizes(pixel_size, len(samples_in))
-    budget = _check_max_time(max_time)
+    budget = check_max_time("max_time", max_time)  # as ghist.tl.fit takes it
     check_int("max_steps", max_steps, 1, optional=True)
-    check_int("seed", seed, 0)
+    check_seed(seed)
     check_int("batch_size", batch_size, 1)
     check_int("crop_size", crop_size, 16)
     check_int("unshuffle", unshuffle, 1)
@@ -260,28 +260,6 @@ def fit_segmenter(
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading the training data
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _check_max_time(max_time: Any) -> timedelta | None:
-    """``max_time`` as :func:`ghist.tl.fit` takes it: ``"HH:MM:SS"``, ``"DD:HH:MM:SS"`` or a timedelta, >= 1 s."""
-    if max_time is None:
-        return None
-    if isinstance(max_time, str):
-        parts = max_time.split(":")
-        if not 3 <= len(parts) <= 4 or not all(p.strip().isdigit() for p in parts):
-            raise ValueError(f"`max_time` {max_time!r} is not 'HH:MM:SS' or 'DD:HH:MM:SS'.")
-        *days, hours, minutes, seconds = (int(p) for p in parts)
-        parsed = timedelta(days=sum(days), hours=hours, minutes=minutes, seconds=seconds)
-    elif isinstance(max_time, timedelta):
-        parsed = max_time
-    else:
-        raise ValueError(
-            f"`max_time` must be a string 'HH:MM:SS' (or 'DD:HH:MM:SS') or a datetime.timedelta, got {max_time!r} "
-            f"({type(max_time).__name__}); e.g. '00:10:00' for ten minutes."
-        )
-    if parsed.total_seconds() < 1:
-        raise ValueError(f"`max_time` must allow at least one step (1 second or more), got {max_time!r}.")
-    return parsed
 
 
 def _check_pixel_sizes(pixel_size: Any, n: int) -> list[float | None]:

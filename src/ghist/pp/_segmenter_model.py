@@ -141,32 +141,25 @@ class NucleusSegmenter:
         (8, 16)
 
         """
-        import shutil
-        import tempfile
-
         import torch
 
-        path = Path(path)
-        _check_replaceable(path, overwrite)
+        from .._folders import replace_folder
+
         settings = self.settings()
         tensors = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent))
-        old = None
-        try:
-            torch.save(tensors, new / WEIGHTS_FILE)
-            (new / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, allow_nan=False))
-            if path.exists() or path.is_symlink():
-                _check_replaceable(path, overwrite)  # again: it may have changed meanwhile
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-                os.replace(path, old / path.name)
-            os.replace(new, path)
-        finally:
-            shutil.rmtree(new, ignore_errors=True)
-            if old is not None:
-                if not path.exists():  # the new folder did not make it: the old one goes back
-                    os.replace(old / path.name, path)
-                shutil.rmtree(old, ignore_errors=True)
+
+        def write(tmp: Path) -> None:
+            torch.save(tensors, tmp / WEIGHTS_FILE)
+            (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, allow_nan=False))
+
+        replace_folder(
+            path,
+            write,
+            overwrite=overwrite,
+            is_ours=is_segmenter_folder,
+            own_names=SEGMENTER_FILES,
+            what="ghist nucleus segmenter",
+        )
         logger.info("Saved the nucleus segmenter to %s", path)
 
     @classmethod
@@ -387,25 +380,6 @@ def _unit_interval(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not 0 < value < 1:
         raise ValueError(f"`{name}` must be a number in (0, 1), got {value!r}.")
     return float(value)
-
-
-def _check_replaceable(path: Path, overwrite: bool) -> None:
-    """Refuse a destination that exists, unless ``overwrite`` and it is an earlier segmenter holding nothing else."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not overwrite:
-        raise FileExistsError(f"{str(path)!r} already exists; pass `overwrite=True` to replace it.")
-    if path.is_symlink() or not path.is_dir() or not is_segmenter_folder(path):
-        raise FileExistsError(
-            f"{str(path)!r} exists and is not a ghist nucleus segmenter folder; `overwrite=True` replaces only an "
-            "earlier segmenter. Choose another path, or move it away yourself."
-        )
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in SEGMENTER_FILES)
-    if foreign:
-        raise FileExistsError(
-            f"{str(path)!r} is a nucleus segmenter folder but also holds {foreign[:5]}: not replacing it (that would "
-            "delete them). Move them out, or choose another path."
-        )
 
 
 def is_segmenter_folder(path: Path) -> bool:
