@@ -520,7 +520,9 @@ class GHISTModel:
             ``dir_path`` holds no saved model.
         ValueError
             A file is empty, truncated, not a ghist model file, holds anything but tensors, or does not match the
-            settings (the message names the file).
+            settings (the message names the file); a setting of ``model.json`` is out of its type or range (see
+            :class:`~ghist._model._spec.ArchitectureSpec`: checked before the weights are read); the weights hold
+            NaN or infinities, or tensors the settings do not imply (checked before a network is built).
 
         """
         dir_path = Path(dir_path)
