@@ -1,0 +1,86 @@
+"""ARCHITECTURE.md tells the truth about the code: its module table and its rules name things that exist."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "ghist"
+TEXT = (ROOT / "ARCHITECTURE.md").read_text()
+
+
+def _section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}.*?\n(.*?)(?=^## |\Z)", TEXT, re.S | re.M)
+    assert match, f"ARCHITECTURE.md has no '## {title}' section"
+    return match.group(1)
+
+
+def _first_column(section: str) -> list[str]:
+    rows = [line.strip().strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    return [cells[0].strip() for cells in rows if not set(cells[0].strip()) <= {"-"} and cells[0].strip() != "module"]
+
+
+def _module_entries() -> list[str]:
+    entries = []
+    for cell in _first_column(_section("Modules")):
+        entries += re.findall(r"`([^`]+)`", cell)
+    return entries
+
+
+def _covered(entry: str) -> list[Path]:
+    return sorted(SRC.glob(entry)) if "*" in entry else ([SRC / entry] if (SRC / entry).exists() else [])
+
+
+def test_every_module_in_the_table_exists():
+    missing = [entry for entry in _module_entries() if not _covered(entry)]
+    assert not missing, f"ARCHITECTURE.md's module table names modules that do not exist: {missing}"
+
+
+def test_every_module_is_in_the_table():
+    covered: set[Path] = set()
+    for entry in _module_entries():
+        for path in _covered(entry):
+            covered.update(path.rglob("*.py") if path.is_dir() else [path])
+        if entry.endswith("/*"):  # a whole subpackage
+            covered.update((SRC / entry[:-2]).rglob("*.py"))
+    modules = {p for p in SRC.rglob("*.py") if p.name != "__init__.py" and "data" not in p.relative_to(SRC).parts}
+    absent = sorted(str(p.relative_to(SRC)) for p in modules - covered)
+    assert not absent, f"add these modules to ARCHITECTURE.md's module table (one row each, its one job): {absent}"
+
+
+def _top_level_names(path: Path) -> set[str]:
+    names = set()
+    tree = ast.parse(path.read_text())
+    body = [n for top in tree.body for n in ([top, *top.body, *top.handlers] if isinstance(top, ast.Try) else [top])]
+    for node in body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_the_rules_name_code_that_exists():
+    """Every ``module.name`` of the rules table's "the one place" column is defined in that module."""
+    section = _section("Where each rule lives")
+    rows = [line.strip().strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    wrong = []
+    for cells in rows:
+        if len(cells) < 3:
+            continue
+        for ref in re.findall(r"`([\w/]+)\.(\w+)`", cells[1]):
+            module, name = ref
+            path = SRC / f"{module}.py"
+            if name == "py":
+                path = SRC / f"{module}.py"
+                if not (path.exists() or (ROOT / f"{module}.py").exists()):
+                    wrong.append(f"{module}.py")
+                continue
+            if not path.exists():
+                continue  # a class attribute (``GHISTModel._to_state``) or prose, not a module path
+            if name not in _top_level_names(path):
+                wrong.append(f"{module}.{name}")
+    assert not wrong, f"ARCHITECTURE.md's rules name code that is not there: {wrong}"
