@@ -107,6 +107,7 @@ def run(tmp: Path) -> dict:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_as_v0_1(tmp_path):
     pinned = json.loads(PIN.read_text())
     got = run(tmp_path)

@@ -35,6 +35,7 @@ def test_fit_learns(trained, tiles):
     assert "val_score" in history.columns
 
 
+@pytest.mark.slow
 def test_fit_is_reproducible(tiles, tmp_path):
     kwargs = {"width": 4, "embed_dim": 16, "max_epochs": 1, "batch_size": 4, "seed": 3, "progress": False}
     a = ghist.tl.fit(tiles, checkpoint_dir=tmp_path / "a", **kwargs)
@@ -43,6 +44,7 @@ def test_fit_is_reproducible(tiles, tmp_path):
         assert torch.equal(pa, pb), name
 
 
+@pytest.mark.slow
 def test_stain_jitter_reaches_training_and_stays_reproducible(tiles, tmp_path):
     kwargs = {"width": 4, "embed_dim": 16, "max_epochs": 1, "batch_size": 4, "seed": 3, "progress": False}
     plain = ghist.tl.fit(tiles, checkpoint_dir=tmp_path / "plain", **kwargs)
@@ -55,6 +57,7 @@ def test_stain_jitter_reaches_training_and_stays_reproducible(tiles, tmp_path):
     assert same == [False, True]
 
 
+@pytest.mark.slow
 def test_loss_weights_reach_training(tiles, tmp_path):
     kwargs = {"width": 4, "embed_dim": 16, "max_epochs": 2, "batch_size": 4, "seed": 3, "progress": False}
     plain = ghist.tl.fit(tiles, checkpoint_dir=tmp_path / "plain", **kwargs)
@@ -67,6 +70,7 @@ def test_loss_weights_reach_training(tiles, tmp_path):
     assert any(not torch.equal(x, y) for x, y in pairs)
 
 
+@pytest.mark.slow
 def test_fit_adds_a_residual_readout_fitted_after_training(tiles, tmp_path):
     kwargs = {"width": 4, "embed_dim": 16, "max_epochs": 2, "batch_size": 4, "seed": 3, "progress": False}
     plain = ghist.tl.fit(tiles, readout=False, checkpoint_dir=tmp_path / "plain", **kwargs)
@@ -98,6 +102,7 @@ def test_fit_adds_a_residual_readout_fitted_after_training(tiles, tmp_path):
     assert errors[1] < errors[0]
 
 
+@pytest.mark.slow
 def test_resume_continues(tiles, tmp_path):
     kwargs = {"width": 4, "embed_dim": 16, "batch_size": 4, "seed": 1, "progress": False}
     first = ghist.tl.fit(tiles, max_epochs=1, checkpoint_dir=tmp_path / "run", **kwargs)
@@ -154,6 +159,7 @@ def test_resume_refuses_unsafe_or_damaged_checkpoints(tiles, tmp_path, kind):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_fit_without_cell_types(train_sdata_session, tmp_path):
     from lightning.pytorch.callbacks import Callback
 
@@ -175,6 +181,7 @@ def test_fit_without_cell_types(train_sdata_session, tmp_path):
     assert len(model.history_) == 2
 
 
+@pytest.mark.slow
 def test_fit_max_time(tiles):
     model = ghist.tl.fit(
         tiles, width=4, embed_dim=16, max_epochs=10_000, max_time="00:00:00:03", batch_size=4, progress=False

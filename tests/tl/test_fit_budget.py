@@ -77,6 +77,7 @@ def test_fit_rejects_bad_numbers_before_training(tiles, tmp_path, kwarg, value, 
     assert not (tmp_path / "ckpt").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_default_budget_is_steps_not_epochs(tiles, tmp_path):
     record = _Record(stop=True)
     ghist.tl.fit(tiles, checkpoint_dir=tmp_path / "a", callbacks=[record], **SMALL)
@@ -91,6 +92,7 @@ def test_default_budget_is_steps_not_epochs(tiles, tmp_path):
     assert record.max_time == 600
 
 
+@pytest.mark.slow
 def test_learning_rate_decays_over_max_steps(tiles, tmp_path):
     record = _Record()
     model = ghist.tl.fit(tiles, max_steps=7, lr=1e-3, checkpoint_dir=tmp_path, callbacks=[record], **SMALL)
@@ -100,6 +102,7 @@ def test_learning_rate_decays_over_max_steps(tiles, tmp_path):
     assert model.history_["step"].iloc[-1] == 7
 
 
+@pytest.mark.slow
 def test_early_stopping_on_validation_score(tiles, tmp_path):
     model = ghist.tl.fit(tiles, max_epochs=60, patience=2, lr=3e-3, checkpoint_dir=tmp_path, **SMALL)
     history = model.history_
@@ -109,6 +112,7 @@ def test_early_stopping_on_validation_score(tiles, tmp_path):
     assert int(history["val_score"].idxmax()) == model.best_epoch_
 
 
+@pytest.mark.slow
 def test_step_budget_ending_inside_the_first_epoch(tiles, tmp_path, recwarn):
     # Lightning ends such an epoch before its validation: early stopping and the best-epoch checkpoint then have no
     # score to read (EarlyStopping raised "conditioned on metric `val_score` which is not available").
@@ -119,11 +123,13 @@ def test_step_budget_ending_inside_the_first_epoch(tiles, tmp_path, recwarn):
     assert not [w for w in recwarn if "val_score" in str(w.message)]
 
 
+@pytest.mark.slow
 def test_early_stopping_can_be_turned_off(tiles, tmp_path):
     model = ghist.tl.fit(tiles, max_epochs=6, patience=1, early_stopping=False, checkpoint_dir=tmp_path, **SMALL)
     assert len(model.history_) == 6
 
 
+@pytest.mark.slow
 def test_short_or_weak_training_warns(tiles, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ghist"):
         ghist.tl.fit(tiles, max_steps=2, lr=1e-9, checkpoint_dir=tmp_path, **SMALL)
@@ -134,6 +140,7 @@ def test_short_or_weak_training_warns(tiles, tmp_path, caplog):
     assert "macro F1" in text or "Pearson" in text
 
 
+@pytest.mark.slow
 def test_resume_continues_budget_and_history(tiles, tmp_path):
     first = ghist.tl.fit(tiles, max_epochs=2, checkpoint_dir=tmp_path / "run", **SMALL)
     assert first.history_["epoch"].tolist() == [0.0, 1.0]
@@ -145,6 +152,7 @@ def test_resume_continues_budget_and_history(tiles, tmp_path):
     assert resumed.history_["step"].tolist() == sorted(resumed.history_["step"].tolist())
 
 
+@pytest.mark.slow
 def test_resume_counts_time_already_used(tiles, tmp_path):
     first = ghist.tl.fit(tiles, max_time="00:00:00:04", checkpoint_dir=tmp_path / "run", **SMALL)
     steps_first = int(first.history_["step"].iloc[-1])
@@ -158,6 +166,7 @@ def test_resume_counts_time_already_used(tiles, tmp_path):
     assert time.monotonic() - start < 4 + 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("progress", [False, True])
 def test_fit_is_quiet(tiles, tmp_path, capsys, caplog, recwarn, progress):
     with caplog.at_level(logging.INFO):
@@ -185,6 +194,7 @@ def test_fit_is_quiet(tiles, tmp_path, capsys, caplog, recwarn, progress):
     assert ("it/s" in out + err or "s/it" in out + err) == progress
 
 
+@pytest.mark.slow
 def test_fit_leaves_no_temporary_folder(tiles, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
@@ -199,6 +209,7 @@ def test_fit_leaves_no_temporary_folder(tiles, tmp_path, monkeypatch, caplog):
     assert "ghist_fit_" in caplog.text  # where the checkpoints were is logged
 
 
+@pytest.mark.slow
 def test_default_precision_on_cpu_is_float32_and_learns(tiles, tmp_path, caplog):
     kwargs = {k: v for k, v in SMALL.items() if k != "precision"}
     with caplog.at_level(logging.INFO, logger="ghist"):
@@ -233,6 +244,7 @@ def test_demo_rejects_bad_arguments_at_once(tmp_path, capsys):
     assert "--width" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_history_is_saved_in_checkpoints(tiles, tmp_path):
     ghist.tl.fit(tiles, max_epochs=2, checkpoint_dir=tmp_path, **SMALL)
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)

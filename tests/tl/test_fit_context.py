@@ -26,6 +26,7 @@ def context_model(tiles, tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_context_is_trained(context_model):
     assert context_model.init_params_["context_neighbours"] == 4
     last = context_model.network.context.mix[-1]
@@ -33,6 +34,7 @@ def test_context_is_trained(context_model):
     assert last.weight.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_context_survives_save_and_load(context_model, tmp_path):
     context_model.save(tmp_path / "m")
     loaded = ghist.GHISTModel.load(tmp_path / "m")
@@ -41,6 +43,7 @@ def test_context_survives_save_and_load(context_model, tmp_path):
         torch.testing.assert_close(loaded.network.context.state_dict()[name], value)
 
 
+@pytest.mark.slow
 def test_predict_with_context_depends_on_the_neighbours(context_model, test_sdata):
     table = ghist.tl.predict(test_sdata, context_model, key_added="with", progress=False)
     assert np.isfinite(table.X).all()
@@ -83,6 +86,7 @@ def test_context_in_view_counts_cells_whose_neighbours_lay_in_their_tile():
     assert _context_in_view({"centroid": np.zeros((1, 2)), "margin": np.zeros(1)}, 8) == 1.0
 
 
+@pytest.mark.slow
 def test_predict_reports_how_often_the_context_saw_the_whole_neighbourhood(context_model, test_sdata, trained):
     wide = ghist.tl.predict(test_sdata, context_model, key_added="wide", tile_overlap=31, progress=False)
     none = ghist.tl.predict(test_sdata, context_model, key_added="none", tile_overlap=0, progress=False)

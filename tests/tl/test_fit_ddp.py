@@ -56,6 +56,7 @@ def _run(tmp_path, strategy: str, devices: int, batch_size: int) -> None:
     )
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_trains_like_one_process(tmp_path):
     _run(tmp_path, "auto", 1, 8)  # one process, batches of 8 tiles
     _run(tmp_path, "ddp", 2, 4)  # two processes of 4 tiles each (Lightning relaunches the script for rank 1, gloo)

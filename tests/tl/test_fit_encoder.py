@@ -89,6 +89,7 @@ def trainable_vit(tiles):
     return mine, before, model
 
 
+@pytest.mark.slow
 def test_frozen_cnn_encoder_learns_and_stays_unchanged(frozen_cnn):
     mine, before, model = frozen_cnn
     _losses_fell(model)
@@ -109,6 +110,7 @@ def test_frozen_cnn_encoder_learns_and_stays_unchanged(frozen_cnn):
     assert "encoder: my-cnn (frozen)" in repr(model)
 
 
+@pytest.mark.slow
 def test_frozen_encoder_params_are_not_in_the_optimiser(frozen_cnn):
     from ghist._model._module import GHISTModule
 
@@ -120,6 +122,7 @@ def test_frozen_encoder_params_are_not_in_the_optimiser(frozen_cnn):
     assert {id(p) for p in model.network.feature_encoder.project.parameters()} <= optimised
 
 
+@pytest.mark.slow
 def test_trainable_vit_encoder_learns_and_changes(trainable_vit):
     mine, before, model = trainable_vit
     _losses_fell(model)
@@ -166,6 +169,7 @@ def test_save_load_roundtrip_gives_identical_predictions(which, request, test_sd
     assert loaded.network.feature_encoder.model is not arch
 
 
+@pytest.mark.slow
 def test_load_without_or_with_a_wrong_encoder_errors(frozen_cnn, tmp_path):
     _, _, model = frozen_cnn
     model.save(tmp_path / "m")
@@ -259,6 +263,7 @@ def fake_timm(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_timm_name_with_local_weights_fits_saves_and_rebuilds(fake_timm, tiles, test_sdata, tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.manual_seed(5)
@@ -324,6 +329,7 @@ def test_timm_name_without_timm_says_how_to_install(monkeypatch, tmp_path):
         prepare_encoder("vit_small_patch16_224", weights=tmp_path / "w.bin")
 
 
+@pytest.mark.slow
 def test_module_deepcopy_is_what_trains(trainable_vit):
     mine, _, model = trainable_vit
     assert model.network.feature_encoder.model is not mine

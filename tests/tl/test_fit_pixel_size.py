@@ -32,6 +32,7 @@ def test_unknown_pixel_size_is_refused_before_training(tiles_without_microns, tm
     assert not (tmp_path / "ckpt").exists()  # nothing trained, nothing written
 
 
+@pytest.mark.slow
 def test_given_pixel_size_is_the_models(tiles_without_microns, tmp_path):
     model = ghist.tl.fit(tiles_without_microns, pixel_size=0.5, max_steps=2, **TINY)
     assert model.pixel_size == 0.5
@@ -51,11 +52,13 @@ def test_known_pixel_size_conflicting_with_the_given_one_is_refused(tiles):
         ghist.tl.fit(tiles, pixel_size=0.8, max_steps=1, **TINY)
 
 
+@pytest.mark.slow
 def test_known_pixel_size_agreeing_with_the_given_one_is_kept(tiles):
     model = ghist.tl.fit(tiles, pixel_size=0.51, max_epochs=1, **TINY)  # within 5%: the tiles' own value
     assert model.pixel_size == pytest.approx(tiles.pixel_size)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_pixel_size_it_was_trained_at(tiles_without_microns, tmp_path, caplog):
     first = ghist.tl.fit(tiles_without_microns, pixel_size=0.5, max_epochs=1, checkpoint_dir=tmp_path / "a", **TINY)
     assert first.pixel_size == 0.5

@@ -88,6 +88,7 @@ def spot_model(tmp_path_factory):
     return tiles, model
 
 
+@pytest.mark.slow
 def test_fit_on_spots_without_cell_types(spot_model):
     tiles, model = spot_model
     assert tiles.cell_types is None
@@ -108,6 +109,7 @@ def test_fit_on_spots_without_cell_types(spot_model):
     assert np.isfinite(history["val_pearson"].to_numpy()).any()
 
 
+@pytest.mark.slow
 def test_predicted_spots_follow_the_measured_spots(spot_model):
     _, model = spot_model
     sdata = ghist.datasets.synthetic(image_size=256, n_genes=16, seed=1)  # another tissue, never trained on

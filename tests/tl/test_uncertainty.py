@@ -77,6 +77,7 @@ def test_variance_head_nll_falls(trained):
     assert nll[-3:].mean() < nll[0] - 0.1
 
 
+@pytest.mark.slow
 def test_noisier_gene_gets_a_larger_std(tmp_path):
     """One gene's counts replaced by noise unrelated to the image: the head must give it a larger spread."""
     sdata = ghist.datasets.synthetic(image_size=256, n_genes=12, seed=4)
@@ -272,6 +273,7 @@ def test_spot_variance_by_the_delta_method():
     assert draws.var() == pytest.approx(float(spot_var), rel=0.05)
 
 
+@pytest.mark.slow
 def test_spot_model_fills_the_std(tmp_path):
     sdata, tiles = spot_sample_and_tiles(tmp_path / "t.zarr")
     model = ghist.tl.fit(
