@@ -269,6 +269,30 @@ def test_predict_any_arguments(kwargs, backed, model):
     outcome(lambda: ghist.tl.predict(sdata, model, **call), folder)
 
 
+FIT_ARGS = [
+    "reference", "reference_groupby", "cell_type_groups", "resume", "encoder", "encoder_weights", "encoder_options",
+    "width", "embed_dim", "pixel_size", "context_neighbours", "output_activation", "morphometrics", "cell_offset",
+    "max_epochs", "max_time", "early_stopping", "patience", "batch_size", "lr", "weight_decay", "augment",
+    "color_jitter", "stain_jitter", "loss_weights", "readout", "seed", "accelerator", "devices", "strategy",
+    "precision", "num_workers", "trainer_kwargs",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiles(slide, tmp_path_factory) -> ghist.pp.TileSet:
+    path = tmp_path_factory.mktemp("fit_tiles") / "t"
+    return ghist.pp.make_tiles(sd.deepcopy(slide), cell_type_key="cell_type", tile_size=16, n_folds=2, path=path)
+
+
+@pytest.mark.slow  # a call that works trains (one step)
+@given(kwargs=_kwargs(FIT_ARGS))
+@settings(PROPS, max_examples=HUNT or 8)
+def test_fit_any_arguments(kwargs, tiles, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fit")
+    call = {"width": 4, "embed_dim": 8, "max_steps": 1, "progress": False, "checkpoint_dir": folder / "ckpt", **kwargs}
+    outcome(lambda: ghist.tl.fit(tiles, **call), folder)
+
+
 # ---------------------------------------------------------------- files
 
 

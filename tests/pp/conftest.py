@@ -137,7 +137,9 @@ def _make_sdata(
     counts = rng.poisson(rates[types[order]]).astype(np.float32)
     names = gene_names if gene_names is not None else [f"G{i}" for i in range(n_genes)]
     cell_type = pd.Categorical([f"T{t}" for t in types[order]], categories=[f"T{t}" for t in range(n_types)])
-    cell_type[rng.random(len(order)) < missing_types] = np.nan
+    missing = rng.random(len(order)) < missing_types
+    missing[:1] = False  # one typed cell at least: make_tiles refuses a cell type column that is all NaN
+    cell_type[missing] = np.nan
     obs = pd.DataFrame(
         {
             "cell_id": ids[order].astype(np.int64),

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .._constants import IMAGE_KEY, LABELS_KEY, TABLE_KEY
 from .._docs import doc_image_key, doc_labels_key, doc_params, doc_progress, doc_table_key
 from .._spatial import check_pixel_size
+from .._validation import check_name
 from .._version import __version__
 from .._write import write_element
 from ._folds import SPLIT_NAMES, _check_folds, _check_splits, row_bands, split_rows
@@ -89,6 +90,15 @@ class _Options:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        for arg, value, what in (
+            ("image_key", self.image_key, "an image of `sdata.images`"),
+            ("labels_key", self.labels_key, "labels of `sdata.labels`"),
+            ("table_key", self.table_key, "a table of `sdata.tables`"),
+            ("cell_type_key", self.cell_type_key, "a column of the table's `obs`"),
+            ("spots_key", self.spots_key, "shapes of `sdata.shapes`"),
+            ("layer", self.layer, "a layer of the table"),
+        ):
+            check_name(value, arg, what, optional=arg in ("cell_type_key", "spots_key", "layer"))
         check_pixel_size(self.pixel_size, optional=True)
         _check_spot_args(
             self.spots_key, self.cell_type_key, self.tiling, self.spot_coverage, self.spot_target_sum, self.spot_scaling
