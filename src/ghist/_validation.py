@@ -5,6 +5,7 @@ Each check names the argument, element, key or gene at fault, what was expected 
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,8 @@ from anndata import AnnData
 from spatialdata import SpatialData
 from spatialdata.models import get_table_keys
 from xarray import DataArray, DataTree
+
+logger = logging.getLogger(__name__)
 
 
 class ValidationError(ValueError):
@@ -463,3 +466,32 @@ def check_cell_types(table: AnnData, cell_type_key: str | None, *, table_key: st
             "`ghist.pp.annotate_cell_types`) or pass `cell_type_key=None` to train without cell types."
         )
     return types
+
+
+def check_profiles(matrix: np.ndarray, names: Sequence[str], *, where: str) -> None:
+    """Reference profiles (groups x genes, log1p scale) must be finite and not all zero; all-zero groups are named.
+
+    An all-zero reference (e.g. counts of the wrong genes, or an empty layer) would give the profile-mixture head
+    nothing to mix and train without a word; it is refused. A single all-zero group only gets a warning: a small
+    panel may miss a rare type's genes.
+    """
+    matrix = np.asarray(matrix)
+    if matrix.size == 0:
+        raise ValueError(f"{where} are empty ({matrix.shape[0]} groups x {matrix.shape[1]} genes).")
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{where} contain {int((~np.isfinite(matrix)).sum())} NaN or infinite values.")
+    if not matrix.any():
+        raise ValueError(
+            f"{where} are all zero ({matrix.shape[0]} groups x {matrix.shape[1]} genes): the reference holds no "
+            "expression of these genes. Check that its `var_names` are the panel's genes and that `X` (or `layer=`) "
+            "holds the counts."
+        )
+    empty = [str(n) for n, row in zip(names, matrix, strict=True) if not row.any()]
+    if empty:
+        logger.warning(
+            "%s: %d group(s) express none of the %d genes (all-zero profiles): %s.",
+            where,
+            len(empty),
+            matrix.shape[1],
+            ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
+        )

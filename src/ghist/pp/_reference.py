@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import UNS_KEY
-from .._validation import check_genes, get_counts
+from .._validation import check_genes, check_profiles, get_counts
 
 logger = logging.getLogger(__name__)
 
@@ -115,33 +115,4 @@ def _warn_if_not_counts(X: np.ndarray | sp.spmatrix) -> None:
         logger.warning(
             "The reference holds non-integer values; `reference_profiles` expects raw counts (it takes log1p). "
             "Pass `layer=` with raw counts if `X` is normalised."
-        )
-
-
-def check_profiles(matrix: np.ndarray, names: Sequence[str], *, where: str) -> None:
-    """Reference profiles (groups x genes, log1p scale) must be finite and not all zero; all-zero groups are named.
-
-    An all-zero reference (e.g. counts of the wrong genes, or an empty layer) would give the profile-mixture head
-    nothing to mix and train without a word; it is refused. A single all-zero group only gets a warning: a small
-    panel may miss a rare type's genes.
-    """
-    matrix = np.asarray(matrix)
-    if matrix.size == 0:
-        raise ValueError(f"{where} are empty ({matrix.shape[0]} groups x {matrix.shape[1]} genes).")
-    if not np.isfinite(matrix).all():
-        raise ValueError(f"{where} contain {int((~np.isfinite(matrix)).sum())} NaN or infinite values.")
-    if not matrix.any():
-        raise ValueError(
-            f"{where} are all zero ({matrix.shape[0]} groups x {matrix.shape[1]} genes): the reference holds no "
-            "expression of these genes. Check that its `var_names` are the panel's genes and that `X` (or `layer=`) "
-            "holds the counts."
-        )
-    empty = [str(n) for n, row in zip(names, matrix, strict=True) if not row.any()]
-    if empty:
-        logger.warning(
-            "%s: %d group(s) express none of the %d genes (all-zero profiles): %s.",
-            where,
-            len(empty),
-            matrix.shape[1],
-            ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""),
         )

@@ -437,7 +437,7 @@ def _reference_matrix(
     check_genes(reference.var_names, list(genes), where="the reference (`reference.var_names`)")
     matrix = reference[:, list(genes)].X
     matrix = np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float32)
-    from ..pp._reference import check_profiles  # finite, not all zero
+    from .._validation import check_profiles  # finite, not all zero
 
     check_profiles(matrix, [str(n) for n in reference.obs_names], where="The reference profiles (`reference`)")
     if matrix.max() > 20:
