@@ -67,7 +67,8 @@ def test_slide_tiles_have_the_tile_item_format():
     assert item["expr"].shape == (1, 0)
     assert item["cell_type"].tolist() == [-1]
     assert item["visible"].tolist() == [70]
-    np.testing.assert_allclose(item["centroid"].numpy(), [[8.0, 9.5]])
+    # pixel (i, j) has its centre at (j + 0.5, i + 0.5): the one centroid rule (ghist._centroids)
+    np.testing.assert_allclose(item["centroid"].numpy(), [[8.5, 10.0]])
     np.testing.assert_allclose(item["margin"].numpy(), [8.0])
     # the nucleus crossing a tile edge is seen in part by both tiles
     left, right = ds[3], ds[4]
@@ -157,20 +158,22 @@ def test_predictor_outputs_and_refinement_controls():
     batch = collate_slide_tiles([_dataset(image, labels)[i] for i in range(9)])
     out = Predictor(model, alpha=0, seed=0)(batch)
     n = batch["n_cells"]
-    assert out["expr"].shape == (n, 5)
-    assert (out["expr"] >= 0).all()
-    assert out["proba"].shape == (n, 3)
-    assert out["comp"].shape == (n, 3)
-    np.testing.assert_allclose(out["proba"].sum(1), 1, atol=1e-5)
-    np.testing.assert_array_equal(out["type"], out["proba"].argmax(1))  # alpha=0: plain argmax
+    assert out.expr.shape == (n, 5)
+    assert (out.expr >= 0).all()
+    assert out.proba.shape == (n, 3)
+    assert out.composition.shape == (n, 3)
+    assert out.type_entropy.shape == (n,)
+    assert out.type_score is None  # scores belong to types from reference profiles
+    np.testing.assert_allclose(out.proba.sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(out.cell_type, out.proba.argmax(1))  # alpha=0: plain argmax
     # The fused copy matches the network itself.
     network = model.network.eval()
     with torch.inference_mode():
         raw = network(batch["image"], batch["labels"], batch["cell_batch"], n)
-    np.testing.assert_allclose(out["expr"], (raw["expr"] / model.expr_scale).clamp(min=0).numpy(), atol=1e-4)
+    np.testing.assert_allclose(out.expr, (raw["expr"] / model.expr_scale).clamp(min=0).numpy(), atol=1e-4)
     # Seeded: the same seed gives the same refinement; the model is not moved nor put in training mode.
     a, b = Predictor(model, seed=3)(batch), Predictor(model, seed=3)(batch)
-    np.testing.assert_array_equal(a["proba"], b["proba"])
+    np.testing.assert_array_equal(a.proba, b.proba)
     assert next(model.network.parameters()).device.type == "cpu"
     assert refine_indices(model, ["C", "A"]) == [2, 0]
     assert refine_indices(model, None) is None
@@ -180,17 +183,17 @@ def test_predictor_outputs_and_refinement_controls():
         Predictor(model, alpha=-1)
 
 
-def test_predictor_run_concatenates_and_skips_empty_batches():
+def test_slide_batches_skip_empty_tiles_and_carry_the_tile_bookkeeping():
     image, labels, _ = _slide()
-    model = _tiny_model()
     ds = _dataset(image, labels)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_slide_tiles)
-    parts = Predictor(model, seed=0).run(loader, keep=("cell_id", *SLIDE_CELL_KEYS))
-    assert sorted(parts["cell_id"].tolist()) == [3, 3, 7, 12]
-    assert parts["expr"].shape == (4, 5)
-    assert parts["centroid"].shape == (4, 2)
-    nothing = Predictor(model).run([None, None])
-    assert nothing["expr"].shape == (0,)
+    batches = list(loader)
+    kept = [b for b in batches if b is not None]
+    assert len(kept) < len(batches)  # some pairs of tiles hold no nucleus
+    ids = torch.cat([b["cell_id"] for b in kept])
+    assert sorted(ids.tolist()) == [3, 3, 7, 12]
+    for key in SLIDE_CELL_KEYS:
+        assert torch.cat([b[key] for b in kept]).shape[0] == 4
 
 
 def test_forward_views_averages_softmax_over_the_eight_views():

@@ -189,21 +189,28 @@ def test_predict_with_tta(trained, test_sdata):
 
 
 def test_a_nucleus_keeps_the_tile_where_it_is_most_central():
-    from types import SimpleNamespace
-
-    from ghist.tl._predict import _assemble_table, _one_row_per_cell
+    from ghist._model._inference import CellPrediction
+    from ghist.tl._predict_rows import MemoryRows, StoreRows, best_rows
 
     # cell 7 is fully visible in tiles 0 and 1 (same pixel count), central only in tile 1;
-    # cell 8 is more visible in tile 0, although nearer its edge there
-    parts = {
-        "cell_id": np.array([7, 7, 8, 8]),
-        "visible": np.array([40, 40, 30, 12]),
-        "margin": np.array([2.0, 20.0, 1.0, 25.0]),
-        "centroid": np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]]),
-        "expr": np.array([[0.0], [1.0], [2.0], [3.0]]),
-    }
-    model = SimpleNamespace(genes=["g"], n_types=0, cell_types=[])
-    grid = SimpleNamespace(to_labels=np.eye(3))
-    table = _assemble_table(_one_row_per_cell(parts), model, grid, "nuclei")  # as predict's run compacts them
-    assert table.obs["cell_id"].tolist() == [7, 8]
-    np.testing.assert_allclose(np.asarray(table.X).ravel(), [1.0, 2.0])
+    # cell 8 is more visible in tile 0, although nearer its edge there; cell 9 twice alike: the first stays
+    ids = np.array([7, 7, 8, 8, 9, 9])
+    visible = np.array([40, 40, 30, 12, 5, 5])
+    margin = np.array([2.0, 20.0, 1.0, 25.0, 3.0, 3.0])
+    centroid = np.arange(12.0).reshape(6, 2)
+    expr = np.arange(6.0, dtype=np.float32)[:, None]
+    np.testing.assert_array_equal(best_rows(ids, visible, margin), [1, 2, 4])
+    for keeper in (MemoryRows(np.array([7, 8, 9]), 1, False), StoreRows(np.array([7, 8, 9]), 1, False)):
+        # one tile per batch, in order: the keeper sees them one by one
+        for i in range(6):
+            keeper.add(
+                ids[i : i + 1],
+                visible[i : i + 1],
+                margin[i : i + 1],
+                centroid[i : i + 1],
+                CellPrediction(expr=expr[i : i + 1]),
+            )
+        rows = keeper.finish()
+        assert rows.ids.tolist() == [7, 8, 9]
+        np.testing.assert_allclose(np.asarray(rows.expr).ravel(), [1.0, 2.0, 4.0])
+        rows.close()

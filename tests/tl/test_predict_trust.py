@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import spatialdata
@@ -100,19 +102,22 @@ def test_overwrite_replaces_the_table_on_disk(backed, trained):
     assert sorted(reread.tables) == ["ghist"]
     _same(reread.tables["ghist"], new)
     assert not any("tmp" in p or "old" in p for p in sdata.elements_paths_on_disk())
+    assert not list(Path(sdata.path).parent.glob(".ghist_predict_*"))  # the streamed rows are gone too
 
 
 @pytest.mark.parametrize("partial", [False, True])
 def test_a_failed_overwrite_keeps_the_old_table(backed, trained, monkeypatch, partial):
-    sdata, old = backed
-    real_write = SpatialData.write_element
+    import ghist._write
 
-    def failing_write(self, name, *args, **kwargs):
+    sdata, old = backed
+    real_write = ghist._write._write_scratch
+
+    def failing_write(*args, **kwargs):
         if partial:
-            real_write(self, name, *args, **kwargs)  # written, then the disk fills up or the job is killed
+            real_write(*args, **kwargs)  # written, then the disk fills up or the job is killed
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(SpatialData, "write_element", failing_write)
+    monkeypatch.setattr(ghist._write, "_write_scratch", failing_write)
     with pytest.raises(OSError, match="No space"):
         ghist.tl.predict(sdata, trained, alpha=2.0, overwrite=True, progress=False)
     monkeypatch.undo()
@@ -128,10 +133,12 @@ def test_a_failed_first_write_leaves_no_table(test_sdata, trained, tmp_path, mon
     sdata.write(tmp_path / "s.zarr")
     sdata = spatialdata.read_zarr(tmp_path / "s.zarr")
 
-    def failing_write(self, name, *args, **kwargs):
+    import ghist._write
+
+    def failing_write(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(SpatialData, "write_element", failing_write)
+    monkeypatch.setattr(ghist._write, "_write_scratch", failing_write)
     with pytest.raises(OSError, match="No space"):
         ghist.tl.predict(sdata, trained, progress=False)
     monkeypatch.undo()

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from .._chunk_cache import chunk_cached
-from .._spatial import read_image_window, read_labels_window
+from .._centroids import label_centroids
+from .._tiling import SlideWindows
 
 if TYPE_CHECKING:
     from xarray import DataArray
@@ -182,7 +182,8 @@ class SlideTileDataset(Dataset):
     ``1..N`` in the order of their ids. Items have the format of :class:`TileDataset` items (so
     :func:`collate_tiles` batches both; ``"expr"`` is ``(N, 0)`` and ``"cell_type"`` is -1: nothing is measured),
     plus, per cell, ``"visible"`` (pixels of the nucleus inside the tile), ``"margin"`` (distance of its visible
-    centroid to the nearest tile edge) and ``"centroid"`` (visible centroid, ``(x, y)`` on the working grid).
+    centroid to the nearest tile edge) and ``"centroid"`` (visible centroid, ``(x, y)`` on the working grid: pixel
+    ``(i, j)`` has centre ``(j + 0.5, i + 0.5)``, :mod:`ghist._centroids`).
 
     Only the slide region a tile covers is read, when the tile is asked for: the (dask-backed) image and labels stay
     lazy, and the dataset pickles to DataLoader worker processes, which then read and resample tiles in parallel.
@@ -243,9 +244,7 @@ class SlideTileDataset(Dataset):
     ):
         self.image = image
         # Tiles are swept in order across chunks many times their size: read through caches of decoded chunks.
-        levels = list(levels) if levels is not None else [(1.0, 1.0, image)]
-        self.levels = [(dy, dx, chunk_cached(level)) for dy, dx, level in levels]
-        self.labels = chunk_cached(labels)
+        self.windows = SlideWindows(levels if levels is not None else [(1.0, 1.0, image)], labels, scale, to_labels)
         self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
         self.scale = float(scale)
         self.to_labels = np.asarray(to_labels, dtype=float)
@@ -274,8 +273,7 @@ class SlideTileDataset(Dataset):
         """Tile ``i`` as a dict of numpy arrays (``"sample"`` and ``"tile"``: int)."""
         y0, x0 = (int(v) for v in self.origins[i])
         size = self.tile_size
-        rgb = self._read_image(y0, x0)
-        lab = read_labels_window(self.labels, self.to_labels, y0, x0, size, size)
+        rgb, lab = self.windows.read(y0, x0, size, size)
         ids, local = np.unique(lab, return_inverse=True)
         local = local.reshape(lab.shape)
         self._check_ids(ids, i)
@@ -283,13 +281,14 @@ class SlideTileDataset(Dataset):
             ids = ids[1:]
         else:
             local = local + 1  # no background pixel in this tile: ids start at local 1
-        counts = np.bincount(local.ravel(), minlength=ids.size + 1)[1:]
-        yy, xx = np.indices(lab.shape)
-        sum_y = np.bincount(local.ravel(), weights=yy.ravel(), minlength=ids.size + 1)[1:]
-        sum_x = np.bincount(local.ravel(), weights=xx.ravel(), minlength=ids.size + 1)[1:]
-        local_x, local_y = sum_x / np.maximum(counts, 1), sum_y / np.maximum(counts, 1)
+        # The visible part's centroid (the one rule, on this tile's pixels): where the network saw the cell.
+        seen = label_centroids(local)
+        counts = np.zeros(ids.size, dtype=np.int64)
+        xy = np.zeros((ids.size, 2))
+        counts[seen.ids - 1], xy[seen.ids - 1] = seen.area, seen.xy
+        cx, cy = xy[:, 0], xy[:, 1]
         # Distance from the visible centroid to the nearest tile edge: how much context the network had around it.
-        margin = np.minimum(np.minimum(local_x, size - 1 - local_x), np.minimum(local_y, size - 1 - local_y))
+        margin = np.minimum(np.minimum(cx, size - cx), np.minimum(cy, size - cy)) - 0.5
         image = (rgb.astype(np.float32) - self.mean[:, None, None]) / self.std[:, None, None]
         n = ids.size
         return {
@@ -300,9 +299,9 @@ class SlideTileDataset(Dataset):
             "cell_type": np.full(n, -1, dtype=np.int64),
             "sample": 0,
             "tile": int(i),
-            "visible": counts.astype(np.int64),
+            "visible": counts,
             "margin": margin,
-            "centroid": np.stack([local_x + x0, local_y + y0], axis=1),
+            "centroid": xy + np.array([x0, y0], dtype=np.float64),
         }
 
     def _check_ids(self, ids: np.ndarray, i: int) -> None:
@@ -319,10 +318,6 @@ class SlideTileDataset(Dataset):
                 f"Labels {self.labels_key!r} hold ids up to {int(ids[-1])} (in tile {i}); expected ids that fit in "
                 "int64. Relabel them consecutively, e.g. with `skimage.segmentation.relabel_sequential`."
             )
-
-    def _read_image(self, y0: int, x0: int) -> np.ndarray:
-        """RGB tile (3, T, T) uint8 on the working grid, white outside the image."""
-        return read_image_window(self.levels, self.scale, y0, x0, self.tile_size, self.tile_size)
 
     def __repr__(self) -> str:
         return f"SlideTileDataset of {len(self)} tiles of {self.tile_size} px (scale {self.scale:.3g})"

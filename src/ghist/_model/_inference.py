@@ -3,27 +3,51 @@
 One batch (from :func:`~ghist._model._data.collate_tiles`) goes through the network (averaged over the 8 dihedral
 views with test-time augmentation), the cell-type logits become probabilities, the neighbourhood refinement
 nudges uncertain cells toward the tile's estimated composition, cells moved into a specialist group take that
-group's expression, and the expression is brought back to the ``log1p(counts)`` scale (DESIGN section 3,
-"Inference").
+group's expression, and the expression is brought back to the ``log1p(counts)`` scale.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .._memory import release_freed_memory
+from .._stats import best_correlated
 from ._network import dihedral_view, neighbourhood_refine, specialist_expression
-from ._uncertainty import view_variance
+from ._uncertainty import entropy, view_variance
 
 if TYPE_CHECKING:
     from ._model import GHISTModel
 
-__all__ = ["Predictor", "forward_views", "refine_indices"]
+__all__ = ["CellPrediction", "Predictor", "forward_views", "refine_indices"]
+
+
+@dataclass(frozen=True)
+class CellPrediction:
+    """What the model gives each cell of a batch, in batch order (``N`` cells, ``G`` genes, ``T`` cell types).
+
+    ``expr`` (N, G) float32 on the ``log1p(counts)`` scale (clamped at 0); ``std`` (N, G) its calibrated predictive
+    standard deviation (models with a variance head, else ``None``). Models with cell types: ``proba`` (N, T)
+    refined probabilities, ``cell_type`` (N,) refined type codes, ``composition`` (N, T) the composition estimated
+    for the cell's tile and ``type_entropy`` (N,) the entropy of ``proba``. Models without cell types but with
+    reference profiles: ``cell_type`` the best-correlated profile's code and ``type_score`` that correlation.
+    """
+
+    expr: np.ndarray
+    std: np.ndarray | None = None
+    proba: np.ndarray | None = None
+    cell_type: np.ndarray | None = None
+    composition: np.ndarray | None = None
+    type_entropy: np.ndarray | None = None
+    type_score: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.expr)
+
 
 # The 8 flips and quarter turns of a tile, as (quarter turns, mirrored) for `dihedral_view`.
 DIHEDRAL_VIEWS = tuple((k, flip) for flip in (False, True) for k in range(4))
@@ -142,7 +166,7 @@ class Predictor:
     --------
     >>> predictor = Predictor(model, device=torch.device("cpu"), alpha=2.0)
     >>> out = predictor(collate_tiles([dataset[0], dataset[1]]))
-    >>> out["expr"].shape
+    >>> out.expr.shape
 
     """
 
@@ -173,9 +197,16 @@ class Predictor:
         scale = getattr(model, "uncertainty_", {}).get("scale", 1.0)
         self.std_scale = torch.as_tensor(scale, dtype=torch.float32, device=self.device)
         self.generator = torch.Generator().manual_seed(int(seed))
+        # A model trained without cell types (e.g. on spots) types each cell by its best-correlated reference profile,
+        # by the rule of `ghist.pp.annotate_cell_types` (Pearson over the genes on the log1p scale).
+        self.profiles = None
+        if not self.n_types and getattr(model, "reference_names", None):
+            reference = model.network.reference.detach().cpu().numpy().astype(np.float64)
+            self.profiles = reference / float(model.expr_scale)
+        self.type_names = list(model.cell_types or []) or list(getattr(model, "reference_names", None) or [])
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, Any]) -> CellPrediction:
         """Predict the cells of one batch.
 
         Parameters
@@ -185,10 +216,7 @@ class Predictor:
 
         Returns
         -------
-        Per cell, in batch order: ``"expr"`` (N, G) on the ``log1p(counts)`` scale (clamped at 0); with a variance
-        head ``"std"`` (N, G) its calibrated predictive standard deviation on that scale; with cell types also
-        ``"proba"`` (N, T) refined probabilities, ``"type"`` (N,) refined types and ``"comp"`` (N, T)
-        the composition estimated for the cell's tile.
+        The :class:`CellPrediction` of every cell of the batch, in batch order.
 
         """
         cell_batch = batch["cell_batch"].to(self.device)
@@ -203,75 +231,29 @@ class Predictor:
             self.expr_scale,
         )
         expr = out["expr"]
-        result: dict[str, np.ndarray] = {}
+        proba = cell_type = composition = type_entropy = type_score = None
         if self.n_types:
-            proba, comp = out["proba"], out["composition"]
-            before = proba.argmax(-1)
-            proba, after = neighbourhood_refine(
-                proba, comp, cell_batch, alpha=self.alpha, types=self.refine_idx, generator=self.generator
+            refined, comp = out["proba"], out["composition"]
+            before = refined.argmax(-1)
+            refined, after = neighbourhood_refine(
+                refined, comp, cell_batch, alpha=self.alpha, types=self.refine_idx, generator=self.generator
             )
             if self.groups:
                 expr = specialist_expression(expr, out["group_expr"], before, after, self.groups)
-            result["proba"] = proba.cpu().numpy()
-            result["type"] = after.cpu().numpy()
-            result["comp"] = comp[cell_batch].cpu().numpy()
-        result["expr"] = torch.clamp(expr / self.expr_scale, min=0).cpu().numpy()
-        if self.variance_head is not None:
-            result["std"] = (out["var"].sqrt() * self.std_scale).cpu().numpy()
-        return result
-
-    def run(
-        self,
-        batches: Iterable[dict[str, Any] | None],
-        *,
-        keep: Sequence[str] = ("cell_id",),
-        progress: bool = False,
-        total: int | None = None,
-        desc: str = "ghist.tl.predict",
-        compact: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
-        compact_every: int = 64,
-    ) -> dict[str, np.ndarray]:
-        """Predict every batch (``None`` batches, tiles without nuclei, are skipped) and concatenate the cells.
-
-        Parameters
-        ----------
-        batches
-            Batches, e.g. a :class:`~torch.utils.data.DataLoader` with
-            :func:`~ghist._model._data.collate_slide_tiles`.
-        keep
-            Per-cell entries of the batches to pass through into the result (e.g. ``"cell_id"``).
-        progress, total, desc
-            Progress bar over the batches.
-        compact, compact_every
-            Applied to the cells collected so far every ``compact_every`` batches and at the end (e.g. keeping one
-            row per cell), so that memory does not grow with the number of tiles that saw a cell.
-
-        Returns
-        -------
-        The outputs of :meth:`__call__` and the ``keep`` entries, each concatenated over all cells (an empty
-        ``(0,)`` array where no batch had a cell).
-
-        """
-        from tqdm.auto import tqdm
-
-        keys = ["expr", *(("proba", "type", "comp") if self.n_types else ()), *keep]
-        keys += ["std"] * (self.variance_head is not None)
-        collected: dict[str, list[np.ndarray]] = {key: [] for key in keys}
-
-        def merged() -> dict[str, np.ndarray]:
-            out = {key: (np.concatenate(parts) if parts else np.empty((0,))) for key, parts in collected.items()}
-            return out if compact is None or not collected[keys[0]] else compact(out)
-
-        for i, batch in enumerate(tqdm(batches, desc=desc, unit="batch", total=total, disable=not progress), 1):
-            if batch is None:
-                continue
-            for key, value in self(batch).items():
-                collected[key].append(value)
-            for key in keep:
-                value = batch[key]
-                collected[key].append(value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value))
-            if compact is not None and i % compact_every == 0:
-                # Cells seen by several overlapping tiles: keep one row each, so memory follows cells, not tiles.
-                collected = {key: [value] for key, value in merged().items()}
-                release_freed_memory()
-        return merged()
+            proba = refined.cpu().numpy()
+            cell_type = after.cpu().numpy()
+            composition = comp[cell_batch].cpu().numpy()
+            type_entropy = entropy(proba)
+        expr_np = torch.clamp(expr / self.expr_scale, min=0).cpu().numpy()
+        if self.profiles is not None:
+            cell_type, type_score = best_correlated(expr_np.astype(np.float64), self.profiles)
+        std = None if self.variance_head is None else (out["var"].sqrt() * self.std_scale).cpu().numpy()
+        return CellPrediction(
+            expr=expr_np,
+            std=std,
+            proba=proba,
+            cell_type=cell_type,
+            composition=composition,
+            type_entropy=type_entropy,
+            type_score=type_score,
+        )

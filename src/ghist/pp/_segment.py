@@ -22,6 +22,7 @@ from spatialdata.transformations import get_transformation
 from tqdm.auto import tqdm
 from xarray import DataArray, DataTree
 
+from .._centroids import label_centroids
 from .._constants import IMAGE_KEY, LABELS_KEY, MICRONS_CS
 from .._docs import doc_image_key, doc_params, doc_progress, doc_sdata
 from .._memory import release_freed_memory
@@ -334,9 +335,10 @@ def _resolve_pixel_size(element: DataArray | DataTree, image_key: str, pixel_siz
 
 
 def _blocks(height: int, width: int, chunk_size: int) -> Iterator[tuple[int, int, int, int]]:
-    for y0 in range(0, height, chunk_size):
-        for x0 in range(0, width, chunk_size):
-            yield y0, min(y0 + chunk_size, height), x0, min(x0 + chunk_size, width)
+    """Blocks ``(y0, y1, x0, x1)`` of a non-overlapping grid, row by row, the last ones cut by the image's edge."""
+    from .._tiling import plan_grid
+
+    yield from (tuple(b) for b in plan_grid((height, width), chunk_size, edge="clip").bounds().tolist())
 
 
 def default_n_workers() -> int:
@@ -498,12 +500,11 @@ def _owned_objects(
     if local.size and local.min() < 0:
         raise ValueError("The segmentation method returned negative labels.")
     n = int(local.max()) + 1 if local.size else 1
-    flat = local.ravel()
-    area = np.bincount(flat, minlength=n).astype(float)
-    yy, xx = np.indices(local.shape, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cy = np.bincount(flat, weights=yy.ravel(), minlength=n) / area
-        cx = np.bincount(flat, weights=xx.ravel(), minlength=n) / area
+    # The one centroid rule (ghist._centroids); the block test below compares pixel indices, hence the half pixel.
+    cells = label_centroids(local)
+    area, cx, cy = np.zeros(n), np.full(n, np.nan), np.full(n, np.nan)
+    area[cells.ids] = cells.area
+    cx[cells.ids], cy[cells.ids] = cells.xy[:, 0] - 0.5, cells.xy[:, 1] - 0.5
     cy0, cy1, cx0, cx1 = core
     keep = (area >= min_area_px) & (area <= max_area_px)
     keep &= (cy >= cy0) & (cy < cy1) & (cx >= cx0) & (cx < cx1)

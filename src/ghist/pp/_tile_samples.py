@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -120,7 +119,7 @@ class _Sample:
     spot_factor: np.ndarray | None = None  # (S,) factor applied to each spot's counts
     cell_spot: pd.Series | None = None  # nucleus id -> spot row (-1: in no spot), over the whole labels
     scale: float = 1.0  # working-grid pixels per image pixel (``pixel_size=``); height/width/matrix are the grid's
-    reader: Callable[[int, int, int, int], np.ndarray] | None = None  # (y0, x0, h, w) -> RGB window, when scale != 1
+    levels: list[tuple[float, float, Any]] | None = None  # the image's pyramid (chunk-cached), when scale != 1
 
 
 def _at_pixel_size(sample: _Sample, pixel_size: float, image_key: str) -> None:
@@ -136,7 +135,7 @@ def _at_pixel_size(sample: _Sample, pixel_size: float, image_key: str) -> None:
             f"pixel_size={pixel_size:g} µm/px; give it one (e.g. `set_transformation(image, Scale([p, p], "
             "axes=('y', 'x')), 'microns')`) or pass `pixel_size=None`."
         )
-    from .._spatial import read_image_window, working_scale
+    from .._spatial import working_scale
 
     scale = working_scale(sample.pixel_size, pixel_size)
     if scale == 1.0:  # as predict: no resampling for a few percent
@@ -147,7 +146,7 @@ def _at_pixel_size(sample: _Sample, pixel_size: float, image_key: str) -> None:
     # tile by tile along the rows: through caches of decoded chunks (a chunk decoded once per row of tiles at most)
     levels = [(dy, dx, chunk_cached(level)) for dy, dx, level in raster_levels(sample.sdata.images[image_key])]
     to_image = np.diag([1 / scale, 1 / scale, 1.0])  # working (x, y, 1) -> image (x, y, 1)
-    sample.reader = partial(read_image_window, levels, scale)
+    sample.levels = levels
     sample.scale = scale
     sample.height = max(1, round(sample.height * scale))
     sample.width = max(1, round(sample.width * scale))

@@ -47,7 +47,7 @@ import scipy.sparse as sp
 import zarr
 from tqdm.auto import tqdm
 
-from .._spatial import is_integer_translation, read_labels_window
+from .._spatial import is_integer_translation
 from ._tile_samples import _Sample, _spot_n_cells
 from ._tile_spots import spot_tile_origins
 
@@ -224,11 +224,11 @@ def _grid_shape(sample: _Sample, tile_size: int) -> tuple[int, int]:
 
 
 def _grid_plan(sample: _Sample, tile_size: int) -> _TilePlan:
-    """``tiling="grid"``: a non-overlapping grid over the whole image, row by row."""
-    n_rows, n_cols = _grid_shape(sample, tile_size)
-    rows, cols = np.divmod(np.arange(n_rows * n_cols, dtype=np.int64), n_cols)
-    grid = np.c_[rows, cols]
-    return _TilePlan(grid * tile_size, grid, n_rows, n_cols, on_rows=True)
+    """``tiling="grid"``: a non-overlapping grid over the whole image, row by row (the last tiles cut by the edge)."""
+    from .._tiling import plan_grid
+
+    grid = plan_grid((sample.height, sample.width), tile_size, edge="clip")
+    return _TilePlan(grid.origins, grid.cells, grid.n_rows, grid.n_cols, on_rows=True)
 
 
 def _spot_plan(sample: _Sample, tile_size: int) -> _TilePlan:
@@ -277,38 +277,42 @@ def _strips(sample: _Sample, plan: _TilePlan, tile_size: int) -> Iterator[tuple[
             yield r0 * tile_size, min(r1 * tile_size, sample.height), tiles
 
 
-def _image_window(source: Any, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    return np.asarray(source[:, y0 : y0 + h, x0 : x0 + w])
-
-
 def _windows(sample: _Sample, plan: _TilePlan, tile_size: int) -> Iterator[tuple[int, np.ndarray, partial[np.ndarray]]]:
     """Every tile ``k`` of the plan with its labels window and a reader of its image window.
 
-    The image is read only for tiles that are kept. A strip's labels are resampled once when the labels map onto
-    the image's rows (axis-aligned or an integer translation); under rotation each tile is resampled on its own.
+    Windows are cut by :class:`ghist._tiling.SlideWindows` (the cutter predict's tiles come from too). The image is
+    read only for tiles that are kept. On the image's own grid a strip of tile rows is cut once and its tiles sliced
+    from it; its labels too when the labels map onto the image's rows (axis-aligned or an integer translation).
+    Under rotation, or at another pixel size (resampled from the pyramid), each tile is cut on its own.
     """
+    from .._tiling import SlideWindows
+
     t = tile_size
+    levels = sample.levels if sample.levels is not None else [(1.0, 1.0, sample.image)]
+    windows = SlideWindows(levels, sample.labels, sample.scale, sample.matrix, cache=False)
     labels_by_strip = (sample.matrix[0, 1] == 0 and sample.matrix[1, 0] == 0) or is_integer_translation(sample.matrix)
     for ys, ye, tiles in _strips(sample, plan, t):
-        image, lab_strip, dy = sample.image.data, None, 0
+        strip_image = strip_labels = None
         if ys is not None:
-            if sample.reader is None:
-                image, dy = np.asarray(sample.image.data[:, ys:ye, :]), ys
-            else:
-                dy = ys
+            if sample.levels is None:
+                strip_image = windows.image(ys, 0, ye - ys, sample.width)
             if labels_by_strip:
-                lab_strip = read_labels_window(sample.labels, sample.matrix, ys, 0, ye - ys, sample.width)
+                strip_labels = windows.labels_window(ys, 0, ye - ys, sample.width)
         for k in tiles.tolist():
             y0, x0 = plan.origins[k].tolist()
             h, w = min(t, sample.height - y0), min(t, sample.width - x0)
-            if lab_strip is not None:
-                lab = lab_strip[y0 - dy : y0 - dy + h, x0 : x0 + w]
+            if strip_labels is not None:
+                lab = strip_labels[y0 - ys : y0 - ys + h, x0 : x0 + w]
             else:
-                lab = read_labels_window(sample.labels, sample.matrix, y0, x0, h, w)
-            if sample.reader is not None:  # another pixel size: resampled from the pyramid, tile by tile
-                yield k, lab, partial(sample.reader, y0, x0, h, w)
+                lab = windows.labels_window(y0, x0, h, w)
+            if strip_image is not None:
+                yield k, lab, partial(_slice, strip_image, y0 - ys, x0, h, w)
             else:
-                yield k, lab, partial(_image_window, image, y0 - dy, x0, h, w)
+                yield k, lab, partial(windows.image, y0, x0, h, w)
+
+
+def _slice(strip: np.ndarray, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    return strip[:, y0 : y0 + h, x0 : x0 + w]
 
 
 def _cut_tiles(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from spatialdata import SpatialData
 from spatialdata.models import TableModel
 
 from .._bundled_models import resolve_model
+from .._centroids import label_centroids
 from .._constants import (
     IMAGE_KEY,
     INSTANCE_KEY,
@@ -36,13 +36,18 @@ from .._constants import (
 )
 from .._docs import doc_accelerator, doc_batch_size, doc_image_key, doc_labels_key, doc_params, doc_progress
 from .._spatial import check_extents, element_affine, image_pixel_size, working_scale
-from .._validation import check_int, check_key_added, check_seed, get_image, get_labels, raster_levels
+from .._tiling import plan_grid
+from .._validation import check_int, check_seed, get_image, get_labels, raster_levels
+from .._write import check_writable, write_element
+from ._predict_rows import CellRows, MemoryRows, StoreRows
 from ._region import cells_in_region, region_in_labels_space
 
 if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
     from xarray import DataArray
 
     from .._model import GHISTModel
+    from .._model._inference import CellPrediction
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +114,9 @@ def predict(
         Test-time augmentation: average each cell's predicted expression, type probabilities and the tile's
         composition over the 8 flips and 90° rotations of its tile (as in training), at 8 times the compute.
     overwrite
-        Replace an existing ``sdata.tables[key_added]``. On a zarr-backed ``sdata`` the new table is written in full
-        under a temporary name before the old one is replaced, so a failure leaves the old table, on disk and in
-        memory.
+        Replace an existing ``sdata.tables[key_added]`` (in memory or, for a SpatialData read from a zarr store, only
+        on disk). The new table is written beside the old one and swapped in, so a failure leaves the old table, on
+        disk and in memory.
     {accelerator}
     seed
         Seed of the refinement's random factors.
@@ -125,7 +130,8 @@ def predict(
     Returns
     -------
     The prediction table, also written to ``sdata.tables[key_added]`` (and to disk if ``sdata`` is backed by
-    a zarr store). It annotates ``labels_key`` (``obs["region"]``, ``obs["cell_id"]``) and holds:
+    a zarr store). It annotates ``labels_key`` (``obs["region"]``, ``obs["cell_id"]``), one row per nucleus in id
+    order, and holds:
 
     - ``X``: predicted expression on the ``log1p(counts)`` scale;
     - ``layers["ghist_std"]``: its predictive standard deviation per cell and gene, on the same scale: the model's
@@ -143,11 +149,25 @@ def predict(
       with that correlation in ``obs["ghist_cell_type_score"]``, so squidpy's cluster analyses work on it too;
     - ``obsm["ghist_cell_type_proba"]``: class probabilities after refinement;
     - ``obsm["ghist_composition"]``: the cell-type composition the network estimated around the cell;
-    - ``obsm["spatial"]``: nucleus centroids in the labels' pixel coordinates;
+    - ``obsm["spatial"]``: nucleus centroids in the labels' pixel coordinates, over the whole nucleus (the mean of
+      its pixels' centres, pixel ``(i, j)`` at ``(j + 0.5, i + 0.5)``): the rule every ghist function places cells by;
     - ``uns["ghist"]``: the settings of this run (``"params"``) and, for models with a neighbourhood context
       (``fit(context_neighbours=k)``), ``"context_in_view"``: the fraction of cells whose ``k`` nearest cells on the
       whole slide lay in the tile they were predicted from, so that their within-tile context was the slide's
-      (``None`` without context).
+      (``None`` without context); ``"cells_left_out"``: the nuclei of the labels (``"n_labels"``), how many lie
+      outside ``roi_key`` (``"outside_roi"``) and how many no tile showed at the model's pixel size
+      (``"not_seen"``: too small once resampled, or outside the image; also logged with their ids).
+
+    On a SpatialData backed by a zarr store, ``X`` and the layers are written chunk by chunk as the tiles are
+    predicted and are returned as dask arrays read from the store (``.compute()`` loads them), so that memory does
+    not grow with the slide; in memory, the table holds numpy arrays.
+
+    Raises
+    ------
+    ValueError
+        Before any prediction: bad arguments, ``key_added`` taken (without ``overwrite``) or not a valid element
+        name, labels without nuclei, no nucleus inside ``roi_key``. During it: the model predicts NaN or infinite
+        values (nothing is written).
 
     Examples
     --------
@@ -163,43 +183,94 @@ def predict(
     >>> sq.gr.nhood_enrichment(table, cluster_key="ghist_cell_type")  # doctest: +SKIP
 
     """
-    from torch.utils.data import DataLoader
-
-    from .._model._data import SLIDE_CELL_KEYS, SlideTileDataset, collate_slide_tiles, worker_context
-    from .._model._device import resolve_device
-    from .._model._inference import Predictor, refine_indices
-    from .._version import __version__
-
-    if region_key is not None:
-        warnings.warn(
-            "`region_key` of `ghist.tl.predict` is renamed `roi_key`; `region_key` goes in the next release.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        if roi_key is not None and roi_key != region_key:
-            raise TypeError("Pass `roi_key` only (`region_key` is its deprecated name), not both.")
-        roi_key = region_key
+    roi_key = _renamed_roi_key(roi_key, region_key)
     if not isinstance(sdata, SpatialData):
         raise TypeError(
             f"`sdata` must be a SpatialData with the H&E image and the nucleus labels, got {type(sdata).__name__}"
             + (" (a table: pass the SpatialData that holds it and its image)." if isinstance(sdata, AnnData) else ".")
         )
     model = resolve_model(model)
-    image = get_image(sdata, image_key)
-    labels = get_labels(sdata, labels_key)
+    args = _Arguments(
+        image_key=image_key,
+        labels_key=labels_key,
+        key_added=key_added,
+        alpha=alpha,
+        refine_types=refine_types,
+        tile_overlap=tile_overlap,
+        batch_size=batch_size,
+        roi_key=roi_key,
+        tta=tta,
+        overwrite=overwrite,
+        accelerator=accelerator,
+        seed=seed,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    _check_arguments(sdata, model, args)
+    plan = _plan(sdata, model, args)
+    loader = _read(plan, model, args)
+    rows = _run(loader, model, plan, args)
+    try:
+        table = _write(sdata, _assemble(rows, plan, model, args), args)
+    finally:
+        rows.close()
+    logger.info("Added `sdata.tables[%r]` (%d cells x %d genes)", key_added, table.n_obs, table.n_vars)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+@dataclass(frozen=True)
+class _Arguments:
+    """The run's settings, as given (checked by :func:`_check_arguments`)."""
+
+    image_key: str
+    labels_key: str
+    key_added: str
+    alpha: float
+    refine_types: Sequence[str] | None
+    tile_overlap: int
+    batch_size: int
+    roi_key: str | None
+    tta: bool
+    overwrite: bool
+    accelerator: str
+    seed: int
+    num_workers: int
+    progress: bool
+
+
+def _renamed_roi_key(roi_key: str | None, region_key: str | None) -> str | None:
+    if region_key is None:
+        return roi_key
+    warnings.warn(
+        "`region_key` of `ghist.tl.predict` is renamed `roi_key`; `region_key` goes in the next release.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if roi_key is not None and roi_key != region_key:
+        raise TypeError("Pass `roi_key` only (`region_key` is its deprecated name), not both.")
+    return region_key
+
+
+def _check_arguments(sdata: SpatialData, model: GHISTModel, args: _Arguments) -> None:
+    """Every argument error, before any work (the slide is not read)."""
+    from .._model._device import resolve_device
+    from .._model._inference import refine_indices
+
+    get_image(sdata, args.image_key)
+    get_labels(sdata, args.labels_key)
     # Labels of another pixel size under the same transformation would pair every nucleus with the wrong pixels.
-    check_extents(sdata, image_key, labels_key)
-    check_key_added(sdata, key_added, "tables", overwrite=overwrite)
+    check_extents(sdata, args.image_key, args.labels_key)
+    check_writable(sdata, args.key_added, "tables", overwrite=args.overwrite)  # in memory and in the store
+    alpha = args.alpha
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha < 0:
         raise ValueError(f"`alpha` must be a finite number >= 0 (0: no refinement); got {alpha!r}.")
-    check_int("tile_overlap", tile_overlap, 0, maximum=model.tile_size // 2 - 1)
-    check_seed(seed)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int | np.integer) or num_workers < 0:
-        raise ValueError(f"`num_workers` must be an integer >= 0, got {num_workers!r}.")
-    refine_indices(model, refine_types)
-    device = resolve_device(accelerator)
+    check_int("tile_overlap", args.tile_overlap, 0, maximum=model.tile_size // 2 - 1)
+    check_int("batch_size", args.batch_size, 1)
+    check_int("num_workers", args.num_workers, 0)
+    check_seed(args.seed)
+    refine_indices(model, args.refine_types)
+    resolve_device(args.accelerator)
     if getattr(model, "uncertainty_head", None) is None:
         logger.warning(
             "This GHISTModel has no variance head (saved before ghist had one): no `layers[%r]`; re-fit "
@@ -209,85 +280,9 @@ def predict(
     if not model.is_trained:
         logger.warning("This GHISTModel has not been trained; its predictions are meaningless. Run `ghist.tl.fit`.")
 
-    grid = _SlideGrid.build(sdata, image, image_key, labels_key, model, tile_overlap)
-    region = None
-    if roi_key is not None:
-        region = region_in_labels_space(sdata, roi_key, labels_key)
-        grid = grid.restricted_to(region)
-    predictor = Predictor(model, device=device, alpha=alpha, refine_types=refine_types, tta=tta, seed=seed)
-    dataset = SlideTileDataset(
-        image,
-        labels,
-        grid.origins,
-        scale=grid.scale,
-        to_labels=grid.to_labels,
-        tile_size=grid.tile_size,
-        mean=model.mean,
-        std=model.std,
-        labels_key=labels_key,
-        levels=raster_levels(sdata.images[image_key]),
-    )
-    # In order (no shuffling): the refinement draws its random factors batch after batch.
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        collate_fn=collate_slide_tiles,
-        num_workers=num_workers,
-        multiprocessing_context=worker_context(num_workers),
-    )
-    logger.info(
-        "Predicting %d tiles of %d px (scale %.3g of the image) on %s",
-        len(grid.origins),
-        model.tile_size,
-        grid.scale,
-        device,
-    )
-    parts = predictor.run(
-        loader, keep=("cell_id", *SLIDE_CELL_KEYS), progress=progress, total=len(loader), compact=_one_row_per_cell
-    )
-    table = _assemble_table(parts, model, grid, labels_key)
-    k = int(model.init_params_.get("context_neighbours", 0))
-    in_view = _context_in_view(parts, k) if k else None
-    if in_view is not None:
-        logger.info("Neighbourhood context: the %d nearest cells of %.1f%% of cells were in view", k, 100 * in_view)
-        if in_view < 0.9:
-            logger.warning(
-                "Only %.0f%% of cells had their %d nearest cells in the tile they were predicted from; a larger "
-                "`tile_overlap` (up to %d) gives each cell a tile with more of its neighbourhood in view.",
-                100 * in_view,
-                k,
-                model.tile_size // 2 - 1,
-            )
-    if region is not None:
-        keep = cells_in_region(table.obsm[SPATIAL_KEY], region)
-        table = table[keep].copy()
-    table.uns[UNS_KEY] = {
-        "params": {
-            "image_key": image_key,
-            "labels_key": labels_key,
-            "key_added": key_added,
-            "alpha": float(alpha),
-            "refine_types": None if refine_types is None else [str(t) for t in refine_types],
-            "tile_overlap": int(tile_overlap),
-            "tta": bool(tta),
-            "tile_size": int(model.tile_size),
-            "scale": float(grid.scale),
-            "roi_key": roi_key,
-            "seed": int(seed),
-            "genes": list(model.genes),
-            "cell_types": list(model.cell_types or []),
-            "ghist_version": __version__,
-        },
-        "context_in_view": in_view,
-    }
-    table = TableModel.parse(table, region=labels_key, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    _write_table(sdata, table, key_added, overwrite)
-    logger.info("Added `sdata.tables[%r]` (%d cells x %d genes)", key_added, table.n_obs, table.n_vars)
-    return table
 
-
-# ---------------------------------------------------------------------------------------------- geometry
-@dataclass
+# ---------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
 class _SlideGrid:
     """Tile origins on the model-resolution grid and the maps from that grid to image and labels pixels."""
 
@@ -321,14 +316,10 @@ class _SlideGrid:
             )
         h, w = image.sizes["y"], image.sizes["x"]
         shape = (max(1, round(h * scale)), max(1, round(w * scale)))
-        size = model.tile_size
-        stride = size - overlap
-        ys = _starts(shape[0], size, stride)
-        xs = _starts(shape[1], size, stride)
-        origins = np.array([(y, x) for y in ys for x in xs], dtype=np.int64)
+        grid = plan_grid(shape, model.tile_size, overlap=overlap, edge="inside")
         to_image = np.diag([1 / scale, 1 / scale, 1.0])
         to_labels = element_affine(sdata, image_key, labels_key) @ to_image
-        return cls(origins, scale, shape, to_labels, size)
+        return cls(grid.origins, scale, shape, to_labels, model.tile_size)
 
     def restricted_to(self, region: Any) -> _SlideGrid:
         """Keep only tiles whose footprint in labels space touches the region."""
@@ -347,147 +338,233 @@ class _SlideGrid:
         return _SlideGrid(self.origins[keep], self.scale, self.shape, self.to_labels, self.tile_size)
 
 
-def _starts(length: int, size: int, stride: int) -> list[int]:
-    if length <= size:
-        return [0]
-    starts = list(range(0, length - size, stride))
-    starts.append(length - size)
-    return starts
+@dataclass(frozen=True)
+class _Plan:
+    """What to predict: the tiles, the cells wanted (ids ascending, centroids in labels pixels), where rows are kept."""
+
+    grid: _SlideGrid
+    levels: list[tuple[float, float, Any]]  # the image's pyramid, finest first
+    labels: DataArray
+    ids: np.ndarray  # (n,) cells to predict
+    centroids: np.ndarray  # (n, 2) their centroids (x, y) in labels pixels, by the one centroid rule
+    n_labels: int  # nuclei in the labels
+    n_outside_roi: int
+    store_folder: Path | None  # keep rows on disk beside this zarr store (a backed SpatialData), else in memory
 
 
-# ---------------------------------------------------------------------------------------------- table
-def _best_rows(parts: dict[str, np.ndarray]) -> np.ndarray:
-    """Row of each cell's best tile, ordered by cell id.
+def _plan(sdata: SpatialData, model: GHISTModel, args: _Arguments) -> _Plan:
+    """The tile grid and every nucleus of the labels with its centroid; the region of interest applied to both."""
+    image, labels = get_image(sdata, args.image_key), get_labels(sdata, args.labels_key)
+    grid = _SlideGrid.build(sdata, image, args.image_key, args.labels_key, model, args.tile_overlap)
+    cells = label_centroids(labels)
+    if len(cells) == 0:
+        raise ValueError(f"Labels {args.labels_key!r} hold no nucleus (every pixel is 0): nothing to predict.")
+    keep = np.ones(len(cells), dtype=bool)
+    if args.roi_key is not None:
+        region = region_in_labels_space(sdata, args.roi_key, args.labels_key)
+        keep = cells_in_region(cells.xy, region)
+        if not keep.any():
+            raise ValueError(
+                f"No nucleus centroid of {args.labels_key!r} lies inside `roi_key={args.roi_key!r}` ({len(cells)} "
+                "nuclei, none inside): check that the region and the labels share a coordinate system."
+            )
+        grid = grid.restricted_to(region)
+    return _Plan(
+        grid=grid,
+        levels=raster_levels(sdata.images[args.image_key]),
+        labels=labels,
+        ids=cells.ids[keep],
+        centroids=cells.xy[keep],
+        n_labels=len(cells),
+        n_outside_roi=int((~keep).sum()),
+        store_folder=None if sdata.path is None else Path(sdata.path).parent,
+    )
 
-    The tile where most of its nucleus was visible; among those, the one where it lies farthest from the edges (most
-    context around it; tiles centred on spots put every supervised cell away from them); then the first seen.
-    """
-    ids = parts["cell_id"]
-    order = np.lexsort((-parts["margin"], -parts["visible"], ids))
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = ids[order][1:] != ids[order][:-1]
-    return order[first]
+
+# ---------------------------------------------------------------------------------------------- read
+def _read(plan: _Plan, model: GHISTModel, args: _Arguments) -> DataLoader:
+    """Batches of the plan's tiles, read and resampled lazily (in worker processes with ``num_workers``)."""
+    from torch.utils.data import DataLoader
+
+    from .._model._data import SlideTileDataset, collate_slide_tiles, worker_context
+
+    dataset = SlideTileDataset(
+        plan.levels[0][2],
+        plan.labels,
+        plan.grid.origins,
+        scale=plan.grid.scale,
+        to_labels=plan.grid.to_labels,
+        tile_size=plan.grid.tile_size,
+        mean=model.mean,
+        std=model.std,
+        labels_key=args.labels_key,
+        levels=plan.levels,
+    )
+    # In order (no shuffling): the refinement draws its random factors batch after batch.
+    return DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        collate_fn=collate_slide_tiles,
+        num_workers=args.num_workers,
+        multiprocessing_context=worker_context(args.num_workers),
+    )
 
 
-def _context_in_view(parts: dict[str, np.ndarray], k: int) -> float:
+# ---------------------------------------------------------------------------------------------- run
+def _run(loader: DataLoader, model: GHISTModel, plan: _Plan, args: _Arguments) -> CellRows:
+    """The model over every batch; each cell keeps the row of the tile that saw it best (one row per cell)."""
+    from tqdm.auto import tqdm
+
+    from .._model._device import resolve_device
+    from .._model._inference import Predictor
+
+    device = resolve_device(args.accelerator)
+    predictor = Predictor(
+        model, device=device, alpha=args.alpha, refine_types=args.refine_types, tta=args.tta, seed=args.seed
+    )
+    with_std = predictor.variance_head is not None
+    if plan.store_folder is None:
+        keeper: MemoryRows | StoreRows = MemoryRows(plan.ids, len(model.genes), with_std)
+    else:
+        keeper = StoreRows(plan.ids, len(model.genes), with_std, folder=plan.store_folder)
+    logger.info(
+        "Predicting %d tiles of %d px (scale %.3g of the image) on %s",
+        len(plan.grid.origins),
+        model.tile_size,
+        plan.grid.scale,
+        device,
+    )
+    bar = tqdm(loader, desc="ghist.tl.predict", unit="batch", total=len(loader), disable=not args.progress)
+    try:
+        for batch in bar:
+            if batch is None:  # no nucleus in these tiles
+                continue
+            prediction = predictor(batch)
+            _check_finite(prediction)
+            keeper.add(
+                batch["cell_id"].numpy(),
+                batch["visible"].numpy(),
+                batch["margin"].numpy(),
+                batch["centroid"].numpy(),
+                prediction,
+            )
+    except BaseException:
+        if isinstance(keeper, StoreRows):
+            keeper.discard()
+        raise
+    return keeper.finish()
+
+
+def _check_finite(prediction: CellPrediction) -> None:
+    for name in ("expr", "std", "proba"):
+        value = getattr(prediction, name)
+        if value is not None and not np.isfinite(value).all():
+            raise ValueError(
+                f"The model predicts non-finite values ({name}: NaN or infinite) for some cells; nothing was "
+                "written. Its weights are likely broken (e.g. a training run that diverged: fit again with a lower "
+                "`lr`)."
+            )
+
+
+# ---------------------------------------------------------------------------------------------- assemble
+def _assemble(rows: CellRows, plan: _Plan, model: GHISTModel, args: _Arguments) -> AnnData:
+    """The prediction table: one row per predicted cell, in id order; what was left out, counted in ``uns``."""
+    from .._version import __version__
+
+    ids = rows.ids
+    if ids.size == 0:
+        raise ValueError(f"No nucleus of {args.labels_key!r} lies under the image: nothing to predict.")
+    n_unseen = int(plan.ids.size - ids.size)
+    if n_unseen:
+        missing = np.setdiff1d(plan.ids, ids)
+        logger.warning(
+            "%d of %d nuclei of %r are not in the table: no tile showed a pixel of them at the model's %.3g um/px "
+            "(too small once resampled, or outside the image), e.g. ids %s.",
+            n_unseen,
+            plan.ids.size,
+            args.labels_key,
+            model.pixel_size or float("nan"),
+            missing[:10].tolist(),
+        )
+    if plan.n_outside_roi:
+        logger.info(
+            "%d nuclei of %r lie outside `roi_key=%r`: not predicted", plan.n_outside_roi, args.labels_key, args.roi_key
+        )
+    obs = pd.DataFrame(
+        {REGION_KEY: pd.Categorical([args.labels_key] * ids.size), INSTANCE_KEY: ids},
+        index=pd.Index([str(i) for i in ids], name=None),
+    )
+    table = AnnData(X=rows.expr, obs=obs, var=pd.DataFrame(index=list(model.genes)))
+    table.obsm[SPATIAL_KEY] = plan.centroids[np.searchsorted(plan.ids, ids)]
+    if rows.std is not None:
+        table.layers[PRED_STD_LAYER] = rows.std
+    if model.n_types:
+        types = list(model.cell_types)
+        table.obs[PRED_ENTROPY_KEY] = rows.type_entropy
+        table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(rows.cell_type, categories=types)
+        table.obsm[PRED_PROBA_KEY] = pd.DataFrame(rows.proba, index=table.obs_names, columns=types)
+        table.obsm[PRED_COMPOSITION_KEY] = pd.DataFrame(rows.composition, index=table.obs_names, columns=types)
+    elif rows.type_score is not None:
+        names = list(model.reference_names)
+        table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(rows.cell_type, categories=names)
+        table.obs[PRED_CELL_TYPE_SCORE_KEY] = rows.type_score
+    k = int(model.init_params_.get("context_neighbours", 0))
+    in_view = _context_in_view(rows, k, model.tile_size) if k else None
+    table.uns[UNS_KEY] = {
+        "params": {
+            "image_key": args.image_key,
+            "labels_key": args.labels_key,
+            "key_added": args.key_added,
+            "alpha": float(args.alpha),
+            "refine_types": None if args.refine_types is None else [str(t) for t in args.refine_types],
+            "tile_overlap": int(args.tile_overlap),
+            "tta": bool(args.tta),
+            "tile_size": int(model.tile_size),
+            "scale": float(plan.grid.scale),
+            "roi_key": args.roi_key,
+            "seed": int(args.seed),
+            "genes": list(model.genes),
+            "cell_types": list(model.cell_types or []),
+            "ghist_version": __version__,
+        },
+        "context_in_view": in_view,
+        "cells_left_out": {"n_labels": plan.n_labels, "outside_roi": plan.n_outside_roi, "not_seen": n_unseen},
+    }
+    return TableModel.parse(table, region=args.labels_key, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+
+
+def _context_in_view(rows: CellRows, k: int, tile_size: int) -> float:
     """Fraction of cells whose ``k`` nearest cells on the whole slide all lay in the tile they were predicted from.
 
     The network's neighbourhood context looks for a cell's nearest cells within its tile
     (:mod:`ghist._model._context`); it equals the whole slide's when the ``k``-th nearest cell on the slide is no
-    farther from the cell's centroid than the nearest tile edge (``parts["margin"]`` of its best tile). Distances
-    are between visible centroids in pixels at the model's resolution.
+    farther from the cell's centroid than the nearest tile edge (``margin`` of its best tile). Distances are between
+    visible centroids in pixels at the model's resolution.
     """
     from scipy.spatial import cKDTree
 
-    xy = parts["centroid"]
+    xy = rows.centroid
     if len(xy) <= 1:
         return 1.0
     distance, _ = cKDTree(xy).query(xy, k=min(k, len(xy) - 1) + 1)  # the first is the cell itself
-    return float(np.mean(distance[:, -1] <= parts["margin"]))
+    in_view = float(np.mean(distance[:, -1] <= rows.margin))
+    logger.info("Neighbourhood context: the %d nearest cells of %.1f%% of cells were in view", k, 100 * in_view)
+    if in_view < 0.9:
+        logger.warning(
+            "Only %.0f%% of cells had their %d nearest cells in the tile they were predicted from; a larger "
+            "`tile_overlap` (up to %d) gives each cell a tile with more of its neighbourhood in view.",
+            100 * in_view,
+            k,
+            tile_size // 2 - 1,
+        )
+    return in_view
 
 
-def _one_row_per_cell(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    best = _best_rows(parts)
-    return {key: value[best] for key, value in parts.items()}
+# ---------------------------------------------------------------------------------------------- write
+def _write(sdata: SpatialData, table: AnnData, args: _Arguments) -> AnnData:
+    """``sdata.tables[key_added]`` (and the store, when backed), all or nothing; the table as it now is in ``sdata``.
 
-
-def _assemble_table(parts: dict[str, np.ndarray], model: GHISTModel, grid: _SlideGrid, labels_key: str) -> AnnData:
-    """The prediction table from ``parts`` with one row per cell (``Predictor.run(compact=_one_row_per_cell)``)."""
-    from .._model._uncertainty import entropy
-
-    ids = parts["cell_id"]
-    if ids.size == 0:
-        raise ValueError(f"No nucleus of {labels_key!r} lies under the image: nothing to predict.")
-    # spatialdata's convention (as `spatialdata.get_centroids`): pixel (i, j) covers [j, j+1) x [i, i+1).
-    centroid = (np.c_[parts["centroid"] + 0.5, np.ones(ids.size)] @ grid.to_labels.T)[:, :2]
-    obs = pd.DataFrame(
-        {REGION_KEY: pd.Categorical([labels_key] * ids.size), INSTANCE_KEY: ids},
-        index=pd.Index([str(i) for i in ids], name=None),
-    )
-    table = AnnData(X=parts["expr"].astype(np.float32), obs=obs, var=pd.DataFrame(index=list(model.genes)))
-    table.obsm[SPATIAL_KEY] = centroid.astype(np.float64)
-    if "std" in parts:
-        table.layers[PRED_STD_LAYER] = parts["std"].astype(np.float32)
-    if model.n_types:
-        proba = parts["proba"]
-        table.obs[PRED_ENTROPY_KEY] = entropy(proba)
-        table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(parts["type"], categories=model.cell_types)
-        table.obsm[PRED_PROBA_KEY] = pd.DataFrame(proba, index=table.obs_names, columns=model.cell_types)
-        table.obsm[PRED_COMPOSITION_KEY] = pd.DataFrame(parts["comp"], index=table.obs_names, columns=model.cell_types)
-    elif getattr(model, "reference_names", None):
-        _types_from_reference(table, model)
-    return table
-
-
-def _types_from_reference(table: AnnData, model: GHISTModel) -> None:
-    """Cell types of a model trained without them (e.g. on spots) that holds reference profiles.
-
-    Each cell gets the profile its predicted expression correlates with best (Pearson over the genes, on the
-    ``log1p`` scale), by the same rule as :func:`ghist.pp.annotate_cell_types` for measured cells; the correlation is
-    its score. Cells with a constant prediction get no type; constant profiles are never chosen.
+    On a store, the table's dask-backed ``X`` and layers are written chunk by chunk and then read lazily from the
+    store (the temporary rows they came from are removed after this).
     """
-    from .._stats import best_correlated
-
-    profiles = model.network.reference.detach().cpu().numpy().astype(np.float64) / model.expr_scale
-    codes, score = best_correlated(np.asarray(table.X, dtype=np.float64), profiles)
-    table.obs[PRED_CELL_TYPE_KEY] = pd.Categorical.from_codes(codes, categories=list(model.reference_names))
-    table.obs[PRED_CELL_TYPE_SCORE_KEY] = score
-
-
-def _write_table(sdata: SpatialData, table: AnnData, key: str, overwrite: bool) -> None:
-    """Put ``table`` at ``sdata.tables[key]`` (and on disk when backed), all or nothing.
-
-    On a zarr-backed SpatialData the table is first written completely under a temporary name; only then is the old
-    table moved aside, the new folder moved in (renames within the store) and the in-memory dict updated. Any
-    failure before that leaves the store and ``sdata`` as they were; the temporary element is removed.
-    """
-    del overwrite  # checked by `check_key_added` before any work
-    if not sdata.is_backed() or sdata.path is None:
-        sdata.tables[key] = table
-        return
-    tables_dir = Path(sdata.path) / "tables"
-    tmp, old = f"{key}__ghist_tmp", f"{key}__ghist_old"
-    for name in (tmp, old):
-        if name in sdata:
-            raise ValueError(f"`sdata` has an element {name!r}; `ghist.tl.predict` needs that name to write {key!r}.")
-        _remove(tables_dir / name)  # left on disk by a run killed mid-way
-    try:
-        sdata.tables[tmp] = table
-        sdata.write_element(tmp)
-    except BaseException:
-        sdata.tables.pop(tmp, None)
-        if (tables_dir / tmp).exists():
-            _remove(tables_dir / tmp)
-            _consolidate(sdata)
-        raise
-    finally:
-        sdata.tables.pop(tmp, None)
-    target = tables_dir / key
-    had_old = target.exists()
-    try:
-        if had_old:
-            os.replace(target, tables_dir / old)
-        os.replace(tables_dir / tmp, target)
-    except BaseException:
-        if had_old and not target.exists() and (tables_dir / old).exists():
-            os.replace(tables_dir / old, target)
-        _remove(tables_dir / tmp)
-        _consolidate(sdata)
-        raise
-    _remove(tables_dir / old)
-    sdata.tables[key] = table
-    _consolidate(sdata)
-    logger.info("Wrote table %r to %s", key, sdata.path)
-
-
-def _consolidate(sdata: SpatialData) -> None:
-    # The store's consolidated metadata lists the elements by name: rewrite it after folders moved or went away.
-    if sdata.has_consolidated_metadata():
-        sdata.write_consolidated_metadata()
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    return write_element(sdata, args.key_added, table, overwrite=args.overwrite)
