@@ -223,6 +223,14 @@ def segment_nuclei(
         from .._spatial import region_in_pixels
 
         region = region_in_pixels(sdata, roi_key, image_key)
+    # Into a backed SpatialData, finished blocks are saved as they come, and a re-run after a crash reuses them.
+    checkpoint = None
+    if model is None or isinstance(model, str | os.PathLike):
+        from ._segment_checkpoint import checkpoint_for
+
+        params = [method, None if model is None else str(model), sorted(method_kwargs.items()), image_key]
+        params += [list(image.shape), int(chunk_size), int(halo), min_area_px, max_area_px, pixel_size]
+        checkpoint = checkpoint_for(sdata, key_added, {"segment_nuclei": params})
     store, mpx = _segment_blocks(
         image.data,
         backend.segment,
@@ -233,6 +241,7 @@ def segment_nuclei(
         max_area_px=max_area_px,
         progress=progress,
         n_workers=n_workers,
+        checkpoint=checkpoint,
     )
     seconds = time.perf_counter() - start
     n_nuclei = int(store.attrs["n_objects"])
@@ -243,6 +252,8 @@ def segment_nuclei(
         transformations=copy.deepcopy(get_transformation(element, get_all=True)),
     )
     labels = write_element(sdata, key_added, labels, overwrite=overwrite)
+    if checkpoint is not None:
+        checkpoint.remove()
     logger.info(
         "Segmented %d nuclei of image %r into `sdata.labels[%r]`: %.2f Mpx in %.1f s, %.2f Mpx/s (%d worker%s).",
         n_nuclei,
@@ -405,6 +416,7 @@ def _segment_blocks(
     progress: bool,
     region: Any = None,
     n_workers: int = 1,
+    checkpoint: Any = None,
 ) -> tuple[zarr.Array, float]:
     """Segment ``image`` (``c, y, x``) block by block into a compressed in-memory Zarr array of global ids.
 
@@ -412,7 +424,9 @@ def _segment_blocks(
     whose area is within bounds and that do not touch the cut edge of its window (those are too large to be whole),
     and writes them, with ids continuing those of the previous blocks, onto pixels no earlier block has claimed.
     Blocks are segmented by ``n_workers`` threads but numbered and written in block order, so the result does not
-    depend on ``n_workers``. Returns the array and the megapixels of the blocks segmented.
+    depend on ``n_workers``. Returns the array and the megapixels of the blocks segmented. With a ``checkpoint``
+    (:class:`~ghist.pp._segment_checkpoint.BlockCheckpoint`), blocks saved by an earlier run are loaded instead of
+    segmented, and each newly segmented block is saved before it is stitched.
     """
     _, height, width = image.shape
     out = zarr.create_array(
@@ -438,6 +452,15 @@ def _segment_blocks(
     scheduler = None if n_workers == 1 else "synchronous"
 
     def work(block: Block) -> _BlockResult:
+        saved = None if checkpoint is None else checkpoint.load(block)
+        if saved is not None:
+            return _BlockResult(*saved)
+        result = _segment_block(block)
+        if checkpoint is not None:
+            checkpoint.save(block, *result)
+        return result
+
+    def _segment_block(block: Block) -> _BlockResult:
         y0, y1, x0, x1 = block
         wy0, wy1, wx0, wx1 = max(y0 - halo, 0), min(y1 + halo, height), max(x0 - halo, 0), min(x1 + halo, width)
         local = np.asarray(segmenter(_read_rgb(image, wy0, wy1, wx0, wx1, scheduler=scheduler)))

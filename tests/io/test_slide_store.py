@@ -1,0 +1,106 @@
+"""ghist.io.open_slide_store: one zarr store per slide file, written step by step and reopened where a run left it."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import spatialdata as sd
+
+import ghist
+from ghist._write import elements_on_disk
+from ghist.pp import _segment
+
+from .test_wsi import _write_pyramid
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    he = np.asarray(ghist.datasets.synthetic(image_size=256, n_genes=8, seed=0).images["he"]).transpose(1, 2, 0)
+    canvas = np.full((320, 288, 3), 243, np.uint8)  # glass around the tissue
+    canvas[32:288, 16:272] = he
+    path = tmp_path_factory.mktemp("slides") / "slide.tif"
+    _write_pyramid(path, canvas, mpp=0.5)
+    return path
+
+
+def test_store_beside_the_slide_keeps_each_step(tmp_path, slide):
+    local = tmp_path / slide.name
+    local.write_bytes(slide.read_bytes())
+    sdata = ghist.io.open_slide_store(local)
+    store = tmp_path / "slide.zarr"
+    assert sdata.path.resolve() == store.resolve()
+    assert "he" in sdata.images
+    assert elements_on_disk(sdata) == {}  # the image stays in the slide file
+    assert sdata.attrs["ghist_slide"]["size"] == local.stat().st_size
+    ghist.pp.detect_tissue(sdata, min_area_um2=1000.0)
+    ghist.pp.segment_nuclei(sdata, roi_key="tissue", progress=False, n_workers=1)
+    assert elements_on_disk(sdata) == {"tissue": "shapes", "nuclei": "labels"}
+    assert not any(p.name.startswith(".ghist-segment-") for p in store.iterdir())  # checkpoint removed when done
+
+    again = ghist.io.open_slide_store(local)
+    assert set(again.labels) == {"nuclei"}
+    assert set(again.shapes) == {"tissue"}
+    np.testing.assert_array_equal(np.asarray(again.labels["nuclei"]), np.asarray(sdata.labels["nuclei"]))
+    assert "he" not in sd.read_zarr(store).images
+
+    with_image = ghist.io.open_slide_store(local, write_image=True)
+    assert elements_on_disk(with_image)["he"] == "images"
+
+
+def test_store_refuses_another_file(tmp_path, slide):
+    local = tmp_path / "a.tif"
+    local.write_bytes(slide.read_bytes())
+    store = tmp_path / "elsewhere" / "a.zarr"
+    ghist.io.open_slide_store(local, store)
+    other = tmp_path / "b.tif"
+    other.write_bytes(slide.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="was made from"):
+        ghist.io.open_slide_store(other, store)
+    os.utime(local, ns=(0, 0))  # the same file, changed since
+    with pytest.raises(ValueError, match="older version"):
+        ghist.io.open_slide_store(local, store)
+    plain = tmp_path / "plain.zarr"
+    sd.SpatialData().write(plain)
+    with pytest.raises(ValueError, match="records no slide file"):
+        ghist.io.open_slide_store(other, plain)
+    with pytest.raises(FileNotFoundError):
+        ghist.io.open_slide_store(tmp_path / "missing.tif")
+
+
+def test_segmentation_resumes_from_finished_blocks(tmp_path, slide, monkeypatch):
+    """A segmentation killed after 3 blocks redoes only the others and gives the labels of an uninterrupted run."""
+    expected = ghist.io.read_wsi(slide)
+    ghist.pp.segment_nuclei(expected, chunk_size=96, progress=False, n_workers=1)
+
+    make_backend = _segment.make_backend
+    calls = {"n": 0, "fail_after": 3}
+
+    def counting(*args, **kwargs):
+        backend = make_backend(*args, **kwargs)
+        segment = backend.segment
+
+        def wrapped(block):
+            if calls["n"] == calls["fail_after"]:
+                raise KeyboardInterrupt  # stands for a kill: nothing after this block runs
+            calls["n"] += 1
+            return segment(block)
+
+        return backend._replace(segment=wrapped)
+
+    monkeypatch.setattr(_segment, "make_backend", counting)
+    sdata = ghist.io.open_slide_store(slide, tmp_path / "s.zarr")
+    with pytest.raises(KeyboardInterrupt):
+        ghist.pp.segment_nuclei(sdata, chunk_size=96, progress=False, n_workers=1)
+    assert "nuclei" not in elements_on_disk(sdata)
+    saved = list((tmp_path / "s.zarr" / ".ghist-segment-nuclei").glob("block-*.npz"))
+    assert len(saved) == 3
+
+    calls.update(n=0, fail_after=-1)
+    sdata = ghist.io.open_slide_store(slide, tmp_path / "s.zarr")
+    ghist.pp.segment_nuclei(sdata, chunk_size=96, progress=False, n_workers=1)
+    n_blocks = 4 * 3  # 320 x 288 px in 96 px blocks
+    assert calls["n"] == n_blocks - 3
+    np.testing.assert_array_equal(np.asarray(sdata.labels["nuclei"]), np.asarray(expected.labels["nuclei"]))
+    assert not (tmp_path / "s.zarr" / ".ghist-segment-nuclei").exists()
