@@ -416,3 +416,22 @@ def test_detect_tissue_and_aggregate_over_a_selection(slide_store):
             spots_key="tissue",
             key_added="table",
         )
+
+
+def test_predict_over_a_selection_keeps_the_measured_table(slide_store):
+    """`tl.predict(..., key_added=K)` on a store read without table K refuses it (before predicting); the user's
+    measured table stays, on disk and complete."""
+    import ghist
+
+    theirs = _read(slide_store).tables["table"]
+    part = spatialdata.read_zarr(slide_store, selection=("images", "labels"))
+    with pytest.raises(ValueError, match="not loaded"):
+        ghist.tl.predict(part, key_added="table", progress=False)
+    back = _read(slide_store).tables["table"]
+    assert back.n_obs == theirs.n_obs
+    np.testing.assert_array_equal(
+        back.X.toarray() if hasattr(back.X, "toarray") else back.X,
+        theirs.X.toarray() if hasattr(theirs.X, "toarray") else theirs.X,
+    )
+    assert "table" not in part.tables
+    _assert_clean(slide_store)
