@@ -193,11 +193,11 @@ def test_n_cells():
         ({"n_genes": 281}, "n_genes"),
         ({"cell_types": ["T", "Neuron"]}, "Neuron"),
         ({"cell_types": []}, "empty"),
-        ({"he_transform": "rotate"}, "he_transform"),
+        ({"image_transform": "rotate"}, "image_transform"),
         ({"pixel_size": -1.0}, "pixel_size"),
         ({"n_cells": 0}, "n_cells"),
-        ({"he_scale": 0.5}, "he_scale"),
-        ({"he_transform": "scale", "he_scale": 10.0}, "he_scale"),
+        ({"image_scale": 0.5}, "image_scale"),
+        ({"image_transform": "scale", "image_scale": 10.0}, "image_scale"),
         ({"image_size": 48, "cell_types": ["Epithelial"], "seed": 1}, "No cell"),
     ],
 )
@@ -245,7 +245,7 @@ def test_spatial_organisation(default_sdata):
 
 @pytest.mark.parametrize("he_transform", ["scale", "affine"])
 def test_he_transformation_is_honoured(he_transform):
-    sdata = ghist.datasets.synthetic(image_size=192, n_genes=10, he_transform=he_transform, seed=5)
+    sdata = ghist.datasets.synthetic(image_size=192, n_genes=10, image_transform=he_transform, seed=5)
     he = np.asarray(sdata["he"].values).astype(float).mean(0)
     tr = get_transformation(sdata["he"], "global")
     assert isinstance(tr, Scale if he_transform == "scale" else Affine)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import CELL_TYPE_KEY, IMAGE_KEY, LABELS_KEY, TABLE_KEY, XENIUM_BREAST_CELL_TYPES
+from .._validation import check_int
 from ._synthetic import _check_seed, _is_real, _positive, synthetic
 
 if TYPE_CHECKING:
@@ -97,8 +98,7 @@ def synthetic_cohort(
 
     """
     types = list(XENIUM_BREAST_CELL_TYPES)
-    if isinstance(n_patients, bool) or not isinstance(n_patients, int | np.integer) or n_patients < 2:
-        raise ValueError(f"`n_patients` must be an integer >= 2, got {n_patients!r}.")
+    check_int("n_patients", n_patients, 2)
     if causal_type not in types:
         raise ValueError(f"`causal_type` must be one of {types}, got {causal_type!r}.")
     if not _positive(hazard_ratio):

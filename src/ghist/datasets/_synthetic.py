@@ -26,7 +26,7 @@ from .._constants import (
     XENIUM_BREAST_CELL_TYPES,
 )
 from .._deprecation import renamed_arguments
-from .._validation import check_genes
+from .._validation import check_genes, check_int, check_seed
 from . import _signals
 from ._profiles import load_profiles
 
@@ -76,8 +76,7 @@ def _select_genes(n_genes: int | None) -> list[str]:
     prof = load_profiles()
     if n_genes is None:
         return list(prof.genes)
-    if isinstance(n_genes, bool) or not isinstance(n_genes, int | np.integer) or not 1 <= n_genes <= len(prof.genes):
-        raise ValueError(f"`n_genes` must be an integer in 1..{len(prof.genes)} or None, got {n_genes!r}.")
+    check_int("n_genes", n_genes, 1, maximum=len(prof.genes))
     top = np.sort(prof.variable_genes()[:n_genes])  # the most variable genes, in panel order
     return [prof.genes[i] for i in top]
 
@@ -133,8 +132,7 @@ def _positive(value: object) -> bool:
 
 
 def _check_seed(seed: object) -> None:
-    if isinstance(seed, bool | np.bool_) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}.")
+    check_seed(seed)
 
 
 @renamed_arguments(he_transform="image_transform", he_scale="image_scale")
@@ -259,8 +257,7 @@ def synthetic(
     True
 
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int | np.integer) or image_size < 16:
-        raise ValueError(f"`image_size` must be an integer >= 16, got {image_size!r}.")
+    check_int("image_size", image_size, 16)
     if not _positive(pixel_size):
         raise ValueError(f"`pixel_size` must be a positive number of microns per pixel, got {pixel_size!r}.")
     if image_transform not in HE_TRANSFORMS:
@@ -273,8 +270,7 @@ def synthetic(
         image_scale = DEFAULT_HE_SCALE[image_transform]
     if not _is_real(image_scale) or not np.isfinite(image_scale) or not 0.2 <= image_scale <= 5:
         raise ValueError(f"`image_scale` must be between 0.2 and 5 labels pixels per H&E pixel, got {image_scale!r}.")
-    if n_cells is not None and (isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1):
-        raise ValueError(f"`n_cells` must be a positive integer or None, got {n_cells!r}.")
+    check_int("n_cells", n_cells, 1, optional=True)
     if not (_is_real(thinning) and 0 < thinning <= 1):
         raise ValueError(f"`thinning` must be in (0, 1], got {thinning!r}.")
     _check_seed(seed)
@@ -476,8 +472,7 @@ def synthetic_reference(
     (90, 280)
 
     """
-    if isinstance(n_cells_per_type, bool) or not isinstance(n_cells_per_type, int | np.integer) or n_cells_per_type < 1:
-        raise ValueError(f"`n_cells_per_type` must be a positive integer, got {n_cells_per_type!r}.")
+    check_int("n_cells_per_type", n_cells_per_type, 1)
     for name, value in (("library_size", library_size), ("dispersion", dispersion)):
         if not _positive(value):
             raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")

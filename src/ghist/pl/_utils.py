@@ -7,6 +7,8 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._validation import check_int
+
 # matplotlib loads inside the functions, so that ``import ghist`` stays light.
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -70,7 +72,4 @@ def _check_crop(crop: object) -> None:
 
 def _check_top(top: object) -> None:
     """``None`` or a positive integer (not a bool, not a float)."""
-    import numbers
-
-    if top is not None and (isinstance(top, bool) or not isinstance(top, numbers.Integral) or top < 1):
-        raise ValueError(f"`top` must be a positive integer or None, got {top!r}.")
+    check_int("top", top, 1, optional=True)
