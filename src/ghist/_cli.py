@@ -1,4 +1,8 @@
-"""The ``ghist`` command line: ``ghist demo`` runs the whole method on the embedded synthetic data."""
+"""The ``ghist`` command line: ``ghist demo``, and ``ghist segment``/``predict``/``cohort`` over slide files.
+
+``ghist demo`` runs the whole method on the embedded synthetic data; the slide commands live in
+:mod:`ghist._cli_slides`.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--tile-size", type=_positive_int, default=128, help="training tile size in pixels")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
+    from ._cli_slides import add_slide_commands
+
+    add_slide_commands(sub)
     # Bad arguments fail here, before minutes of data generation and training.
     args = parser.parse_args(argv)
+    if args.command != "demo":
+        from ._cli_slides import main_slides
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s [%(name)s] %(message)s")
+        return main_slides(args)
     if args.command == "demo":
         metrics = run_demo(
             out=Path(args.out),
