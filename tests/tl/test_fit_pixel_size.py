@@ -42,7 +42,7 @@ def test_given_pixel_size_is_the_models(tiles_without_microns, tmp_path):
 
 @pytest.mark.parametrize("value", [0, -1.0, float("nan"), True, "0.5"])
 def test_bad_pixel_size_is_named(tiles_without_microns, value):
-    with pytest.raises(ValueError, match="`pixel_size` must be a finite number > 0"):
+    with pytest.raises(ValueError, match="`pixel_size` must be a microscope pixel size"):
         ghist.tl.fit(tiles_without_microns, pixel_size=value, max_steps=1, **TINY)
 
 

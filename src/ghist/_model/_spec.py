@@ -68,23 +68,32 @@ class SettingError(ValueError):
     """A setting of :class:`ArchitectureSpec` or :class:`TrainingSpec` out of its type or range."""
 
 
+class SettingTypeError(SettingError, TypeError):
+    """A setting of the wrong type where no value of it could be read as one (e.g. a string for a flag)."""
+
+
 # ------------------------------------------------------------------------------------------------------ checks
 def _integer(low: int, high: int | None = None, *, optional: bool = False) -> Callable[[str, Any], Any]:
     def check(name: str, value: Any) -> int | None:
         if optional and value is None:
             return None
         ok = not isinstance(value, bool | np.bool_) and isinstance(value, numbers.Integral)
-        if not ok or value < low or (high is not None and value > high):
-            span = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise SettingError(f"`{name}` must be an integer {span}{' (or None)' if optional else ''}, got {value!r}.")
+        if not ok or value < low:
+            raise SettingError(
+                f"`{name}` must be an integer >= {low}{' (or None)' if optional else ''}, got {value!r}."
+            )
+        if high is not None and value > high:
+            raise SettingError(f"`{name}` must be an integer <= {high}, got {value!r}.")
         return int(value)
 
     return check
 
 
 def _number(low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False):
-    left, right = "(" if open_low else "[", ")" if open_high or math.isinf(high) else "]"
-    span = f"{left}{low:g}, {high:g}{right}"
+    if math.isinf(high):
+        span = f"{'>' if open_low else '>='} {low:g}"
+    else:
+        span = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
 
     def check(name: str, value: Any) -> float:
         ok = not isinstance(value, bool | np.bool_) and isinstance(value, numbers.Real) and math.isfinite(value)
@@ -92,7 +101,7 @@ def _number(low: float, high: float = math.inf, *, open_low: bool = False, open_
             value = float(value)
             ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
         if not ok:
-            raise SettingError(f"`{name}` must be a finite number in {span}, got {value!r}.")
+            raise SettingError(f"`{name}` must be a finite number {span}, got {value!r}.")
         return value
 
     return check
@@ -100,14 +109,14 @@ def _number(low: float, high: float = math.inf, *, open_low: bool = False, open_
 
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool | np.bool_):
-        raise SettingError(f"`{name}` must be True or False, got {value!r}.")
+        raise SettingTypeError(f"`{name}` must be True or False, got {value!r}.")
     return bool(value)
 
 
 def _one_of(*choices: Any) -> Callable[[str, Any], Any]:
     def check(name: str, value: Any) -> Any:
         if isinstance(value, bool) or value not in choices:
-            raise SettingError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+            raise SettingError(f"`{name}` must be one of {list(choices)}; got {value!r}.")
         return value
 
     return check
@@ -172,7 +181,7 @@ def _accelerator(name: str, value: Any) -> str:
     from ._device import ACCELERATORS
 
     if not isinstance(value, str) or value not in ACCELERATORS:
-        raise SettingError(f"`{name}` must be one of {list(ACCELERATORS)}, got {value!r}.")
+        raise SettingError(f"`{name}` must be one of {list(ACCELERATORS)}; got {value!r}.")
     return value
 
 
@@ -313,7 +322,7 @@ class ArchitectureSpec(_Spec):
         :func:`ghist.tl.fit`'s ``None`` (its default) picks ``"softplus"`` with cell-level targets and ``"relu"``
         with spot supervision, the better of the two in each (``docs/benchmarks.md``). Saved with the model;
         models saved before it existed load with ``"relu"``.""",
-        _one_of("softplus", "relu"),
+        _one_of("relu", "softplus"),
         fit_default=None,
         legacy="relu",
         annotation="str | None",
