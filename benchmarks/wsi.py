@@ -97,7 +97,7 @@ def run_one(path: Path, args: argparse.Namespace) -> dict:
         sdata = spatialdata.read_zarr(store)
     times["read"] = time.perf_counter() - start
     t = time.perf_counter()
-    tissue = ghist.pp.detect_tissue(sdata)
+    tissue = None if args.no_roi else ghist.pp.detect_tissue(sdata)  # without a ROI the tissue is not needed
     times["tissue"] = time.perf_counter() - t
     t = time.perf_counter()
     if args.labels == "synthetic":  # the blocks' own nuclei: predict's memory without segmentation's time
@@ -139,7 +139,9 @@ def run_one(path: Path, args: argparse.Namespace) -> dict:
     return {
         "size": int(image.shape[1]),
         "mpx": image.shape[1] * image.shape[2] / 1e6,
-        "tissue_fraction": float(tissue.geometry.area.sum() / (image.shape[1] * image.shape[2])),
+        "tissue_fraction": args.tissue
+        if tissue is None
+        else float(tissue.geometry.area.sum() / (image.shape[1] * image.shape[2])),
         "cells": int(table.n_obs),
         "genes": int(table.n_vars),
         "store": bool(args.store),
@@ -204,6 +206,7 @@ def main() -> None:
             cmd += ["--accelerator", args.accelerator, "--batch-size", str(args.batch_size)]
             cmd += ["--num-workers", str(args.num_workers), "--genes", str(args.genes), "--model", args.model]
             cmd += ["--model-pixel-size", str(args.model_pixel_size), "--tile-size", str(args.tile_size)]
+            cmd += ["--tissue", str(args.tissue)]
             cmd += ["--no-roi"] * args.no_roi + ["--store"] * args.store + ["--labels", args.labels]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
