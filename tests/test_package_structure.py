@@ -160,7 +160,7 @@ def test_no_source_file_too_long():
 
 @pytest.mark.parametrize(
     "path",
-    [*sorted((ROOT / "benchmarks").glob("*.py")), ROOT / "docs" / "conf.py"],
+    [*sorted((ROOT / "benchmarks").glob("*.py")), *sorted((ROOT / "scripts").glob("*.py")), ROOT / "docs" / "conf.py"],
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_scripts_use_public_api(path):
