@@ -309,6 +309,7 @@ def test_invalid_arguments():
         net(torch.zeros(1, 3, 16, 16), torch.zeros(1, 16, 16, dtype=torch.long), torch.zeros(2, dtype=torch.long), 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["relu", "softplus"])
 def test_a_gene_switched_off_everywhere_recovers_only_with_softplus(activation):
     """A gene whose pre-activation is negative in every cell: ReLU gives it no gradient, so it stays 0 for good."""
@@ -467,6 +468,7 @@ def test_specialist_expression_only_for_cells_moved_into_a_group():
 
 
 # ---------------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
 def test_tiny_network_overfits_colour_coded_disks():
     torch.manual_seed(0)
     batch = disk_batch(n_tiles=2, tile=64, cells=8, n_types=3, colour_types=True, seed=1)

@@ -139,6 +139,7 @@ def _train_head_on_heteroscedastic_noise(groups_of) -> tuple[float, float]:
     return float((hidden > 0).any(dim=0).float().mean()), float(spearmanr(std.numpy(), sd.numpy()).statistic)
 
 
+@pytest.mark.slow
 def test_head_units_stay_alive_and_track_the_noise():
     """The head's groups keep its ReLU units alive; one group at the levels' rate (as before) switched most off."""
     alive, rho = _train_head_on_heteroscedastic_noise(head_param_groups)
