@@ -179,3 +179,24 @@ def test_store_of_another_slide_is_a_failure_not_an_overwrite(tmp_path, he, caps
     assert (store / "precious.txt").read_text() == "mine"
     assert sorted(p.name for p in store.iterdir()) == ["precious.txt"]
     tifffile.imread(slide)  # the slide is untouched too
+
+
+@pytest.mark.slow
+def test_cohort_segments_into_stores_and_summarises_each_slide(tmp_path, he, capsys):
+    import anndata as ad
+
+    slides = _slides(tmp_path / "slides", he, 2)
+    output = tmp_path / "cohort.h5ad"
+    argv = ["cohort", str(tmp_path / "slides"), "--out", str(tmp_path / "out"), "--output", str(output), *TISSUE]
+    assert main([*argv, "--no-progress"]) == 0
+    cohort = ad.read_h5ad(output)
+    assert list(cohort.obs_names) == [s.stem for s in slides]
+    assert (cohort[:, "n_cells"].X > 20).all()
+    for slide in slides:  # the segmentation is kept in the slide's store
+        assert set(sd.read_zarr(tmp_path / "out" / f"{slide.stem}.zarr").labels) == {"nuclei"}
+    capsys.readouterr()
+    assert main([*argv, "--no-progress"]) == 0
+    assert "0 done, 2 skipped, 0 failed" in capsys.readouterr().out
+    again = ad.read_h5ad(output)
+    assert sorted(again.uns["ghist_cohort"]["cached"]) == sorted(s.stem for s in slides)  # not predicted again
+    np.testing.assert_allclose(again.X, cohort.X)

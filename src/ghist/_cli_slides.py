@@ -316,8 +316,16 @@ def main_slides(args: argparse.Namespace) -> int:
     )
     failed = [r for r in results if r.status == "failed"]
     if args.command == "cohort" and len(failed) < len(results):
-        _write_cohort(args, jobs, results, model)
-    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+        try:
+            left_out = _write_cohort(args, jobs, results, model)
+        except Exception as err:  # e.g. no slide could be summarised: every slide is reported, nothing is written
+            why = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            left_out = {r.slide: why for r in results if r.status != "failed"}
+        for name, why in left_out.items():
+            failed.append(SlideResult(name, "failed", f"summarising: {why}"))
+            report(failed[-1])
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped")}
+    counts["failed"] = len(failed)
     print(
         f"ghist {args.command}: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed",
         flush=True,
@@ -335,8 +343,11 @@ def _store_path(slide: Path, out: str | None) -> Path:
 
 def _write_cohort(
     args: argparse.Namespace, jobs: Sequence[SlideJob], results: Iterable[SlideResult], model: Any
-) -> None:
-    """Summarise the segmented slides with :func:`ghist.tl.predict_cohort` into ``--output``."""
+) -> dict[str, str]:
+    """Summarise the segmented slides with :func:`ghist.tl.predict_cohort` into ``--output``.
+
+    Returns the slides it left out (slide file name -> why).
+    """
     import ghist
 
     ok = [job for job, result in zip(jobs, results) if result.status != "failed"]
@@ -357,8 +368,7 @@ def _write_cohort(
             on_error="skip",
             cache_dir=cache,
             progress=not args.no_progress,
-            roi_key=None if args.no_tissue else TISSUE_KEY,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size,  # no roi_key: the nuclei are segmented only in the tissue already
         )
     finally:
         if client is not None:
@@ -371,3 +381,5 @@ def _write_cohort(
     finally:
         scratch.unlink(missing_ok=True)
     print(f"ghist cohort: {cohort.n_obs} slide(s) x {cohort.n_vars} features -> {output}", flush=True)
+    names = {job.slide.stem: job.slide.name for job in ok}
+    return {names[stem]: str(why) for stem, why in cohort.uns["ghist_cohort"]["failed"].items()}
