@@ -426,9 +426,27 @@ def image_pixel_size(sdata: SpatialData, element_key: str) -> float | None:
             return None
         matrix = np.asarray(t.to_affine_matrix(input_axes=_XY, output_axes=_XY), dtype=np.float64)
     else:
-        return None
+        return wsidata_pixel_size(sdata, element)
     area = abs(float(np.linalg.det(matrix[:2, :2])))
     return float(np.sqrt(area)) if area > 0 else None
+
+
+def wsidata_pixel_size(sdata: Any, element: Any) -> float | None:
+    """The slide's µm per pixel of a LazySlide/wsidata ``WSIData`` image (full resolution only), else ``None``.
+
+    A ``WSIData`` keeps the pixel size in ``sdata.properties.mpp``, not as a ``"microns"`` transformation; it holds
+    for the image of the slide's full-resolution shape only (not for a thumbnail).
+    """
+    properties = getattr(sdata, "properties", None)
+    mpp, shape = getattr(properties, "mpp", None), getattr(properties, "shape", None)
+    if mpp is None or shape is None or isinstance(mpp, bool) or not isinstance(mpp, int | float | np.number):
+        return None
+    from ._validation import raster_levels
+
+    full = next(array for _, _, array in raster_levels(element))
+    if [int(full.sizes["y"]), int(full.sizes["x"])] != [int(v) for v in shape]:
+        return None
+    return float(mpp) if 0 < float(mpp) < float("inf") else None
 
 
 def region_in_pixels(sdata: SpatialData, shapes_key: str, element_key: str) -> Any:

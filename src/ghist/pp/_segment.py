@@ -185,6 +185,10 @@ def segment_nuclei(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float | np.number)):
             raise ValueError(f"`{name}` must be a number of µm²; got {value!r}.")
     element = sdata.images[image_key]
+    if pixel_size is None:  # a LazySlide WSIData keeps it in its slide properties, not as a transformation
+        from .._spatial import wsidata_pixel_size
+
+        pixel_size = wsidata_pixel_size(sdata, element)
     pixel_size = _resolve_pixel_size(element, image_key, pixel_size)
     _check_segment_size(sdata, element, image_key, roi_key)  # before the backend reads the image
 
