@@ -238,7 +238,7 @@ def test_reference_profiles_any_arguments(kwargs, values, slide, tmp_path):
 # ---------------------------------------------------------------- tl
 
 EVALUATE_ARGS = [
-    "pred_key", "true_key", "cell_type_key", "layer", "genes", "n_svg", "spots_key", "target_sum", "library",
+    "pred_key", "table_key", "cell_type_key", "layer", "genes", "n_svg", "spots_key", "target_sum", "library",
     "panel_share", "key_added",
 ]  # fmt: skip
 
