@@ -200,3 +200,16 @@ def test_cohort_segments_into_stores_and_summarises_each_slide(tmp_path, he, cap
     again = ad.read_h5ad(output)
     assert sorted(again.uns["ghist_cohort"]["cached"]) == sorted(s.stem for s in slides)  # not predicted again
     np.testing.assert_allclose(again.X, cohort.X)
+
+
+@pytest.mark.slow
+def test_workers_run_slides_on_a_local_dask_pool(tmp_path, he, capsys):
+    slides = _slides(tmp_path / "slides", he, 2)
+    (tmp_path / "slides" / "broken.tif").write_bytes(b"II*\0" + b"\0" * 64)
+    argv = ["segment", str(tmp_path / "slides"), "--out", str(tmp_path / "out"), "--workers", "2", *TISSUE]
+    assert main([*argv, "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "2 done, 0 skipped, 1 failed" in out
+    assert "broken.tif: failed (ValueError: Cannot read" in out
+    for slide in slides:
+        assert set(sd.read_zarr(tmp_path / "out" / f"{slide.stem}.zarr").labels) == {"nuclei"}

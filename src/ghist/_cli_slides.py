@@ -90,7 +90,8 @@ def add_slide_commands(sub: argparse._SubParsersAction) -> None:
     helps = {
         "segment": "detect tissue and segment nuclei of slide files, one zarr store per slide",
         "predict": "segment (when needed) and predict every nucleus of slide files, one zarr store per slide",
-        "cohort": "segment each slide into its store, then summarise every slide into one row of a cohort table",
+        "cohort": "segment each slide into its store (on the pool with --workers), then summarise every slide here "
+        "into one row of a cohort table",
     }
     for name in COMMANDS:
         p = sub.add_parser(name, help=helps[name], description=helps[name])
@@ -183,8 +184,17 @@ def store_is_complete(job: SlideJob) -> bool:
     return all((job.store / kind / key / "zarr.json").is_file() for key, kind in job.steps)
 
 
-def run_slide(job: SlideJob, progress: bool = False) -> SlideResult:
-    """Run the missing steps of one slide into its store; never raises (a failure is the result's status)."""
+def run_slide(job: SlideJob, progress: bool = False, in_worker: bool = False) -> SlideResult:
+    """Run the missing steps of one slide into its store; never raises (a failure is the result's status).
+
+    ``in_worker``: on a dask.distributed worker, the slide's own dask arrays are computed in the worker's threads,
+    not sent back to the cluster (their file handles do not travel).
+    """
+    if in_worker:
+        import dask
+
+        with dask.config.set(scheduler="threads"):
+            return run_slide(job, progress)
     start = time.perf_counter()
     name = job.slide.name
     try:
@@ -255,7 +265,7 @@ def run_slides(
     cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
     try:
         with Client(scheduler or cluster) as client:
-            futures = {client.submit(run_slide, job, False, pure=False): i for i, job in enumerate(jobs)}
+            futures = {client.submit(run_slide, job, False, True, pure=False): i for i, job in enumerate(jobs)}
             out: list[SlideResult | None] = [None] * len(jobs)
             for future in as_completed(futures):
                 i = futures[future]
@@ -354,25 +364,17 @@ def _write_cohort(
     slides = {job.slide.stem: ghist.io.open_slide_store(job.slide, job.store, **job.read_kwargs) for job in ok}
     output = Path(args.output)
     cache = Path(args.cache_dir) if args.cache_dir else output.with_name(output.name + ".cache")
-    client = None
-    if args.scheduler or args.workers > 1:
-        from distributed import Client
-
-        client = Client(args.scheduler) if args.scheduler else Client(n_workers=args.workers, threads_per_worker=1)
-    try:
-        cohort = ghist.tl.predict_cohort(
-            slides,
-            model,
-            client=client,
-            segment=False,
-            on_error="skip",
-            cache_dir=cache,
-            progress=not args.no_progress,
-            batch_size=args.batch_size,  # no roi_key: the nuclei are segmented only in the tissue already
-        )
-    finally:
-        if client is not None:
-            client.close()
+    # Here, not on the pool: the slides' images are read from their files through handles that do not travel to
+    # dask workers (predict_cohort sends a worker a store's path, and these stores do not hold the image).
+    cohort = ghist.tl.predict_cohort(
+        slides,
+        model,
+        segment=False,
+        on_error="skip",
+        cache_dir=cache,
+        progress=not args.no_progress,
+        batch_size=args.batch_size,  # no roi_key: the nuclei are segmented only in the tissue already
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     scratch = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
