@@ -60,8 +60,8 @@ def test_arguments_fail_before_any_slide(tmp_path, capsys):
     (tmp_path / "a.tif").write_bytes(b"x")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a.svs").write_bytes(b"x")
-    assert main(["segment", str(tmp_path / "a.tif"), str(tmp_path / "sub")]) == 2
-    assert "would share the store a.zarr" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "a.tif"), str(tmp_path / "sub"), "--out", str(tmp_path / "o")]) == 2
+    assert "would share the store" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "a.tif"), "--model", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.zarr"))  # nothing written

@@ -134,8 +134,6 @@ def find_slides(arguments: Sequence[str]) -> list[Path]:
     ------
     FileNotFoundError
         An argument matches nothing.
-    ValueError
-        Two slides would share a store (the same file name stem).
 
     """
     found: list[Path] = []
@@ -154,15 +152,19 @@ def find_slides(arguments: Sequence[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"No slide file, folder or pattern match at {arg!r}.")
         found += [m for m in matches if m.resolve() not in {f.resolve() for f in found}]
-    stems: dict[str, Path] = {}
-    for slide in found:
-        other = stems.setdefault(slide.stem, slide)
+    return found
+
+
+def check_stores(slides: Sequence[Path], stores: Sequence[Path]) -> None:
+    """Refuse two slides that would share a store (the same file name stem in the same folder or ``--out``)."""
+    seen: dict[Path, Path] = {}
+    for slide, store in zip(slides, stores):
+        other = seen.setdefault(store.resolve(), slide)
         if other != slide:
             raise ValueError(
-                f"{str(other)!r} and {str(slide)!r} would share the store {slide.stem}.zarr; rename one of them or run "
+                f"{str(other)!r} and {str(slide)!r} would share the store {str(store)!r}; rename one of them or run "
                 "them with different `--out` folders."
             )
-    return found
 
 
 def _is_slide(path: Path) -> bool:
@@ -291,6 +293,7 @@ def main_slides(args: argparse.Namespace) -> int:
     model = None
     try:
         slides = find_slides(args.slides)
+        check_stores(slides, [_store_path(slide, args.out) for slide in slides])
         if args.command != "segment":
             # A wrong name or folder fails here, before any slide; slides run here share the loaded model, dask
             # workers load it from its name or folder.

@@ -104,3 +104,26 @@ def test_segmentation_resumes_from_finished_blocks(tmp_path, slide, monkeypatch)
     assert calls["n"] == n_blocks - 3
     np.testing.assert_array_equal(np.asarray(sdata.labels["nuclei"]), np.asarray(expected.labels["nuclei"]))
     assert not (tmp_path / "s.zarr" / ".ghist-segment-nuclei").exists()
+
+
+def test_elements_a_killed_writer_did_not_list_yet_are_opened(tmp_path, slide, monkeypatch):
+    """A kill after an element's folder is moved in, before the metadata lists it: the next open lists and reads it."""
+    import zarr
+
+    store = tmp_path / "s.zarr"
+    sdata = ghist.io.open_slide_store(slide, store)
+    listing = (store / "zarr.json").read_bytes()  # the consolidated metadata before the writes
+    ghist.pp.detect_tissue(sdata, min_area_um2=1000.0)
+    ghist.pp.segment_nuclei(sdata, progress=False, n_workers=1)
+    # the state a writer killed right after its renames leaves: folders in place, listed nowhere
+    (store / "zarr.json").write_bytes(listing)
+    labels_group = zarr.open_group(store / "labels", mode="r+", use_consolidated=False)
+    attrs = labels_group.attrs.asdict()
+    attrs.get("ome", attrs)["labels"] = []
+    labels_group.attrs.update(attrs)
+    assert "tissue" not in sd.read_zarr(store).shapes  # not listed: spatialdata alone does not see it
+    again = ghist.io.open_slide_store(slide, store)
+    assert set(again.shapes) == {"tissue"}
+    assert set(again.labels) == {"nuclei"}
+    np.testing.assert_array_equal(np.asarray(again.labels["nuclei"]), np.asarray(sdata.labels["nuclei"]))
+    assert set(sd.read_zarr(store).labels) == {"nuclei"}

@@ -106,6 +106,8 @@ def open_slide_store(
         _create_store(store, record)
     disk = sd.read_zarr(store)
     on_disk = elements_on_disk(disk)
+    if _finish_interrupted_writes(store, disk, on_disk):
+        disk = sd.read_zarr(store)
     if image_key in on_disk and on_disk[image_key] != "images":
         raise ValueError(
             f"The store {str(store)!r} holds a {on_disk[image_key]} element named {image_key!r}; pass another "
@@ -174,3 +176,23 @@ def _create_store(store: Path, record: dict[str, Any]) -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     logger.info("Created the slide store %s", store)
+
+
+def _finish_interrupted_writes(store: Path, disk: SpatialData, on_disk: dict[str, str]) -> bool:
+    """List in the store's metadata the elements a killed writer moved in but did not list yet; whether any was.
+
+    The one writer moves an element's folder in whole before it updates the metadata that lists it, so a folder that
+    is there but not listed is complete: the metadata is brought up to date, as the writer would have done next.
+    """
+    from .._write import _register_label
+
+    unlisted = {key: kind for key, kind in on_disk.items() if key not in getattr(disk, kind)}
+    if not unlisted:
+        return False
+    for key, kind in unlisted.items():
+        if kind == "labels":
+            _register_label(store, key)
+    if disk.has_consolidated_metadata():
+        disk.write_consolidated_metadata()
+    logger.info("Listed %s in %s: written completely by a run that was stopped before listing them.", unlisted, store)
+    return True
