@@ -113,24 +113,26 @@ def test_predict_folder_then_rerun_rewrites_nothing(tmp_path, he, capsys):
 
 
 @pytest.mark.slow
-def test_sigkill_during_the_third_slide_then_resume(tmp_path, he):
+@pytest.mark.parametrize("kill_at", ["tissue written", "first block segmented"])
+def test_sigkill_during_the_third_slide_then_resume(tmp_path, he, kill_at):
     """Killed (SIGKILL) while the third of 5 slides runs: the rerun finishes all 5 and redoes nothing finished.
 
     How "nothing finished is redone" is checked: every file of the two finished stores, and every file of the
-    elements the killed slide had finished, keeps its mtime (ns) and content hash through the rerun, and the rerun
-    reports the two finished slides as skipped.
+    elements the killed slide had finished, keeps its mtime (ns) and content hash through the rerun, the rerun
+    reports the two finished slides as skipped, and it loads (logs) every segmentation block saved before the kill.
     """
     slides = _slides(tmp_path / "slides", he, 5)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ghist._cli", "predict", str(tmp_path / "slides"), "--out", str(out), "--no-progress"]
-    cmd += TISSUE
+    cmd += [*TISSUE, "--chunk-size", "64"]  # 16 segmentation blocks per slide
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     third = out / "slide2.zarr"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         deadline = time.monotonic() + 600
-        # once the third slide's tissue is written, it is mid-way (segmenting or predicting): kill it there
-        while not (third / "shapes" / "tissue" / "zarr.json").is_file():
+        # once the third slide's tissue is written, or its first block saved, it is mid-way: kill it there
+        sign = "shapes/tissue/zarr.json" if kill_at == "tissue written" else ".ghist-segment-nuclei/block-*.npz"
+        while not list(third.glob(sign)):
             assert proc.poll() is None, "the run ended before the third slide started"
             assert time.monotonic() < deadline
             time.sleep(0.02)
@@ -145,6 +147,8 @@ def test_sigkill_during_the_third_slide_then_resume(tmp_path, he):
     finished = {s: _files(out / f"{s}.zarr") for s in ("slide0", "slide1")}
     partial = {k: v for k, v in _files(third).items() if k.startswith("shapes/")}
     assert partial
+    blocks = [k for k in _files(third) if k.startswith(".ghist-segment-nuclei/block-")]
+    assert blocks or kill_at == "tissue written"
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -157,6 +161,8 @@ def test_sigkill_during_the_third_slide_then_resume(tmp_path, he):
     assert {s: _files(out / f"{s}.zarr") for s in finished} == finished
     after = _files(third)
     assert {k: after[k] for k in partial} == partial  # the third slide's tissue was kept, not redone
+    if blocks:  # the blocks saved before the kill were loaded, not segmented again
+        assert f"Reused {len(blocks)} finished block(s) of an interrupted run" in rerun.stderr
     assert not [p for p in out.rglob(".ghist-*")]  # no scratch or checkpoint left
 
     # a corrupt file among them: reported by name, the run exits non-zero, the others are untouched

@@ -510,6 +510,8 @@ def _segment_blocks(
             bar.update(block_mpx)
             del local, keep
             release_freed_memory()  # else glibc keeps the freed block arrays: memory would grow with the slide
+    if checkpoint is not None and checkpoint.n_loaded:
+        logger.info("Reused %d finished block(s) of an interrupted run from %s", checkpoint.n_loaded, checkpoint.folder)
     out.attrs["n_objects"] = next_id - 1
     return out, float(sum(mpx))
 
