@@ -36,11 +36,22 @@ def giant(tmp_path_factory):
     return ghist.io.read_wsi(path, chunk_size=8192)
 
 
-def test_detect_tissue_on_a_giant_single_level_slide_is_bounded(giant, caplog):
-    start = time.perf_counter()
+def test_detect_tissue_on_a_giant_single_level_slide_is_bounded(giant, caplog, monkeypatch):
+    from ghist.io import _backends
+
+    reads = []
+    original = _backends._GuardedLevel.__getitem__
+
+    def counted(self, key):
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(_backends._GuardedLevel, "__getitem__", counted)
     with caplog.at_level("WARNING", logger="ghist"):
         tissue = ghist.pp.detect_tissue(giant)
-    assert time.perf_counter() - start < 60  # it used to read all 750 GB
+    # work bounded by count, not by the clock: a few strided reads (each decodes at most one 4096-px tile), where
+    # averaging the level read all 3,721 chunks of 8192 px (750 GB)
+    assert 0 < len(reads) <= 64
     assert tissue.empty  # the tiles are black: no stain
     assert "no pyramid level" in caplog.text
     assert "--pyramid" in caplog.text
