@@ -45,6 +45,15 @@ def test_store_beside_the_slide_keeps_each_step(tmp_path, slide):
     np.testing.assert_array_equal(np.asarray(again.labels["nuclei"]), np.asarray(sdata.labels["nuclei"]))
     assert "he" not in sd.read_zarr(store).images
 
+    # a store creation killed before its rename leaves a hidden scratch folder: the next creation removes it
+    dead = tmp_path / ".other.zarr.ghist-new-999999999-0123"
+    dead.mkdir()
+    other = tmp_path / "other.tif"
+    other.write_bytes(slide.read_bytes())
+    ghist.io.open_slide_store(other)
+    assert not dead.exists()
+    assert not list(tmp_path.glob(".*ghist-new*"))
+
     with_image = ghist.io.open_slide_store(local, write_image=True)
     assert elements_on_disk(with_image)["he"] == "images"
 

@@ -167,8 +167,14 @@ def _create_store(store: Path, record: dict[str, Any]) -> None:
     """An empty SpatialData store with the slide record, moved into place by one rename."""
     import zarr
 
+    from .._write import _process_alive
+
     store.parent.mkdir(parents=True, exist_ok=True)
-    scratch = store.parent / f".{store.name}.ghist-new-{uuid.uuid4().hex}"
+    for old in store.parent.glob(f".{store.name}.ghist-new-*-*"):  # left by runs killed while creating the store
+        pid = old.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    scratch = store.parent / f".{store.name}.ghist-new-{os.getpid()}-{uuid.uuid4().hex}"
     try:
         SpatialData().write(scratch)
         zarr.open_group(scratch, mode="r+").attrs[SLIDE_ATTRS_KEY] = record
