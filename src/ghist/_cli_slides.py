@@ -98,7 +98,11 @@ def add_slide_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("slides", nargs="+", help="slide files, folders of slides, or glob patterns")
         p.add_argument("--out", default=None, help="folder of the stores (default: beside each slide)")
         if name != "segment":
-            p.add_argument("--model", default=None, help="a bundled model's name or a saved model's folder")
+            p.add_argument(
+                "--model",
+                default=None,
+                help="a bundled model's name or a saved model's folder (default: the bundled her2st-breast-spots)",
+            )
             p.add_argument("--batch-size", type=_positive_int, default=8, help="tiles per forward pass")
         if name == "cohort":
             p.add_argument("--output", required=True, help="the cohort table to write (.h5ad)")

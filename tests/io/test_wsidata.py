@@ -23,6 +23,7 @@ def slide(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # about 5 s: segmentation and prediction of a small slide
 def test_wsidata_goes_through_ghist_and_gets_the_table(slide):
     wsi = wsidata.open_wsi(slide, store=None, reader="tiffslide", attach_images=True, image_key="he")
     # the slide's pixel size comes from the WSIData's properties (its image has no "microns" transformation)
