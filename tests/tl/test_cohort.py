@@ -225,7 +225,7 @@ def test_skip_keeps_the_finished_slides_and_the_cache_resumes(cohort, trained, c
     failed = adata.uns["ghist_cohort"]["failed"]
     assert list(failed) == ["float", "empty"]
     assert failed["float"].startswith("ValidationError: Image 'he' has dtype float32")
-    assert failed["empty"].startswith("ValueError: No nucleus of 'nuclei'")
+    assert failed["empty"].startswith("ValueError: Labels 'nuclei' hold no nucleus")
     json.dumps(adata.uns["ghist_cohort"], allow_nan=False)
     assert "'empty'" in caplog.text
     assert "'float'" in caplog.text
@@ -255,7 +255,7 @@ def test_an_error_names_its_slide_and_keeps_its_type(cohort, trained, tmp_path):
     slides, _ = cohort
     first, second = list(slides)[:2]
     cache = tmp_path / "cache"
-    with pytest.raises(ValueError, match=r"^Slide 'empty': No nucleus of 'nuclei'") as info:
+    with pytest.raises(ValueError, match=r"^Slide 'empty': Labels 'nuclei' hold no nucleus") as info:
         ghist.tl.predict_cohort(
             {first: slides[first], "empty": _empty_labels(slides[second])},
             trained,
@@ -278,7 +278,7 @@ def test_distributed_skip_writes_the_cache_on_the_client(cohort, trained, tmp_pa
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
         adata = ghist.tl.predict_cohort(mixed, trained, client=client, on_error="skip", cache_dir=cache, progress=False)
     assert list(adata.obs_names) == [first]
-    assert adata.uns["ghist_cohort"]["failed"]["empty"].startswith("ValueError: No nucleus")
+    assert adata.uns["ghist_cohort"]["failed"]["empty"].startswith("ValueError: Labels 'nuclei' hold no nucleus")
     assert len(list(cache.glob("*.npz"))) == 1
     local = ghist.tl.predict_cohort({first: slides[first]}, trained, cache_dir=cache, progress=False, accelerator="cpu")
     assert local.uns["ghist_cohort"]["cached"] == [first]

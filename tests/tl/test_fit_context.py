@@ -75,15 +75,19 @@ def test_bad_context_neighbours(tiles):
 
 
 def test_context_in_view_counts_cells_whose_neighbours_lay_in_their_tile():
+    from types import SimpleNamespace
+
     from ghist.tl._predict import _context_in_view
 
+    def rows(centroid, margin):  # the two fields of CellRows the check reads
+        return SimpleNamespace(centroid=np.asarray(centroid, float), margin=np.asarray(margin, float))
+
     # a row of cells 10 px apart: the 2 nearest of each are <= 20 px away (10 px for the middle ones)
-    parts = {"centroid": np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [30.0, 0.0]])}
-    parts["margin"] = np.array([25.0, 10.0, 9.0, 19.0])
+    four = rows([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [30.0, 0.0]], [25.0, 10.0, 9.0, 19.0])
     # first: 2nd nearest at 20 <= 25; second: 10 <= 10; third: 10 > 9; last: 20 > 19
-    assert _context_in_view(parts, 2) == 0.5
-    assert _context_in_view(parts, 10) == 0.0  # more neighbours than cells: all the others
-    assert _context_in_view({"centroid": np.zeros((1, 2)), "margin": np.zeros(1)}, 8) == 1.0
+    assert _context_in_view(four, 2, tile_size=64) == 0.5
+    assert _context_in_view(four, 10, tile_size=64) == 0.0  # more neighbours than cells: all the others
+    assert _context_in_view(rows(np.zeros((1, 2)), np.zeros(1)), 8, tile_size=64) == 1.0
 
 
 @pytest.mark.slow
