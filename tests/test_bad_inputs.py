@@ -1237,13 +1237,7 @@ def test_tileset_loader_seed_out_of_range(seed, tiles):
         tiles.loader("train", seed=seed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding for pp/_segment_backends.py: watershed options in µm (min_distance_um, sigma_um) are turned into "
-    "filter sizes without a bound, so 1e5 µm allocates a 400001 x 400001 footprint (raw MemoryError) before the "
-    "block memory check runs",
-)
-@pytest.mark.parametrize("option", [{"min_distance_um": 1e5}, {"sigma_um": 1e9}])
+@pytest.mark.parametrize("option", [{"min_distance_um": 1e5}, {"sigma_um": 1e9}, {"blob_sigma_um": (2.0, 1e6)}])
 def test_segment_watershed_options_beyond_memory(option, sdata):
     with pytest.raises(ValueError, match=next(iter(option))):
         ghist.pp.segment_nuclei(sdata, key_added="nuclei2", progress=False, n_workers=1, **option)

@@ -27,6 +27,9 @@ WATERSHED_DEFAULTS: dict[str, Any] = {
     "background_gray": 215.0,
 }
 
+# Lengths of the watershed options (sigmas, minimum distance) above this are no nucleus' scale (µm).
+MAX_LENGTH_UM = 50.0
+
 _Segmenter = Callable[[np.ndarray], np.ndarray]
 
 
@@ -144,6 +147,17 @@ def _watershed_segmenter(
         value = opts[name]
         if isinstance(value, bool) or not np.isscalar(value) or not np.isfinite(value) or value < 0:
             raise ValueError(f"Option `{name}` of method='watershed' must be a number >= 0, got {value!r}.")
+    # filter sizes follow from these lengths: bound them by the scale of a nucleus before any footprint is allocated
+    blob_sigmas = np.atleast_1d(np.asarray(opts["blob_sigma_um"], dtype=object))
+    lengths = [("sigma_um", opts["sigma_um"]), ("min_distance_um", opts["min_distance_um"])]
+    lengths += [("blob_sigma_um", value) for value in blob_sigmas]
+    for name, value in lengths:
+        real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        if not real or not np.isfinite(value) or not 0 <= value <= MAX_LENGTH_UM:
+            raise ValueError(
+                f"Option `{name}` of method='watershed' is a length at the scale of a nucleus: a number in "
+                f"[0, {MAX_LENGTH_UM:g}] µm, got {value!r}."
+            )
     threshold = opts["threshold"]
     if isinstance(threshold, str):
         if threshold != "otsu":
