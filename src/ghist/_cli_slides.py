@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._cli import _positive_int
 from ._constants import IMAGE_KEY, LABELS_KEY, PRED_KEY, TISSUE_KEY
 
 logger = logging.getLogger(__name__)
@@ -119,16 +120,6 @@ def add_slide_commands(sub: argparse._SubParsersAction) -> None:
         group.add_argument("--workers", type=_positive_int, default=1, help="slides at once, on a local dask pool")
         group.add_argument("--scheduler", default=None, help="address of a running dask.distributed scheduler")
         p.add_argument("--no-progress", action="store_true")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def find_slides(arguments: Sequence[str]) -> list[Path]:
