@@ -48,6 +48,7 @@ def _labels(sdata: sd.SpatialData, key: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- Cellpose, real
 
 
+@pytest.mark.slow  # a real Cellpose network on CPU
 def test_cellpose_from_local_weights(small, offline, tmp_path, monkeypatch):
     import torch
     from cellpose import models

@@ -115,6 +115,7 @@ def test_pickled_copies_share_the_owner(sdata, tmpdir_):
     assert not path.parent.exists()
 
 
+@pytest.mark.slow  # starts DataLoader worker processes
 def test_dataloader_workers_do_not_remove_the_store(sdata, tmpdir_):
     tiles = _tiles(sdata, fold=None)
     path = tiles.path

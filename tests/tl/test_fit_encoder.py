@@ -145,6 +145,7 @@ def _accuracy(model, dataset) -> float:
     return float((out["cell_logits"].argmax(-1)[known] == batch["cell_type"][known]).float().mean())
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("which", ["frozen_cnn", "trainable_vit"])
 def test_encoder_models_beat_chance(which, request, tiles):
     _, _, model = request.getfixturevalue(which)

@@ -97,6 +97,7 @@ def test_predict_region(trained, test_sdata):
         ghist.tl.predict(test_sdata, trained, roi_key="spots", region_key="other", key_added="x", progress=False)
 
 
+@pytest.mark.slow  # starts DataLoader worker processes
 def test_predict_with_workers_equals_in_process(trained, test_sdata):
     a = ghist.tl.predict(test_sdata, trained, key_added="a", batch_size=3, progress=False)
     b = ghist.tl.predict(test_sdata, trained, key_added="b", batch_size=3, num_workers=2, progress=False)
