@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +21,7 @@ from typing import Any
 
 from ._cli import _positive_int
 from ._constants import IMAGE_KEY, LABELS_KEY, PRED_KEY, TISSUE_KEY
+from ._folders import replaced_file
 
 logger = logging.getLogger(__name__)
 
@@ -374,12 +374,8 @@ def _write_cohort(
         batch_size=args.batch_size,  # no roi_key: the nuclei are segmented only in the tissue already
     )
     output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with replaced_file(output) as scratch:
         cohort.write_h5ad(scratch)
-        os.replace(scratch, output)
-    finally:
-        scratch.unlink(missing_ok=True)
     print(f"ghist cohort: {cohort.n_obs} slide(s) x {cohort.n_vars} features -> {output}", flush=True)
     names = {job.slide.stem: job.slide.name for job in ok}
     return {names[stem]: str(why) for stem, why in cohort.uns["ghist_cohort"]["failed"].items()}

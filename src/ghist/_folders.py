@@ -1,4 +1,4 @@
-"""Writing a folder ghist owns (a saved model) all at once, replacing only an earlier one of ghist's own.
+"""Writing a folder ghist owns (a saved model) all at once, replacing only an earlier one of ghist's own; and a file.
 
 A folder is written beside its destination under a unique temporary name, then swapped in by renames: the old one
 is moved into a unique temporary folder, the new one renamed into place, and only then the old one removed. Nothing
@@ -8,11 +8,12 @@ that does not carry the caller's marker (e.g. a user's notes) is never replaced.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -121,3 +122,26 @@ def replace_folder(
             if (old / dest.name).exists() and not dest.exists():
                 os.replace(old / dest.name, dest)  # the new folder did not make it: put the old one back
             shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replaced_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; moved onto ``path`` (flushed to disk) when the block succeeds.
+
+    A crash or an error leaves ``path`` as it was (never half-written) and removes the temporary file. The result gets
+    the usual permissions (``mkstemp`` makes files private).
+    """
+    path = Path(path)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import IMAGE_KEY, PRED_CELL_TYPE_KEY, PRED_KEY
+from .._folders import replaced_file
 from .._spatial import element_affine
 from .._stats import dense
 from .._validation import check_genes, check_int, get_labels, get_table, scale0, table_of_region
@@ -124,17 +124,8 @@ def _geojson_geometry(geometry) -> dict | None:
 
 def _write_atomically(path: Path, payload: dict) -> None:
     """Write JSON to a temporary file beside ``path`` and move it into place: never a half-written file."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(payload, f, separators=(",", ":"))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, separators=(",", ":"))
 
 
 def write_qupath(

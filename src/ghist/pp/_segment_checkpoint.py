@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .._folders import replaced_file
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class BlockCheckpoint:
                 shutil.rmtree(folder)
         if not folder.is_dir():
             folder.mkdir(parents=True)
-            _atomic_write(saved, json.dumps(params, sort_keys=True).encode())
+            with replaced_file(saved) as scratch:
+                scratch.write_bytes(json.dumps(params, sort_keys=True).encode())
         self.n_loaded = 0
 
     def _file(self, block: tuple[int, int, int, int]) -> Path:
@@ -69,15 +70,8 @@ class BlockCheckpoint:
     ) -> None:
         """Save one finished block, whole or not at all."""
         path = self._file(block)
-        scratch = path.with_name(f".{path.stem}-{uuid.uuid4().hex}.npz")
-        try:
-            with open(scratch, "wb") as fh:
-                np.savez_compressed(fh, window=np.asarray(window, np.int64), local=local, keep=keep)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(scratch, path)
-        finally:
-            scratch.unlink(missing_ok=True)
+        with replaced_file(path) as scratch, open(scratch, "wb") as fh:
+            np.savez_compressed(fh, window=np.asarray(window, np.int64), local=local, keep=keep)
 
     def remove(self) -> None:
         """Delete the checkpoint (the labels are written)."""
@@ -89,12 +83,3 @@ def checkpoint_for(sdata: Any, key_added: str, params: dict[str, Any]) -> BlockC
     if getattr(sdata, "path", None) is None or not Path(sdata.path).is_dir():
         return None
     return BlockCheckpoint(Path(sdata.path) / f"{CHECKPOINT_PREFIX}{key_added}", params)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    scratch = path.with_name(f".{path.name}-{uuid.uuid4().hex}")
-    try:
-        scratch.write_bytes(data)
-        os.replace(scratch, path)
-    finally:
-        scratch.unlink(missing_ok=True)

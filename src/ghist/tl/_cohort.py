@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ from .._constants import (
     PRED_STD_LAYER,
 )
 from .._docs import doc_image_key, doc_labels_key, doc_params, doc_progress
+from .._folders import replaced_file
 from .._validation import ValidationError
 
 if TYPE_CHECKING:
@@ -618,22 +618,14 @@ class _Cache:
         features, segmented = result
         path = self._file(sample)
         # Written next to its final name, then renamed: a crash never leaves a half-written file under that name.
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    features=np.asarray(features, dtype=np.float64),
-                    segmented=np.asarray(bool(segmented)),
-                    sample=np.asarray(sample),
-                    fingerprint=np.asarray(self.fingerprint),
-                )
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replaced_file(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                features=np.asarray(features, dtype=np.float64),
+                segmented=np.asarray(bool(segmented)),
+                sample=np.asarray(sample),
+                fingerprint=np.asarray(self.fingerprint),
+            )
 
 
 def _fingerprint(model: GHISTModel, options: dict[str, Any], names: list[str]) -> str:
