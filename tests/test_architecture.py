@@ -84,3 +84,38 @@ def test_the_rules_name_code_that_exists():
             if name not in _top_level_names(path):
                 wrong.append(f"{module}.{name}")
     assert not wrong, f"ARCHITECTURE.md's rules name code that is not there: {wrong}"
+
+
+def _module_string_constants(path: Path) -> dict[str, str]:
+    """Module-level ``NAME = "text"`` assignments of a source file (also inside a module-level ``if``/``try``)."""
+    found = {}
+    nodes = list(ast.parse(path.read_text()).body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.If | ast.Try):
+            nodes += [*node.body, *node.orelse, *getattr(node, "handlers", []), *getattr(node, "finalbody", [])]
+        elif isinstance(node, ast.ExceptHandler):
+            nodes += node.body
+        elif isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, ast.Constant):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if isinstance(node.value.value, str):
+                found.update({t.id: node.value.value for t in targets if isinstance(t, ast.Name)})
+    return found
+
+
+def test_keys_and_prefixes_live_in_constants():
+    """A name a user's data (or a file ghist writes) carries is written once, in ``_constants.py``."""
+    misplaced = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name == "_constants.py":
+            continue
+        for name in _module_string_constants(path):
+            if name.endswith(("_KEY", "_PREFIX")):
+                misplaced.append(f"{path.relative_to(SRC)}: {name}")
+    assert not misplaced, f"move these to src/ghist/_constants.py and import them: {misplaced}"
+
+
+def test_the_constants_check_sees_what_it_should(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text('A_KEY = "a"\n_B_PREFIX: str = "b:"\nif True:\n    C_KEY = "c"\nN_KEY = 3\n\ndef f():\n    D_KEY = "d"\n')
+    assert _module_string_constants(source) == {"A_KEY": "a", "_B_PREFIX": "b:", "C_KEY": "c"}

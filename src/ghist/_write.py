@@ -45,11 +45,11 @@ from typing import Any
 from anndata import AnnData
 from spatialdata import SpatialData
 
+from ._constants import SCRATCH_PREFIX
 from ._validation import ELEMENT_KINDS, check_key_added
 
 logger = logging.getLogger(__name__)
 
-SCRATCH_PREFIX = ".ghist-write-"
 _INTENT, _STORE, _ASIDE = "ghist-write.json", "new.zarr", "old"
 _SCRATCH_RE = re.compile(rf"^{re.escape(SCRATCH_PREFIX)}(\d+)-[0-9a-f]{{32}}$")
 

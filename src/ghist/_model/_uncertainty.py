@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._constants import UNCERTAINTY_HEAD_PREFIX as HEAD_PREFIX
 from ._losses import _MAX_LOG_COUNTS
 
 __all__ = [
@@ -46,8 +47,6 @@ __all__ = [
     "view_variance",
 ]
 
-#: Prefix of the head's tensors among a model's saved tensors (the network's own names never start with it).
-HEAD_PREFIX = "uncertainty_head."
 #: z of a two-sided 90% normal interval.
 Z90 = 1.6448536269514722
 # Bounds of the log-variance on the log1p scale: std between 0.0025 and 20 (keeps exp() and the NLL finite).

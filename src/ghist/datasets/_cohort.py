@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._constants import CELL_TYPE_KEY, IMAGE_KEY, LABELS_KEY, TABLE_KEY, XENIUM_BREAST_CELL_TYPES
+from .._constants import (
+    CELL_TYPE_KEY,
+    COHORT_PROP_PREFIX,
+    IMAGE_KEY,
+    LABELS_KEY,
+    SYNTHETIC_DURATION_KEY,
+    SYNTHETIC_EVENT_KEY,
+    SYNTHETIC_TRUE_PROP_PREFIX,
+    TABLE_KEY,
+    XENIUM_BREAST_CELL_TYPES,
+)
 from .._validation import check_int
 from ._synthetic import _check_seed, _is_real, _positive, synthetic
 
@@ -17,10 +27,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 logger = logging.getLogger(__name__)
-
-TIME_KEY = "time"
-EVENT_KEY = "event"
-TRUE_PROP_PREFIX = "true_prop"
 
 
 def synthetic_cohort(
@@ -146,21 +152,21 @@ def synthetic_cohort(
     censor_time = rng.uniform(follow_up / 4, follow_up, n_patients)
     clinical = pd.DataFrame(
         {
-            TIME_KEY: np.maximum(np.round(np.minimum(event_time, censor_time), 2), 0.01),
-            EVENT_KEY: (event_time <= censor_time).astype(np.int64),
+            SYNTHETIC_DURATION_KEY: np.maximum(np.round(np.minimum(event_time, censor_time), 2), 0.01),
+            SYNTHETIC_EVENT_KEY: (event_time <= censor_time).astype(np.int64),
             "n_cells": n_cells,
-            **{f"{TRUE_PROP_PREFIX}:{t}": props[:, j] for j, t in enumerate(types)},
+            **{f"{SYNTHETIC_TRUE_PROP_PREFIX}:{t}": props[:, j] for j, t in enumerate(types)},
         },
         index=pd.Index(ids, name="patient"),
     )
     clinical.attrs.update(
-        {"causal_feature": f"prop:{causal_type}", "hazard_ratio": float(hazard_ratio), "seed": int(seed)}
+        {"causal_feature": f"{COHORT_PROP_PREFIX}{causal_type}", "hazard_ratio": float(hazard_ratio), "seed": int(seed)}
     )
     logger.info(
         "Synthetic cohort: %d patients, %d events, causal feature %r (sd %.3f), in %.1f s",
         n_patients,
-        int(clinical[EVENT_KEY].sum()),
-        f"prop:{causal_type}",
+        int(clinical[SYNTHETIC_EVENT_KEY].sum()),
+        f"{COHORT_PROP_PREFIX}{causal_type}",
         float(x.std(ddof=1)),
         _time.perf_counter() - start,
     )

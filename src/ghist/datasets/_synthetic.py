@@ -22,6 +22,7 @@ from .._constants import (
     MICRONS_CS,
     REGION_KEY,
     SPATIAL_KEY,
+    SYNTHETIC_UNS_KEY,
     TABLE_KEY,
     XENIUM_BREAST_CELL_TYPES,
 )
@@ -39,7 +40,6 @@ HE_TRANSFORMS = ("identity", "scale", "affine")
 DEFAULT_HE_SCALE = {"identity": 1.0, "scale": 0.5, "affine": 0.8}
 AFFINE_ROTATION_DEG = 4.0
 AFFINE_SHIFT = (3.3, -2.1)  # labels pixels, added to the centring translation
-SYNTHETIC_UNS_KEY = "synthetic"
 
 
 def _resolve_cell_types(cell_types: Sequence[str] | None) -> list[str]:

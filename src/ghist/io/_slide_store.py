@@ -11,11 +11,10 @@ from typing import Any
 
 from spatialdata import SpatialData
 
-from .._constants import IMAGE_KEY
+from .._constants import IMAGE_KEY, SLIDE_ATTRS_KEY
 
 logger = logging.getLogger(__name__)
 
-SLIDE_ATTRS_KEY = "ghist_slide"
 STORE_SUFFIX = ".zarr"
 
 

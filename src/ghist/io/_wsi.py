@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._constants import GLOBAL_CS, IMAGE_KEY, MICRONS_CS
+from .._constants import GLOBAL_CS, IMAGE_KEY, MICRONS_CS, WSI_ATTRS_KEY
 from .._spatial import PIXEL_SIZE_RANGE_UM, check_pixel_size, is_plausible_pixel_size
 from ._backends import (
     OpenedSlide,
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-WSI_ATTRS_KEY = "ghist_wsi"  # ``sdata.attrs`` entry describing the slide file
 # Attribute of each level's DataArray: the file's own tile (h, w), the smallest unit a read decodes (bounds the cost
 # of strided reads of a single-level slide).
 READ_BLOCK_ATTR = "ghist_read_block"

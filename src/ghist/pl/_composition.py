@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._constants import CELL_TYPE_KEY, PRED_CELL_TYPE_KEY, PRED_KEY
+from .._constants import CELL_TYPE_KEY, COHORT_PROP_PREFIX, PRED_CELL_TYPE_KEY, PRED_KEY
 from .._docs import doc_ax, doc_params, doc_save_show
 from ._expression import _match_rows, _palette
 from ._utils import _get_ax, _save_or_show
@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["composition"]
 
-_PROP_PREFIX = "prop:"
 _WHOLE = "whole slide"
 
 
@@ -216,13 +215,13 @@ def _mapped(values: pd.Series, rows: np.ndarray) -> pd.Series:
 def _from_cohort(
     adata: AnnData, true_key: str | None, groupby: str | None
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, str]:
-    features = [v for v in adata.var_names if v.startswith(_PROP_PREFIX)]
+    features = [v for v in adata.var_names if v.startswith(COHORT_PROP_PREFIX)]
     if not features:
         raise ValueError(
             "The AnnData has no `prop:<type>` features; expected the output of `ghist.tl.predict_cohort` with a "
             "model that has cell types."
         )
-    types = [f[len(_PROP_PREFIX) :] for f in features]
+    types = [f[len(COHORT_PROP_PREFIX) :] for f in features]
     X = adata[:, features].X
     pred = pd.DataFrame(np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=float), index=adata.obs_names)
     pred.columns = types

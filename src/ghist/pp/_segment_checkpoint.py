@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from .._constants import CHECKPOINT_PREFIX
 from .._folders import replaced_file
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = ".ghist-segment-"
 _PARAMS = "params.json"
 
 

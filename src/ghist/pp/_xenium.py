@@ -44,8 +44,11 @@ from .._constants import (
     MICRONS_CS,
     REGION_KEY,
     SPATIAL_KEY,
+    SPATIAL_MICRONS_KEY,
     TABLE_KEY,
     UNS_KEY,
+    XENIUM_CELL_ID_KEY,
+    XENIUM_HE_KEY,
 )
 from .._docs import doc_params
 from .._spatial import element_transformations
@@ -55,12 +58,9 @@ from .._write import check_writable, write_element
 logger = logging.getLogger(__name__)
 
 XENIUM_PIXEL_SIZE = 0.2125  # µm per morphology image pixel, the "global" unit of spatialdata-io's Xenium reader
-XENIUM_HE_KEY = "he_image"  # name spatialdata-io gives the aligned H&E ("*he_image.ome.tif")
-XENIUM_CELL_ID_KEY = "xenium_cell_id"  # where the prepared table keeps the string cell ids
 # Side of the prepared H&E's chunks, as `ghist.io.read_wsi` chunks slides: a tile window then reads a few MB, not the
 # whole slide (`xenium_aligned_image` reads the H&E as one chunk).
 HE_CHUNK_SIZE = 2048
-_SPATIAL_MICRONS_KEY = "spatial_microns"
 _RGB = ("r", "g", "b")
 
 _doc_sdata_xenium = """\
@@ -669,7 +669,7 @@ def _prepare_table(
         out.obs[CELL_TYPE_KEY] = pd.Categorical(out.obs[cell_type_key])
     if labels_to_um is not None and SPATIAL_KEY in out.obsm:
         um = np.asarray(out.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2]
-        out.obsm[_SPATIAL_MICRONS_KEY] = um
+        out.obsm[SPATIAL_MICRONS_KEY] = um
         to_px = np.linalg.inv(labels_to_um)
         out.obsm[SPATIAL_KEY] = um @ to_px[:2, :2].T + to_px[:2, 2]
     if sp.issparse(out.X):

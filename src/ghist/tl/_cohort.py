@@ -19,7 +19,9 @@ from spatialdata import SpatialData
 
 from .._bundled_models import resolve_model
 from .._constants import (
+    COHORT_PROP_PREFIX,
     COHORT_SE_LAYER,
+    COHORT_UNS_KEY,
     IMAGE_KEY,
     LABELS_KEY,
     PRED_CELL_TYPE_KEY,
@@ -38,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-COHORT_UNS_KEY = "ghist_cohort"
 FEATURE_KINDS = ("count", "prop", "expr", "expr_by_type", "score")
 # predict() arguments that predict_cohort sets itself.
 _RESERVED = ("image_key", "labels_key", "key_added", "overwrite", "progress")
@@ -483,7 +484,7 @@ def score_n_bins(n_genes: int) -> int:
 def _feature_names(model: GHISTModel, gene_sets: dict[str, list[str]], per_type: bool) -> tuple[list[str], list[str]]:
     types, genes = list(model.cell_types or []), list(model.genes)
     names, kinds = ["n_cells"], ["count"]
-    names += [f"prop:{t}" for t in types]
+    names += [f"{COHORT_PROP_PREFIX}{t}" for t in types]
     kinds += ["prop"] * len(types)
     names += [f"expr:{g}" for g in genes]
     kinds += ["expr"] * len(genes)

@@ -7,15 +7,13 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .._constants import CKPT_PIXEL_SIZE_KEY
 from .._spatial import SAME_PIXEL_SIZE_TOLERANCE, check_pixel_size
 
 if TYPE_CHECKING:
     from ..pp import TileSet
 
 logger = logging.getLogger("ghist.tl._fit")
-
-
-_CKPT_PIXEL_SIZE_KEY = "ghist_pixel_size"  # where checkpoints of `fit` record the pixel size they were trained at
 
 
 def model_pixel_size(tiles: TileSet, pixel_size: float | None) -> float:
@@ -54,7 +52,7 @@ def model_pixel_size(tiles: TileSet, pixel_size: float | None) -> float:
 
 
 def check_resumed_pixel_size(state: Mapping[str, Any], resume: str | os.PathLike, pixel_size: float) -> None:
-    trained_at = state.get(_CKPT_PIXEL_SIZE_KEY)
+    trained_at = state.get(CKPT_PIXEL_SIZE_KEY)
     if trained_at is not None and abs(pixel_size / float(trained_at) - 1) > SAME_PIXEL_SIZE_TOLERANCE:
         raise ValueError(
             f"Checkpoint {str(resume)!r} was trained at {float(trained_at):.4g} µm/px, but this run's pixel size is "
@@ -69,6 +67,6 @@ def pixel_size_recorder(pixel_size: float) -> Any:
 
     class _RecordPixelSize(Callback):
         def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-            checkpoint[_CKPT_PIXEL_SIZE_KEY] = float(pixel_size)
+            checkpoint[CKPT_PIXEL_SIZE_KEY] = float(pixel_size)
 
     return _RecordPixelSize()

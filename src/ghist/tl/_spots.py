@@ -13,7 +13,7 @@ from spatialdata import SpatialData
 from spatialdata.models import TableModel, get_table_keys
 
 from .._centroids import map_points
-from .._constants import PRED_KEY, PRED_STD_LAYER, REGION_KEY, SPATIAL_KEY, SPOTS_KEY, UNS_KEY
+from .._constants import PRED_KEY, PRED_STD_LAYER, REGION_KEY, SPATIAL_KEY, SPOT_ID_KEY, SPOTS_KEY, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._spatial import element_affine, shared_coordinate_system
 from .._spot_membership import assign_to_spots, spot_geometry, spot_pairs
@@ -29,8 +29,6 @@ from .._validation import (
 from .._write import check_writable, write_element
 
 logger = logging.getLogger(__name__)
-
-SPOT_ID_KEY = "spot_id"  # instance key of the spot table made without `spots_table_key`
 
 
 @doc_params(sdata=doc_sdata)
