@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from ghist._centroids import label_centroids
 from ghist._model._context import NeighbourContext, cell_centroids, neighbour_mean
 from ghist._model._network import GHISTNetwork
 
@@ -22,6 +24,18 @@ def test_centroids_and_visibility():
     centroids, visible = cell_centroids(_labels(), 4)
     torch.testing.assert_close(centroids[:3], torch.tensor([[0.5, 0.5], [11.0, 5.0], [7.5, 7.5]]))
     assert visible.tolist() == [True, True, True, False]
+
+
+def test_centroids_are_the_one_rule_of_the_visible_pixels():
+    """The network's torch centroids are ``_centroids.label_centroids`` of each tile, as (y, x) less half a pixel.
+
+    Only distances between them are used (the k nearest cells), which the constant half pixel does not change.
+    """
+    labels = _labels()
+    centroids, _ = cell_centroids(labels, 4)
+    for tile in labels.numpy():
+        seen = label_centroids(np.where(tile > 0, tile, 0))
+        np.testing.assert_allclose(centroids[seen.ids - 1].numpy(), seen.xy[:, ::-1] - 0.5, rtol=1e-6)
 
 
 def _positions():

@@ -13,6 +13,7 @@ from spatialdata.models import get_table_keys
 from spatialdata.transformations import Affine, Identity, Scale, get_transformation
 
 import ghist
+from ghist._centroids import label_centroids
 from ghist._constants import XENIUM_BREAST_CELL_TYPES
 from ghist._validation import get_image, get_labels, table_annotation
 from ghist.datasets._profiles import load_profiles
@@ -125,6 +126,8 @@ def test_centroids_match_spatialdata(small_sdata):
     cent = spatialdata.get_centroids(small_sdata["nuclei"], coordinate_system="global").compute()
     cent = cent.loc[table.obs["cell_id"].to_numpy()]
     assert np.allclose(table.obsm["spatial"], cent[["x", "y"]].to_numpy())
+    # computed by the one centroid rule, not a copy of it
+    np.testing.assert_array_equal(table.obsm["spatial"], label_centroids(small_sdata["nuclei"]).xy)
 
 
 def test_expression_follows_real_type_means(default_sdata):

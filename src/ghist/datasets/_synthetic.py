@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._centroids import label_centroids
 from .._constants import (
     CELL_TYPE_KEY,
     GLOBAL_CS,
@@ -352,12 +353,9 @@ def synthetic(
     n = int(labelled.sum())
     cell_type_idx = nuc.cell_type[labelled]
 
-    # Centroids (x, y) in labels pixels, spatialdata's pixel-centre convention.
-    flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
-    rows, cols = np.indices(labels.shape)
-    cy = np.bincount(flat, weights=rows.ravel(), minlength=n + 1)[1:] / area + 0.5
-    cx = np.bincount(flat, weights=cols.ravel(), minlength=n + 1)[1:] / area + 0.5
+    # Centroids (x, y) in labels pixels by the one centroid rule; every labelled nucleus keeps pixels (ids 1..n).
+    nuclei = label_centroids(labels)
+    area = nuclei.area
 
     prof = load_profiles()
     gene_idx = np.array([prof.genes.index(g) for g in genes])
@@ -380,7 +378,7 @@ def synthetic(
     for name, latent in latents.items():
         obs[name] = latent
     table = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
-    table.obsm[SPATIAL_KEY] = np.column_stack([cx, cy])
+    table.obsm[SPATIAL_KEY] = nuclei.xy
     table.uns[SYNTHETIC_UNS_KEY] = {
         "seed": int(seed),
         "pixel_size": ps,
