@@ -12,6 +12,7 @@ from spatialdata.transformations import Affine, Identity, Scale, Sequence, Trans
 
 from ghist._spatial import (
     element_affine,
+    extent_overlap,
     image_pixel_size,
     is_integer_translation,
     read_labels_window,
@@ -70,6 +71,35 @@ def test_matrix_prefers_global_and_honours_coordinate_system():
     np.testing.assert_allclose(element_affine(sdata, "he", "nuclei"), np.diag([2.0, 2.0, 1.0]))
     M = element_affine(sdata, "he", "nuclei", coordinate_system="aligned")
     np.testing.assert_allclose(M[:2, 2], [3.0, 4.0])
+
+
+def test_extent_overlap():
+    """The one overlap rule of check_extents and evaluate_segmentation: boxes in the shared system, share covered."""
+    same = extent_overlap(_sdata({"global": Identity()}, {"global": Identity()}), "he", "nuclei")
+    assert (same.cs, same.same_transformation, same.overlaps, same.covered, same.pixel) == (
+        "global",
+        True,
+        True,
+        1.0,
+        1.0,
+    )
+    np.testing.assert_allclose(same.first, [0, 0, 50, 40])
+    # labels at twice the pixel size, moved right by half the image: an eighth of their extent lies over the image
+    half = extent_overlap(
+        _sdata(
+            {"global": Identity()},
+            {"global": Sequence([Scale([2.0, 2.0], ("x", "y")), Translation([25, 0], ("x", "y"))])},
+        ),
+        "he",
+        "nuclei",
+    )
+    np.testing.assert_allclose(half.second, [25, 0, 125, 80])
+    assert not half.same_transformation
+    assert half.pixel == pytest.approx(2.0)
+    assert half.covered == pytest.approx(25 * 40 / (100 * 80))
+    apart = extent_overlap(_sdata({"global": Identity()}, {"global": Translation([50, 0], ("x", "y"))}), "he", "nuclei")
+    assert (apart.overlaps, apart.covered) == (False, 0.0)  # edges that touch share no area
+    assert "'nuclei' spans x 50..100" in apart.describe("he", "nuclei")
 
 
 def test_matrix_without_shared_coordinate_system():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -487,6 +488,52 @@ def _extent(element: Any, matrix: np.ndarray) -> np.ndarray:
     return np.r_[corners[:, :2].min(axis=0), corners[:, :2].max(axis=0)]
 
 
+@dataclass(frozen=True)
+class ExtentOverlap:
+    """Two raster elements' extents in a coordinate system they share, and how much of the second the first covers."""
+
+    cs: str
+    first: np.ndarray  # (x_min, y_min, x_max, y_max) in `cs`
+    second: np.ndarray
+    same_transformation: bool  # both map to `cs` by the same matrix
+    pixel: float  # side of the coarser element's pixel in `cs`
+    overlaps: bool  # the extents share an area (touching edges do not)
+    covered: float  # fraction of the second's extent inside the first's (0 when they do not overlap)
+
+    def describe(self, first_key: str, second_key: str) -> str:
+        """Both extents, for error messages."""
+
+        def box(key: str, b: np.ndarray) -> str:
+            return f"{key!r} spans x {b[0]:.6g}..{b[2]:.6g}, y {b[1]:.6g}..{b[3]:.6g}"
+
+        return f"in coordinate system {self.cs!r}: {box(first_key, self.first)}, {box(second_key, self.second)}"
+
+
+def extent_overlap(sdata: SpatialData, first_key: str, second_key: str, cs: str | None = None) -> ExtentOverlap:
+    """Where two raster elements lie in ``cs`` (default: the system they share) and how much they overlap.
+
+    The one overlap rule of :func:`check_extents` (image and labels) and :func:`ghist.tl.evaluate_segmentation`
+    (labels and true labels): extents are the elements' full pixel boxes mapped into ``cs``.
+
+    Examples
+    --------
+    >>> extent_overlap(sdata, "he", "nuclei").covered
+    1.0
+
+    """
+    cs = shared_coordinate_system(sdata, first_key, second_key) if cs is None else cs
+    first_el, second_el = _find_element(sdata, first_key)[1], _find_element(sdata, second_key)[1]
+    to_first, to_second = element_transformations(first_el)[cs], element_transformations(second_el)[cs]
+    box_a, box_b = _extent(first_el, to_first), _extent(second_el, to_second)
+    pixel = max(np.sqrt(abs(np.linalg.det(to_first[:2, :2]))), np.sqrt(abs(np.linalg.det(to_second[:2, :2]))), 1e-12)
+    width = min(box_a[2], box_b[2]) - max(box_a[0], box_b[0])
+    height = min(box_a[3], box_b[3]) - max(box_a[1], box_b[1])
+    overlaps = bool(width > 0 and height > 0)
+    area_b = (box_b[2] - box_b[0]) * (box_b[3] - box_b[1])
+    covered = float(width * height / max(area_b, 1e-12)) if overlaps else 0.0
+    return ExtentOverlap(cs, box_a, box_b, bool(np.allclose(to_first, to_second)), float(pixel), overlaps, covered)
+
+
 def check_extents(sdata: SpatialData, image_key: str, labels_key: str) -> None:
     """Refuse labels that cannot be the nuclei of the image; warn where they only partly cover it.
 
@@ -504,34 +551,20 @@ def check_extents(sdata: SpatialData, image_key: str, labels_key: str) -> None:
     >>> check_extents(sdata, "he", "nuclei")
 
     """
-    cs = shared_coordinate_system(sdata, image_key, labels_key)
-    image = _find_element(sdata, image_key)[1]
-    labels = _find_element(sdata, labels_key)[1]
-    to_cs_image = element_transformations(image)[cs]
-    to_cs_labels = element_transformations(labels)[cs]
-    box_i, box_l = _extent(image, to_cs_image), _extent(labels, to_cs_labels)
-    px = max(np.sqrt(abs(np.linalg.det(to_cs_image[:2, :2]))), np.sqrt(abs(np.linalg.det(to_cs_labels[:2, :2]))), 1e-12)
-    if np.abs(box_i - box_l).max() <= px + _EPS:
+    ext = extent_overlap(sdata, image_key, labels_key)
+    if np.abs(ext.first - ext.second).max() <= ext.pixel + _EPS:
         return
-
-    def describe(key: str, box: np.ndarray) -> str:
-        return f"{key!r} spans x {box[0]:.6g}..{box[2]:.6g}, y {box[1]:.6g}..{box[3]:.6g}"
-
-    where = f"in coordinate system {cs!r}: {describe(image_key, box_i)}, {describe(labels_key, box_l)}"
-    if np.allclose(to_cs_image, to_cs_labels):
+    cs, covered, where = ext.cs, ext.covered, ext.describe(image_key, labels_key)
+    if ext.same_transformation:
         raise ValueError(
             f"Image {image_key!r} and labels {labels_key!r} have the same transformation to {cs!r} but different "
             f"extents ({where}); labels of a different pixel size need a transformation (e.g. a `Scale`) that maps "
             "them onto the image, otherwise every nucleus would be matched with the wrong pixels."
         )
-    overlap = np.r_[np.maximum(box_i[:2], box_l[:2]), np.minimum(box_i[2:], box_l[2:])]
-    width, height = overlap[2] - overlap[0], overlap[3] - overlap[1]
-    if width <= 0 or height <= 0:
+    if not ext.overlaps:
         raise ValueError(
             f"Image {image_key!r} and labels {labels_key!r} do not overlap ({where}); check their transformations."
         )
-    area_l = (box_l[2] - box_l[0]) * (box_l[3] - box_l[1])
-    covered = width * height / max(area_l, 1e-12)
     if covered < 0.999:  # an image wider than the labels is usual (a larger H&E scan); nuclei outside it are not
         logger.warning(
             "Image %r covers %.0f%% of labels %r (%s): nuclei outside the image get no prediction.",

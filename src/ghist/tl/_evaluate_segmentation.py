@@ -18,8 +18,7 @@ from .._segmentation_scores import (
     scores_from_sums,
     sums_from_overlaps,
 )
-from .._spatial import _extent, _find_element, element_affine, element_transformations, read_labels_window
-from .._spatial import shared_coordinate_system as _shared_cs
+from .._spatial import element_affine, extent_overlap, read_labels_window
 from .._validation import check_int, get_labels
 
 logger = logging.getLogger(__name__)
@@ -41,30 +40,25 @@ def _check_sample(sdata: SpatialData, labels_key: str, true_key: str, where: str
 
 def _check_grids(sdata: SpatialData, labels_key: str, true_key: str, where: str) -> np.ndarray:
     """True-labels pixels -> predicted-labels pixels, after refusing grids that cannot describe the same nuclei."""
-    cs = _shared_cs(sdata, true_key, labels_key)
-    true_el, pred_el = _find_element(sdata, true_key)[1], _find_element(sdata, labels_key)[1]
-    to_true, to_pred = element_transformations(true_el)[cs], element_transformations(pred_el)[cs]
-    box_t, box_p = _extent(true_el, to_true), _extent(pred_el, to_pred)
-    if np.allclose(to_true, to_pred) and not np.allclose(box_t, box_p):
+    ext = extent_overlap(sdata, labels_key, true_key)
+    cs = ext.cs
+    if ext.same_transformation and not np.allclose(ext.first, ext.second):
         shape_t, shape_p = get_labels(sdata, true_key).shape, get_labels(sdata, labels_key).shape
         raise ValueError(
             f"Labels {labels_key!r} {shape_p} and {true_key!r} {shape_t}{where} have the same transformation to "
             f"{cs!r} but different shapes; labels of another pixel grid need a transformation (e.g. a `Scale`) that "
             "maps them onto the other's, else nuclei would be compared at the wrong pixels."
         )
-    overlap = np.r_[np.maximum(box_t[:2], box_p[:2]), np.minimum(box_t[2:], box_p[2:])]
-    width, height = overlap[2] - overlap[0], overlap[3] - overlap[1]
-    if width <= 0 or height <= 0:
+    if not ext.overlaps:
         raise ValueError(
             f"Labels {labels_key!r} and {true_key!r}{where} do not overlap in coordinate system {cs!r}; check their "
             "transformations."
         )
-    covered = width * height / max((box_t[2] - box_t[0]) * (box_t[3] - box_t[1]), 1e-12)
-    if covered < 0.999:
+    if ext.covered < 0.999:
         logger.warning(
             "Labels %r cover %.0f%% of the true labels %r%s: true nuclei outside them count as missed.",
             labels_key,
-            100 * covered,
+            100 * ext.covered,
             true_key,
             where,
         )
