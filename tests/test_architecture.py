@@ -117,5 +117,63 @@ def test_keys_and_prefixes_live_in_constants():
 
 def test_the_constants_check_sees_what_it_should(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text('A_KEY = "a"\n_B_PREFIX: str = "b:"\nif True:\n    C_KEY = "c"\nN_KEY = 3\n\ndef f():\n    D_KEY = "d"\n')
+    source.write_text(
+        'A_KEY = "a"\n_B_PREFIX: str = "b:"\nif True:\n    C_KEY = "c"\nN_KEY = 3\n\ndef f():\n    D_KEY = "d"\n'
+    )
     assert _module_string_constants(source) == {"A_KEY": "a", "_B_PREFIX": "b:", "C_KEY": "c"}
+
+
+def _isinstance_types(node: ast.AST) -> tuple[str, set[str]] | None:
+    """``(argument, type names)`` of an ``isinstance(name, types)`` call, else None."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"):
+        return None
+    if len(node.args) != 2 or not isinstance(node.args[0], ast.Name):
+        return None
+    types = {
+        n.id if isinstance(n, ast.Name) else n.attr
+        for n in ast.walk(node.args[1])
+        if isinstance(n, ast.Name | ast.Attribute)
+    }
+    return node.args[0].id, types
+
+
+def _hand_written_int_checks(path: Path) -> set[str]:
+    """Arguments checked as "an integer, not a bool, compared with a bound" by hand instead of by ``check_int``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.BoolOp):
+            continue
+        calls = [c for v in node.values for n in ast.walk(v) if (c := _isinstance_types(n)) is not None]
+        bounded = any(isinstance(n, ast.Compare) for v in node.values for n in ast.walk(v))
+        no_bool = {name for name, types in calls if "bool" in types}
+        ints = {
+            name for name, types in calls if types & {"int", "Integral", "integer"} and not types & {"float", "Real"}
+        }
+        if bounded:
+            found |= no_bool & ints
+    return found
+
+
+# Left to the file's owner (the segmentation files are being rewritten); remove an entry when it is fixed.
+_KNOWN_INT_CHECKS = {"pp/_segment.py": {"chunk_size", "halo"}}
+
+
+def test_integer_arguments_are_checked_by_check_int():
+    """The rules table: "a numeric argument is an integer >= n" lives in ``_validation.check_int``."""
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        module = str(path.relative_to(SRC))
+        if module != "_validation.py":
+            extra = _hand_written_int_checks(path) - _KNOWN_INT_CHECKS.get(module, set())
+            wrong += [f"{module}: {name}" for name in sorted(extra)]
+    assert not wrong, f"use `_validation.check_int` for these hand-written integer checks: {wrong}"
+
+
+def test_the_int_check_finder_sees_what_it_should(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(
+        "if isinstance(a, bool) or not isinstance(a, int | np.integer) or a < 1:\n    pass\n"
+        "if isinstance(b, bool) or not isinstance(b, int | float) or b <= 0:\n    pass\n"  # a number: check_number
+        "if isinstance(c, int) and not isinstance(c, bool):\n    pass\n"  # a type dispatch, no bound
+    )
+    assert _hand_written_int_checks(source) == {"a"}

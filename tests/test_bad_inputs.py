@@ -640,7 +640,7 @@ def test_evaluate_not_sdata(kind, base):
         ghist.tl.evaluate(_not_sdata(kind, base))
 
 
-@pytest.mark.parametrize(("arg", "key"), [("pred_key", "preds"), ("true_key", "measured")])
+@pytest.mark.parametrize(("arg", "key"), [("pred_key", "preds"), ("table_key", "measured")])
 def test_evaluate_missing_table_lists_existing(arg, key, pred):
     with pytest.raises(KeyError, match=rf"'{key}'.*'ghist'.*'spot_counts'.*'table'"):
         ghist.tl.evaluate(pred, **{arg: key})
@@ -679,38 +679,38 @@ def test_evaluate_bad_n_svg(n_svg, pred):
 @pytest.mark.parametrize("value", [0, -1.0, float("nan"), True])
 def test_evaluate_spots_bad_target_sum(value, pred):
     with pytest.raises((ValueError, TypeError), match="target_sum"):
-        ghist.tl.evaluate(pred, true_key="spot_counts", spots_key="spots", target_sum=value)
+        ghist.tl.evaluate(pred, table_key="spot_counts", spots_key="spots", target_sum=value)
 
 
 @pytest.mark.parametrize("value", [0, -0.5, 1.5, float("nan"), True])
 def test_evaluate_spots_bad_panel_share(value, pred):
     with pytest.raises((ValueError, TypeError), match="panel_share"):
-        ghist.tl.evaluate(pred, true_key="spot_counts", spots_key="spots", library="all", panel_share=value)
+        ghist.tl.evaluate(pred, table_key="spot_counts", spots_key="spots", library="all", panel_share=value)
 
 
 def test_evaluate_spots_unknown_library(pred):
     with pytest.raises(ValueError, match=r"library.*'genome'"):
-        ghist.tl.evaluate(pred, true_key="spot_counts", spots_key="spots", library="genome")
+        ghist.tl.evaluate(pred, table_key="spot_counts", spots_key="spots", library="genome")
 
 
 def test_evaluate_spots_missing_spots_lists_existing(pred):
     with pytest.raises(KeyError, match=r"'visium'.*'spots'"):
-        ghist.tl.evaluate(pred, true_key="spot_counts", spots_key="visium")
+        ghist.tl.evaluate(pred, table_key="spot_counts", spots_key="visium")
 
 
 def test_evaluate_spots_table_of_other_element(pred):
     with pytest.raises(ValueError, match=r"'table'.*'spots'"):
-        ghist.tl.evaluate(pred, true_key="table", spots_key="spots")
+        ghist.tl.evaluate(pred, table_key="table", spots_key="spots")
 
 
 def test_evaluate_spots_existing_key_added(pred):
     with pytest.raises(ValueError, match=r"'table'.*already"):
-        ghist.tl.evaluate(pred, true_key="spot_counts", spots_key="spots", key_added="table")
+        ghist.tl.evaluate(pred, table_key="spot_counts", spots_key="spots", key_added="table")
 
 
 def test_evaluate_cell_only_option_in_spot_mode(pred):
     with pytest.raises(ValueError, match="cell_type_key"):
-        ghist.tl.evaluate(pred, true_key="spot_counts", spots_key="spots", cell_type_key="cell_type")
+        ghist.tl.evaluate(pred, table_key="spot_counts", spots_key="spots", cell_type_key="cell_type")
 
 
 def test_evaluate_spot_only_option_in_cell_mode(pred):
@@ -744,7 +744,7 @@ def test_aggregate_missing_spots_lists_existing(pred):
 
 def test_aggregate_missing_table_lists_existing(pred):
     with pytest.raises(KeyError, match=r"'preds'.*'ghist'"):
-        ghist.tl.aggregate_to_spots(pred, table_key="preds")
+        ghist.tl.aggregate_to_spots(pred, pred_key="preds")
 
 
 def test_aggregate_missing_spots_table_lists_existing(pred):
@@ -871,7 +871,7 @@ def test_pl_cell_types_not_sdata(kind, base):
 
 def test_pl_cell_types_missing_column(pred):
     with pytest.raises(KeyError, match=r"'celltype'.*'cell_type'"):
-        ghist.pl.cell_types(pred, true_key="table", cell_type_key="celltype", show=False)
+        ghist.pl.cell_types(pred, table_key="table", cell_type_key="celltype", show=False)
 
 
 @pytest.mark.parametrize("bad", ["string", None])
@@ -921,7 +921,7 @@ def test_pl_kaplan_meier_missing_duration(cohort_adata):
 @pytest.mark.parametrize("split", ["mode", float("nan"), True])
 def test_pl_kaplan_meier_bad_split(split, cohort_adata):
     with pytest.raises((ValueError, TypeError), match="split"):
-        ghist.pl.kaplan_meier(cohort_adata, "f0", duration_key="time", event_key="event", split=split, show=False)
+        ghist.pl.kaplan_meier(cohort_adata, "f0", duration_key="time", event_key="event", cutoff=split, show=False)
 
 
 @pytest.mark.parametrize("bad", ["string", None])
@@ -1099,7 +1099,7 @@ def test_predict_batch_size_hypothesis(value, base, model):
 @HYP
 def test_evaluate_spots_target_sum_hypothesis(value, predicted):
     with pytest.raises((ValueError, TypeError), match="target_sum"):
-        ghist.tl.evaluate(predicted, true_key="spot_counts", spots_key="spots", target_sum=value)
+        ghist.tl.evaluate(predicted, table_key="spot_counts", spots_key="spots", target_sum=value)
 
 
 # ---------------------------------------------------------------- issue 28: implausible sizes, resources, raw errors

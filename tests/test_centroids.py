@@ -49,7 +49,7 @@ def test_map_points():
 @pytest.fixture(scope="module")
 def spotted():
     """An H&E image at another pixel size than its labels, and overlapping circular spots with measured counts."""
-    sdata = ghist.datasets.synthetic(image_size=192, n_genes=8, seed=1, he_transform="scale")
+    sdata = ghist.datasets.synthetic(image_size=192, n_genes=8, seed=1, image_transform="scale")
     gx, gy = np.meshgrid(np.arange(30.0, 192, 45), np.arange(30.0, 192, 45))
     centres = np.c_[gx.ravel(), gy.ravel()]
     # radius 30 > half the spacing: neighbouring spots overlap
@@ -89,5 +89,5 @@ def test_a_nucleus_is_under_the_same_spot_everywhere(spotted, tmp_path):
     np.testing.assert_allclose(table.obsm["spatial"], cells.xy)
     pseudo = ghist.tl.aggregate_to_spots(sdata, spots_key="spots")
     np.testing.assert_array_equal(pseudo.obs["n_cells"].to_numpy(), per_spot)
-    _, cell_row = ghist.tl._spots.pseudo_spots(sdata, table_key="ghist", spots_key="spots", spots_table_key=None)
+    _, cell_row = ghist.tl._spots.pseudo_spots(sdata, pred_key="ghist", spots_key="spots", spots_table_key=None)
     np.testing.assert_array_equal(cell_row, expected)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import inspect
 import re
 import warnings
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 import ghist
@@ -113,19 +116,225 @@ def test_renamed_arguments_warns_and_forwards():
     assert list(inspect.signature(func).parameters) == ["new"]
 
 
-def test_old_names_still_work_in_public_functions():
-    result = ghist.pl.hazard_ratios  # the cheapest renamed public function to call for real
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    res = pd.DataFrame(
-        {"hr": [2.0, 0.5], "ci_lower": [1.5, 0.3], "ci_upper": [2.5, 0.8], "p": [0.001, 0.2], "q": [0.002, 0.2]},
-        index=["f1", "f2"],
+# ------------------------------------------------------------------------------------ every alias, called for real
+def renamed_in_api() -> list[tuple[str, str, str]]:
+    """(where, old, new) of every deprecated keyword of the public API."""
+    return sorted(
+        (where, old, new)
+        for where, func in public_callables()
+        for old, new in getattr(func, "__renamed_arguments__", {}).items()
     )
+
+
+@pytest.fixture(scope="module")
+def slide():
+    """A small slide with the predictions of an (untrained) model and two spots over it.
+
+    The tables are under names other than the defaults (`pred`, `measured`), so that a keyword dropped on the way
+    would show.
+    """
+    from spatialdata.models import ShapesModel
+    from spatialdata.transformations import Identity
+
+    sdata = ghist.datasets.synthetic(image_size=64, n_genes=4, seed=0)
+    table = sdata.tables["table"]
+    model = ghist.GHISTModel(list(table.var_names), list(table.obs["cell_type"].cat.categories), width=8)
+    ghist.tl.predict(sdata, model, key_added="pred", progress=False)
+    measured = table.copy()
+    measured.X = measured.X[:, ::-1]  # other counts than `table`'s
+    sdata.tables["measured"] = measured
+    sdata.shapes["spots"] = ShapesModel.parse(
+        np.array([[20.0, 20.0], [44.0, 40.0]]), geometry=0, radius=np.array([16.0, 16.0]),
+        transformations={"global": Identity()},
+    )  # fmt: skip
+    return sdata, model
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    """Forty patients: follow-up, events and two features, one of them tied to the hazard."""
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2))
+    time = rng.exponential(30.0 * np.exp(-x[:, 0]))
+    obs = pd.DataFrame({"time": time, "event": rng.random(40) < 0.8}, index=[f"p{i}" for i in range(40)])
+    return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=["f0", "f1"]))
+
+
+def _xenium_with_two_images():
+    """A Xenium sample with a second H&E (inverted), so that the default image is not the one asked for."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    sdata = ghist.datasets.synthetic_xenium(image_size=64, n_genes=4)
+    he = sdata.images["he_image"]
+    sdata.images["inverted"] = Image2DModel.parse(
+        255 - he.data,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        transformations=get_transformation(he, get_all=True),
+    )
+    return sdata
+
+
+def _saved(model, path):
+    model.save(path, overwrite=True)
+    return path
+
+
+def _save_then_load(model):
+    def call(**kwargs):
+        model.save(overwrite=True, **kwargs)
+        return ghist.GHISTModel.load(next(iter(kwargs.values())))
+
+    return call
+
+
+HAZARDS = {"hr": [2.0, 0.5], "ci_lower": [1.5, 0.3], "ci_upper": [2.5, 0.8], "p": [0.001, 0.02], "q": [0.002, 0.03]}
+
+# (where, old keyword) -> (slide, cohort, tmp_path) -> (a call taking the keyword, the value it is given: not the
+# default, so that the value is seen to arrive)
+ALIAS_CASES = {
+    ("tl.aggregate_to_spots", "table_key"): lambda s, c, t: (
+        partial(ghist.tl.aggregate_to_spots, s[0], spots_key="spots", key_added="pseudo", overwrite=True),
+        "pred",
+    ),
+    ("io.write_qupath", "table_key"): lambda s, c, t: (
+        partial(ghist.io.write_qupath, s[0], t / "cells.geojson", genes="all", overwrite=True),
+        "pred",
+    ),
+    ("pp.prepare_xenium", "he_key"): lambda s, c, t: (
+        partial(ghist.pp.prepare_xenium, _xenium_with_two_images()),
+        "inverted",
+    ),
+    ("GHISTModel.save", "dir_path"): lambda s, c, t: (_save_then_load(s[1]), t / "model"),
+    ("GHISTModel.load", "dir_path"): lambda s, c, t: (ghist.GHISTModel.load, _saved(s[1], t / "model")),
+    ("tl.predict", "region_key"): lambda s, c, t: (
+        partial(ghist.tl.predict, s[0], s[1], key_added="in_spots", overwrite=True, progress=False),
+        "spots",
+    ),
+    ("tl.evaluate", "true_key"): lambda s, c, t: (
+        partial(ghist.tl.evaluate, s[0], pred_key="pred", n_svg=[2]),
+        "measured",
+    ),
+    ("pl.expression", "true_key"): lambda s, c, t: (
+        partial(ghist.pl.expression, s[0], list(s[0]["pred"].var_names[:2]), pred_key="pred", show=False),
+        "measured",
+    ),
+    ("pl.cell_types", "true_key"): lambda s, c, t: (
+        partial(ghist.pl.cell_types, s[0], pred_key="pred", cell_type_key="cell_type", show=False),
+        "measured",
+    ),
+    ("pl.kaplan_meier", "split"): lambda s, c, t: (
+        partial(ghist.pl.kaplan_meier, c, "f0", duration_key="time", event_key="event", show=False),
+        0.25,
+    ),
+    ("pl.hazard_ratios", "alpha"): lambda s, c, t: (
+        partial(ghist.pl.hazard_ratios, pd.DataFrame(HAZARDS, index=["f1", "f2"]), show=False),
+        0.01,
+    ),
+    ("tl.survival", "standardize"): lambda s, c, t: (
+        partial(ghist.tl.survival, c, duration_key="time", event_key="event", progress=False),
+        False,
+    ),
+    ("datasets.synthetic", "he_transform"): lambda s, c, t: (
+        partial(ghist.datasets.synthetic, image_size=32, n_genes=3, seed=1),
+        "affine",
+    ),
+    ("datasets.synthetic", "he_scale"): lambda s, c, t: (
+        partial(ghist.datasets.synthetic, image_size=32, n_genes=3, image_transform="scale", seed=1),
+        2.0,
+    ),
+    ("pp.segment_nuclei", "n_workers"): lambda s, c, t: (
+        partial(ghist.pp.segment_nuclei, s[0], key_added="segmented", chunk_size=64, overwrite=True, progress=False),
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize(("where", "old", "new"), renamed_in_api(), ids=lambda v: str(v))
+def test_old_keyword_gives_the_same_result(where, old, new, slide, cohort, tmp_path):
+    import matplotlib.pyplot as plt
+
+    assert (where, old) in ALIAS_CASES, f"add a call of {where} to ALIAS_CASES, to test its alias `{old}`"
+    call, value = ALIAS_CASES[where, old](slide, cohort, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the new name: no warning
+        expected = outcome(call(**{new: value}))
+    plt.close("all")
+    said = rf"`ghist\.{re.escape(where)}\({old}=\.\.\.\)` is deprecated .* use `{new}=\.\.\.`"
+    with pytest.warns(FutureWarning, match=said):
+        got = outcome(call(**{old: value}))
+    plt.close("all")
+    assert_same(got, expected, where)
+    with pytest.raises(TypeError, match=rf"both `{old}` and its new name `{new}`"):
+        call(**{old: value, new: value})
+
+
+def test_model_path_may_be_positional(slide, tmp_path):
+    model = slide[1]
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        new = result(res, q_highlight=0.01, show=False)
-    with pytest.warns(FutureWarning, match="q_highlight"):
-        old = result(res, alpha=0.01, show=False)
-    assert [t.get_text() for t in new.get_legend().get_texts()] == [t.get_text() for t in old.get_legend().get_texts()]
-    plt.close("all")
+        model.save(tmp_path / "m")
+        loaded = ghist.GHISTModel.load(tmp_path / "m")
+    assert_same(outcome(loaded), outcome(model), "GHISTModel.load")
+
+
+def outcome(result):
+    """What a call gave, as plain values: arrays and frames of tables, file bytes, the data a plot drew."""
+    import anndata as ad
+    import matplotlib.pyplot as plt
+    from spatialdata import SpatialData
+    from xarray import DataArray, DataTree
+
+    from ghist._validation import scale0
+
+    if isinstance(result, SpatialData):
+        return {name: outcome(element) for _, name, element in result.gen_elements()}
+    if isinstance(result, DataArray | DataTree):  # an image or labels
+        return np.asarray(scale0(result))
+    if isinstance(result, ad.AnnData):
+        x = result.X.toarray() if hasattr(result.X, "toarray") else np.asarray(result.X)
+        return {"X": x, "obs": result.obs, **{f"obsm/{k}": np.asarray(v) for k, v in result.obsm.items()}}
+    if isinstance(result, ghist.GHISTModel):
+        return {"genes": result.genes, **{k: v.numpy() for k, v in result.network.state_dict().items()}}
+    if isinstance(result, Path):
+        return result.read_bytes()
+    if isinstance(result, np.ndarray) and result.dtype == object:  # an array of Axes
+        result = result.flat[0]
+    if isinstance(result, plt.Axes | plt.Figure):
+        figure = result if isinstance(result, plt.Figure) else result.figure
+        return [_drawn(ax) for ax in figure.axes]
+    return result
+
+
+def _drawn(ax) -> dict:
+    legend = ax.get_legend()
+    return {
+        "text": [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()],
+        "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
+        "points": [np.asarray(c.get_offsets()) for c in ax.collections],
+        "colours": [np.asarray(c.get_facecolors()) for c in ax.collections],
+        "lines": [line.get_xydata() for line in ax.lines],
+        "patches": [p.get_extents().bounds for p in ax.patches],
+        "images": [np.asarray(im.get_array()) for im in ax.images],
+    }
+
+
+def assert_same(got, expected, where: str) -> None:
+    if isinstance(expected, dict):
+        assert isinstance(got, dict), where
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            assert_same(got[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, list | tuple):
+        assert len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            assert_same(g, e, f"{where}[{i}]")
+    elif isinstance(expected, pd.DataFrame):
+        pd.testing.assert_frame_equal(got, expected, obj=where)
+    elif isinstance(expected, np.ndarray):
+        np.testing.assert_array_equal(got, expected, err_msg=where)
+    else:
+        assert got == expected, where

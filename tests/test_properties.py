@@ -249,7 +249,7 @@ def test_evaluate_any_arguments(kwargs, predicted, tmp_path):
     outcome(lambda: ghist.tl.evaluate(sd.deepcopy(predicted), **kwargs), tmp_path)
 
 
-@given(kwargs=_kwargs(["table_key", "spots_key", "spots_table_key", "key_added", "overwrite"]))
+@given(kwargs=_kwargs(["pred_key", "spots_key", "spots_table_key", "key_added", "overwrite"]))
 @PROPS
 def test_aggregate_to_spots_any_arguments(kwargs, predicted, tmp_path):
     outcome(lambda: ghist.tl.aggregate_to_spots(sd.deepcopy(predicted), **kwargs), tmp_path)

@@ -137,7 +137,7 @@ def test_training_aggregation_and_evaluation_put_cells_in_the_same_spot(kind, re
     assert _training(sdata) == expected
     pseudo = ghist.tl.aggregate_to_spots(sdata, spots_key="spots", spots_table_key="spot_counts")
     assert _from_pseudo_spots(pseudo, sdata) == expected
-    scores = ghist.tl.evaluate(sdata, true_key="spot_counts", spots_key="spots", key_added="evaluated")
+    scores = ghist.tl.evaluate(sdata, table_key="spot_counts", spots_key="spots", key_added="evaluated")
     assert _from_pseudo_spots(sdata.tables["evaluated"], sdata) == expected
     np.testing.assert_allclose(sdata.tables["evaluated"].X, pseudo.X)
 

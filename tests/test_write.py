@@ -412,7 +412,7 @@ def test_detect_tissue_and_aggregate_over_a_selection(slide_store):
     with pytest.raises(ValueError, match="not loaded"):
         ghist.tl.aggregate_to_spots(
             spatialdata.read_zarr(slide_store, selection=("shapes",)),
-            table_key="pred",
+            pred_key="pred",
             spots_key="tissue",
             key_added="table",
         )

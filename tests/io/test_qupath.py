@@ -17,7 +17,7 @@ from ghist._spatial import element_affine, read_labels_window
 
 
 def _sdata(he_transform: str = "identity") -> sd.SpatialData:
-    sdata = ghist.datasets.synthetic(image_size=128, n_genes=6, he_transform=he_transform, seed=0)
+    sdata = ghist.datasets.synthetic(image_size=128, n_genes=6, image_transform=he_transform, seed=0)
     table = sdata.tables["table"]
     table.obs["ghist_cell_type"] = table.obs["cell_type"]  # stands in for a prediction's cell types
     return sdata
@@ -33,7 +33,7 @@ def _truth_on_image(sdata: sd.SpatialData) -> np.ndarray:
 @pytest.mark.parametrize("he_transform", ["identity", "scale", "affine"])
 def test_round_trip_gives_the_same_nuclei(tmp_path, he_transform):
     sdata = _sdata(he_transform)
-    path = ghist.io.write_qupath(sdata, tmp_path / "cells.geojson", table_key="table")
+    path = ghist.io.write_qupath(sdata, tmp_path / "cells.geojson", pred_key="table")
     ghist.io.read_nuclei(path, sdata, key_added="back")
     truth = _truth_on_image(sdata)
     back = np.asarray(sdata.labels["back"].data)
@@ -47,7 +47,7 @@ def test_qupath_layout(tmp_path):
     sdata = _sdata()
     table = sdata.tables["table"]
     genes = list(table.var_names[:2])
-    path = ghist.io.write_qupath(sdata, tmp_path / "cells.geojson", table_key="table", genes=genes)
+    path = ghist.io.write_qupath(sdata, tmp_path / "cells.geojson", pred_key="table", genes=genes)
     data = json.loads(path.read_text())
     assert data["type"] == "FeatureCollection"
     features = data["features"]
@@ -72,7 +72,7 @@ def test_qupath_layout(tmp_path):
     assert len({f["id"] for f in features}) == len(features)
     # "all" genes; no cell types when the column is absent
     del table.obs["ghist_cell_type"]
-    path = ghist.io.write_qupath(sdata, tmp_path / "all.geojson", table_key="table", genes="all")
+    path = ghist.io.write_qupath(sdata, tmp_path / "all.geojson", pred_key="table", genes="all")
     props = json.loads(path.read_text())["features"][0]["properties"]
     assert len(props["measurements"]) == table.n_vars
     assert "classification" not in props
@@ -83,7 +83,7 @@ def test_refuses_to_overwrite_and_writes_atomically(tmp_path, monkeypatch):
     path = tmp_path / "cells.geojson"
     path.write_text("keep me")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        ghist.io.write_qupath(sdata, path, table_key="table")
+        ghist.io.write_qupath(sdata, path, pred_key="table")
     assert path.read_text() == "keep me"
 
     # a failure while writing leaves the old file and no temporary file
@@ -92,11 +92,11 @@ def test_refuses_to_overwrite_and_writes_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr("ghist.io._qupath.json.dump", fail)
     with pytest.raises(OSError, match="disk full"):
-        ghist.io.write_qupath(sdata, path, table_key="table", overwrite=True)
+        ghist.io.write_qupath(sdata, path, pred_key="table", overwrite=True)
     assert path.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.geojson"]
     monkeypatch.undo()
-    ghist.io.write_qupath(sdata, path, table_key="table", overwrite=True)
+    ghist.io.write_qupath(sdata, path, pred_key="table", overwrite=True)
     assert json.loads(path.read_text())["type"] == "FeatureCollection"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.geojson"]
 
@@ -104,21 +104,21 @@ def test_refuses_to_overwrite_and_writes_atomically(tmp_path, monkeypatch):
 def test_bad_input(tmp_path):
     sdata = _sdata()
     with pytest.raises(KeyError, match="missing"):
-        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", table_key="missing")
+        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", pred_key="missing")
     with pytest.raises(KeyError, match="NOT_A_GENE"):
-        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", table_key="table", genes=["NOT_A_GENE"])
+        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", pred_key="table", genes=["NOT_A_GENE"])
     with pytest.raises(ValueError, match="'all' or None"):
-        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", table_key="table", genes="some")
+        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", pred_key="table", genes="some")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ghist.io.write_qupath(sdata, tmp_path / "no" / "a.geojson", table_key="table")
+        ghist.io.write_qupath(sdata, tmp_path / "no" / "a.geojson", pred_key="table")
     plain = AnnData(np.zeros((2, 1), dtype=np.float32))
     plain.obs["region"] = pd.Categorical(["nuclei"] * 2)
     plain.obs["cell_id"] = [1, 2]
     sdata.tables["other"] = TableModel.parse(plain, region="nuclei", region_key="region", instance_key="cell_id")
     with pytest.raises(ValueError, match="annotates"):
-        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", table_key="other", labels_key="he")
+        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", pred_key="other", labels_key="he")
     with pytest.raises(KeyError, match="image_key=None"):
-        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", table_key="table", image_key="missing")
+        ghist.io.write_qupath(sdata, tmp_path / "a.geojson", pred_key="table", image_key="missing")
     assert not list(tmp_path.iterdir())
     # coordinates in the labels' own pixels; a NaN value is left out (JSON has no NaN)
     table = sdata.tables["table"]
@@ -126,7 +126,7 @@ def test_bad_input(tmp_path):
     values[0, 0] = np.nan
     table.X = values
     path = ghist.io.write_qupath(
-        sdata, tmp_path / "b.geojson", table_key="table", image_key=None, genes=list(table.var_names[:2])
+        sdata, tmp_path / "b.geojson", pred_key="table", image_key=None, genes=list(table.var_names[:2])
     )
     text = path.read_text()
     assert "NaN" not in text

@@ -107,5 +107,5 @@ def test_svg_as_top_k_by_svg_rank(eval_df):
     assert marked == {f"GENE{i}" for i in range(25, 30)}
     with pytest.raises(KeyError, match="svg_rank"):
         ghist.pl.gene_correlation(eval_df, svg=5)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="`svg` must be an integer >= 1"):
         ghist.pl.gene_correlation(ranked, svg=0)

@@ -81,7 +81,7 @@ def test_kaplan_meier_median_split(cohort, tmp_path):
 
 def test_kaplan_meier_options(cohort):
     ax = ghist.pl.kaplan_meier(
-        cohort, "CD8A", duration_key="os_months", event_key="os_event", split=0.75, show_at_risk=False, title="T"
+        cohort, "CD8A", duration_key="os_months", event_key="os_event", cutoff=0.75, show_at_risk=False, title="T"
     )
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "n=150" in labels[0]
@@ -89,7 +89,7 @@ def test_kaplan_meier_options(cohort):
     assert len(ax.figure.axes) == 1
     assert ax.get_title() == "T"
     ax = ghist.pl.kaplan_meier(
-        cohort, "score", duration_key="os_months", event_key="os_event", split=lambda v: 1.0, show_at_risk=False
+        cohort, "score", duration_key="os_months", event_key="os_event", cutoff=lambda v: 1.0, show_at_risk=False
     )
     n_high = int((cohort.obs["score"] > 1.0).sum())
     assert f"n={n_high}" in ax.get_legend().get_texts()[1].get_text()
@@ -109,10 +109,10 @@ def test_kaplan_meier_errors(cohort):
         ghist.pl.kaplan_meier(cohort, "ERBB2", duration_key="os_days", event_key="os_event")
     with pytest.raises(KeyError, match="'HER2'"):
         ghist.pl.kaplan_meier(cohort, "HER2", duration_key="os_months", event_key="os_event")
-    with pytest.raises(ValueError, match="split"):
-        ghist.pl.kaplan_meier(cohort, "ERBB2", duration_key="os_months", event_key="os_event", split="mean")
+    with pytest.raises(ValueError, match="cutoff"):
+        ghist.pl.kaplan_meier(cohort, "ERBB2", duration_key="os_months", event_key="os_event", cutoff="mean")
     with pytest.raises(ValueError, match="empty"):
-        ghist.pl.kaplan_meier(cohort, "ERBB2", duration_key="os_months", event_key="os_event", split=lambda v: 99.0)
+        ghist.pl.kaplan_meier(cohort, "ERBB2", duration_key="os_months", event_key="os_event", cutoff=lambda v: 99.0)
     bad = cohort.copy()
     bad.obs["ERBB2"] = 0.0
     with pytest.raises(ValueError, match="both"):

@@ -95,7 +95,7 @@ def tissue():
 
 @pytest.mark.parametrize("he_transform", ["identity", "scale"])
 def test_f1_on_synthetic_tissue(he_transform):
-    sdata = ghist.datasets.synthetic(image_size=384, n_genes=10, he_transform=he_transform, seed=0)
+    sdata = ghist.datasets.synthetic(image_size=384, n_genes=10, image_transform=he_transform, seed=0)
     ghist.pp.segment_nuclei(sdata, key_added="segmented", progress=False)
     truth, pred = _on_labels_grid(sdata, "segmented")
     scores = segmentation_scores(truth, pred)

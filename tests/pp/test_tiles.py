@@ -659,7 +659,7 @@ def _nucleus_contrast(tiles) -> float:
 def test_synthetic_dataset(he_transform, tmp_path, counts_by_id):
     import ghist
 
-    sdata = ghist.datasets.synthetic(image_size=128, n_genes=12, seed=0, he_transform=he_transform)
+    sdata = ghist.datasets.synthetic(image_size=128, n_genes=12, seed=0, image_transform=he_transform)
     tiles = _tiles(sdata, tmp_path, tile_size=32, cell_type_key="cell_type")
     assert tiles.genes == list(sdata.tables["table"].var_names)
     expected = counts_by_id(sdata)

@@ -283,7 +283,7 @@ def test_xoa2_without_nucleus_polygons_needs_a_map():
 
 def test_already_annotating_nuclei_is_kept():
     prepared = ghist.pp.prepare_xenium(xenium_like())
-    again = ghist.pp.prepare_xenium(prepared, he_key="he", labels_key="nuclei")
+    again = ghist.pp.prepare_xenium(prepared, image_key="he", labels_key="nuclei")
     info = again.tables["table"].uns["ghist"]["prepare_xenium"]
     assert info["params"]["nucleus_to_cell"] == "table"
     assert info["relabelled"] is False
@@ -305,7 +305,7 @@ def test_inplace_and_overwrite():
     assert sdata.tables["table"].uns["spatialdata_attrs"]["region"] == "cell_circles"
     with pytest.raises(ValueError, match="already exists"):
         ghist.pp.prepare_xenium(sdata, inplace=True, key_added_table="cells")
-    ghist.pp.prepare_xenium(sdata, he_key="he_image", inplace=True, overwrite=True)
+    ghist.pp.prepare_xenium(sdata, image_key="he_image", inplace=True, overwrite=True)
     assert sdata.tables["table"].uns["spatialdata_attrs"]["region"] == "nuclei"
 
 
@@ -317,25 +317,25 @@ def test_he_selection_and_dtypes():
     sdata.images["other_rgb"] = Image2DModel.parse(
         np.zeros((3, 8, 8), np.uint8), dims=("c", "y", "x"), c_coords=["r", "g", "b"]
     )
-    with pytest.raises(ValueError, match="he_key"):
+    with pytest.raises(ValueError, match="image_key"):
         ghist.pp.prepare_xenium(sdata)
     with pytest.raises(KeyError, match="nope"):
-        ghist.pp.prepare_xenium(sdata, he_key="nope")
+        ghist.pp.prepare_xenium(sdata, image_key="nope")
     with pytest.raises(ValueError, match="channels"):
-        ghist.pp.prepare_xenium(sdata, he_key="morphology_focus")
+        ghist.pp.prepare_xenium(sdata, image_key="morphology_focus")
     sixteen = Image2DModel.parse(
         np.full((3, 40, 50), 65535, np.uint16),
         dims=("c", "y", "x"),
         transformations={"global": Scale([2.0, 2.0], axes=("y", "x"))},
     )
     sdata.images["he16"] = sixteen
-    prepared = ghist.pp.prepare_xenium(sdata, he_key="he16")
+    prepared = ghist.pp.prepare_xenium(sdata, image_key="he16")
     image = get_image(prepared, "he")
     assert image.dtype == np.uint8
     assert int(image.data.max().compute()) == 255
     sdata.images["hef"] = Image2DModel.parse(np.zeros((3, 8, 8), np.float32), dims=("c", "y", "x"))
     with pytest.raises(ValueError, match="uint8"):
-        ghist.pp.prepare_xenium(sdata, he_key="hef")
+        ghist.pp.prepare_xenium(sdata, image_key="hef")
 
 
 def test_errors():
@@ -500,7 +500,7 @@ def test_tiles_of_a_one_chunk_he_equal_those_of_the_tiled_one(tmp_path):
 # ------------------------------------------------------------------------------------------------ synthetic_xenium
 def test_synthetic_xenium_is_reader_shaped_and_prepares_back_to_synthetic():
     raw = ghist.datasets.synthetic_xenium(image_size=96, n_genes=12, seed=3)
-    base = ghist.datasets.synthetic(image_size=96, n_genes=12, pixel_size=0.5, he_transform="affine", seed=3)
+    base = ghist.datasets.synthetic(image_size=96, n_genes=12, pixel_size=0.5, image_transform="affine", seed=3)
     # the reader's layout: string ids, a table annotating the cell labels, no microns, one-chunk single-scale H&E
     table = raw.tables["table"]
     assert table.obs["cell_id"].str.fullmatch(r"[a-p]{8}-1").all()

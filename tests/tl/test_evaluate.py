@@ -139,7 +139,7 @@ def test_spot_mode_normalises_both_sides_per_spot(test_sdata):
     del test_sdata.tables["ghist_spots"]
     measured = counts[:, : len(genes)].astype(np.float64)
 
-    scores = ghist.tl.evaluate(test_sdata, true_key="spot_counts", spots_key="spots")
+    scores = ghist.tl.evaluate(test_sdata, table_key="spot_counts", spots_key="spots")
     assert len(test_sdata.tables) == n_tables  # nothing written
     expected = column_pearson(_log_norm(sums, sums.sum(1)), _log_norm(measured, measured.sum(1)))
     np.testing.assert_allclose(scores.loc[genes, "pearson"], expected, rtol=1e-6)
@@ -154,7 +154,7 @@ def test_spot_mode_normalises_both_sides_per_spot(test_sdata):
     share = 0.4
     scores = ghist.tl.evaluate(
         test_sdata,
-        true_key="spot_counts",
+        table_key="spot_counts",
         spots_key="spots",
         genes=genes[:5],
         library="all",
@@ -169,27 +169,27 @@ def test_spot_mode_normalises_both_sides_per_spot(test_sdata):
     np.testing.assert_allclose(written.X, sums, rtol=1e-5)
     # default share: the median over the measured spots
     median = float(np.median(measured.sum(1) / counts.sum(1)))
-    default = ghist.tl.evaluate(test_sdata, true_key="spot_counts", spots_key="spots", library="all")
+    default = ghist.tl.evaluate(test_sdata, table_key="spot_counts", spots_key="spots", library="all")
     assert default.attrs["panel_share"] == pytest.approx(median)
 
 
 def test_spot_mode_errors(test_sdata):
     _spot_sdata(test_sdata)
     with pytest.raises(ValueError, match="cell_type_key"):
-        ghist.tl.evaluate(test_sdata, true_key="spot_counts", spots_key="spots", cell_type_key="cell_type")
+        ghist.tl.evaluate(test_sdata, table_key="spot_counts", spots_key="spots", cell_type_key="cell_type")
     with pytest.raises(ValueError, match="spots only"):
         ghist.tl.evaluate(test_sdata, library="all")
     with pytest.raises(ValueError, match="panel_share"):
-        ghist.tl.evaluate(test_sdata, true_key="spot_counts", spots_key="spots", panel_share=0.5)
+        ghist.tl.evaluate(test_sdata, table_key="spot_counts", spots_key="spots", panel_share=0.5)
     with pytest.raises(ValueError, match="library"):
-        ghist.tl.evaluate(test_sdata, true_key="spot_counts", spots_key="spots", library="genes")
+        ghist.tl.evaluate(test_sdata, table_key="spot_counts", spots_key="spots", library="genes")
     with pytest.raises(ValueError, match="annotates"):
-        ghist.tl.evaluate(test_sdata, true_key="table", spots_key="spots")
+        ghist.tl.evaluate(test_sdata, table_key="table", spots_key="spots")
     with pytest.raises(KeyError, match="NOPE"):
-        ghist.tl.evaluate(test_sdata, true_key="spot_counts", spots_key="spots", genes=["NOPE"])
+        ghist.tl.evaluate(test_sdata, table_key="spot_counts", spots_key="spots", genes=["NOPE"])
     test_sdata.tables["taken"] = test_sdata.tables["spot_counts"].copy()
     with pytest.raises(ValueError, match="already exists"):
-        ghist.tl.evaluate(test_sdata, true_key="spot_counts", spots_key="spots", key_added="taken")
+        ghist.tl.evaluate(test_sdata, table_key="spot_counts", spots_key="spots", key_added="taken")
 
 
 def _moran_knn6(values: np.ndarray, coords: np.ndarray) -> float:

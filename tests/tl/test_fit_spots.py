@@ -114,9 +114,9 @@ def test_predicted_spots_follow_the_measured_spots(spot_model):
     _, model = spot_model
     sdata = ghist.datasets.synthetic(image_size=256, n_genes=16, seed=1)  # another tissue, never trained on
     _with_spots(sdata)
-    table = ghist.tl.predict(sdata, model, region_key="spots", progress=False)
+    table = ghist.tl.predict(sdata, model, roi_key="spots", progress=False)
     assert table.n_obs > 0
-    pseudo = ghist.tl.aggregate_to_spots(sdata, table_key="ghist", spots_key="spots", spots_table_key="spot_counts")
+    pseudo = ghist.tl.aggregate_to_spots(sdata, pred_key="ghist", spots_key="spots", spots_table_key="spot_counts")
     truth = sdata.tables["spot_counts"]
     assert list(pseudo.obs_names) == list(truth.obs_names)
     has_cells = pseudo.obs["n_cells"].to_numpy() > 0

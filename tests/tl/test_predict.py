@@ -89,12 +89,7 @@ def test_predict_region(trained, test_sdata):
     assert (d <= 1.0 + 1e-6).all()
     assert 0 < table.n_obs < test_sdata.tables["table"].n_obs
     assert table.uns["ghist"]["params"]["roi_key"] == "spots"
-    # The old name still works for one release, with a DeprecationWarning.
-    with pytest.warns(DeprecationWarning, match="roi_key"):
-        old = ghist.tl.predict(test_sdata, trained, region_key="spots", key_added="old", progress=False)
-    np.testing.assert_array_equal(old.X, table.X)
-    with pytest.warns(DeprecationWarning, match="roi_key"), pytest.raises(TypeError, match="roi_key"):
-        ghist.tl.predict(test_sdata, trained, roi_key="spots", region_key="other", key_added="x", progress=False)
+    # the old name `region_key`: tests/test_glossary.py tests every deprecated alias
 
 
 @pytest.mark.slow  # starts DataLoader worker processes
@@ -138,7 +133,7 @@ def test_predict_bad_inputs(trained, test_sdata):
 
 
 def test_predict_other_pixel_space(trained):
-    sdata = ghist.datasets.synthetic(image_size=192, n_genes=24, seed=1, he_transform="scale")
+    sdata = ghist.datasets.synthetic(image_size=192, n_genes=24, seed=1, image_transform="scale")
     table = ghist.tl.predict(sdata, trained, progress=False)
     assert table.n_obs >= 0.9 * sdata.tables["table"].n_obs
     scores = ghist.tl.evaluate(sdata, cell_type_key="cell_type")

@@ -127,7 +127,7 @@ def test_errors():
     with pytest.raises(KeyError, match="nope"):
         ghist.tl.aggregate_to_spots(sdata, spots_key="nope")
     with pytest.raises(KeyError, match="nope"):
-        ghist.tl.aggregate_to_spots(sdata, table_key="nope")
+        ghist.tl.aggregate_to_spots(sdata, pred_key="nope")
     del sdata.tables["ghist"].obsm["spatial"]
     with pytest.raises(KeyError, match="spatial"):
         ghist.tl.aggregate_to_spots(sdata)

@@ -55,9 +55,9 @@ def test_matches_lifelines_directly(cohort):
     ref = CoxPHFitter().fit(df, "T", "E").summary.loc["x"]
     assert np.isclose(res.loc["f2", "coef"], ref["coef"], rtol=1e-4)
     assert np.isclose(res.loc["f2", "p"], ref["p"], rtol=1e-3)
-    # standardize=False gives the per-unit coefficient: coef_unit = coef_sd / sd
+    # standardise=False gives the per-unit coefficient: coef_unit = coef_sd / sd
     raw = ghist.tl.survival(
-        cohort, duration_key="time", event_key="event", features=["f2"], standardize=False, progress=False
+        cohort, duration_key="time", event_key="event", features=["f2"], standardise=False, progress=False
     )
     assert np.isclose(raw.loc["f2", "coef"], ref["coef"] / x.std(ddof=1), rtol=1e-3)
     assert np.isclose(raw.loc["f2", "p"], ref["p"], rtol=1e-3)

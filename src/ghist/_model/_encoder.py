@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PRESETS", "FeatureEncoder", "pool_resized", "prepare_encoder", "read_weights"]
@@ -277,8 +279,7 @@ def prepare_encoder(
                 f"unexpected {sorted(unexpected)[:5]}."
             )
     input_size = options.get("input_size", preset.get("input_size"))
-    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
-        raise ValueError(f"`encoder_options['input_size']` must be a positive integer or None; got {input_size!r}.")
+    check_int("encoder_options['input_size']", input_size, 1, optional=True)
     label = options.get("name")
     if label is not None and not isinstance(label, str):
         raise TypeError(f"`encoder_options['name']` must be a string; got {label!r}.")
@@ -288,13 +289,11 @@ def prepare_encoder(
             raise ValueError(f"`encoder_options['patch_grid']` must be (rows, columns) of patches; got {grid!r}.")
         grid = [int(g) for g in grid]
     prefix = options.get("num_prefix_tokens")
-    if prefix is not None and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0):
-        raise ValueError(f"`encoder_options['num_prefix_tokens']` must be an integer >= 0; got {prefix!r}.")
+    check_int("encoder_options['num_prefix_tokens']", prefix, 0, optional=True)
     if prefix is None and isinstance(getattr(module, "num_prefix_tokens", None), int):
         prefix = int(module.num_prefix_tokens)  # timm's ViTs: class + register tokens
     out_features = options.get("out_features")
-    if out_features is not None and (isinstance(out_features, bool) or not isinstance(out_features, int)):
-        raise ValueError(f"`encoder_options['out_features']` must be a positive integer; got {out_features!r}.")
+    check_int("encoder_options['out_features']", out_features, 1, optional=True)
     config = {
         "kind": kind,
         "name": name,

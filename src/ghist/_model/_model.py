@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._deprecation import renamed_arguments
 from ._model_files import (
     FORMAT_VERSION,
     LEGACY_FILE,
@@ -433,8 +434,9 @@ class GHISTModel:
         return model
 
     # ------------------------------------------------------------------ I/O
-    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Save the model into directory ``dir_path``: weights as tensors only, everything else as JSON.
+    @renamed_arguments(dir_path="path")
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Save the model into directory ``path``: weights as tensors only, everything else as JSON.
 
         ``weights.pt`` holds a plain dict of tensors (the network's ``state_dict``, reference profiles included as
         its ``"reference"`` buffer), written with :func:`torch.save`; :meth:`load` reads it with
@@ -445,17 +447,17 @@ class GHISTModel:
 
         Parameters
         ----------
-        dir_path
+        path
             Destination directory.
         overwrite
-            Replace an existing ghist model at ``dir_path`` (a folder whose ``model.json`` names a GHISTModel, or a
+            Replace an existing ghist model at ``path`` (a folder whose ``model.json`` names a GHISTModel, or a
             ghist 0.1 ``model.pt``, holding nothing else but a ``CARD.md``). Any other folder or file there is left
             as it is and refused with a ``FileExistsError``: nothing of yours is deleted, nothing beside it touched.
 
         Raises
         ------
         FileExistsError
-            ``dir_path`` exists and ``overwrite`` is false, or it is not a ghist model folder.
+            ``path`` exists and ``overwrite`` is false, or it is not a ghist model folder.
 
         Examples
         --------
@@ -469,7 +471,7 @@ class GHISTModel:
         """
         from .._folders import replace_folder
 
-        dir_path = Path(dir_path)
+        path = Path(path)
         state = self._to_state()
         settings = {**state["settings"], "weights_file": WEIGHTS_FILE}
 
@@ -478,14 +480,15 @@ class GHISTModel:
             (tmp / META_FILE).write_text(json.dumps(settings, indent=2, allow_nan=False))
 
         replace_folder(
-            dir_path, write, overwrite=overwrite, is_ours=is_model_folder, own_names=MODEL_FILES, what="ghist model"
+            path, write, overwrite=overwrite, is_ours=is_model_folder, own_names=MODEL_FILES, what="ghist model"
         )
-        logger.info("Saved %s to %s", type(self).__name__, dir_path)
+        logger.info("Saved %s to %s", type(self).__name__, path)
 
     @classmethod
+    @renamed_arguments(dir_path="path")
     def load(
         cls,
-        dir_path: str | os.PathLike,
+        path: str | os.PathLike,
         *,
         genes: Sequence[str] | None = None,
         map_location: str | torch.device | None = "cpu",
@@ -498,7 +501,7 @@ class GHISTModel:
 
         Parameters
         ----------
-        dir_path
+        path
             Directory written by :meth:`save`.
         genes
             If given, the genes the caller expects; loading fails if the saved model predicts other genes.
@@ -517,7 +520,7 @@ class GHISTModel:
         Raises
         ------
         FileNotFoundError
-            ``dir_path`` holds no saved model.
+            ``path`` holds no saved model.
         ValueError
             A file is empty, truncated, not a ghist model file, holds anything but tensors, or does not match the
             settings (the message names the file); a setting of ``model.json`` is out of its type or range (see
@@ -525,8 +528,8 @@ class GHISTModel:
             NaN or infinities, or tensors the settings do not imply (checked before a network is built).
 
         """
-        dir_path = Path(dir_path)
-        weights, meta, legacy = dir_path / WEIGHTS_FILE, dir_path / META_FILE, dir_path / LEGACY_FILE
+        path = Path(path)
+        weights, meta, legacy = path / WEIGHTS_FILE, path / META_FILE, path / LEGACY_FILE
         if weights.is_file() or (meta.is_file() and not legacy.is_file()):
             settings = read_settings(meta)
             check_settings(settings, meta)  # every number, before the weights are read or anything is built
@@ -537,7 +540,7 @@ class GHISTModel:
             source = legacy
         else:
             raise FileNotFoundError(
-                f"No {WEIGHTS_FILE!r} and {META_FILE!r} in {str(dir_path)!r}; expected a directory written by "
+                f"No {WEIGHTS_FILE!r} and {META_FILE!r} in {str(path)!r}; expected a directory written by "
                 "`GHISTModel.save`."
             )
         try:

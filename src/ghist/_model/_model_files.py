@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .._validation import check_int
 from ._safe_load import safe_torch_load
 from ._spec import ArchitectureSpec
 
@@ -58,8 +59,7 @@ def check_training_state(settings: Mapping[str, Any]) -> int | None:
     if not isinstance(settings.get("is_trained", True), bool):
         raise ValueError(f"`is_trained` must be true or false, got {settings.get('is_trained')!r}.")
     best = settings.get("best_epoch")
-    if best is not None and (isinstance(best, bool) or not isinstance(best, int) or best < -1):
-        raise ValueError(f"`best_epoch` must be null or an integer >= -1, got {best!r}.")
+    check_int("best_epoch", best, -1, optional=True)
     return best
 
 

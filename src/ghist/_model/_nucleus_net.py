@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_int
+
 #: Output channels: nucleus foreground logit, normalised distance-to-border logit.
 N_OUTPUTS = 2
 
@@ -58,8 +60,7 @@ class NucleusNet(nn.Module):
         widths = [int(w) for w in widths]
         if len(widths) < 2 or min(widths) < 1:
             raise ValueError(f"`widths` must be at least two positive channel counts, got {widths!r}.")
-        if int(unshuffle) < 1:
-            raise ValueError(f"`unshuffle` must be an integer >= 1, got {unshuffle!r}.")
+        check_int("unshuffle", unshuffle, 1)
         self.widths = tuple(widths)
         self.unshuffle = int(unshuffle)
         r = self.unshuffle

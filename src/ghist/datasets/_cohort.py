@@ -20,8 +20,8 @@ from .._constants import (
     TABLE_KEY,
     XENIUM_BREAST_CELL_TYPES,
 )
-from .._validation import check_int
-from ._synthetic import _check_seed, _is_real, _positive, synthetic
+from .._validation import check_int, check_number, check_seed
+from ._synthetic import synthetic
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -107,14 +107,11 @@ def synthetic_cohort(
     check_int("n_patients", n_patients, 2)
     if causal_type not in types:
         raise ValueError(f"`causal_type` must be one of {types}, got {causal_type!r}.")
-    if not _positive(hazard_ratio):
-        raise ValueError(f"`hazard_ratio` must be a positive number, got {hazard_ratio!r}.")
-    if not (_is_real(composition_sd) and np.isfinite(composition_sd) and composition_sd >= 0):
-        raise ValueError(f"`composition_sd` must be >= 0, got {composition_sd!r}.")
+    check_number("hazard_ratio", hazard_ratio)
+    check_number("composition_sd", composition_sd, positive=False)
     for name, value in (("median_survival", median_survival), ("follow_up", follow_up), ("pixel_size", pixel_size)):
-        if not _positive(value):
-            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-    _check_seed(seed)
+        check_number(name, value)
+    check_seed(seed)
 
     from spatialdata import SpatialData
     from tqdm.auto import tqdm

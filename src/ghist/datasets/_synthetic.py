@@ -28,7 +28,7 @@ from .._constants import (
     XENIUM_BREAST_CELL_TYPES,
 )
 from .._deprecation import renamed_arguments
-from .._validation import check_genes, check_int, check_seed
+from .._validation import check_genes, check_int, check_number, check_seed
 from . import _signals
 from ._profiles import load_profiles
 
@@ -126,14 +126,6 @@ def _assign_counts(
 def _is_real(value: object) -> bool:
     """A real number that is not a bool: ``True`` is an int to Python but never a meant size or share."""
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
-
-
-def _positive(value: object) -> bool:
-    return _is_real(value) and bool(np.isfinite(value)) and value > 0
-
-
-def _check_seed(seed: object) -> None:
-    check_seed(seed)
 
 
 @renamed_arguments(he_transform="image_transform", he_scale="image_scale")
@@ -259,8 +251,7 @@ def synthetic(
 
     """
     check_int("image_size", image_size, 16)
-    if not _positive(pixel_size):
-        raise ValueError(f"`pixel_size` must be a positive number of microns per pixel, got {pixel_size!r}.")
+    check_number("pixel_size", pixel_size)  # µm per labels pixel
     if image_transform not in HE_TRANSFORMS:
         raise ValueError(f"`image_transform` must be one of {list(HE_TRANSFORMS)}, got {image_transform!r}.")
     if image_transform == "identity" and image_scale not in (None, 1, 1.0):
@@ -274,7 +265,7 @@ def synthetic(
     check_int("n_cells", n_cells, 1, optional=True)
     if not (_is_real(thinning) and 0 < thinning <= 1):
         raise ValueError(f"`thinning` must be in (0, 1], got {thinning!r}.")
-    _check_seed(seed)
+    check_seed(seed)
     # The tissue generator (scipy.ndimage) and SpatialData load here, not on ``import ghist``.
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, Labels2DModel, TableModel
@@ -471,10 +462,9 @@ def synthetic_reference(
 
     """
     check_int("n_cells_per_type", n_cells_per_type, 1)
-    for name, value in (("library_size", library_size), ("dispersion", dispersion)):
-        if not _positive(value):
-            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-    _check_seed(seed)
+    check_number("library_size", library_size)
+    check_number("dispersion", dispersion)
+    check_seed(seed)
     prof = load_profiles()
     genes = check_genes(list(prof.genes), genes, where="the packaged Xenium breast panel")
     types = _resolve_cell_types(cell_types)

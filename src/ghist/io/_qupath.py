@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import IMAGE_KEY, PRED_CELL_TYPE_KEY, PRED_KEY
+from .._deprecation import renamed_arguments
 from .._folders import replaced_file
 from .._spatial import element_affine
 from .._stats import dense
@@ -128,11 +129,12 @@ def _write_atomically(path: Path, payload: dict) -> None:
         json.dump(payload, f, separators=(",", ":"))
 
 
+@renamed_arguments(table_key="pred_key")
 def write_qupath(
     sdata: SpatialData,
     path: str | os.PathLike,
     *,
-    table_key: str = PRED_KEY,
+    pred_key: str = PRED_KEY,
     genes: Sequence[str] | Literal["all"] | None = None,
     labels_key: str | None = None,
     image_key: str | None = IMAGE_KEY,
@@ -142,7 +144,7 @@ def write_qupath(
 ) -> Path:
     """Write predicted cells as a GeoJSON file QuPath imports: nucleus outlines, cell types and chosen genes.
 
-    Each cell of ``sdata.tables[table_key]`` (e.g. from :func:`ghist.tl.predict`) becomes one QuPath detection:
+    Each cell of ``sdata.tables[pred_key]`` (e.g. from :func:`ghist.tl.predict`) becomes one QuPath detection:
     a ``Feature`` whose geometry is the outline of its nucleus in the labels the table annotates, with
     ``properties.objectType = "detection"``, ``classification = {"name": <cell type>, "color": [r, g, b]}`` and
     ``measurements = {<gene>: <value>}`` (QuPath 0.4+'s layout; values as in the table's ``X``, i.e. ``log1p``
@@ -160,8 +162,8 @@ def write_qupath(
         SpatialData holding the table, the labels it annotates and the image.
     path
         The GeoJSON file to write (``.geojson``).
-    table_key
-        Table of cells in ``sdata.tables`` annotating nucleus labels.
+    pred_key
+        The prediction table in ``sdata.tables`` (any table of cells annotating nucleus labels will do).
     genes
         Genes written as measurements: a list, ``"all"``, or ``None`` for none (each gene adds one number per cell
         to the file).
@@ -199,24 +201,24 @@ def write_qupath(
     if not path.parent.is_dir():
         raise FileNotFoundError(f"Folder {str(path.parent)!r} does not exist.")
     check_int("band_rows", band_rows, 1)
-    table = get_table(sdata, table_key)
+    table = get_table(sdata, pred_key, "pred_key")
     if labels_key is None:
         regions = get_table_keys(table)[0] if "spatialdata_attrs" in table.uns else None
         regions = [regions] if isinstance(regions, str) else list(regions or [])
         if len(regions) != 1:
             raise ValueError(
-                f"Table {table_key!r} annotates {regions}; pass `labels_key=`, the nucleus labels to outline."
+                f"Table {pred_key!r} annotates {regions}; pass `labels_key=`, the nucleus labels to outline."
             )
         labels_key = regions[0]
-    table, _, instance_key = table_of_region(sdata, table_key, labels_key, what="cells")
+    table, _, instance_key = table_of_region(sdata, pred_key, labels_key, what="cells")
     labels = get_labels(sdata, labels_key)
     if isinstance(genes, str):
         if genes != "all":
             raise ValueError(f"`genes` must be a list of genes, 'all' or None, got {genes!r}.")
         genes = list(table.var_names)
-    genes = check_genes(table.var_names, genes, where=f"table {table_key!r}") if genes else []
+    genes = check_genes(table.var_names, genes, where=f"table {pred_key!r}") if genes else []
     if cell_type_key is not None and cell_type_key not in table.obs:
-        logger.info("Table %r has no `obs[%r]`: cells are written without a classification.", table_key, cell_type_key)
+        logger.info("Table %r has no `obs[%r]`: cells are written without a classification.", pred_key, cell_type_key)
         cell_type_key = None
     matrix, extent = np.eye(3), None
     if image_key is not None:
@@ -231,7 +233,7 @@ def write_qupath(
 
     ids = pd.to_numeric(table.obs[instance_key], errors="coerce").to_numpy()
     if np.isnan(ids).any():
-        raise ValueError(f"`obs[{instance_key!r}]` of table {table_key!r} must hold the labels' integer ids.")
+        raise ValueError(f"`obs[{instance_key!r}]` of table {pred_key!r} must hold the labels' integer ids.")
     ids = ids.astype(np.int64)
     values = dense(table[:, genes].X) if genes else np.zeros((table.n_obs, 0))
     types = table.obs[cell_type_key].astype(str).to_numpy() if cell_type_key else None
@@ -281,11 +283,11 @@ def write_qupath(
         }
     if missing:
         logger.warning(
-            "%d cells of table %r have no pixels in labels %r and were not written.", missing, table_key, labels_key
+            "%d cells of table %r have no pixels in labels %r and were not written.", missing, pred_key, labels_key
         )
     features = [features[row] for row in sorted(features)]  # the table's order
     _write_atomically(path, {"type": "FeatureCollection", "features": features})
     logger.info(
-        "Wrote %d cells of table %r to %s (%d genes as measurements).", len(features), table_key, path, len(genes)
+        "Wrote %d cells of table %r to %s (%d genes as measurements).", len(features), pred_key, path, len(genes)
     )
     return path

@@ -12,6 +12,7 @@ import numpy as np
 
 from .._constants import GLOBAL_CS, IMAGE_KEY, MICRONS_CS, WSI_ATTRS_KEY
 from .._spatial import PIXEL_SIZE_RANGE_UM, check_pixel_size, is_plausible_pixel_size
+from .._validation import check_int
 from ._backends import (
     OpenedSlide,
     _formats,
@@ -115,12 +116,8 @@ def read_wsi(
         raise FileNotFoundError(f"No slide file at {str(path)!r}.")
     if path.is_dir():
         raise ValueError(f"{str(path)!r} is a directory; expected a slide file ({_formats()}).")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 64:
-        raise ValueError(f"`chunk_size` must be an integer >= 64 pixels; got {chunk_size!r}.")
-    if max_levels is not None and (
-        isinstance(max_levels, bool) or not isinstance(max_levels, int | np.integer) or max_levels < 1
-    ):
-        raise ValueError(f"`max_levels` must be a positive integer or None; got {max_levels!r}.")
+    check_int("chunk_size", chunk_size, 64)
+    check_int("max_levels", max_levels, 1, optional=True)
     if pixel_size is not None:
         pixel_size = check_pixel_size(pixel_size)
     choose_backend(path, backend)  # a bad or missing backend is named before the file is touched

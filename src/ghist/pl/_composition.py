@@ -60,8 +60,8 @@ def composition(
     pred_key
         Prediction table in ``sdata.tables`` (SpatialData only).
     true_key
-        SpatialData: table of measured cells annotating the same labels. AnnData: prefix of the ``obs`` columns
-        with measured proportions.
+        The ground truth the predicted proportions are compared with. SpatialData: table of measured cells
+        annotating the same labels. AnnData: prefix of the ``obs`` columns with measured proportions.
     cell_type_key
         Column of the measured table with its cell types (SpatialData only; default ``"cell_type"``).
     groupby

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .._docs import doc_ax, doc_params, doc_save_show
+from .._validation import check_int
 from ._utils import _check_top, _get_ax, _save_or_show
 
 if TYPE_CHECKING:  # matplotlib loads when a plot is drawn, not on ``import ghist``
@@ -136,8 +137,7 @@ def _svg_mask(eval_df: pd.DataFrame, svg: str | int | Sequence[str] | None, gene
                 f"`svg={svg}` selects the top genes by the 'svg_rank' column, which `eval_df` lacks "
                 f"(have {list(eval_df.columns)}); run `ghist.tl.evaluate` with spatial coordinates or pass a gene list."
             )
-        if svg < 1:
-            raise ValueError(f"`svg` must be a positive number of genes, got {svg}.")
+        check_int("svg", svg, 1)  # the number of top genes
         return (pd.to_numeric(eval_df["svg_rank"], errors="coerce") <= svg).to_numpy()
     if isinstance(svg, str):
         if svg not in eval_df.columns:

@@ -13,7 +13,7 @@ from anndata import AnnData
 
 from .._constants import CELL_TYPE_KEY, UNS_KEY
 from .._stats import best_correlated, standardise_rows
-from .._validation import _preview, check_genes, get_counts
+from .._validation import _preview, check_genes, check_int, check_number, get_counts
 from ._reference import reference_profiles
 
 logger = logging.getLogger(__name__)
@@ -118,15 +118,9 @@ def annotate_cell_types(
         raise TypeError(f"`groupby` must be the name of a column of `reference.obs`; got {groupby!r}.")
     if groupby not in reference.obs:
         raise KeyError(f"Column {groupby!r} not found in `reference.obs` (have {list(reference.obs.columns)}).")
-    if target_sum is not None and (
-        isinstance(target_sum, bool | np.bool_)
-        or not isinstance(target_sum, int | float | np.integer | np.floating)
-        or not (np.isfinite(target_sum) and target_sum > 0)
-    ):
-        raise ValueError(f"`target_sum` must be a positive number or None; got {target_sum!r}.")
-    for name, value in (("n_neighbors", n_neighbors), ("n_comps", n_comps)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+    check_number("target_sum", target_sum, optional=True)
+    check_int("n_neighbors", n_neighbors, 1)
+    check_int("n_comps", n_comps, 1)
     score_key = f"{key_added}_score"
     existing = [k for k in (key_added, score_key) if k in adata.obs]
     if existing and not overwrite:

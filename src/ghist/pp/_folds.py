@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .._validation import ValidationError
+from .._validation import ValidationError, check_int
 
 __all__ = ["SPLIT_NAMES", "TEST", "TRAIN", "VAL", "row_bands", "split_rows"]
 
@@ -45,12 +45,8 @@ def split_rows(n_rows: int, n_folds: int, fold: int | None) -> np.ndarray:
 
 
 def _check_folds(n_folds: int, fold: int | None) -> None:
-    if isinstance(n_folds, bool) or not isinstance(n_folds, int | np.integer) or n_folds < 2:
-        raise ValueError(f"`n_folds` must be an integer >= 2; got {n_folds!r}.")
-    if fold is not None and (
-        isinstance(fold, bool) or not isinstance(fold, int | np.integer) or not 1 <= fold <= n_folds
-    ):
-        raise ValueError(f"`fold` must be an integer in 1..{n_folds} (1-based test band) or None; got {fold!r}.")
+    check_int("n_folds", n_folds, 2)
+    check_int("fold", fold, 1, optional=True, maximum=n_folds)  # 1-based: the test band
 
 
 def _split_problem(name: str, n_rows: int, n_folds: int, fold: int | None, tile_size: int) -> str | None:

@@ -23,7 +23,9 @@ from .._validation import (
     check_cell_types,
     check_genes,
     check_instances,
+    check_int,
     check_memory,
+    check_number,
     check_unique_genes,
     get_counts,
     get_image,
@@ -42,8 +44,7 @@ logger = logging.getLogger(__name__)
 # Arguments
 # --------------------------------------------------------------------------------------------------------------------
 def _check_tile_size(tile_size: int) -> int:
-    if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 8:
-        raise ValueError(f"`tile_size` must be an integer >= 8 pixels; got {tile_size!r}.")
+    check_int("tile_size", tile_size, 8)
     return int(tile_size)
 
 
@@ -82,10 +83,7 @@ def _check_spot_args(
     # checked with or without spots: a bad value is a mistake either way
     if isinstance(spot_coverage, bool) or not isinstance(spot_coverage, int | float) or not 0 < spot_coverage <= 1:
         raise ValueError(f"`spot_coverage` must be a fraction in (0, 1]; got {spot_coverage!r}.")
-    if spot_target_sum is not None and (
-        isinstance(spot_target_sum, bool) or not isinstance(spot_target_sum, int | float) or not spot_target_sum > 0
-    ):
-        raise ValueError(f"`spot_target_sum` must be a positive number or None; got {spot_target_sum!r}.")
+    check_number("spot_target_sum", spot_target_sum, optional=True)
     if spots_key is None:
         if tiling == "spots":
             raise ValueError("`tiling='spots'` centres tiles on spots; pass `spots_key` (the spot circles) too.")

@@ -52,7 +52,7 @@ from .._constants import (
 )
 from .._docs import doc_params
 from .._spatial import element_transformations
-from .._validation import _preview, check_int, raster_levels, require_key, scale0
+from .._validation import _preview, check_int, check_number, raster_levels, require_key, scale0
 from .._write import check_writable, write_element
 
 logger = logging.getLogger(__name__)
@@ -188,8 +188,7 @@ def prepare_xenium(
     """
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
-    if isinstance(pixel_size, bool) or not (np.isfinite(pixel_size) and pixel_size > 0):
-        raise ValueError(f"`pixel_size` must be a positive number of µm per 'global' unit; got {pixel_size!r}.")
+    check_number("pixel_size", pixel_size)  # µm per 'global' unit
     check_int("chunk_size", chunk_size, 32, optional=True)
     keys = [key_added_image, key_added_labels, key_added_table]
     if len(set(keys)) != 3:

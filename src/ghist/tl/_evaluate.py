@@ -16,7 +16,7 @@ from spatialdata.models import get_table_keys
 from .._constants import PRED_CELL_TYPE_KEY, PRED_KEY, SPATIAL_KEY, TABLE_KEY, UNS_KEY
 from .._deprecation import renamed_arguments
 from .._stats import column_pearson, column_spearman, dense, macro_f1
-from .._validation import _preview, check_genes, check_name, get_counts, get_table, table_of_region
+from .._validation import _preview, check_genes, check_name, check_number, get_counts, get_table, table_of_region
 from .._write import check_writable, write_element
 from ._spots import pseudo_spots
 
@@ -145,8 +145,7 @@ def evaluate(
         raise ValueError("`cell_type_key` scores cell types cell by cell; spots carry none (`spots_key` is set).")
     if library not in ("panel", "all"):
         raise ValueError(f"`library` must be 'panel' or 'all'; got {library!r}.")
-    if target_sum is not None and not (_is_real(target_sum) and np.isfinite(target_sum) and target_sum > 0):
-        raise ValueError(f"`target_sum` must be a positive number or None; got {target_sum!r}.")
+    check_number("target_sum", target_sum, optional=True)
     if panel_share is not None and (library != "all" or not (_is_real(panel_share) and 0 < panel_share <= 1)):
         raise ValueError(f"`panel_share` needs `library='all'` and a value in (0, 1]; got {panel_share!r}.")
     return _evaluate_spots(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ from .._constants import (
 from .._docs import doc_accelerator, doc_batch_size, doc_image_key, doc_labels_key, doc_params, doc_progress
 from .._spatial import check_extents, element_affine, image_pixel_size, working_scale
 from .._tiling import plan_grid
-from .._validation import check_int, check_seed, get_image, get_labels, raster_levels
+from .._validation import check_int, check_number, check_seed, get_image, get_labels, raster_levels
 from .._write import check_writable, write_element
 from ._predict_rows import CellRows, MemoryRows, StoreRows
 from ._region import cells_in_region, region_in_labels_space
@@ -262,9 +261,7 @@ def _check_arguments(sdata: SpatialData, model: GHISTModel, args: _Arguments) ->
     # Labels of another pixel size under the same transformation would pair every nucleus with the wrong pixels.
     check_extents(sdata, args.image_key, args.labels_key)
     check_writable(sdata, args.key_added, "tables", overwrite=args.overwrite)  # in memory and in the store
-    alpha = args.alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"`alpha` must be a finite number >= 0 (0: no refinement); got {alpha!r}.")
+    check_number("alpha", args.alpha, positive=False)  # 0: no refinement
     check_int("tile_overlap", args.tile_overlap, 0, maximum=model.tile_size // 2 - 1)
     check_int("batch_size", args.batch_size, 1)
     check_int("num_workers", args.num_workers, 0)

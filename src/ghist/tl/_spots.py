@@ -14,6 +14,7 @@ from spatialdata.models import TableModel, get_table_keys
 
 from .._centroids import map_points
 from .._constants import PRED_KEY, PRED_STD_LAYER, REGION_KEY, SPATIAL_KEY, SPOT_ID_KEY, SPOTS_KEY, UNS_KEY
+from .._deprecation import renamed_arguments
 from .._docs import doc_params, doc_sdata
 from .._spatial import element_affine, shared_coordinate_system
 from .._spot_membership import assign_to_spots, spot_geometry, spot_pairs
@@ -31,11 +32,12 @@ from .._write import check_writable, write_element
 logger = logging.getLogger(__name__)
 
 
+@renamed_arguments(table_key="pred_key")
 @doc_params(sdata=doc_sdata)
 def aggregate_to_spots(
     sdata: SpatialData,
     *,
-    table_key: str = PRED_KEY,
+    pred_key: str = PRED_KEY,
     spots_key: str = SPOTS_KEY,
     spots_table_key: str | None = None,
     key_added: str | None = None,
@@ -59,7 +61,7 @@ def aggregate_to_spots(
     Parameters
     ----------
     {sdata}
-    table_key
+    pred_key
         Key of the per-cell prediction table in ``sdata.tables`` (``X`` = ``log1p`` counts, centroids in
         ``obsm["spatial"]``), annotating labels or shapes.
     spots_key
@@ -70,7 +72,7 @@ def aggregate_to_spots(
         one row per spot in the order of ``sdata.shapes[spots_key]``, named after its index, instance key
         ``obs["spot_id"]``.
     key_added
-        Key of the new table in ``sdata.tables``; default ``f"{{table_key}}_{{spots_key}}"``.
+        Key of the new table in ``sdata.tables``; default ``f"{{pred_key}}_{{spots_key}}"``.
     overlap
         A cell under several overlapping spots counts for the ``"nearest"`` one (default) or for ``"all"`` of them.
     overwrite
@@ -96,10 +98,10 @@ def aggregate_to_spots(
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
     # only None means "the default name": "" or 0 is a mistake to report, not to replace silently
-    key_added = f"{table_key}_{spots_key}" if key_added is None else key_added
+    key_added = f"{pred_key}_{spots_key}" if key_added is None else key_added
     check_writable(sdata, key_added, "tables", overwrite=overwrite)  # memory and the backing store, before any work
     out, _ = pseudo_spots(
-        sdata, table_key=table_key, spots_key=spots_key, spots_table_key=spots_table_key, overlap=overlap
+        sdata, pred_key=pred_key, spots_key=spots_key, spots_table_key=spots_table_key, overlap=overlap
     )
     out.uns[UNS_KEY]["aggregate_to_spots"]["params"]["key_added"] = key_added
     out = write_element(sdata, key_added, out, overwrite=overwrite)
@@ -109,7 +111,7 @@ def aggregate_to_spots(
         out.n_obs,
         out.n_vars,
         int(out.obs["n_cells"].sum()),
-        sdata.tables[table_key].n_obs,
+        sdata.tables[pred_key].n_obs,
         int((out.obs["n_cells"] == 0).sum()),
     )
     return out
@@ -118,7 +120,7 @@ def aggregate_to_spots(
 def pseudo_spots(
     sdata: SpatialData,
     *,
-    table_key: str,
+    pred_key: str,
     spots_key: str,
     spots_table_key: str | None,
     overlap: Literal["nearest", "all"] = "nearest",
@@ -131,15 +133,15 @@ def pseudo_spots(
     """
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"Expected a `spatialdata.SpatialData`, got {type(sdata).__name__}.")
-    table = get_table(sdata, table_key)
+    table = get_table(sdata, pred_key, "pred_key")
     if "spatialdata_attrs" not in table.uns:
         raise ValueError(
-            f"Table {table_key!r} is not a spatialdata TableModel (no `uns['spatialdata_attrs']`); expected the "
+            f"Table {pred_key!r} is not a spatialdata TableModel (no `uns['spatialdata_attrs']`); expected the "
             "predictions of `ghist.tl.predict`."
         )
     if SPATIAL_KEY not in table.obsm:
         raise KeyError(
-            f"Table {table_key!r} has no `obsm[{SPATIAL_KEY!r}]` (cell centroids); expected the predictions of "
+            f"Table {pred_key!r} has no `obsm[{SPATIAL_KEY!r}]` (cell centroids); expected the predictions of "
             f"`ghist.tl.predict` (have obsm {sorted(table.obsm)})."
         )
     shapes = require_key(sdata, "shapes", spots_key)
@@ -150,9 +152,7 @@ def pseudo_spots(
     regions = [regions] if isinstance(regions, str) else list(regions)
     centroids = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
     if centroids.ndim != 2 or centroids.shape[1] < 2:
-        raise ValueError(
-            f"`obsm[{SPATIAL_KEY!r}]` of table {table_key!r} has shape {centroids.shape}; expected (n, 2)."
-        )
+        raise ValueError(f"`obsm[{SPATIAL_KEY!r}]` of table {pred_key!r} has shape {centroids.shape}; expected (n, 2).")
     in_spots = np.full((table.n_obs, 2), np.nan)
     systems: dict[str, str] = {}
     for region in regions:
@@ -163,7 +163,7 @@ def pseudo_spots(
         systems[region] = shared_coordinate_system(sdata, region, spots_key)
         in_spots[rows] = map_points(centroids[rows, :2], matrix)
     if np.isnan(in_spots).any():
-        raise ValueError(f"Table {table_key!r} has cells with missing (NaN) centroids in `obsm[{SPATIAL_KEY!r}]`.")
+        raise ValueError(f"Table {pred_key!r} has cells with missing (NaN) centroids in `obsm[{SPATIAL_KEY!r}]`.")
 
     shape_pos = assign_to_spots(in_spots, geometry)
     row_of_shape = np.full(len(geometry), -1, dtype=np.int64)
@@ -178,10 +178,10 @@ def pseudo_spots(
     counts = table.X
     values = counts.data if sp.issparse(counts) else np.asarray(counts)
     if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"Table {table_key!r} holds dtype {values.dtype}; expected the log1p predictions of ghist.")
+        raise ValueError(f"Table {pred_key!r} holds dtype {values.dtype}; expected the log1p predictions of ghist.")
     if values.size and not np.isfinite(values).all():
         raise ValueError(
-            f"Table {table_key!r} `X` holds {int((~np.isfinite(values)).sum())} NaN or infinite values; expected the "
+            f"Table {pred_key!r} `X` holds {int((~np.isfinite(values)).sum())} NaN or infinite values; expected the "
             "finite log1p predictions of `ghist.tl.predict`."
         )
     counts = counts.expm1() if sp.issparse(counts) else np.expm1(np.asarray(counts, dtype=np.float64))
@@ -196,7 +196,7 @@ def pseudo_spots(
     out.uns[UNS_KEY] = {
         "aggregate_to_spots": {
             "params": {
-                "table_key": table_key,
+                "pred_key": pred_key,
                 "spots_key": spots_key,
                 "spots_table_key": spots_table_key,
                 "key_added": None,

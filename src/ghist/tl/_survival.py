@@ -14,6 +14,7 @@ from scipy import sparse
 from .._constants import COHORT_SE_LAYER
 from .._deprecation import renamed_arguments
 from .._survival_data import durations, events
+from .._validation import check_number
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +112,7 @@ def survival(
         features = [features]
     features = list(adata.var_names) if features is None else list(features)
     _check_keys(adata, duration_key, event_key, covariates, features, layer)
-    if (
-        isinstance(penalizer, bool | np.bool_)
-        or not isinstance(penalizer, int | float | np.integer | np.floating)
-        or not (np.isfinite(penalizer) and penalizer >= 0)
-    ):
-        raise ValueError(f"`penalizer` must be a finite number >= 0, got {penalizer!r}.")
+    check_number("penalizer", penalizer, positive=False)
 
     duration = durations(adata.obs[duration_key], duration_key)
     event = events(adata.obs[event_key], event_key)
