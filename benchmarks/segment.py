@@ -71,15 +71,15 @@ def main() -> None:
             same = np.array_equal(labels, reference)
             best[n_workers] = max(best.get(n_workers, 0.0), mpx / seconds)
             print(
-                f"repeat={repeat} n_workers={n_workers} nuclei={labels.max()} seconds={seconds:.1f} "
+                f"repeat={repeat} num_workers={n_workers} nuclei={labels.max()} seconds={seconds:.1f} "
                 f"mpx_per_s={mpx / seconds:.3f} same_labels_as_first={same}",
                 flush=True,
             )
             if not same:
-                raise SystemExit(f"n_workers={n_workers} gave other labels than n_workers={args.workers[0]}")
+                raise SystemExit(f"num_workers={n_workers} gave other labels than num_workers={args.workers[0]}")
     first = best[args.workers[0]]
     print(
-        " ".join(f"n_workers={n}: mpx_per_s={rate:.3f} ratio={rate / first:.2f}" for n, rate in best.items())
+        " ".join(f"num_workers={n}: mpx_per_s={rate:.3f} ratio={rate / first:.2f}" for n, rate in best.items())
         + f" load={os.getloadavg()}"
     )
 

@@ -90,7 +90,7 @@ def main() -> None:
     for section in args.sections:
         sdata = load_section(DATA / section / "he.jpg")
         start = time.perf_counter()
-        ghist.pp.segment_nuclei(sdata, chunk_size=args.chunk_size, n_workers=args.n_workers, progress=False)
+        ghist.pp.segment_nuclei(sdata, chunk_size=args.chunk_size, num_workers=args.n_workers, progress=False)
         seconds = time.perf_counter() - start
 
         rgb = np.moveaxis(np.asarray(sdata.images["he"].data), 0, -1)

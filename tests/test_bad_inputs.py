@@ -1153,7 +1153,7 @@ def test_make_tiles_refused_by_the_memory_available(sdata, tmp_path, monkeypatch
 def test_segment_chunk_beyond_memory(sdata, monkeypatch):
     monkeypatch.setattr(ghist._validation, "available_memory", lambda: 10**5)
     with pytest.raises(ghist._validation.ResourceError, match=r"chunk_size=2048.*`chunk_size`"):
-        ghist.pp.segment_nuclei(sdata, key_added="nuclei2", progress=False, n_workers=1)
+        ghist.pp.segment_nuclei(sdata, key_added="nuclei2", progress=False, num_workers=1)
     assert "nuclei2" not in sdata.labels
 
 
@@ -1240,4 +1240,4 @@ def test_tileset_loader_seed_out_of_range(seed, tiles):
 @pytest.mark.parametrize("option", [{"min_distance_um": 1e5}, {"sigma_um": 1e9}, {"blob_sigma_um": (2.0, 1e6)}])
 def test_segment_watershed_options_beyond_memory(option, sdata):
     with pytest.raises(ValueError, match=next(iter(option))):
-        ghist.pp.segment_nuclei(sdata, key_added="nuclei2", progress=False, n_workers=1, **option)
+        ghist.pp.segment_nuclei(sdata, key_added="nuclei2", progress=False, num_workers=1, **option)

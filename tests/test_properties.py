@@ -202,7 +202,7 @@ def test_make_tiles_any_arguments(kwargs, slide, tmp_path_factory):
 
 SEGMENT_ARGS = [
     "image_key", "key_added", "method", "pixel_size", "min_area_um2", "max_area_um2", "chunk_size", "halo",
-    "overwrite", "roi_key", "n_workers",
+    "overwrite", "roi_key", "num_workers",
 ]  # fmt: skip
 
 
@@ -210,7 +210,7 @@ SEGMENT_ARGS = [
 @PROPS
 def test_segment_nuclei_any_arguments(kwargs, backed):
     sdata, folder = backed
-    call = {"key_added": "nuclei_p", "progress": False, "n_workers": 1, "overwrite": True, **kwargs}
+    call = {"key_added": "nuclei_p", "progress": False, "num_workers": 1, "overwrite": True, **kwargs}
     outcome(lambda: ghist.pp.segment_nuclei(sdata, **call), folder)
 
 

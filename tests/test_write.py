@@ -384,10 +384,10 @@ def test_segment_nuclei_over_a_selection_keeps_the_labels_on_disk(slide_store):
     theirs = np.asarray(_read(slide_store).labels["nuclei"])
     part = spatialdata.read_zarr(slide_store, selection=("images",))
     with pytest.raises(ValueError, match="not loaded"):
-        ghist.pp.segment_nuclei(part, key_added="nuclei", n_workers=1, progress=False)
+        ghist.pp.segment_nuclei(part, key_added="nuclei", num_workers=1, progress=False)
     np.testing.assert_array_equal(np.asarray(_read(slide_store).labels["nuclei"]), theirs)
     assert "nuclei" not in part.labels
-    ours = ghist.pp.segment_nuclei(part, key_added="nuclei", n_workers=1, progress=False, overwrite=True)
+    ours = ghist.pp.segment_nuclei(part, key_added="nuclei", num_workers=1, progress=False, overwrite=True)
     assert ours is part.labels["nuclei"]
     back = np.asarray(_read(slide_store).labels["nuclei"])
     np.testing.assert_array_equal(back, np.asarray(ours))

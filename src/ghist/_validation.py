@@ -241,7 +241,7 @@ def check_blocks_memory(
         float(window) * bytes_per_pixel * max(int(n_workers), 1),
         f"{what} in windows of {min(chunk_size + 2 * halo, height)} x {min(chunk_size + 2 * halo, width)} px "
         f"(chunk_size={chunk_size}, halo={halo}, {n_workers} at once)",
-        hint="pass a smaller `chunk_size`, `halo` or `n_workers` (or a smaller `max_area_um2`, which sets the halo).",
+        hint="pass a smaller `chunk_size`, `halo` or `num_workers` (or a smaller `max_area_um2`, which sets the halo).",
     )
 
 

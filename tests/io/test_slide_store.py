@@ -35,7 +35,7 @@ def test_store_beside_the_slide_keeps_each_step(tmp_path, slide):
     assert elements_on_disk(sdata) == {}  # the image stays in the slide file
     assert sdata.attrs["ghist_slide"]["size"] == local.stat().st_size
     ghist.pp.detect_tissue(sdata, min_area_um2=1000.0)
-    ghist.pp.segment_nuclei(sdata, roi_key="tissue", progress=False, n_workers=1)
+    ghist.pp.segment_nuclei(sdata, roi_key="tissue", progress=False, num_workers=1)
     assert elements_on_disk(sdata) == {"tissue": "shapes", "nuclei": "labels"}
     assert not any(p.name.startswith(".ghist-segment-") for p in store.iterdir())  # checkpoint removed when done
 
@@ -81,7 +81,7 @@ def test_store_refuses_another_file(tmp_path, slide):
 def test_segmentation_resumes_from_finished_blocks(tmp_path, slide, monkeypatch):
     """A segmentation killed after 3 blocks redoes only the others and gives the labels of an uninterrupted run."""
     expected = ghist.io.read_wsi(slide)
-    ghist.pp.segment_nuclei(expected, chunk_size=96, progress=False, n_workers=1)
+    ghist.pp.segment_nuclei(expected, chunk_size=96, progress=False, num_workers=1)
 
     make_backend = _segment.make_backend
     calls = {"n": 0, "fail_after": 3}
@@ -101,14 +101,14 @@ def test_segmentation_resumes_from_finished_blocks(tmp_path, slide, monkeypatch)
     monkeypatch.setattr(_segment, "make_backend", counting)
     sdata = ghist.io.open_slide_store(slide, tmp_path / "s.zarr")
     with pytest.raises(KeyboardInterrupt):
-        ghist.pp.segment_nuclei(sdata, chunk_size=96, progress=False, n_workers=1)
+        ghist.pp.segment_nuclei(sdata, chunk_size=96, progress=False, num_workers=1)
     assert "nuclei" not in elements_on_disk(sdata)
     saved = list((tmp_path / "s.zarr" / ".ghist-segment-nuclei").glob("block-*.npz"))
     assert len(saved) == 3
 
     calls.update(n=0, fail_after=-1)
     sdata = ghist.io.open_slide_store(slide, tmp_path / "s.zarr")
-    ghist.pp.segment_nuclei(sdata, chunk_size=96, progress=False, n_workers=1)
+    ghist.pp.segment_nuclei(sdata, chunk_size=96, progress=False, num_workers=1)
     n_blocks = 4 * 3  # 320 x 288 px in 96 px blocks
     assert calls["n"] == n_blocks - 3
     np.testing.assert_array_equal(np.asarray(sdata.labels["nuclei"]), np.asarray(expected.labels["nuclei"]))
@@ -123,7 +123,7 @@ def test_elements_a_killed_writer_did_not_list_yet_are_opened(tmp_path, slide, m
     sdata = ghist.io.open_slide_store(slide, store)
     listing = (store / "zarr.json").read_bytes()  # the consolidated metadata before the writes
     ghist.pp.detect_tissue(sdata, min_area_um2=1000.0)
-    ghist.pp.segment_nuclei(sdata, progress=False, n_workers=1)
+    ghist.pp.segment_nuclei(sdata, progress=False, num_workers=1)
     # the state a writer killed right after its renames leaves: folders in place, listed nowhere
     (store / "zarr.json").write_bytes(listing)
     labels_group = zarr.open_group(store / "labels", mode="r+", use_consolidated=False)

@@ -30,7 +30,7 @@ def test_wsidata_goes_through_ghist_and_gets_the_table(slide):
     assert image_pixel_size(wsi, "he") == pytest.approx(0.5)
     tissue = ghist.pp.detect_tissue(wsi, key_added="ghist_tissue", min_area_um2=1000.0)
     assert "area_um2" in tissue.columns  # worked in µm, not pixels
-    labels = ghist.pp.segment_nuclei(wsi, roi_key="ghist_tissue", progress=False, n_workers=1)
+    labels = ghist.pp.segment_nuclei(wsi, roi_key="ghist_tissue", progress=False, num_workers=1)
     assert labels is wsi.labels["nuclei"]
     n_nuclei = int(np.unique(np.asarray(labels)).size - 1)
     assert n_nuclei > 20

@@ -264,8 +264,11 @@ def test_pixel_size_from_microns_transformation(synthetic):
     element = Image2DModel.parse(
         image, dims=("c", "y", "x"), transformations={"microns": Affine(rotation, ("x", "y"), ("x", "y"))}
     )
-    assert _resolve_pixel_size(element, "he", None) == pytest.approx(0.25)
-    assert _resolve_pixel_size(element, "he", 0.7) == 0.7
+    sdata = sd.SpatialData(images={"he": element})
+    assert _resolve_pixel_size(sdata, "he", None) == pytest.approx(0.25)
+    assert _resolve_pixel_size(sdata, "he", 0.7) == 0.7
+    # ghist's one rule also finds the size through the graph: image -> "global" <- labels -> "microns"
+    assert ghist._spatial.image_pixel_size(sdata, "he") == pytest.approx(0.25)
 
 
 def test_hematoxylin_matches_skimage():

@@ -1,8 +1,8 @@
-"""The StarDist and Cellpose backends of ``segment_nuclei``: local weights only, no download, one model call at a time.
+"""The StarDist and Cellpose backends of ``segment_nuclei``: local weights, pretrained names, one model call at a time.
 
-Cellpose (3.x, its small CPnet) runs for real on a randomly initialised network saved to a temporary file. StarDist
-needs TensorFlow, which CI does not install (see ``.ci/run``): its code path runs with stand-in ``stardist`` and
-``csbdeep`` modules.
+Cellpose (3.x, its small CPnet) runs for real on a randomly initialised network saved to a temporary file, and its
+default model's fetch fails offline with a named error. StarDist needs TensorFlow, which CI does not install (see
+``.ci/run``): its code path runs with stand-in ``stardist`` and ``csbdeep`` modules. InstanSeg: test_segment_pretrained.
 """
 
 from __future__ import annotations
@@ -90,9 +90,20 @@ def test_cellpose_from_local_weights(small, offline, tmp_path, monkeypatch):
 
 
 def test_cellpose_missing_weights_file_is_not_downloaded(small, offline, tmp_path):
-    with pytest.raises(FileNotFoundError, match="downloads no"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth' not found"):
         ghist.pp.segment_nuclei(small, key_added="cp", method="cellpose", model=tmp_path / "nope.pth", progress=False)
-    assert "cropped" not in small.labels
+    assert "cp" not in small.labels
+
+
+def test_cellpose_default_model_offline(small, offline, tmp_path, monkeypatch):
+    from cellpose import models
+
+    folder = tmp_path / "cellpose_models"
+    monkeypatch.setattr(models, "MODEL_DIR", folder)  # read by Cellpose at import; the fixture's variable is too late
+    # Cellpose fetches its `nuclei` model on first use: offline that fails, saying what to fetch and where to put it
+    with pytest.raises(FileNotFoundError, match=r"could not fetch .* 'nuclei'.*nucleitorch_0.*cellpose_models"):
+        ghist.pp.segment_nuclei(small, key_added="cp", method="cellpose", progress=False)
+    assert "cp" not in small.labels
 
 
 # ------------------------------------------------------------------------------------------ duck-typed model objects
@@ -156,8 +167,8 @@ def fake_stardist(monkeypatch):
 @pytest.mark.parametrize("method", ["stardist", "cellpose"])
 def test_model_called_one_block_at_a_time(small, method, fake_stardist):
     model = _DarkBlobs()
-    kwargs = {"chunk_size": 64, "n_workers": 4, "progress": False}
-    ghist.pp.segment_nuclei(small, key_added="serial", method=method, model=model, **{**kwargs, "n_workers": 1})
+    kwargs = {"chunk_size": 64, "num_workers": 4, "progress": False}
+    ghist.pp.segment_nuclei(small, key_added="serial", method=method, model=model, **{**kwargs, "num_workers": 1})
     ghist.pp.segment_nuclei(small, key_added="threads", method=method, model=model, **kwargs)
     assert model.most_active == 1
     assert len(model.calls) == 2 * 9
@@ -182,13 +193,37 @@ def test_stardist_model_folder(small, offline, fake_stardist, tmp_path):
 
 
 def test_stardist_bad_models(small, fake_stardist, tmp_path):
-    with pytest.raises(FileNotFoundError, match="downloads no"):
-        ghist.pp.segment_nuclei(small, key_added="sd", method="stardist", model="2D_versatile_he", progress=False)
-    with pytest.raises(ValueError, match="needs `model=`"):
-        ghist.pp.segment_nuclei(small, key_added="sd", method="stardist", progress=False)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ghist.pp.segment_nuclei(small, key_added="sd", method="stardist", model=tmp_path / "nope", progress=False)
     with pytest.raises(TypeError, match="predict_instances"):
         ghist.pp.segment_nuclei(small, key_added="sd", method="stardist", model=object(), progress=False)
     assert "sd" not in small.labels
+
+
+def test_stardist_pretrained_by_name(small, fake_stardist, monkeypatch, caplog):
+    StarDist2D = sys.modules["stardist.models"].StarDist2D
+    fetched = []
+
+    def from_pretrained(name):
+        fetched.append(name)
+        if name not in ("2D_versatile_he", "2D_versatile_fluo"):
+            raise ValueError(f"unknown model {name!r}")
+        if name == "2D_versatile_fluo":  # Keras' get_file raises a bare Exception when a fetch fails
+            raise Exception("URL fetch failure on https://github.com/stardist/...: None -- [Errno 101] unreachable")
+        return StarDist2D(None, name=name, basedir="~/.keras/models/StarDist2D")
+
+    monkeypatch.setattr(StarDist2D, "from_pretrained", staticmethod(from_pretrained), raising=False)
+    with caplog.at_level("WARNING", logger="ghist"):
+        ghist.pp.segment_nuclei(small, key_added="sd", method="stardist", progress=False)  # the default model
+    assert fetched == ["2D_versatile_he"]
+    assert "non-commercial" in caplog.text
+    assert _labels(small, "sd").max() > 0
+    with pytest.raises(FileNotFoundError, match=r"could not fetch.*'2D_versatile_fluo'.*\.keras.*StarDist2D"):
+        ghist.pp.segment_nuclei(small, key_added="sd2", method="stardist", model="2D_versatile_fluo", progress=False)
+    with pytest.raises(ValueError, match="no pretrained model 'nope'"):
+        ghist.pp.segment_nuclei(small, key_added="sd2", method="stardist", model="nope", progress=False)
+    assert "sd2" not in small.labels
+    del small.labels["sd"]
 
 
 def test_model_with_wrong_output_shape(small):
@@ -198,6 +233,6 @@ def test_model_with_wrong_output_shape(small):
 
     with pytest.raises(RuntimeError, match="returned shape"):
         ghist.pp.segment_nuclei(
-            small, key_added="cropped", method="cellpose", model=Cropping(), n_workers=2, progress=False
+            small, key_added="cropped", method="cellpose", model=Cropping(), num_workers=2, progress=False
         )
     assert "cropped" not in small.labels

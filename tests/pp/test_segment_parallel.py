@@ -1,4 +1,4 @@
-"""``segment_nuclei(n_workers=...)``: blocks segmented in threads, stitched in block order; progress and log line."""
+"""``segment_nuclei(num_workers=...)``: blocks segmented in threads, stitched in block order; progress and log line."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def test_parallel_equals_serial_on_a_slide_file(slide, tmp_path):
         tif.write(rgb, subifds=1, tile=(128, 128), photometric="rgb", **resolution)
         tif.write(rgb[::2, ::2], subfiletype=1, tile=(128, 128), photometric="rgb", **resolution)
     wsi = ghist.io.read_wsi(path, chunk_size=512)
-    ghist.pp.segment_nuclei(wsi, key_added="serial", chunk_size=CHUNK, n_workers=1, progress=False)
-    ghist.pp.segment_nuclei(wsi, key_added="parallel", chunk_size=CHUNK, n_workers=2, progress=False)
+    ghist.pp.segment_nuclei(wsi, key_added="serial", chunk_size=CHUNK, num_workers=1, progress=False)
+    ghist.pp.segment_nuclei(wsi, key_added="parallel", chunk_size=CHUNK, num_workers=2, progress=False)
     serial = _labels(wsi, "serial")
     assert serial.max() > 500
     np.testing.assert_array_equal(_labels(wsi, "parallel"), serial)
@@ -71,10 +71,10 @@ def test_parallel_equals_serial(slide, roi_key, monkeypatch):
 
     monkeypatch.setattr(_segment, "make_backend", recording_backend)
     kwargs = {"chunk_size": CHUNK, "roi_key": roi_key, "progress": False}
-    ghist.pp.segment_nuclei(slide, key_added="serial", n_workers=1, **kwargs)
+    ghist.pp.segment_nuclei(slide, key_added="serial", num_workers=1, **kwargs)
     assert threads == {threading.current_thread().name}
     threads.clear()
-    ghist.pp.segment_nuclei(slide, key_added="parallel", n_workers=2, **kwargs)
+    ghist.pp.segment_nuclei(slide, key_added="parallel", num_workers=2, **kwargs)
     assert len(threads) == 2
     assert all(name.startswith("ghist-segment") for name in threads)
     serial, parallel = _labels(slide, "serial"), _labels(slide, "parallel")
@@ -90,7 +90,7 @@ def test_parallel_equals_serial(slide, roi_key, monkeypatch):
 def test_log_line_states_throughput(slide, roi_key, caplog):
     with caplog.at_level("INFO", logger="ghist"):
         ghist.pp.segment_nuclei(
-            slide, key_added="logged", chunk_size=CHUNK, n_workers=2, roi_key=roi_key, progress=False
+            slide, key_added="logged", chunk_size=CHUNK, num_workers=2, roi_key=roi_key, progress=False
         )
     lines = [m for m in map(LOG_LINE.search, caplog.messages) if m]
     assert len(lines) == 1, caplog.messages
@@ -108,7 +108,7 @@ def test_log_line_states_throughput(slide, roi_key, caplog):
 
 
 def test_progress_bar_in_megapixels(slide, capsys):
-    ghist.pp.segment_nuclei(slide, key_added="shown", chunk_size=CHUNK, n_workers=2, progress=True)
+    ghist.pp.segment_nuclei(slide, key_added="shown", chunk_size=CHUNK, num_workers=2, progress=True)
     err = capsys.readouterr().err
     assert "1.05/1.05 Mpx" in err
     assert "Mpx/s" in err
@@ -118,8 +118,8 @@ def test_progress_bar_in_megapixels(slide, capsys):
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
 def test_n_workers_validated(slide, bad):
-    with pytest.raises(ValueError, match="n_workers"):
-        ghist.pp.segment_nuclei(slide, key_added="bad", n_workers=bad, progress=False)
+    with pytest.raises(ValueError, match="num_workers"):
+        ghist.pp.segment_nuclei(slide, key_added="bad", num_workers=bad, progress=False)
     assert "bad" not in slide.labels
 
 
@@ -166,6 +166,6 @@ def test_worker_error_stops_the_run(slide, monkeypatch):
 
     monkeypatch.setattr(_segment, "make_backend", failing_backend)
     with pytest.raises(RuntimeError, match="block failed"):
-        ghist.pp.segment_nuclei(slide, key_added="failed", chunk_size=128, n_workers=2, progress=False)
+        ghist.pp.segment_nuclei(slide, key_added="failed", chunk_size=128, num_workers=2, progress=False)
     assert "failed" not in slide.labels
     assert len(calls) < 64  # the queued blocks were cancelled, not all 8 x 8 run

@@ -20,10 +20,11 @@ from spatialdata import SpatialData
 from spatialdata.models import Labels2DModel
 from spatialdata.transformations import get_transformation
 from tqdm.auto import tqdm
-from xarray import DataArray, DataTree
+from xarray import DataArray
 
 from .._centroids import label_centroids
 from .._constants import IMAGE_KEY, LABELS_KEY, MICRONS_CS
+from .._deprecation import renamed_arguments
 from .._docs import doc_image_key, doc_params, doc_progress, doc_sdata
 from .._memory import release_freed_memory
 from .._validation import check_blocks_memory, check_int, get_image
@@ -32,8 +33,8 @@ from ._segment_backends import WATERSHED_DEFAULTS, make_backend
 
 logger = logging.getLogger(__name__)
 
-SegmentationMethod = Literal["watershed", "ghist", "stardist", "cellpose"]
-SEGMENTATION_METHODS: tuple[str, ...] = ("watershed", "ghist", "stardist", "cellpose")
+SegmentationMethod = Literal["watershed", "ghist", "instanseg", "stardist", "cellpose"]
+SEGMENTATION_METHODS: tuple[str, ...] = ("watershed", "ghist", "instanseg", "stardist", "cellpose")
 #: Nucleus areas (µm²) kept by default, unless a learned model says what it was trained on.
 DEFAULT_AREA_UM2 = (10.0, 200.0)
 
@@ -54,6 +55,7 @@ MAX_DEFAULT_WORKERS = 8
     watershed_defaults=", ".join(f"``{k}={v!r}``" for k, v in WATERSHED_DEFAULTS.items()),
     max_workers=MAX_DEFAULT_WORKERS,
 )
+@renamed_arguments(n_workers="num_workers")
 def segment_nuclei(
     sdata: SpatialData,
     *,
@@ -69,7 +71,7 @@ def segment_nuclei(
     progress: bool = True,
     model: Any = None,
     roi_key: str | None = None,
-    n_workers: int | None = None,
+    num_workers: int | None = None,
     **method_kwargs: Any,
 ) -> DataArray:
     """Segment the nuclei of an H&E image into instance labels, chunk by chunk.
@@ -79,12 +81,12 @@ def segment_nuclei(
     centroid and receives one id, even when it crosses a block border; ids are unique over the slide and numbered
     block after block. The labels are kept compressed in memory.
 
-    Blocks are segmented by ``n_workers`` threads at once and stitched in block order, so the labels, ids included,
-    are the same for any ``n_workers``. Threads, not processes: the watershed's numpy, SciPy and scikit-image steps
+    Blocks are segmented by ``num_workers`` threads at once and stitched in block order, so the labels, ids included,
+    are the same for any ``num_workers``. Threads, not processes: the watershed's numpy, SciPy and scikit-image steps
     release the GIL, and threads share the (possibly lazy, file-backed) image and the model without copying them.
-    At most ``2 * n_workers`` blocks are in flight, so memory grows with ``n_workers``, not with the slide.
+    At most ``2 * num_workers`` blocks are in flight, so memory grows with ``num_workers``, not with the slide.
 
-    Four ``method`` values are available.
+    Five ``method`` values are available.
 
     ``"watershed"`` (default, no model needed)
         Colour deconvolution (:func:`skimage.color.rgb2hed`) to the hematoxylin channel, Gaussian smoothing and a
@@ -105,16 +107,31 @@ def segment_nuclei(
         watershed seeded by the distance peaks splits touching nuclei. Options: ``fg_threshold``,
         ``marker_threshold`` (by default those chosen on the model's validation data) and ``min_marker_um2``.
         Only the network's forward passes are serialised; the watershed runs in every worker.
+    ``"instanseg"``
+        InstanSeg (``pip install 'ghist[instanseg]'``), by default its ``brightfield_nuclei`` model (H&E nuclei at
+        0.5 µm/px; weights under the Apache-2.0 licence, about 15 MB). ``model`` may also be another InstanSeg model
+        name, an :class:`instanseg.InstanSeg`, its TorchScript module, or the path of an ``instanseg.pt`` (a
+        TorchScript program: load files you trust). InstanSeg resamples each block to its model's pixel size.
+        Options: ``min_size``, ``mask_threshold``, ``peak_distance``, ``seed_threshold``, ``overlap_threshold``,
+        ``fg_threshold`` (InstanSeg's post-processing).
     ``"stardist"``
-        A :class:`stardist.models.StarDist2D` passed as ``model``, or the path of a local model folder (its
-        ``config.json`` and ``*.h5`` weights, as ``StarDist2D`` saves them); each block, percentile-normalised, goes
-        through ``model.predict_instances(block, **method_kwargs)``. Needs ``pip install 'ghist[stardist]'``; no
-        weights are downloaded.
+        StarDist (``pip install 'ghist[stardist]'``, on TensorFlow), by default its ``2D_versatile_he`` model. Its
+        weights were trained on images (MoNuSeg 2018, TNBC) released for non-commercial research only: check their
+        terms before commercial use (a warning says so when it is used). ``model`` may also be another pretrained
+        name, a :class:`stardist.models.StarDist2D`, or the folder of a saved one (its ``config.json`` and ``*.h5``
+        weights). Each block, percentile-normalised, goes through ``model.predict_instances(block,
+        **method_kwargs)``.
     ``"cellpose"``
-        A :class:`cellpose.models.CellposeModel` passed as ``model``, or the path of a local weights file; each block
-        goes through ``model.eval(block, **method_kwargs)`` (with Cellpose 3, ``channels=[0, 0]`` unless given:
-        the RGB image is read as grey). Needs ``pip install 'ghist[cellpose]'``; no weights are downloaded.
+        Cellpose (``pip install 'ghist[cellpose]'``), by default its ``nuclei`` model (BSD-3-Clause). ``model`` may
+        also be another built-in model name, a :class:`cellpose.models.CellposeModel`, or the path of a weights
+        file; each block goes through ``model.eval(block, **method_kwargs)`` (with Cellpose 3,
+        ``channels=[0, 0]`` unless given: the RGB image is read as grey).
 
+    The pretrained weights of the last three are fetched by their packages on first use and cached where each
+    caches them (InstanSeg beside its package or in ``INSTANSEG_BIOIMAGEIO_PATH``, StarDist in
+    ``~/.keras/models``, Cellpose in ``~/.cellpose/models`` or ``CELLPOSE_LOCAL_MODELS_PATH``). Offline, the call
+    fails with a ``FileNotFoundError`` naming the file to fetch elsewhere and the folder to put it in; a local file
+    or folder passed as ``model`` is never downloaded.
     The models are called by one thread at a time (their frameworks use all cores for one block already); the
     other workers read and stitch blocks meanwhile.
 
@@ -125,7 +142,7 @@ def segment_nuclei(
     key_added
         Key of the labels written into ``sdata.labels``.
     method
-        ``"watershed"``, ``"ghist"``, ``"stardist"`` or ``"cellpose"``.
+        ``"watershed"``, ``"ghist"``, ``"instanseg"``, ``"stardist"`` or ``"cellpose"``.
     pixel_size
         Size of a full-resolution image pixel in µm. By default read from the image's transformation to the
         ``"microns"`` coordinate system.
@@ -141,12 +158,12 @@ def segment_nuclei(
         Replace an existing ``sdata.labels[key_added]``.
     {progress}
     model
-        The model object (or path to its weights or folder) of the ``"ghist"``, ``"stardist"`` and ``"cellpose"``
-        methods (for ``"ghist"`` also a bundled model's name).
+        The model of a learned method: an object, a saved folder or file, or a name (see above); for
+        ``"instanseg"``, ``"stardist"`` and ``"cellpose"`` by default the package's pretrained H&E nucleus model.
     roi_key
         Shapes of ``sdata`` (e.g. from :func:`ghist.pp.detect_tissue`): only blocks touching them are read and
         segmented, so the glass of a whole slide costs nothing.
-    n_workers
+    num_workers
         Number of blocks segmented at once, by as many threads. By default the CPUs this process may use
         (:func:`os.sched_getaffinity`), at most {max_workers}. ``1`` segments block after block in the calling
         thread. The result does not depend on it.
@@ -166,7 +183,7 @@ def segment_nuclei(
     --------
     >>> import ghist
     >>> sdata = ghist.datasets.synthetic(seed=0)
-    >>> labels = ghist.pp.segment_nuclei(sdata, key_added="nuclei_he", n_workers=2, progress=False)
+    >>> labels = ghist.pp.segment_nuclei(sdata, key_added="nuclei_he", num_workers=2, progress=False)
     >>> labels is sdata.labels["nuclei_he"]
     True
 
@@ -177,19 +194,15 @@ def segment_nuclei(
         raise ValueError(f"Unknown segmentation `method` {method!r}; expected one of {list(SEGMENTATION_METHODS)}.")
     image = get_image(sdata, image_key)
     check_writable(sdata, key_added, "labels", overwrite=overwrite)  # memory and the backing store, before any work
-    check_int("n_workers", n_workers, 1, optional=True)
-    n_workers = default_n_workers() if n_workers is None else int(n_workers)
+    check_int("num_workers", num_workers, 1, optional=True)
+    n_workers = default_n_workers() if num_workers is None else int(num_workers)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 64:
         raise ValueError(f"`chunk_size` must be an integer >= 64 pixels, got {chunk_size!r}.")
     for name, value in (("min_area_um2", min_area_um2), ("max_area_um2", max_area_um2)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float | np.number)):
             raise ValueError(f"`{name}` must be a number of µm²; got {value!r}.")
     element = sdata.images[image_key]
-    if pixel_size is None:  # a LazySlide WSIData keeps it in its slide properties, not as a transformation
-        from .._spatial import wsidata_pixel_size
-
-        pixel_size = wsidata_pixel_size(sdata, element)
-    pixel_size = _resolve_pixel_size(element, image_key, pixel_size)
+    pixel_size = _resolve_pixel_size(sdata, image_key, pixel_size)
     _check_segment_size(sdata, element, image_key, roi_key)  # before the backend reads the image
 
     start = time.perf_counter()
@@ -320,28 +333,20 @@ def _check_segment_size(sdata: SpatialData, element: Any, image_key: str, roi_ke
     )
 
 
-def _resolve_pixel_size(element: DataArray | DataTree, image_key: str, pixel_size: float | None) -> float:
-    """Pixel size in µm: the argument, else the scale of the image's transformation to ``"microns"``."""
-    if pixel_size is not None:
-        from .._spatial import check_pixel_size  # one plausible range for every entry point
+def _resolve_pixel_size(sdata: SpatialData, image_key: str, pixel_size: float | None) -> float:
+    """Pixel size in µm: the argument, else ghist's one rule (:func:`ghist._spatial.image_pixel_size`), checked."""
+    from .._spatial import check_pixel_size, image_pixel_size  # one rule and one plausible range everywhere
 
+    if pixel_size is not None:
         return check_pixel_size(pixel_size)
-    transformations = get_transformation(element, get_all=True)
-    if MICRONS_CS not in transformations:
+    size = image_pixel_size(sdata, image_key)
+    if size is None:
         raise ValueError(
             f"Cannot tell the pixel size of image {image_key!r}: it has no transformation to a {MICRONS_CS!r} "
-            f"coordinate system (it has {sorted(transformations)}). Pass `pixel_size` (µm per pixel)."
+            f"coordinate system (its coordinate systems: {sorted(sdata.coordinate_systems)}). Pass `pixel_size` "
+            "(µm per pixel)."
         )
-    matrix = transformations[MICRONS_CS].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
-    linear = np.asarray(matrix, dtype=float)[:2, :2]
-    scales = np.linalg.norm(linear, axis=0)
-    if not np.all(scales > 0):
-        raise ValueError(f"The {MICRONS_CS!r} transformation of image {image_key!r} is degenerate; pass `pixel_size`.")
-    if not np.isclose(scales[0], scales[1], rtol=0.05):
-        logger.warning(
-            "Image %r has anisotropic pixels (%.4g x %.4g µm); using their geometric mean.", image_key, *scales
-        )
-    return float(np.sqrt(scales[0] * scales[1]))
+    return check_pixel_size(size, "the image's pixel size", where=f" of image {image_key!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -427,7 +432,7 @@ def _segment_blocks(
     Each block is segmented with ``halo`` pixels of context. It keeps the objects whose centroid falls inside it,
     whose area is within bounds and that do not touch the cut edge of its window (those are too large to be whole),
     and writes them, with ids continuing those of the previous blocks, onto pixels no earlier block has claimed.
-    Blocks are segmented by ``n_workers`` threads but numbered and written in block order, so the result does not
+    Blocks are segmented by ``num_workers`` threads but numbered and written in block order, so the result does not
     depend on ``n_workers``. Returns the array and the megapixels of the blocks segmented. With a ``checkpoint``
     (:class:`~ghist.pp._segment_checkpoint.BlockCheckpoint`), blocks saved by an earlier run are loaded instead of
     segmented, and each newly segmented block is saved before it is stitched.

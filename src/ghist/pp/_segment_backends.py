@@ -1,14 +1,12 @@
-"""Per-window nucleus segmenters of ``segment_nuclei``: watershed, ghist's learned model, StarDist, Cellpose."""
+"""Per-window nucleus segmenters of ``segment_nuclei``: the watershed, ghist's learned model, the field's models."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -51,20 +49,27 @@ def make_backend(
     if method == "watershed":
         if model is not None:
             raise ValueError(
-                "`model` is used by method='ghist', 'stardist' or 'cellpose' only; method='watershed' needs none."
+                "`model` is used by the learned methods ('ghist', 'instanseg', 'stardist', 'cellpose'); "
+                "method='watershed' needs none."
             )
         segment, margin = _watershed_segmenter(element, pixel_size, method_kwargs)
         # Pure numpy/scipy/skimage on arrays of its own: safe to run in several threads.
         return Backend(segment, margin)
     if method == "ghist":
         return _ghist_backend(model, pixel_size, method_kwargs)
-    segment = (
-        _stardist_segmenter(model, method_kwargs) if method == "stardist" else _cellpose_segmenter(model, method_kwargs)
-    )
+    from . import _segment_pretrained as pretrained
+
+    margin = 0.0
+    if method == "instanseg":
+        segment, margin = pretrained.instanseg_segmenter(model, pixel_size, method_kwargs)
+    elif method == "stardist":
+        segment = pretrained.stardist_segmenter(model, method_kwargs)
+    else:
+        segment = pretrained.cellpose_segmenter(model, method_kwargs)
     # One model object is shared by the worker threads. TensorFlow/PyTorch models are not documented as safe to call
     # concurrently and already use every core for one window, so calls are serialised; reading the next window and
     # stitching the last one still overlap with them.
-    return Backend(_serialised(segment), 0.0)
+    return Backend(_serialised(segment), margin)
 
 
 def _serialised(segment: _Segmenter) -> _Segmenter:
@@ -248,91 +253,3 @@ def _ghist_backend(model: Any, pixel_size: float, method_kwargs: dict[str, Any])
 
     area = (segmenter.min_area_um2, segmenter.max_area_um2)
     return Backend(segment, segmenter.margin_px(pixel_size), area)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Optional model backends
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _stardist_segmenter(model: Any, method_kwargs: dict[str, Any]) -> _Segmenter:
-    try:
-        from csbdeep.utils import normalize
-        from stardist.models import StarDist2D
-    except ImportError as err:
-        raise ImportError(
-            "method='stardist' needs the optional dependency `stardist`; install it with "
-            "`pip install 'ghist[stardist]'`."
-        ) from err
-    if model is None:
-        raise ValueError(
-            "method='stardist' needs `model=`: a `stardist.models.StarDist2D` with weights, or the path of a saved "
-            "StarDist model folder (ghist downloads no weights)."
-        )
-    if isinstance(model, str | os.PathLike):
-        path = Path(model)
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"StarDist model folder {str(path)!r} not found (`model` must be a local folder; ghist downloads no "
-                "pretrained models)."
-            )
-        # Without weights StarDist2D would log a line and carry on with random ones.
-        weights = [p for p in path.iterdir() if p.suffix in (".h5", ".hdf5")]
-        if not (path / "config.json").is_file() or not weights:
-            raise FileNotFoundError(
-                f"StarDist model folder {str(path)!r} must hold `config.json` and a weights file (*.h5 or *.hdf5); "
-                f"it holds {sorted(p.name for p in path.iterdir())}."
-            )
-        model = StarDist2D(None, name=path.name, basedir=str(path.parent))
-    if not hasattr(model, "predict_instances"):
-        raise TypeError(f"`model` must be a StarDist2D model (with `predict_instances`), got {type(model).__name__}.")
-
-    def segment(rgb: np.ndarray) -> np.ndarray:
-        labels, _ = model.predict_instances(normalize(rgb, 1, 99.8, axis=(0, 1)), **method_kwargs)
-        return np.asarray(labels, dtype=np.int32)
-
-    return segment
-
-
-def _cellpose_segmenter(model: Any, method_kwargs: dict[str, Any]) -> _Segmenter:
-    try:
-        from cellpose import models
-    except ImportError as err:
-        raise ImportError(
-            "method='cellpose' needs the optional dependency `cellpose`; install it with "
-            "`pip install 'ghist[cellpose]'`."
-        ) from err
-    if model is None:
-        raise ValueError(
-            "method='cellpose' needs `model=`: a `cellpose.models.CellposeModel` with weights, or the path of a "
-            "weights file (ghist downloads no weights)."
-        )
-    if isinstance(model, str | os.PathLike):
-        # A path that does not exist would make Cellpose fall back to downloading its default model.
-        if not Path(model).is_file():
-            raise FileNotFoundError(
-                f"Cellpose weights file {str(model)!r} not found (`model` must be a local file; ghist downloads no "
-                "pretrained models)."
-            )
-        model = models.CellposeModel(pretrained_model=str(model))
-    if not hasattr(model, "eval"):
-        raise TypeError(f"`model` must be a Cellpose model (with `eval`), got {type(model).__name__}.")
-    kwargs = dict(method_kwargs)
-    if _major_version("cellpose") < 4:
-        # Cellpose 3 networks take two channels and would use R and G of an RGB image; H&E goes in as grey.
-        kwargs.setdefault("channels", [0, 0])
-
-    def segment(rgb: np.ndarray) -> np.ndarray:
-        masks = model.eval(rgb, **kwargs)[0]
-        return np.asarray(masks, dtype=np.int32)
-
-    return segment
-
-
-def _major_version(package: str) -> int:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return int(version(package).split(".")[0])
-    except (PackageNotFoundError, ValueError):
-        return 0
