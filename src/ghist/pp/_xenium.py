@@ -50,6 +50,7 @@ from .._constants import (
     XENIUM_CELL_ID_KEY,
     XENIUM_HE_KEY,
 )
+from .._deprecation import renamed_arguments
 from .._docs import doc_params
 from .._spatial import element_transformations
 from .._validation import _preview, check_int, check_number, raster_levels, require_key, scale0
@@ -70,11 +71,12 @@ sdata
     ``sdata.images["he_image"] = spatialdata_io.xenium_aligned_image(he_path, alignment_csv)``)."""
 
 
+@renamed_arguments(he_key="image_key")
 @doc_params(sdata=_doc_sdata_xenium)
 def prepare_xenium(
     sdata: SpatialData,
     *,
-    he_key: str | None = None,
+    image_key: str | None = None,
     labels_key: str = "nucleus_labels",
     table_key: str = TABLE_KEY,
     cell_type_key: str | None = None,
@@ -97,7 +99,7 @@ def prepare_xenium(
     integer labels, and the cells' raw counts in a table annotating those labels with integer ids. Pixel data are
     never copied or loaded: the new elements are lazy views of the same (dask) arrays, with new transformations.
 
-    **H&E.** ``images[he_key]`` keeps its alignment to ``"global"``. An alpha channel (4th channel, or the one named
+    **H&E.** ``images[image_key]`` keeps its alignment to ``"global"``. An alpha channel (4th channel, or the one named
     ``"a"``) is dropped; ``uint16`` is scaled to ``uint8`` (``// 257``); other dtypes are refused. A scale stored in
     chunks larger than ``chunk_size`` (``spatialdata_io.xenium_aligned_image`` reads the whole H&E as one chunk) is
     cut into ``chunk_size`` tiles holding all three channels, and a single-scale H&E larger than one chunk gets a
@@ -133,7 +135,7 @@ def prepare_xenium(
     Parameters
     ----------
     {sdata}
-    he_key
+    image_key
         Key of the aligned H&E in ``sdata.images``. Default: ``"he_image"`` if present, else the only image whose
         channels are named r, g, b(, a).
     labels_key
@@ -196,8 +198,8 @@ def prepare_xenium(
     if inplace:
         _check_inplace(sdata, key_added_image, key_added_labels, key_added_table, overwrite)
 
-    he_key = _resolve_he_key(sdata, he_key)
-    he = _prepare_image(sdata.images[he_key], he_key, pixel_size, chunk_size)
+    image_key = _resolve_image_key(sdata, image_key)
+    he = _prepare_image(sdata.images[image_key], image_key, pixel_size, chunk_size)
     labels_el = require_key(sdata, "labels", labels_key)
     labels = scale0(labels_el)
     if tuple(labels.dims) != ("y", "x") or not np.issubdtype(labels.dtype, np.integer):
@@ -245,7 +247,7 @@ def prepare_xenium(
     prepared.uns[UNS_KEY] = {
         "prepare_xenium": {
             "params": {
-                "he_key": he_key,
+                "image_key": image_key,
                 "labels_key": labels_key,
                 "table_key": table_key,
                 "cell_type_key": cell_type_key,
@@ -270,7 +272,7 @@ def prepare_xenium(
         table.n_obs - cells.size,
         n_multi,
         prepared.n_vars,
-        he_key,
+        image_key,
         key_added_image,
         labels_key,
         key_added_labels,
@@ -367,11 +369,11 @@ def _channel_names(element: DataArray | DataTree) -> list[str]:
     return [str(c).lower() for c in image.coords["c"].values] if "c" in image.coords else []
 
 
-def _resolve_he_key(sdata: SpatialData, he_key: str | None) -> str:
-    if he_key is not None:
-        if he_key not in sdata.images:
-            raise KeyError(f"H&E {he_key!r} not found in `sdata.images` (have {sorted(sdata.images)}).")
-        return he_key
+def _resolve_image_key(sdata: SpatialData, image_key: str | None) -> str:
+    if image_key is not None:
+        if image_key not in sdata.images:
+            raise KeyError(f"H&E {image_key!r} not found in `sdata.images` (have {sorted(sdata.images)}).")
+        return image_key
     if XENIUM_HE_KEY in sdata.images:
         return XENIUM_HE_KEY
     rgb = [k for k, v in sdata.images.items() if tuple(_channel_names(v)[:3]) == _RGB]
@@ -380,7 +382,7 @@ def _resolve_he_key(sdata: SpatialData, he_key: str | None) -> str:
     raise ValueError(
         f"Cannot tell which image of `sdata.images` ({sorted(sdata.images)}) is the H&E: "
         f"{'none' if not rgb else len(rgb)} has channels named r, g, b{'' if not rgb else f' ({rgb})'} and none is "
-        f"called {XENIUM_HE_KEY!r}. Pass `he_key=`, or add the H&E with "
+        f"called {XENIUM_HE_KEY!r}. Pass `image_key=`, or add the H&E with "
         "`sdata.images['he_image'] = spatialdata_io.xenium_aligned_image(he_path, alignment_csv)`."
     )
 

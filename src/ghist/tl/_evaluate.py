@@ -122,7 +122,7 @@ def evaluate(
 
     Spots, against the measured counts of Visium spots (a table annotating the spot circles):
 
-    >>> ghist.tl.predict(visium, model, region_key="spots")  # doctest: +SKIP
+    >>> ghist.tl.predict(visium, model, roi_key="spots")  # doctest: +SKIP
     >>> scores = ghist.tl.evaluate(visium, table_key="spot_counts", spots_key="spots")  # doctest: +SKIP
     >>> scores.head(), scores.attrs["mean_pearson"], scores.attrs["n_spots"]  # doctest: +SKIP
 
@@ -244,7 +244,7 @@ def _evaluate_spots(
 ) -> pd.DataFrame:
     if key_added is not None:
         check_writable(sdata, key_added, "tables", overwrite=overwrite)  # memory and the backing store, before work
-    pseudo, _ = pseudo_spots(sdata, table_key=pred_key, spots_key=spots_key, spots_table_key=true_key)
+    pseudo, _ = pseudo_spots(sdata, pred_key=pred_key, spots_key=spots_key, spots_table_key=true_key)
     true, _, _ = table_of_region(sdata, true_key, spots_key, what="spots")
     if true.n_obs < 3:
         raise ValueError(f"Table {true_key!r} has {true.n_obs} spots annotating {spots_key!r}; expected at least 3.")

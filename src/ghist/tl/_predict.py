@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from .._constants import (
     SPATIAL_KEY,
     UNS_KEY,
 )
+from .._deprecation import renamed_arguments
 from .._docs import doc_accelerator, doc_batch_size, doc_image_key, doc_labels_key, doc_params, doc_progress
 from .._spatial import check_extents, element_affine, image_pixel_size, working_scale
 from .._tiling import plan_grid
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+@renamed_arguments(region_key="roi_key")
 @doc_params(
     image_key=doc_image_key,
     labels_key=doc_labels_key,
@@ -76,7 +77,6 @@ def predict(
     seed: int = 0,
     num_workers: int = 0,
     progress: bool = True,
-    region_key: str | None = None,
 ) -> AnnData:
     """Predict expression, cell type and neighbourhood composition of every nucleus from the H&E image.
 
@@ -123,8 +123,6 @@ def predict(
         DataLoader worker processes reading and resampling tiles while the network runs (0: read them in this
         process). The predictions do not depend on it.
     {progress}
-    region_key
-        Deprecated alias of ``roi_key`` (spatialdata's ``region_key`` names a table column); will be removed.
 
     Returns
     -------
@@ -182,7 +180,6 @@ def predict(
     >>> sq.gr.nhood_enrichment(table, cluster_key="ghist_cell_type")  # doctest: +SKIP
 
     """
-    roi_key = _renamed_roi_key(roi_key, region_key)
     if not isinstance(sdata, SpatialData):
         raise TypeError(
             f"`sdata` must be a SpatialData with the H&E image and the nucleus labels, got {type(sdata).__name__}"
@@ -236,19 +233,6 @@ class _Arguments:
     seed: int
     num_workers: int
     progress: bool
-
-
-def _renamed_roi_key(roi_key: str | None, region_key: str | None) -> str | None:
-    if region_key is None:
-        return roi_key
-    warnings.warn(
-        "`region_key` of `ghist.tl.predict` is renamed `roi_key`; `region_key` goes in the next release.",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    if roi_key is not None and roi_key != region_key:
-        raise TypeError("Pass `roi_key` only (`region_key` is its deprecated name), not both.")
-    return region_key
 
 
 def _check_arguments(sdata: SpatialData, model: GHISTModel, args: _Arguments) -> None:
