@@ -246,6 +246,10 @@ ALIAS_CASES = {
         partial(ghist.datasets.synthetic, image_size=32, n_genes=3, image_transform="scale", seed=1),
         2.0,
     ),
+    ("pp.fit_segmenter", "learning_rate"): lambda s, c, t: (
+        partial(ghist.pp.fit_segmenter, s[0], max_steps=1, batch_size=1, crop_size=32, widths=(8, 12), progress=False),
+        0.01,
+    ),
     ("pp.segment_nuclei", "n_workers"): lambda s, c, t: (
         partial(ghist.pp.segment_nuclei, s[0], key_added="segmented", chunk_size=64, overwrite=True, progress=False),
         2,
@@ -299,6 +303,8 @@ def outcome(result):
         return {"X": x, "obs": result.obs, **{f"obsm/{k}": np.asarray(v) for k, v in result.obsm.items()}}
     if isinstance(result, ghist.GHISTModel):
         return {"genes": result.genes, **{k: v.numpy() for k, v in result.network.state_dict().items()}}
+    if isinstance(result, ghist.pp.NucleusSegmenter):
+        return {k: v.numpy() for k, v in result.net.state_dict().items()}
     if isinstance(result, Path):
         return result.read_bytes()
     if isinstance(result, np.ndarray) and result.dtype == object:  # an array of Axes
