@@ -11,7 +11,15 @@ from datetime import timedelta
 import pytest
 
 import ghist
-from ghist._model._spec import ArchitectureSpec, SettingError, TrainingSpec, fit_options, split_fit_options
+from ghist._model._spec import (
+    OUTPUT_ACTIVATION_CHOICES,
+    ArchitectureSpec,
+    SettingError,
+    TrainingSpec,
+    default_output_activation,
+    fit_options,
+    split_fit_options,
+)
 
 # fit's keyword defaults before the settings were declared in one place (ghist 0.2's signature, by hand): the spec
 # must keep every one of them.
@@ -85,6 +93,17 @@ def test_fit_keywords_map_onto_the_specs_in_one_place():
     assert run.lr == 0.01
     assert run.readout is False
     assert rest == {"gradient_clip_val": 1.0}
+
+
+def test_the_output_activation_is_decided_in_the_spec():
+    """Its default by supervision is one mapping in the spec: the field's default, fit's choice, the network's."""
+    from ghist._model._network import OUTPUT_ACTIVATIONS, ExpressionHead
+
+    assert set(OUTPUT_ACTIVATIONS) == set(OUTPUT_ACTIVATION_CHOICES)  # every name the spec accepts has a function
+    assert (default_output_activation(spots=False), default_output_activation(spots=True)) == ("softplus", "relu")
+    assert ArchitectureSpec().output_activation == default_output_activation(spots=False)
+    head = ExpressionHead(8, 3, 8, hidden=8, n_tokens=1, token_dim=8, n_heads=1)
+    assert head.activation is OUTPUT_ACTIVATIONS[default_output_activation(spots=False)]
 
 
 def test_model_and_network_share_the_spec():

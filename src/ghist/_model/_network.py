@@ -27,7 +27,7 @@ from torch import nn
 from ._backbone import UNet3Plus, fuse_conv_bn_
 from ._context import NeighbourContext, cell_centroids
 from ._readout import ResidualReadout
-from ._spec import ArchitectureSpec
+from ._spec import DEFAULT_OUTPUT_ACTIVATION, ArchitectureSpec
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ class ExpressionHead(nn.Module):
     output is flattened and projected back to the genes as an offset (zero-initialised, so training starts from
     the first estimate), and ``expr = activation(first + offset)``.
 
-    The activation keeps expression non-negative. ``"softplus"`` (the default) has a gradient everywhere;
+    The activation keeps expression non-negative. ``"softplus"`` (the default with cell-level targets, see
+    :func:`ghist._model._spec.default_output_activation`) has a gradient everywhere;
     ``"relu"`` (what models saved before the choice existed use) can leave a gene at zero in every cell for good
     once its pre-activation is negative everywhere, as happens to many genes of ``synthetic(signals="all")``
     (``docs/benchmarks.md``).
@@ -177,7 +178,7 @@ class ExpressionHead(nn.Module):
         token_dim: int = 256,
         n_heads: int = 8,
         dropout: float = 0.1,
-        activation: str = "softplus",
+        activation: str = DEFAULT_OUTPUT_ACTIVATION["cells"],
         cell_offset: bool = False,
     ):
         super().__init__()

@@ -62,6 +62,15 @@ TILE_SIZE_RANGE = (32, 2048)
 MAX_CONTEXT_NEIGHBOURS = 256
 #: Largest scale of the network's expression target relative to ``log1p`` counts.
 MAX_EXPR_SCALE = 1000.0
+#: The output non-linearities by name (``_model/_network.OUTPUT_ACTIVATIONS`` holds their functions) and the one
+#: decision of which a model gets when none is chosen: softplus with cell-level targets, relu under spot supervision.
+OUTPUT_ACTIVATION_CHOICES = ("relu", "softplus")
+DEFAULT_OUTPUT_ACTIVATION = {"cells": "softplus", "spots": "relu"}
+
+
+def default_output_activation(spots: bool) -> str:
+    """The output activation of a model trained on spots (``spots=True``) or on cells when none is chosen."""
+    return DEFAULT_OUTPUT_ACTIVATION["spots" if spots else "cells"]
 
 
 class SettingError(ValueError):
@@ -315,14 +324,14 @@ class ArchitectureSpec(_Spec):
         annotation="int",
     )
     output_activation: str = option(
-        "softplus",
+        DEFAULT_OUTPUT_ACTIVATION["cells"],
         """Non-linearity that keeps predicted expression non-negative: ``"softplus"`` or ``"relu"``. With ReLU a
         gene whose pre-activation turns negative in every cell gets no gradient again and is predicted 0
         everywhere; softplus never predicts an exact zero, which a spot, the sum of its cells, may need.
         :func:`ghist.tl.fit`'s ``None`` (its default) picks ``"softplus"`` with cell-level targets and ``"relu"``
         with spot supervision, the better of the two in each (``docs/benchmarks.md``). Saved with the model;
         models saved before it existed load with ``"relu"``.""",
-        _one_of("relu", "softplus"),
+        _one_of(*OUTPUT_ACTIVATION_CHOICES),
         fit_default=None,
         legacy="relu",
         annotation="str | None",

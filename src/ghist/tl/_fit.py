@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from anndata import AnnData
 
-from .._model._spec import ArchitectureSpec, split_fit_options, with_fit_options
+from .._model._spec import ArchitectureSpec, default_output_activation, split_fit_options, with_fit_options
 from .._validation import check_genes
 from ._fit_pixel_size import check_resumed_pixel_size, model_pixel_size, pixel_size_recorder
 from ._fit_posthoc import calibrate_uncertainty, fit_model_readout, warn_if_weak
@@ -166,7 +166,7 @@ def fit(
     settings, run, trainer_kwargs = split_fit_options(options)
     _check_trainer_kwargs(trainer_kwargs, L.Trainer)
     if settings["output_activation"] is None:
-        settings["output_activation"] = "relu" if tiles.spots_key is not None else "softplus"
+        settings["output_activation"] = default_output_activation(spots=tiles.spots_key is not None)
     settings["pixel_size"] = model_pixel_size(tiles, settings["pixel_size"])
     spec = ArchitectureSpec(**settings, tile_size=tiles.tile_size, mean=tuple(tiles.mean), std=tuple(tiles.std))
     device = resolve_device(run.accelerator)
