@@ -177,3 +177,37 @@ def test_the_int_check_finder_sees_what_it_should(tmp_path):
         "if isinstance(c, int) and not isinstance(c, bool):\n    pass\n"  # a type dispatch, no bound
     )
     assert _hand_written_int_checks(source) == {"a"}
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Package modules ``path`` imports when it loads (not inside functions, not under ``if TYPE_CHECKING``)."""
+    package = ["ghist", *path.relative_to(SRC).parent.parts]
+    found = set()
+    nodes = list(ast.parse(path.read_text()).body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.If):
+            if "TYPE_CHECKING" not in ast.unparse(node.test):
+                nodes += [*node.body, *node.orelse]
+        elif isinstance(node, ast.Try):
+            nodes += [*node.body, *node.orelse, *node.finalbody, *(n for h in node.handlers for n in h.body)]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            found |= {f"{module}.{a.name}" for a in node.names} if not node.module else {module}
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            found |= {n for n in names if n and n.startswith("ghist")}
+    return found
+
+
+def test_the_model_package_loads_only_when_used():
+    """ARCHITECTURE.md: outside ``_model/`` only ``_model/_spec.py`` is imported when a module loads."""
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        if "_model" in path.relative_to(SRC).parts[:1]:
+            continue
+        for module in _module_level_imports(path):
+            if module.startswith("ghist._model") and module != "ghist._model._spec":
+                wrong.append(f"{path.relative_to(SRC)} imports {module}")
+    assert not wrong, f"import these inside the functions that need them: {wrong}"
