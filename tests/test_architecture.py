@@ -86,6 +86,38 @@ def test_the_rules_name_code_that_exists():
     assert not wrong, f"ARCHITECTURE.md's rules name code that is not there: {wrong}"
 
 
+def _defined_names(path: Path) -> set[str]:
+    """Every class, function (methods too) and assigned name of a module."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_names_after_a_module_are_in_it():
+    """In "the one place", a bare name after a module's (`_validation.check_int`, `check_number`) is defined there."""
+    section = _section("Where each rule lives")
+    rows = [line.strip().strip("|").split("|") for line in section.splitlines() if line.startswith("|")]
+    wrong = []
+    for cells in rows[2:]:
+        module = None
+        for token in re.findall(r"`([^`]+)`", cells[1]):
+            ref = re.fullmatch(r"([\w/]+)\.(\w+)", token)
+            if ref:
+                path = SRC / f"{ref.group(1)}.py"  # `a/b.name` and `a/b.py` alike
+                module = path if path.exists() else None
+            elif re.fullmatch(r"\w+", token) and module is not None:
+                if token not in _defined_names(module):
+                    wrong.append(f"{module.relative_to(SRC)}: {token}")
+            else:
+                module = None
+    assert not wrong, f"ARCHITECTURE.md's rules name code that is not in the module named before it: {wrong}"
+
+
 def _module_string_constants(path: Path) -> dict[str, str]:
     """Module-level ``NAME = "text"`` assignments of a source file (also inside a module-level ``if``/``try``)."""
     found = {}
