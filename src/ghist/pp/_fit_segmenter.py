@@ -12,6 +12,7 @@ import numpy as np
 from spatialdata import SpatialData
 
 from .._constants import IMAGE_KEY, LABELS_KEY
+from .._deprecation import renamed_arguments
 from .._docs import doc_params, doc_progress
 from ._segmenter_model import NucleusSegmenter
 
@@ -40,6 +41,7 @@ class _Sample(NamedTuple):
 
 
 @doc_params(progress=doc_progress)
+@renamed_arguments(learning_rate="lr")
 def fit_segmenter(
     sdata: SpatialData | Sequence[SpatialData],
     image_key: str = IMAGE_KEY,
@@ -54,7 +56,7 @@ def fit_segmenter(
     crop_size: int = 128,
     widths: Sequence[int] = (32, 48, 64, 96),
     unshuffle: int = 2,
-    learning_rate: float = 3e-3,
+    lr: float = 3e-3,
     val_fraction: float = 0.15,
     stain_jitter: float = 0.05,
     scale_jitter: float = 0.2,
@@ -103,7 +105,7 @@ def fit_segmenter(
     widths, unshuffle
         The network: channels of each encoder level, finest first, and the side of the pixel blocks folded into
         channels before the first convolution.
-    learning_rate
+    lr
         Peak learning rate of AdamW.
     val_fraction
         Fraction of each image's rows held out for validation (at the bottom of each image).
@@ -145,7 +147,7 @@ def fit_segmenter(
     check_int("batch_size", batch_size, 1)
     check_int("crop_size", crop_size, 16)
     check_int("unshuffle", unshuffle, 1)
-    for name, value in (("learning_rate", learning_rate), ("working_pixel_size", working_pixel_size)):
+    for name, value in (("lr", lr), ("working_pixel_size", working_pixel_size)):
         check_number(name, value)
     for name, value, hi in (("val_fraction", val_fraction, 0.5), ("stain_jitter", stain_jitter, 0.5)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= hi:
@@ -183,7 +185,7 @@ def fit_segmenter(
 
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=1e-4)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     seconds = budget.total_seconds() if budget is not None else math.inf
     train_seconds = seconds * TRAIN_SHARE if budget is not None else math.inf
     val_every = 200
@@ -199,9 +201,9 @@ def fit_segmenter(
             done = max(step / max_steps if max_steps else 0.0, elapsed / train_seconds if budget else 0.0)
             if done >= 1:
                 break
-            lr = learning_rate * min(1.0, (step + 1) / _WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * min(done, 1)))
+            step_lr = lr * min(1.0, (step + 1) / _WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * min(done, 1)))
             for group in optimiser.param_groups:
-                group["lr"] = lr
+                group["lr"] = step_lr
             images, targets = _batch(samples, weights, batch_size, crop, rng, generator, stain_jitter, scale_jitter)
             loss, parts = nucleus_loss(net(images), targets)
             optimiser.zero_grad(set_to_none=True)
@@ -235,7 +237,7 @@ def fit_segmenter(
         "input_pixel_sizes": [round(s, 4) for s in sizes_used(samples_in, image_key, sizes)],
         "batch_size": batch_size,
         "crop_size": crop,
-        "learning_rate": learning_rate,
+        "lr": lr,
         "val_fraction": val_fraction,
         "stain_jitter": stain_jitter,
         "scale_jitter": scale_jitter,
