@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .._stats import best_correlated
+from .._validation import check_number
 from ._network import dihedral_view, neighbourhood_refine, specialist_expression
 from ._uncertainty import entropy, view_variance
 
@@ -180,8 +181,7 @@ class Predictor:
         tta: bool = False,
         seed: int = 0,
     ):
-        if alpha < 0:
-            raise ValueError(f"`alpha` must be >= 0, got {alpha}.")
+        check_number("alpha", alpha, positive=False)
         self.device = torch.device(device)
         self.alpha = float(alpha)
         self.refine_idx = refine_indices(model, refine_types)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_int
 from ._backbone import UNet3Plus, fuse_conv_bn_
 from ._context import NeighbourContext, cell_centroids
 from ._readout import ResidualReadout
@@ -319,10 +320,8 @@ class GHISTNetwork(nn.Module):
         spec = ArchitectureSpec.build(**settings) if spec is None else spec.replace(**settings) if settings else spec
         self.spec = spec
         width, embed_dim = spec.width, spec.embed_dim
-        if n_genes < 1:
-            raise ValueError(f"`n_genes` must be at least 1; got {n_genes}.")
-        if n_types < 0:
-            raise ValueError(f"`n_types` must be >= 0; got {n_types}.")
+        check_int("n_genes", n_genes, 1)
+        check_int("n_types", n_types, 0)
         if embed_dim % n_heads:
             raise ValueError(f"`n_heads` ({n_heads}) must divide `embed_dim` ({embed_dim}).")
         groups = dict(groups or {})
