@@ -243,3 +243,19 @@ def test_the_model_package_loads_only_when_used():
             if module.startswith("ghist._model") and module != "ghist._model._spec":
                 wrong.append(f"{path.relative_to(SRC)} imports {module}")
     assert not wrong, f"import these inside the functions that need them: {wrong}"
+
+
+def test_version_is_a_leaf():
+    """``_version.py`` imports nothing of the package, as the module table says."""
+    assert not {m for m in _module_level_imports(SRC / "_version.py") if m.startswith("ghist")}
+
+
+def test_torch_files_are_read_in_one_place():
+    """Every ``torch.load`` is ``_model/_safe_load.safe_torch_load``'s (``weights_only=True``, failures named)."""
+    calls = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            func = node.func if isinstance(node, ast.Call) else None
+            if isinstance(func, ast.Attribute) and func.attr == "load" and ast.unparse(func.value) == "torch":
+                calls.append(str(path.relative_to(SRC)))
+    assert calls == ["_model/_safe_load.py"], f"read torch files with `safe_torch_load`, not torch.load: {calls}"
