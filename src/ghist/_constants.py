@@ -1,4 +1,4 @@
-"""Every default element key, column and ``uns`` name used by ghist, written once."""
+"""Every default element key, column and ``uns`` name used by ghist, and the names it writes into files, once."""
 
 from __future__ import annotations
 
