@@ -278,3 +278,16 @@ def test_chunked_segmentation_matches_the_whole_image(trained, tmp_path):
     # the same nuclei, nearly pixel for pixel (windows of other sizes pad and align the network differently)
     assert scores["n_true"] > 50
     assert scores["f1"] > 0.95
+
+
+def test_blur_augmentation_keeps_the_mean_and_softens():
+    from ghist.pp._fit_segmenter import _gaussian_blur
+
+    image = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(0)) * 255
+    assert _gaussian_blur(image, 0.1) is image  # below a fifth of a pixel: unchanged
+    soft = _gaussian_blur(image, 1.5)
+    assert soft.shape == image.shape
+    torch.testing.assert_close(soft.mean(), image.mean(), rtol=0.02, atol=0)
+    assert soft.std() < 0.6 * image.std()
+    with pytest.raises(ValueError, match="blur_jitter"):
+        ghist.pp.fit_segmenter(toy_sdata(32), max_steps=1, blur_jitter=-1, progress=False)
