@@ -205,10 +205,8 @@ def segment_nuclei(
     check_writable(sdata, key_added, "labels", overwrite=overwrite)  # memory and the backing store, before any work
     check_int("num_workers", num_workers, 1, optional=True)
     n_workers = default_n_workers() if num_workers is None else int(num_workers)
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 64
-    ):
-        raise ValueError(f"`chunk_size` must be an integer >= 64 pixels, got {chunk_size!r}.")
+    check_int("chunk_size", chunk_size, 64, optional=True)
+    check_int("halo", halo, 0, optional=True)
     for name, value in (("min_area_um2", min_area_um2), ("max_area_um2", max_area_um2)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float | np.number)):
             raise ValueError(f"`{name}` must be a number of µm²; got {value!r}.")
@@ -234,8 +232,6 @@ def segment_nuclei(
     max_diameter_px = 2.0 * math.sqrt(max_area_px / math.pi)
     if halo is None:
         halo = math.ceil(2.0 * max_diameter_px + backend.margin) + 2
-    elif isinstance(halo, bool) or not isinstance(halo, int | np.integer) or halo < 0:
-        raise ValueError(f"`halo` must be a non-negative integer (pixels), got {halo!r}.")
     elif halo < max_diameter_px:
         logger.warning(
             "`halo`=%d px is smaller than the largest nucleus allowed (%.0f px across); nuclei crossing block "
