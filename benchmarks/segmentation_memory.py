@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_one(model: str, side: int) -> dict:
+def run_one(model: str, side: int, chunk_size: int | None) -> dict:
     import dask.array as da
     import numpy as np
     import spatialdata as sd
@@ -56,7 +56,9 @@ def run_one(model: str, side: int) -> dict:
     )
     working = ghist.pp.NucleusSegmenter.load(model).pixel_size
     start, cpu = time.perf_counter(), time.process_time()
-    labels = ghist.pp.segment_nuclei(sdata, method="ghist", model=model, pixel_size=PIXEL_SIZE, progress=False)
+    labels = ghist.pp.segment_nuclei(
+        sdata, method="ghist", model=model, pixel_size=PIXEL_SIZE, chunk_size=chunk_size, progress=False
+    )
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     mpx = mosaic.shape[1] * mosaic.shape[2] / 1e6
     n = int(labels.data.max().compute())
@@ -76,16 +78,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a saved NucleusSegmenter folder")
     parser.add_argument("--sides", type=int, nargs="+", default=[4, 8], help="mosaic sides, in 1000-px images")
+    parser.add_argument("--chunk-size", type=int, default=None, help="segment_nuclei's chunk_size (default: its own)")
     parser.add_argument("--run", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run is not None:
-        print("RESULT " + json.dumps(run_one(args.model, args.run)))
+        print("RESULT " + json.dumps(run_one(args.model, args.run, args.chunk_size)))
         return
     print(f"load at start: {os.getloadavg()}")
     results = []
     for side in args.sides:
         out = subprocess.run(
-            [sys.executable, __file__, "--model", args.model, "--run", str(side)],
+            [sys.executable, __file__, "--model", args.model, "--run", str(side)]
+            + ([] if args.chunk_size is None else ["--chunk-size", str(args.chunk_size)]),
             check=True,
             capture_output=True,
             text=True,
