@@ -42,12 +42,6 @@ DEFAULT_AREA_UM2 = (10.0, 200.0)
 # chunk_size of 2048), and up to twice as many finished blocks wait to be stitched, so 8 workers stay near 5 GB.
 MAX_DEFAULT_WORKERS = 8
 
-#: Side of the blocks (pixels at the size a method works at) when ``chunk_size`` is not given. A model working at a
-#: coarser pixel size than the image's gets blocks as many times larger (up to ``MAX_DEFAULT_CHUNK`` image pixels),
-#: so its halo, which is fixed in µm, stays a small part of every block.
-DEFAULT_CHUNK_SIZE = 2048
-MAX_DEFAULT_CHUNK = 8192
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Public entry point
@@ -71,7 +65,7 @@ def segment_nuclei(
     pixel_size: float | None = None,
     min_area_um2: float | None = None,
     max_area_um2: float | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int = 2048,
     halo: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -156,10 +150,7 @@ def segment_nuclei(
         Nuclei smaller or larger than these areas (µm²) are discarded. By default 10 and 200, or for
         ``method="ghist"`` the range of the nuclei the model was trained on (a little widened).
     chunk_size
-        Side of the square blocks segmented one at a time (per worker), in pixels. By default 2048, or for a model
-        that works at a coarser pixel size than the image's (``"ghist"``, ``"instanseg"``) 2048 of its own pixels
-        (4096 image pixels for a 0.5 µm model on a 0.25 µm image, at most 8192), so the halo stays a small part of
-        each block.
+        Side of the square blocks segmented one at a time (per worker), in pixels.
     halo
         Context read around each block, in pixels. By default twice the diameter of the largest nucleus allowed,
         plus a margin for smoothing.
@@ -205,7 +196,7 @@ def segment_nuclei(
     check_writable(sdata, key_added, "labels", overwrite=overwrite)  # memory and the backing store, before any work
     check_int("num_workers", num_workers, 1, optional=True)
     n_workers = default_n_workers() if num_workers is None else int(num_workers)
-    check_int("chunk_size", chunk_size, 64, optional=True)
+    check_int("chunk_size", chunk_size, 64)
     check_int("halo", halo, 0, optional=True)
     for name, value in (("min_area_um2", min_area_um2), ("max_area_um2", max_area_um2)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float | np.number)):
@@ -216,8 +207,6 @@ def segment_nuclei(
 
     start = time.perf_counter()
     backend = make_backend(method, element, pixel_size, model, method_kwargs)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(pixel_size, backend.pixel_size)
     # A learned model keeps, unless told otherwise, the range of nucleus areas it was trained on.
     default_area = backend.area_um2 or DEFAULT_AREA_UM2
     min_area_um2 = default_area[0] if min_area_um2 is None else min_area_um2
@@ -368,19 +357,6 @@ def _blocks(height: int, width: int, chunk_size: int) -> Iterator[tuple[int, int
     from .._tiling import plan_grid
 
     yield from (tuple(b) for b in plan_grid((height, width), chunk_size, edge="clip").bounds().tolist())
-
-
-def default_chunk_size(pixel_size: float, working_pixel_size: float | None) -> int:
-    """``DEFAULT_CHUNK_SIZE`` working pixels in image pixels (never fewer than ``DEFAULT_CHUNK_SIZE``).
-
-    Examples
-    --------
-    >>> default_chunk_size(0.25, 0.5), default_chunk_size(0.5, None), default_chunk_size(0.1, 0.5)
-    (4096, 2048, 8192)
-
-    """
-    factor = max(1.0, (working_pixel_size or pixel_size) / pixel_size)
-    return int(min(MAX_DEFAULT_CHUNK, round(DEFAULT_CHUNK_SIZE * factor)))
 
 
 def default_n_workers() -> int:

@@ -35,13 +35,11 @@ class Backend(NamedTuple):
     """A per-window segmenter, safe to call from several threads, and the margin (pixels) it needs around a nucleus.
 
     ``area_um2``: the nucleus areas (min, max) the method keeps by default, when it knows them (a learned model).
-    ``pixel_size``: µm per pixel the method works at when it resamples windows (a learned model), else ``None``.
     """
 
     segment: _Segmenter
     margin: float
     area_um2: tuple[float, float] | None = None
-    pixel_size: float | None = None
 
 
 def make_backend(
@@ -61,9 +59,9 @@ def make_backend(
         return _ghist_backend(model, pixel_size, method_kwargs)
     from . import _segment_pretrained as pretrained
 
-    margin, working = 0.0, None
+    margin = 0.0
     if method == "instanseg":
-        segment, margin, working = pretrained.instanseg_segmenter(model, pixel_size, method_kwargs)
+        segment, margin = pretrained.instanseg_segmenter(model, pixel_size, method_kwargs)
     elif method == "stardist":
         segment = pretrained.stardist_segmenter(model, method_kwargs)
     else:
@@ -71,7 +69,7 @@ def make_backend(
     # One model object is shared by the worker threads. TensorFlow/PyTorch models are not documented as safe to call
     # concurrently and already use every core for one window, so calls are serialised; reading the next window and
     # stitching the last one still overlap with them.
-    return Backend(_serialised(segment), margin, pixel_size=working)
+    return Backend(_serialised(segment), margin)
 
 
 def _serialised(segment: _Segmenter) -> _Segmenter:
@@ -254,4 +252,4 @@ def _ghist_backend(model: Any, pixel_size: float, method_kwargs: dict[str, Any])
         return segmenter.segment(rgb, pixel_size, **options)
 
     area = (segmenter.min_area_um2, segmenter.max_area_um2)
-    return Backend(segment, segmenter.margin_px(pixel_size), area, segmenter.pixel_size)
+    return Backend(segment, segmenter.margin_px(pixel_size), area)

@@ -69,10 +69,8 @@ def _import_error(method: str, package: str) -> ImportError:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def instanseg_segmenter(
-    model: Any, pixel_size: float, method_kwargs: dict[str, Any]
-) -> tuple[_Segmenter, float, float]:
-    """InstanSeg's segmenter of one window (``(H, W, 3)`` uint8 at ``pixel_size``), its margin (pixels), its µm/px.
+def instanseg_segmenter(model: Any, pixel_size: float, method_kwargs: dict[str, Any]) -> tuple[_Segmenter, float]:
+    """InstanSeg's segmenter of one window (``(H, W, 3)`` uint8 at ``pixel_size``) and the margin it needs (pixels).
 
     ``model``: ``None`` (InstanSeg's ``brightfield_nuclei``), an InstanSeg model name, an ``instanseg.InstanSeg``, a
     TorchScript module exported by InstanSeg, or the path of its ``instanseg.pt`` (or of the folder holding it).
@@ -116,7 +114,7 @@ def instanseg_segmenter(
         return labels.detach().to("cpu").numpy().astype(np.int32, copy=False)
 
     model_pixel_size = float(runner.instanseg.pixel_size) or pixel_size
-    return segment, INSTANSEG_MARGIN_UM * max(1.0, model_pixel_size / 0.5) / pixel_size, model_pixel_size
+    return segment, INSTANSEG_MARGIN_UM * max(1.0, model_pixel_size / 0.5) / pixel_size
 
 
 def _instanseg_module(model: str | os.PathLike) -> Any:
