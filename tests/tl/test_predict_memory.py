@@ -90,3 +90,16 @@ def test_release_freed_memory_asks_the_allocator_and_is_safe_without_one(monkeyp
     monkeypatch.setattr(memory, "_malloc_trim", lambda: None)  # not glibc
     release_freed_memory()
     assert calls == [0]
+
+
+@pytest.mark.parametrize("block", [1, 3, 4096])
+def test_compact_rows_equals_a_mask_without_a_second_copy(block):
+    from ghist.tl._predict_rows import compact_rows
+
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=(1000, 7)).astype(np.float32)
+    keep = rng.random(1000) < 0.7
+    expected = array[keep].copy()
+    out = compact_rows(array, keep, block=block)
+    np.testing.assert_array_equal(out, expected)
+    assert np.shares_memory(out, array)  # the kept rows live where the matrix was: no second (cells x genes) copy

@@ -139,12 +139,35 @@ class MemoryRows:
 
         return CellRows(
             ids=pick(self.ids),
-            expr=pick(self.expr),
-            std=pick(self.std),
+            # the two (cells x genes) matrices are compacted where they lie: a[seen] would hold a second copy
+            expr=self.expr if every else compact_rows(self.expr, seen),
+            std=None if self.std is None else self.std if every else compact_rows(self.std, seen),
             **{name: pick(self.small.get(name)) for name in _SMALL},
             centroid=pick(self.centroid),
             margin=pick(self.margin),
         )
+
+
+def compact_rows(array: np.ndarray, keep: np.ndarray, block: int = 4096) -> np.ndarray:
+    """The rows of ``array`` where ``keep``, moved to its front in place: a view, with no second copy of ``array``.
+
+    Rows are moved ``block`` at a time (one block's copy at most); ``array`` itself is overwritten.
+
+    Examples
+    --------
+    >>> a = np.arange(10.0).reshape(5, 2)
+    >>> compact_rows(a, np.array([True, False, True, False, True]), block=2)
+    array([[0., 1.],
+           [4., 5.],
+           [8., 9.]])
+
+    """
+    done = 0
+    for start in range(0, len(array), block):
+        part = array[start : start + block][keep[start : start + block]]  # a copy: the rows it overwrites are read
+        array[done : done + len(part)] = part
+        done += len(part)
+    return array[:done]
 
 
 class StoreRows:
