@@ -154,7 +154,8 @@ def test_encoder_models_beat_chance(which, request, tiles):
     assert _accuracy(model, tiles.test) > chance  # 4 held-out tiles (56 cells): noisy, but above chance
 
 
-@pytest.mark.parametrize("which", ["frozen_cnn", "trainable_vit"])
+# the fine-tuned ViT's fixture trains its encoder too (about 19 s): slow tier
+@pytest.mark.parametrize("which", ["frozen_cnn", pytest.param("trainable_vit", marks=pytest.mark.slow)])
 def test_save_load_roundtrip_gives_identical_predictions(which, request, test_sdata, tmp_path):
     mine, _, model = request.getfixturevalue(which)
     model.save(tmp_path / "m")
