@@ -51,10 +51,15 @@ def test_every_module_is_in_the_table():
 
 
 def _top_level_names(path: Path) -> set[str]:
-    names = set()
+    """Classes, functions and assigned names at a module's top level (inside a top-level ``try`` too)."""
     tree = ast.parse(path.read_text())
     body = [n for top in tree.body for n in ([top, *top.body, *top.handlers] if isinstance(top, ast.Try) else [top])]
-    for node in body:
+    return _names_of(body)
+
+
+def _names_of(nodes) -> set[str]:
+    names = set()
+    for node in nodes:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             names.add(node.name)
         elif isinstance(node, ast.Assign | ast.AnnAssign):
@@ -88,14 +93,7 @@ def test_the_rules_name_code_that_exists():
 
 def _defined_names(path: Path) -> set[str]:
     """Every class, function (methods too) and assigned name of a module."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign | ast.AnnAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names.update(t.id for t in targets if isinstance(t, ast.Name))
-    return names
+    return _names_of(ast.walk(ast.parse(path.read_text())))
 
 
 def test_names_after_a_module_are_in_it():

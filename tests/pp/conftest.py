@@ -181,3 +181,18 @@ def counts_by_id() -> Callable[..., dict[int, np.ndarray]]:
 def sdata() -> SpatialData:
     """A small sample: 96 x 128 px, 40 nuclei, 8 genes, 3 cell types, image and labels in the same pixel space."""
     return _make_sdata(seed=0)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """Any attempt to open a network connection fails; the model folders of Cellpose and InstanSeg are empty ones."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted during an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path / "cellpose_models"))
+    monkeypatch.setenv("INSTANSEG_BIOIMAGEIO_PATH", str(tmp_path / "instanseg_models"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

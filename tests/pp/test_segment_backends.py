@@ -8,7 +8,6 @@ default model's fetch fails offline with a named error. StarDist needs TensorFlo
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -20,19 +19,6 @@ import spatialdata as sd
 from scipy import ndimage as ndi
 
 import ghist
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """Any attempt to open a network connection fails; Cellpose's model folder is an empty temporary one."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted during an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path / "cellpose_models"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ its models. The offline test refuses every network connection and checks the err
 
 from __future__ import annotations
 
-import socket
 import warnings
 
 import numpy as np
@@ -18,16 +17,6 @@ from scipy import ndimage as ndi
 import ghist
 
 pytest.importorskip("instanseg", reason="the `instanseg` extra (instanseg-torch) is installed by the test extra")
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    def refuse(*args, **kwargs):
-        raise OSError("network access attempted during an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setenv("INSTANSEG_BIOIMAGEIO_PATH", str(tmp_path / "instanseg_models"))
 
 
 @pytest.fixture(scope="module")
