@@ -15,8 +15,9 @@ and used from its folder through ``ghist.pp.segment_nuclei(sdata, method="ghist"
 as is the watershed (``method="watershed"``). Both are scored with ``ghist.tl.evaluate_segmentation`` (IoU > 0.5
 matching; PQ, F1, SQ, AJI), per image and pooled over the held-out images. Throughput is timed on a mosaic of the
 held-out images (``--mosaic`` x ``--mosaic`` of them, 6 x 6 = 36 Mpx by default, one lazy dask image stored in
-2048 px chunks, segmented with the default blocks and workers of ``segment_nuclei``), in Mpx/s of the input (0.25 µm/px) and of the learned model's working
-pixel size. The CoNSeP terms do not allow shipping weights trained on it: a saved model is for measuring only.
+2048 px chunks, segmented with the default blocks and workers of ``segment_nuclei``), in Mpx/s of the input
+(0.25 µm/px) and of the learned model's working pixel size. The CoNSeP terms do not allow shipping weights
+trained on it: a saved model is for measuring only.
 Quote the output with the machine's ``uptime`` load (printed).
 """
 
