@@ -430,7 +430,7 @@ def _segment_blocks(
     Each block is segmented with ``halo`` pixels of context. It keeps the objects whose centroid falls inside it,
     whose area is within bounds and that do not touch the cut edge of its window (those are too large to be whole),
     and writes them, with ids continuing those of the previous blocks, onto pixels no earlier block has claimed.
-    Blocks are segmented by ``num_workers`` threads but numbered and written in block order, so the result does not
+    Blocks are segmented by ``n_workers`` threads but numbered and written in block order, so the result does not
     depend on ``n_workers``. Returns the array and the megapixels of the blocks segmented. With a ``checkpoint``
     (:class:`~ghist.pp._segment_checkpoint.BlockCheckpoint`), blocks saved by an earlier run are loaded instead of
     segmented, and each newly segmented block is saved before it is stitched.
