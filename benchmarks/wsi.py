@@ -9,11 +9,11 @@ size 4x smaller, and time per cell across sizes (linear scaling means both stay 
     python benchmarks/wsi.py                          # 2k, 4k, 8k, 16k px squares, width 16, CPU
     python benchmarks/wsi.py --sizes 2048 4096 --width 16
     python benchmarks/wsi.py --sizes 65536 --width 64 --accelerator gpu    # TCGA-sized, where a GPU is lent
-    python benchmarks/wsi.py --sizes 5120 9216 --tissue 1 --model bundled --no-roi     # full tissue, 280 genes
+    python benchmarks/wsi.py --sizes 5120 9216 --tissue 1 --model bundled --no-roi     # full tissue, 250 genes
     python benchmarks/wsi.py --sizes 8192 16384 --tissue 1 --model bundled --store     # store-backed SpatialData
 
 By default the model is untrained (its weights do not change the cost), with ``--genes`` genes, at the slide's pixel
-size (0.5 µm/px); ``--model bundled`` uses ghist's default model instead (280 genes, 2.75 µm/px). ``--store`` writes
+size (0.5 µm/px); ``--model bundled`` uses ghist's default model instead (250 genes, 2.75 µm/px). ``--store`` writes
 the slide into a zarr store first and runs segment + predict on the SpatialData read back from it (labels and table
 written to the store, the table chunk by chunk). ``--tissue`` is the fraction of the canvas covered by tissue.
 

@@ -435,3 +435,19 @@ def test_predict_over_a_selection_keeps_the_measured_table(slide_store):
     )
     assert "table" not in part.tables
     _assert_clean(slide_store)
+
+
+@pytest.mark.parametrize("user_choice", [None, True])
+def test_tables_unsharded_without_anndata_warnings_unless_the_user_chose(store, user_choice):
+    import anndata
+
+    part = spatialdata.read_zarr(store, selection=("labels",))
+    with anndata.settings.override(auto_shard_zarr_v3=user_choice), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        write_element(part, "pred", _table(4, 2.0))
+        assert anndata.settings.auto_shard_zarr_v3 is user_choice  # ghist's choice ends with the write
+    assert not [w for w in seen if "autosharding" in str(w.message)]
+    x_meta = json.loads((store / "tables" / "pred" / "X" / "zarr.json").read_text())
+    sharded = any(c.get("name") == "sharding_indexed" for c in x_meta.get("codecs", []))
+    assert sharded is bool(user_choice)
+    np.testing.assert_array_equal(_read(store)["pred"].X, 2.0)

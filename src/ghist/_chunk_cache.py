@@ -4,8 +4,8 @@ Tiles are much smaller than storage chunks (a 256-px tile, a 2048-px zarr chunk)
 each whole chunk it touches: cut one by one on an overlapping grid, a slide's chunks are each decoded again for
 every tile over them (about 100 times for predict's 256-px tiles at its default 30-px overlap on 2048-px chunks).
 Reading through :class:`ChunkCachedArray` decodes a chunk once and keeps the most recently used ones up to a byte
-budget, so a row-major sweep of tiles decodes each chunk about once per row of tiles over it (once in all, when a
-chunk row fits the budget). The values are those of the array: only when chunks are decoded changes.
+budget, so a row-major sweep of tiles decodes each chunk about once per row of tiles over it, with memory that
+does not grow with the slide. The values are those of the array: only when chunks are decoded changes.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 
-#: Bytes of decoded chunks kept per array: 16 chunks of a 2048-px RGB level, or 16 of 2048-px int32 labels.
-CHUNK_CACHE_BYTES = 16 * 2048 * 2048 * 4
+#: Bytes of decoded chunks kept per array: four chunks of 2048-px int32 labels (five of a 2048-px RGB level), the
+#: most a tile smaller than a chunk straddles, so a row of tiles decodes each chunk under it about once. Keeping a
+#: whole row of chunks would also spare decoding them again for the next row of tiles, but made predict's peak memory
+#: grow with the slide's width (the benchmarks page of the docs has both costs).
+CHUNK_CACHE_BYTES = 4 * 2048 * 2048 * 4
 
 
 class ChunkCachedArray:

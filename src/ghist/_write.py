@@ -310,11 +310,25 @@ def _process_alive(pid: int) -> bool:
 def _write_scratch(scratch: Path, key: str, kind: str, element: Any) -> None:
     """Write ``element`` as the only element of a new store at ``scratch`` (no copy of its data)."""
     holder = SpatialData()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _unsharded_tables():
         # A table annotating labels that the scratch store does not hold: expected here.
         warnings.filterwarnings("ignore", message=".*is annotating.*not present", category=UserWarning)
         getattr(holder, kind)[key] = element
         holder.write(scratch / _STORE, consolidate_metadata=False)
+
+
+def _unsharded_tables() -> contextlib.AbstractContextManager:
+    """Tables written without zarr shards, as anndata writes them today, unless the user chose in anndata's settings.
+
+    anndata warns for every array of every table it writes while its ``auto_shard_zarr_v3`` setting is unset (its
+    default may change to sharded); a predicted table is dozens of arrays, and the choice is not the user's to make
+    for each of them. A setting the user gave is kept.
+    """
+    import anndata
+
+    if getattr(anndata.settings, "auto_shard_zarr_v3", False) is None:
+        return anndata.settings.override(auto_shard_zarr_v3=False)
+    return contextlib.nullcontext()
 
 
 def _ensure_kind_group(root: Path, kind: str) -> None:

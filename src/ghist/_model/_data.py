@@ -188,7 +188,7 @@ class SlideTileDataset(Dataset):
     Only the slide region a tile covers is read, when the tile is asked for: the (dask-backed) image and labels stay
     lazy, and the dataset pickles to DataLoader worker processes, which then read and resample tiles in parallel.
     Their chunks are decoded through a cache (:mod:`ghist._chunk_cache`): a sweep of tiles in order decodes each
-    chunk at most once per row of tiles over it (once in all within the budget), not once per tile.
+    chunk about once per row of tiles over it, not once per tile.
 
     Parameters
     ----------
