@@ -291,3 +291,90 @@ def test_blur_augmentation_keeps_the_mean_and_softens():
     assert soft.std() < 0.6 * image.std()
     with pytest.raises(ValueError, match="blur_jitter"):
         ghist.pp.fit_segmenter(toy_sdata(32), max_steps=1, blur_jitter=-1, progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stain normalisation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def restained(sdata: sd.SpatialData, key: str = "he") -> sd.SpatialData:
+    """A copy of ``sdata`` whose image is darker and bluer, as a slide stained in another lab."""
+    from ghist.pp._stain_norm import StainMap, StainStatistics
+
+    rgb = np.moveaxis(np.asarray(sdata.images[key].data), 0, -1)
+    own = StainStatistics.of(rgb)
+    other = StainStatistics((own.mean[0] - 10, own.mean[1] - 3, own.mean[2] - 8), tuple(1.2 * s for s in own.std), 1)
+    image = Image2DModel.parse(
+        np.moveaxis(StainMap(own, other)(rgb), -1, 0),
+        dims=("c", "y", "x"),
+        transformations=dict(sdata.images[key].attrs["transform"]),
+    )
+    return sd.SpatialData(images={key: image}, labels=dict(sdata.labels))
+
+
+def test_fit_records_the_training_colours_and_trains_on_images_mapped_to_them(tmp_path, monkeypatch):
+    from ghist.pp import _fit_segmenter
+    from ghist.pp._stain_norm import StainStatistics
+
+    data = [toy_sdata(64, seed=0), restained(toy_sdata(64, seed=1))]
+    seen = []
+    real_batch = _fit_segmenter._batch
+    monkeypatch.setattr(_fit_segmenter, "_batch", lambda samples, *a: seen.append(samples) or real_batch(samples, *a))
+    kwargs = {"max_steps": 1, "batch_size": 2, "crop_size": 32, "progress": False, **TINY}
+    seg = fit_segmenter(data, **kwargs)
+    rgbs = [np.moveaxis(np.asarray(s.images["he"].data), 0, -1) for s in data]
+    reference = StainStatistics.pooled([StainStatistics.of(rgb) for rgb in rgbs])
+    np.testing.assert_allclose(seg.stain_reference.mean, reference.mean, atol=1e-6)
+    assert seg.training["normalise_stain"] is True
+    # both images were mapped to the pooled colours before training: their statistics now agree
+    trained_on = [StainStatistics.of(sample.rgb) for sample in seen[0]]
+    np.testing.assert_allclose(trained_on[0].mean, trained_on[1].mean, atol=1.5)
+    np.testing.assert_allclose(trained_on[0].mean, reference.mean, atol=1.5)
+    seg.save(tmp_path / "seg")
+    assert NucleusSegmenter.load(tmp_path / "seg").stain_reference == seg.stain_reference
+    assert fit_segmenter(data, normalise_stain=False, **kwargs).stain_reference is None
+    with pytest.raises(TypeError, match="normalise_stain"):
+        fit_segmenter(data, normalise_stain="yes", **kwargs)
+
+
+def test_folders_saved_before_stain_normalisation_load_without_it(tmp_path):
+    seeded_segmenter().save(tmp_path / "seg")
+    settings = json.loads((tmp_path / "seg" / "segmenter.json").read_text())
+    assert settings["stain_reference"] is None
+    del settings["stain_reference"]
+    (tmp_path / "seg" / "segmenter.json").write_text(json.dumps(settings))
+    assert NucleusSegmenter.load(tmp_path / "seg").stain_reference is None
+    settings["stain_reference"] = {"lab_mean": [1, 2]}
+    (tmp_path / "seg" / "segmenter.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"invalid settings.*lab_std"):
+        NucleusSegmenter.load(tmp_path / "seg")
+
+
+def test_segment_nuclei_maps_each_image_to_the_training_colours(monkeypatch):
+    from ghist.pp._stain_norm import StainStatistics
+
+    seg = seeded_segmenter()
+    seg.stain_reference = StainStatistics((60.0, 30.0, -20.0), (12.0, 9.0, 9.0), 1)
+    seen = []
+    real = NucleusSegmenter.predict_maps
+    monkeypatch.setattr(NucleusSegmenter, "predict_maps", lambda self, rgb: seen.append(rgb.copy()) or real(self, rgb))
+    sdata = toy_sdata(64)
+    segment_nuclei(sdata, method="ghist", model=seg, progress=False, key_added="mapped")
+    np.testing.assert_allclose(StainStatistics.of(seen[-1]).mean, seg.stain_reference.mean, atol=1.5)
+    segment_nuclei(sdata, method="ghist", model=seg, progress=False, key_added="own", normalise_stain=False)
+    np.testing.assert_array_equal(seen[-1], np.moveaxis(np.asarray(sdata.images["he"].data), 0, -1))
+    with pytest.raises(TypeError, match="normalise_stain"):
+        segment_nuclei(sdata, method="ghist", model=seg, progress=False, key_added="x", normalise_stain=1)
+
+
+@pytest.mark.slow
+def test_a_restained_slide_is_segmented_like_the_original(trained):
+    test = ghist.datasets.synthetic(image_size=256, n_genes=5, seed=1)
+    other = restained(test)
+    segment_nuclei(test, method="ghist", model=trained, key_added="learned", progress=False)
+    segment_nuclei(other, method="ghist", model=trained, key_added="learned", progress=False)
+    other.labels["original"] = test.labels["learned"]
+    same = ghist.tl.evaluate_segmentation(other, labels_key="learned", true_key="original").iloc[0]
+    assert same["n_true"] > 50
+    assert same["f1"] > 0.9

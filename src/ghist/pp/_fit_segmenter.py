@@ -15,6 +15,7 @@ from .._constants import IMAGE_KEY, LABELS_KEY
 from .._deprecation import renamed_arguments
 from .._docs import doc_params, doc_progress
 from ._segmenter_model import NucleusSegmenter
+from ._stain_norm import StainStatistics, image_stain_statistics, match_stain
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def fit_segmenter(
     stain_jitter: float = 0.05,
     scale_jitter: float = 0.2,
     blur_jitter: float = 0.0,
+    normalise_stain: bool = True,
     progress: bool = True,
 ) -> NucleusSegmenter:
     """Train a nucleus segmenter from H&E images and nucleus instance labels drawn on them.
@@ -117,6 +119,12 @@ def fit_segmenter(
         relative scale change, and the largest Gaussian blur (σ, working pixels; off by default: trained on CoNSeP
         with ``stain_jitter=0.2, blur_jitter=1`` the model neither scored better on held-out CoNSeP images nor
         found the dark, soft nuclei of a 0.69 µm/px breast scan it had missed, see the benchmarks page).
+    normalise_stain
+        Map every training image's colours to those of all of them pooled (Reinhard's transfer in CIELAB: mean and
+        spread of the tissue pixels' L*, a*, b*) and keep these statistics in the model, so that
+        :func:`~ghist.pp.segment_nuclei` maps every image it segments to them too: slides stained or scanned
+        unlike the training images look like them to the network. ``False``: images are used with their own
+        colours, in training and later.
     {progress}
 
     Returns
@@ -162,6 +170,8 @@ def fit_segmenter(
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= hi:
             raise ValueError(f"`{name}` must be a number in [0, {hi}], got {value!r}.")
+    if not isinstance(normalise_stain, bool):
+        raise TypeError(f"`normalise_stain` must be True or False, got {normalise_stain!r}.")
     if isinstance(scale_jitter, bool) or not isinstance(scale_jitter, int | float) or not 0 <= scale_jitter < 1:
         raise ValueError(f"`scale_jitter` must be a number in [0, 1), got {scale_jitter!r}.")
     if max_steps is None and budget is None:
@@ -176,6 +186,13 @@ def fit_segmenter(
         _read_sample(s, image_key, labels_key, size, working_pixel_size, val_fraction, crop, i)
         for i, (s, size) in enumerate(zip(samples_in, sizes))
     ]
+    if normalise_stain:
+        stats = [
+            image_stain_statistics(s.images[image_key], size, working_pixel_size)
+            for s, size in zip(samples_in, sizes_used(samples_in, image_key, sizes))
+        ]
+        model.stain_reference = StainStatistics.pooled(stats)
+        samples = [s._replace(rgb=match_stain(s.rgb, st, model.stain_reference)) for s, st in zip(samples, stats)]
     areas = np.concatenate([np.bincount(s.labels.ravel())[1:] for s in samples])
     areas = areas[areas > 0] * working_pixel_size**2
     if areas.size == 0:
@@ -254,6 +271,7 @@ def fit_segmenter(
         "stain_jitter": stain_jitter,
         "scale_jitter": scale_jitter,
         "blur_jitter": blur_jitter,
+        "normalise_stain": normalise_stain,
         "val_loss": best_loss,
         "val_scores": search["scores"],
         "history": history,

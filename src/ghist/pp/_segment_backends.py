@@ -56,7 +56,7 @@ def make_backend(
         # Pure numpy/scipy/skimage on arrays of its own: safe to run in several threads.
         return Backend(segment, margin)
     if method == "ghist":
-        return _ghist_backend(model, pixel_size, method_kwargs)
+        return _ghist_backend(model, element, pixel_size, method_kwargs)
     from . import _segment_pretrained as pretrained
 
     margin = 0.0
@@ -233,15 +233,37 @@ def _watershed_window(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _ghist_backend(model: Any, pixel_size: float, method_kwargs: dict[str, Any]) -> Backend:
-    """The learned segmenter: its forward passes serialised inside the model, its watershed in every thread."""
+def _ghist_backend(
+    model: Any, element: DataArray | DataTree, pixel_size: float, method_kwargs: dict[str, Any]
+) -> Backend:
+    """The learned segmenter: its forward passes serialised inside the model, its watershed in every thread.
+
+    With ``normalise_stain=True`` (the default) and a model that knows its training images' colours, the image's own
+    colour statistics are measured once, here, and every window is mapped from them (:mod:`ghist.pp._stain_norm`).
+    """
     from ._segmenter_model import POSTPROCESS_KEYS, resolve_segmenter
+    from ._stain_norm import StainMap, image_stain_statistics
 
     segmenter = resolve_segmenter(model)
-    unknown = sorted(set(method_kwargs) - set(POSTPROCESS_KEYS))
-    if unknown:
-        raise TypeError(f"Unknown option(s) {unknown} for method='ghist'; expected some of {list(POSTPROCESS_KEYS)}.")
     options = dict(method_kwargs)
+    normalise = options.pop("normalise_stain", True)
+    unknown = sorted(set(options) - set(POSTPROCESS_KEYS))
+    if unknown:
+        expected = [*POSTPROCESS_KEYS, "normalise_stain"]
+        raise TypeError(f"Unknown option(s) {unknown} for method='ghist'; expected some of {expected}.")
+    if not isinstance(normalise, bool | np.bool_):
+        raise TypeError(f"Option `normalise_stain` of method='ghist' must be True or False, got {normalise!r}.")
+    stain_map = None
+    if normalise and segmenter.stain_reference is not None:
+        stain = image_stain_statistics(element, pixel_size, segmenter.pixel_size)
+        logger.info(
+            "Stain normalised to the segmenter's training images: L*a*b* mean %s -> %s, spread %s -> %s",
+            _rounded(stain.mean),
+            _rounded(segmenter.stain_reference.mean),
+            _rounded(stain.std),
+            _rounded(segmenter.stain_reference.std),
+        )
+        stain_map = StainMap(stain, segmenter.stain_reference)
     for name in ("fg_threshold", "marker_threshold"):
         if name in options and (
             isinstance(options[name], bool) or not isinstance(options[name], int | float) or not 0 < options[name] < 1
@@ -249,7 +271,11 @@ def _ghist_backend(model: Any, pixel_size: float, method_kwargs: dict[str, Any])
             raise ValueError(f"Option `{name}` of method='ghist' must be a number in (0, 1), got {options[name]!r}.")
 
     def segment(rgb: np.ndarray) -> np.ndarray:
-        return segmenter.segment(rgb, pixel_size, **options)
+        return segmenter.segment(rgb, pixel_size, stain_map=stain_map, **options)
 
     area = (segmenter.min_area_um2, segmenter.max_area_um2)
     return Backend(segment, segmenter.margin_px(pixel_size), area)
+
+
+def _rounded(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in values) + ")"

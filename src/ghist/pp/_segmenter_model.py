@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ._stain_norm import StainMap, StainStatistics
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "ghist-nucleus-segmenter"
@@ -54,6 +56,10 @@ class NucleusSegmenter:
         Seeds smaller than this area (µm²) are dropped (noise peaks would split a nucleus).
     min_area_um2, max_area_um2
         Range of nucleus areas seen in training; :func:`~ghist.pp.segment_nuclei` keeps nuclei in it by default.
+    stain_reference
+        Colour statistics of the training images (CIELAB mean and spread of their tissue pixels), set by
+        :func:`~ghist.pp.fit_segmenter`: images are mapped to them before the network sees them. ``None``: images
+        are segmented with their own colours.
     training
         What the model was trained on and how (steps, seconds, seed, validation scores), kept in its settings file.
 
@@ -77,6 +83,7 @@ class NucleusSegmenter:
         min_marker_um2: float = 1.0,
         min_area_um2: float = 2.0,
         max_area_um2: float = 200.0,
+        stain_reference: StainStatistics | None = None,
         training: dict[str, Any] | None = None,
     ):
         from .._model._nucleus_net import NucleusNet
@@ -90,6 +97,9 @@ class NucleusSegmenter:
         self.min_marker_um2 = float(min_marker_um2)
         self.min_area_um2 = float(min_area_um2)
         self.max_area_um2 = float(max_area_um2)
+        if stain_reference is not None and not isinstance(stain_reference, StainStatistics):
+            raise TypeError(f"`stain_reference` must be StainStatistics or None, got {type(stain_reference).__name__}.")
+        self.stain_reference = stain_reference
         self.training = dict(training or {})
         self._lock = threading.Lock()
         self._inference_net: Any = None
@@ -114,6 +124,7 @@ class NucleusSegmenter:
             "min_marker_um2": self.min_marker_um2,
             "min_area_um2": self.min_area_um2,
             "max_area_um2": self.max_area_um2,
+            "stain_reference": None if self.stain_reference is None else self.stain_reference.to_json(),
             "training": self.training,
         }
 
@@ -192,7 +203,10 @@ class NucleusSegmenter:
             if k in settings
         }
         try:
-            model = cls(**arch, **post, training=settings.get("training"))
+            # absent in folders saved before ghist normalised stains: such a model segments images as they are
+            reference = settings.get("stain_reference")
+            reference = None if reference is None else StainStatistics.from_json(reference)
+            model = cls(**arch, **post, stain_reference=reference, training=settings.get("training"))
         except (TypeError, ValueError) as err:
             raise ValueError(f"Nucleus segmenter folder {str(path)!r} has invalid settings: {err}") from err
         expected = f"the weights of a ghist nucleus segmenter (a dict of tensors, as {cls.__name__}.save writes)"
@@ -259,8 +273,13 @@ class NucleusSegmenter:
             out = torch.sigmoid(net(x.contiguous(memory_format=torch.channels_last)))
         return out[0, :, :h, :w].float().numpy()
 
-    def segment(self, rgb: np.ndarray, pixel_size: float, **postprocess: float) -> np.ndarray:
+    def segment(
+        self, rgb: np.ndarray, pixel_size: float, stain_map: StainMap | None = None, **postprocess: float
+    ) -> np.ndarray:
         """Instance labels (``int32``) of a ``(H, W, 3)`` uint8 window whose pixels are ``pixel_size`` µm.
+
+        ``stain_map``: the map from the colours of the image the window comes from to those of the training images
+        (:class:`~ghist.pp._stain_norm.StainMap` to :attr:`stain_reference`), applied on the working grid first.
 
         The window is resampled to the working pixel size, where the maps are predicted and turned into instances
         (the watershed costs what the network does: both run on the working grid). Back on the window's grid,
@@ -279,7 +298,10 @@ class NucleusSegmenter:
             **postprocess,
         }
         h, w = rgb.shape[:2]
-        maps = self.predict_maps(resample_rgb(rgb, pixel_size / self.pixel_size))
+        working = resample_rgb(rgb, pixel_size / self.pixel_size)
+        if stain_map is not None:
+            working = stain_map(working)
+        maps = self.predict_maps(working)
         labels = instances_from_maps(
             maps,
             fg_threshold=float(opts["fg_threshold"]),

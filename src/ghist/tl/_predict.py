@@ -396,6 +396,7 @@ def _run(loader: DataLoader, model: GHISTModel, plan: _Plan, args: _Arguments) -
     """The model over every batch; each cell keeps the row of the tile that saw it best (one row per cell)."""
     from tqdm.auto import tqdm
 
+    from .._memory import release_freed_memory
     from .._model._device import resolve_device
     from .._model._inference import Predictor
 
@@ -417,7 +418,9 @@ def _run(loader: DataLoader, model: GHISTModel, plan: _Plan, args: _Arguments) -
     )
     bar = tqdm(loader, desc="ghist.tl.predict", unit="batch", total=len(loader), disable=not args.progress)
     try:
-        for batch in bar:
+        for i, batch in enumerate(bar):
+            if i % 16 == 15:
+                release_freed_memory()  # the network's freed batch arrays, else kept by glibc as the slide goes on
             if batch is None:  # no nucleus in these tiles
                 continue
             prediction = predictor(batch)
