@@ -118,7 +118,8 @@ def fit_segmenter(
         Augmentation strengths (0 turns them off): stain concentrations' relative (and optical-density) change,
         relative scale change, and the largest Gaussian blur (σ, working pixels; off by default: trained on CoNSeP
         with ``stain_jitter=0.2, blur_jitter=1`` the model neither scored better on held-out CoNSeP images nor
-        found the dark, soft nuclei of a 0.69 µm/px breast scan it had missed, see the benchmarks page).
+        found the dark, soft nuclei of a 0.69 µm/px breast scan it had missed; ``normalise_stain`` did, see the
+        benchmarks page).
     normalise_stain
         Map every training image's colours to those of all of them pooled (Reinhard's transfer in CIELAB: mean and
         spread of the tissue pixels' L*, a*, b*) and keep these statistics in the model, so that

@@ -79,6 +79,10 @@ class StainStatistics:
         var = (n[:, None] * second).sum(axis=0) / n.sum() - mean**2
         return cls(_triple(mean), _triple(np.sqrt(np.clip(var, 0, None))), int(n.sum()))
 
+    def __repr__(self) -> str:
+        mean, std = (", ".join(f"{v:.1f}" for v in values) for values in (self.mean, self.std))
+        return f"StainStatistics(L*a*b* mean ({mean}), spread ({std}), {self.n_pixels:,} tissue pixels)"
+
     def to_json(self) -> dict[str, Any]:
         return {"lab_mean": list(self.mean), "lab_std": list(self.std), "n_pixels": self.n_pixels}
 
