@@ -42,7 +42,8 @@ def test_the_map_gives_an_image_the_target_statistics():
         (source.mean[0] - 8, source.mean[1] - 4, source.mean[2] - 5), tuple(s * 1.15 for s in source.std), 1
     )
     mapped = match_stain(rgb, source, target)
-    assert mapped.shape == rgb.shape and mapped.dtype == np.uint8
+    assert mapped.shape == rgb.shape
+    assert mapped.dtype == np.uint8
     got = StainStatistics.of(mapped)
     np.testing.assert_allclose(got.mean, target.mean, atol=1.5)
     np.testing.assert_allclose(got.std, target.std, rtol=0.1)
