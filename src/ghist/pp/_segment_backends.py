@@ -256,13 +256,7 @@ def _ghist_backend(
     stain_map = None
     if normalise and segmenter.stain_reference is not None:
         stain = image_stain_statistics(element, pixel_size, segmenter.pixel_size)
-        logger.info(
-            "Stain normalised to the segmenter's training images: L*a*b* mean %s -> %s, spread %s -> %s",
-            _rounded(stain.mean),
-            _rounded(segmenter.stain_reference.mean),
-            _rounded(stain.std),
-            _rounded(segmenter.stain_reference.std),
-        )
+        logger.info("Stain normalised to the segmenter's training images: %r -> %r", stain, segmenter.stain_reference)
         stain_map = StainMap(stain, segmenter.stain_reference)
     for name in ("fg_threshold", "marker_threshold"):
         if name in options and (
@@ -275,7 +269,3 @@ def _ghist_backend(
 
     area = (segmenter.min_area_um2, segmenter.max_area_um2)
     return Backend(segment, segmenter.margin_px(pixel_size), area)
-
-
-def _rounded(values: tuple[float, ...]) -> str:
-    return "(" + ", ".join(f"{v:.1f}" for v in values) + ")"
