@@ -187,10 +187,11 @@ def fit_segmenter(
         _read_sample(s, image_key, labels_key, size, working_pixel_size, val_fraction, crop, i)
         for i, (s, size) in enumerate(zip(samples_in, sizes))
     ]
+    input_sizes = sizes_used(samples_in, image_key, sizes)
     if normalise_stain:
         stats = [
             image_stain_statistics(s.images[image_key], size, working_pixel_size)
-            for s, size in zip(samples_in, sizes_used(samples_in, image_key, sizes))
+            for s, size in zip(samples_in, input_sizes)
         ]
         model.stain_reference = StainStatistics.pooled(stats)
         samples = [s._replace(rgb=match_stain(s.rgb, st, model.stain_reference)) for s, st in zip(samples, stats)]
@@ -264,7 +265,7 @@ def fit_segmenter(
         "seed": seed,
         "n_images": len(samples),
         "n_nuclei": int(areas.size),
-        "input_pixel_sizes": [round(s, 4) for s in sizes_used(samples_in, image_key, sizes)],
+        "input_pixel_sizes": [round(s, 4) for s in input_sizes],
         "batch_size": batch_size,
         "crop_size": crop,
         "lr": lr,

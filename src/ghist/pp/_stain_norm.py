@@ -35,6 +35,8 @@ _BITS = 7
 _SHIFT = 8 - _BITS
 _LEVELS = 2**_BITS
 _STEP = 2**_SHIFT
+# The colour each bin of the table stands for, per channel: the centre of its 2**_SHIFT levels.
+_CENTRES = np.arange(_LEVELS, dtype=np.float32) * _STEP + (_STEP - 1) / 2
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class StainStatistics:
         present = np.flatnonzero(counts)
         weight = counts[present].astype(np.float64)
         levels = np.stack([present >> (2 * _BITS), (present >> _BITS) & (_LEVELS - 1), present & (_LEVELS - 1)], -1)
-        lab = _lab((levels * _STEP + (_STEP - 1) / 2)[:, None, :]).reshape(-1, 3).astype(np.float64)
+        lab = _lab(_CENTRES[levels][:, None, :]).reshape(-1, 3).astype(np.float64)
         tissue = lab[:, 0] < TISSUE_LIGHTNESS
         if tissue.any():
             lab, weight = lab[tissue], weight[tissue]
@@ -133,14 +135,12 @@ class StainMap:
     def __init__(self, source: StainStatistics, target: StainStatistics):
         from skimage.color import lab2rgb
 
-        self.source, self.target = source, target
         mean_s, mean_t = np.asarray(source.mean, np.float32), np.asarray(target.mean, np.float32)
         std_s, std_t = np.asarray(source.std, np.float32), np.asarray(target.std, np.float32)
         gain = np.where(std_s > 1e-6, std_t / np.maximum(std_s, 1e-6), 1.0).astype(np.float32)
-        centres = np.arange(_LEVELS, dtype=np.float32) * _STEP + (_STEP - 1) / 2
         table = np.empty((_LEVELS, _LEVELS, _LEVELS, 3), dtype=np.uint8)
-        g, b = np.meshgrid(centres, centres, indexing="ij")
-        for i, r in enumerate(centres):  # one red level at a time: bounded float temporaries
+        g, b = np.meshgrid(_CENTRES, _CENTRES, indexing="ij")
+        for i, r in enumerate(_CENTRES):  # one red level at a time: bounded float temporaries
             rgb = np.stack([np.full_like(g, r), g, b], axis=-1)
             lab = (_lab(rgb) - mean_s) * gain + mean_t
             with warnings.catch_warnings():  # colours mapped outside sRGB are clipped to it: expected at the extremes
