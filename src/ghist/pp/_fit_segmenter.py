@@ -121,11 +121,11 @@ def fit_segmenter(
         found the dark, soft nuclei of a 0.69 µm/px breast scan it had missed; ``normalise_stain`` did, see the
         benchmarks page).
     normalise_stain
-        Rewrite every training image in the stains of all of them pooled (Macenko's normalisation: each image's
-        haematoxylin and eosin colours and strongest concentrations, measured on its tissue pixels, swapped for the
-        pooled ones) and keep these statistics in the model, so that :func:`~ghist.pp.segment_nuclei` maps every
-        image it segments to them too: slides stained or scanned unlike the training images look like them to the
-        network. ``False``: images are used with their own colours, in training and later.
+        Map every training image's colours to those of all of them pooled (Reinhard's transfer in CIELAB: mean and
+        spread of the tissue pixels' L*, a*, b*) and keep these statistics in the model, so that
+        :func:`~ghist.pp.segment_nuclei` maps every image it segments to them too: slides stained or scanned
+        unlike the training images look like them to the network. ``False``: images are used with their own
+        colours, in training and later.
     {progress}
 
     Returns

@@ -107,7 +107,7 @@ def segment_nuclei(
         watershed seeded by the distance peaks splits touching nuclei. Options: ``fg_threshold``,
         ``marker_threshold`` (by default those chosen on the model's validation data), ``min_marker_um2`` and
         ``normalise_stain`` (default ``True``: a model that recorded its training images' colours gets every image
-        mapped to them first, Macenko's stain normalisation, with the image's own stains measured once; ``False``
+        mapped to them first, Reinhard's transfer in CIELAB, with the image's own statistics measured once; ``False``
         segments the image's own colours). Only the network's forward passes are serialised; the watershed runs in
         every worker.
     ``"instanseg"``

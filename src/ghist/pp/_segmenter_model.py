@@ -57,7 +57,7 @@ class NucleusSegmenter:
     min_area_um2, max_area_um2
         Range of nucleus areas seen in training; :func:`~ghist.pp.segment_nuclei` keeps nuclei in it by default.
     stain_reference
-        Stains of the training images (haematoxylin and eosin colours, strongest concentrations), set by
+        Colour statistics of the training images (CIELAB mean and spread of their tissue pixels), set by
         :func:`~ghist.pp.fit_segmenter`: images are mapped to them before the network sees them. ``None``: images
         are segmented with their own colours.
     training
