@@ -56,8 +56,9 @@ def run_one(model: str, side: int, chunk_size: int | None) -> dict:
     )
     working = ghist.pp.NucleusSegmenter.load(model).pixel_size
     start, cpu = time.perf_counter(), time.process_time()
+    blocks = {} if chunk_size is None else {"chunk_size": chunk_size}  # segment_nuclei's own default otherwise
     labels = ghist.pp.segment_nuclei(
-        sdata, method="ghist", model=model, pixel_size=PIXEL_SIZE, chunk_size=chunk_size, progress=False
+        sdata, method="ghist", model=model, pixel_size=PIXEL_SIZE, progress=False, **blocks
     )
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     mpx = mosaic.shape[1] * mosaic.shape[2] / 1e6

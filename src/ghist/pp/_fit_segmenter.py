@@ -14,7 +14,7 @@ from spatialdata import SpatialData
 from .._constants import IMAGE_KEY, LABELS_KEY
 from .._deprecation import renamed_arguments
 from .._docs import doc_params, doc_progress
-from ._segmenter_model import NucleusSegmenter
+from ._segmenter_model import WORKING_PIXEL_SIZE, NucleusSegmenter
 from ._stain_norm import StainStatistics, image_stain_statistics, match_stain
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def fit_segmenter(
     labels_key: str = LABELS_KEY,
     *,
     pixel_size: float | Sequence[float | None] | None = None,
-    working_pixel_size: float = 0.5,
+    working_pixel_size: float = WORKING_PIXEL_SIZE,
     max_time: Any = None,
     max_steps: int | None = None,
     seed: int = 0,
@@ -96,7 +96,8 @@ def fit_segmenter(
         µm per pixel of the images (one number, or one per SpatialData, ``None`` entries read from the image).
         By default read from each image's transformation to ``"microns"``.
     working_pixel_size
-        µm per pixel the network works at; images are resampled to it here and by ``segment_nuclei``.
+        µm per pixel the network works at; images are resampled to it here and by ``segment_nuclei``. Finer
+        sizes separate touching nuclei better and cost more per µm² of tissue (see the benchmarks page).
     max_time
         Training time budget, ``"HH:MM:SS"`` (or ``"DD:HH:MM:SS"``) or a :class:`datetime.timedelta`, as
         :func:`ghist.tl.fit` takes it; the threshold search after training is counted in it.
