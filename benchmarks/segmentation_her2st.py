@@ -18,11 +18,9 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import spatialdata as sd
 from PIL import Image
+from segmentation_real import to_sdata
 from skimage.segmentation import find_boundaries
-from spatialdata.models import Image2DModel
-from spatialdata.transformations import Identity, Scale
 
 import ghist
 
@@ -53,10 +51,7 @@ def main() -> None:
     rows = []
     for section in args.sections:
         crop = central_crop(section)
-        transformations = {"global": Identity(), "microns": Scale([PIXEL_SIZE, PIXEL_SIZE], axes=("y", "x"))}
-        pixels = np.moveaxis(crop, -1, 0).copy()
-        image = Image2DModel.parse(pixels, dims=("c", "y", "x"), transformations=transformations)
-        sdata = sd.SpatialData(images={"he": image})
+        sdata = to_sdata(crop, None, pixel_size=PIXEL_SIZE)
         panels = []
         for i, (name, kwargs) in enumerate(RUNS.items()):
             model = args.model if kwargs.get("method") == "ghist" else None

@@ -87,8 +87,11 @@ def read_images(data: Path = DATA) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return images
 
 
-def to_sdata(rgb: np.ndarray, labels: np.ndarray | None, chunks: int | None = None) -> sd.SpatialData:
-    transformations = {"global": Identity(), "microns": Scale([PIXEL_SIZE, PIXEL_SIZE], axes=("y", "x"))}
+def to_sdata(
+    rgb: np.ndarray, labels: np.ndarray | None, chunks: int | None = None, pixel_size: float = PIXEL_SIZE
+) -> sd.SpatialData:
+    """An H&E SpatialData (``"he"``, and ``"nuclei"`` labels if given) of ``pixel_size`` µm per pixel."""
+    transformations = {"global": Identity(), "microns": Scale([pixel_size, pixel_size], axes=("y", "x"))}
     image = np.moveaxis(rgb, -1, 0)
     kwargs = {"chunks": (3, chunks, chunks)} if chunks else {}
     elements = {
