@@ -245,6 +245,8 @@ def test_fit_is_reproducible_with_a_seed():
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     assert a.training["steps"] == 3
     assert a.training["seed"] == 3
+    # trained channels-last for speed, handed back in the standard layout that save() writes and others expect
+    assert all(t.is_contiguous() for t in sa.values())
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +362,50 @@ def test_folders_saved_before_stain_normalisation_load_without_it(tmp_path):
     (tmp_path / "seg" / "segmenter.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match=r"invalid settings.*lab_std"):
         NucleusSegmenter.load(tmp_path / "seg")
+
+
+def _two_peaks(saddle: float, low_peak: float = 1.0) -> np.ndarray:
+    """Maps of one foreground blob whose distance map has peaks 1 and ``low_peak`` joined at ``saddle``."""
+    x = np.arange(60, dtype=np.float32)
+    # piecewise-linear ridge along x: up to 1 at x=15, down to `saddle` at x=30, up to `low_peak` at x=45
+    ridge = np.interp(x, [5, 15, 30, 45, 55], [0.2, 1.0, saddle, low_peak, 0.2]).astype(np.float32)
+    maps = np.zeros((2, 20, 60), np.float32)
+    maps[0, 5:15, 5:56] = 1.0
+    maps[1, 5:15, 5:56] = ridge[5:56]
+    return maps
+
+
+@pytest.mark.parametrize(
+    ("saddle", "low_peak", "prominence", "expected"),
+    [
+        (0.7, 1.0, 0.0, 1),  # one seed region above the marker threshold: one nucleus without the split
+        (0.7, 1.0, 0.1, 2),  # both peaks rise 0.3 above the saddle: two nuclei
+        (0.7, 1.0, 0.5, 1),  # ... but not 0.5
+        (0.7, 0.75, 0.1, 1),  # the lower peak rises only 0.05: a wiggle, not a nucleus
+        (0.2, 1.0, 0.0, 2),  # a saddle under the marker threshold splits the seed region anyway
+    ],
+)
+def test_prominent_distance_peaks_split_a_seed_region(saddle, low_peak, prominence, expected):
+    from ghist.pp._segmenter_model import instances_from_maps
+
+    maps = _two_peaks(saddle, low_peak)
+    labels = instances_from_maps(maps, fg_threshold=0.5, marker_threshold=0.5, marker_prominence=prominence)
+    assert labels.max() == expected
+    assert np.array_equal(labels > 0, maps[0] > 0.5)  # the split moves no pixel in or out of the foreground
+    if expected == 2:  # cut near the valley: each nucleus holds one peak
+        assert labels[10, 15] != labels[10, 45]
+        assert abs(int(np.flatnonzero(np.diff(labels[10, 5:56]))[0]) + 5 - 30) <= 2
+
+
+def test_folders_saved_before_marker_prominence_load_with_the_default(tmp_path):
+    seeded_segmenter().save(tmp_path / "seg")
+    settings = json.loads((tmp_path / "seg" / "segmenter.json").read_text())
+    assert settings["marker_prominence"] == NucleusSegmenter().marker_prominence
+    del settings["marker_prominence"]
+    (tmp_path / "seg" / "segmenter.json").write_text(json.dumps(settings))
+    assert NucleusSegmenter.load(tmp_path / "seg").marker_prominence == 0.1
+    with pytest.raises(ValueError, match="marker_prominence"):
+        NucleusSegmenter(marker_prominence=1.5)
 
 
 def test_segment_nuclei_maps_each_image_to_the_training_colours(monkeypatch):

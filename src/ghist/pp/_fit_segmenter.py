@@ -215,6 +215,9 @@ def fit_segmenter(
 
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
+    # Channels-last convolutions train faster on CPUs (see the benchmarks page); the network
+    # goes back to the standard layout after training.
+    net.to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     seconds = budget.total_seconds() if budget is not None else math.inf
     train_seconds = seconds * TRAIN_SHARE if budget is not None else math.inf
@@ -237,7 +240,7 @@ def fit_segmenter(
             images, targets = _batch(
                 samples, weights, batch_size, crop, rng, generator, stain_jitter, scale_jitter, blur_jitter
             )
-            loss, parts = nucleus_loss(net(images), targets)
+            loss, parts = nucleus_loss(net(images.contiguous(memory_format=torch.channels_last)), targets)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -256,6 +259,7 @@ def fit_segmenter(
         best_loss, best_step = val_loss, step
     else:
         net.load_state_dict(best_state)
+    net.to(memory_format=torch.contiguous_format)
     net.eval()
     search = _choose_thresholds(model, samples, deadline=start + seconds)
     model.fg_threshold, model.marker_threshold = search["fg_threshold"], search["marker_threshold"]
@@ -510,7 +514,13 @@ def _choose_thresholds(model: NucleusSegmenter, samples: list[_Sample], deadline
             break
         sums = dict.fromkeys(SUM_KEYS, 0.0)
         for maps, true in parts:
-            pred = instances_from_maps(maps, fg_threshold=fg_t, marker_threshold=mk_t, min_marker_px=min_marker)
+            pred = instances_from_maps(
+                maps,
+                fg_threshold=fg_t,
+                marker_threshold=mk_t,
+                min_marker_px=min_marker,
+                marker_prominence=model.marker_prominence,
+            )
             for key, value in segmentation_sums(true, pred).items():
                 sums[key] += value
         scores = scores_from_sums(sums)

@@ -105,7 +105,8 @@ def segment_nuclei(
         block is resampled to the model's working pixel size; the network predicts each pixel's nucleus
         probability and relative distance to its nucleus' border, brought back to the block's grid, where a
         watershed seeded by the distance peaks splits touching nuclei. Options: ``fg_threshold``,
-        ``marker_threshold`` (by default those chosen on the model's validation data), ``min_marker_um2`` and
+        ``marker_threshold`` (by default those chosen on the model's validation data), ``min_marker_um2``,
+        ``marker_prominence`` and
         ``normalise_stain`` (default ``True``: a model that recorded its training images' colours gets every image
         mapped to them first, Reinhard's transfer in CIELAB, with the image's own statistics measured once; ``False``
         segments the image's own colours). Only the network's forward passes are serialised; the watershed runs in

@@ -37,7 +37,10 @@ BUNDLED_SEGMENTERS: dict[str, Path] = {}
 #: out by image; 0.3 µm scored higher still but outlined stroma as nuclei on a sparse breast scan (benchmarks page).
 WORKING_PIXEL_SIZE = 0.375
 #: Post-processing defaults, overridable per call (``segment_nuclei(..., method="ghist", fg_threshold=...)``).
-POSTPROCESS_KEYS = ("fg_threshold", "marker_threshold", "min_marker_um2")
+POSTPROCESS_KEYS = ("fg_threshold", "marker_threshold", "min_marker_um2", "marker_prominence")
+#: Gaussian σ (working pixels) the distance map is smoothed by before its peaks seed the watershed: single-pixel
+#: wiggles of the network's output would otherwise count as peaks.
+DISTANCE_SMOOTHING = 1.0
 
 
 class NucleusSegmenter:
@@ -57,6 +60,10 @@ class NucleusSegmenter:
         Seeds of the watershed: connected regions where the predicted relative distance to the border is above this.
     min_marker_um2
         Seeds smaller than this area (µm²) are dropped (noise peaks would split a nucleus).
+    marker_prominence
+        A seed region holding several peaks of the distance map is split into them when each rises at least this far
+        (in relative distance, 0-1) above the lowest point on the way to a higher peak: touching nuclei whose
+        distance valley stays above ``marker_threshold`` are still told apart. ``0`` keeps seed regions whole.
     min_area_um2, max_area_um2
         Range of nucleus areas seen in training; :func:`~ghist.pp.segment_nuclei` keeps nuclei in it by default.
     stain_reference
@@ -84,6 +91,7 @@ class NucleusSegmenter:
         fg_threshold: float = 0.5,
         marker_threshold: float = 0.5,
         min_marker_um2: float = 1.0,
+        marker_prominence: float = 0.1,
         min_area_um2: float = 2.0,
         max_area_um2: float = 200.0,
         stain_reference: StainStatistics | None = None,
@@ -98,6 +106,7 @@ class NucleusSegmenter:
         self.fg_threshold = _unit_interval("fg_threshold", fg_threshold)
         self.marker_threshold = _unit_interval("marker_threshold", marker_threshold)
         self.min_marker_um2 = float(min_marker_um2)
+        self.marker_prominence = _unit_interval("marker_prominence", marker_prominence)
         self.min_area_um2 = float(min_area_um2)
         self.max_area_um2 = float(max_area_um2)
         if stain_reference is not None and not isinstance(stain_reference, StainStatistics):
@@ -125,6 +134,7 @@ class NucleusSegmenter:
             "fg_threshold": self.fg_threshold,
             "marker_threshold": self.marker_threshold,
             "min_marker_um2": self.min_marker_um2,
+            "marker_prominence": self.marker_prominence,
             "min_area_um2": self.min_area_um2,
             "max_area_um2": self.max_area_um2,
             "stain_reference": None if self.stain_reference is None else self.stain_reference.to_json(),
@@ -200,11 +210,7 @@ class NucleusSegmenter:
             raise FileNotFoundError(f"Nucleus segmenter folder {str(path)!r} not found (or not a folder).")
         settings = _read_settings(path)
         arch = {k: settings[k] for k in ("pixel_size", "widths", "unshuffle")}
-        post = {
-            k: settings[k]
-            for k in ("fg_threshold", "marker_threshold", "min_marker_um2", "min_area_um2", "max_area_um2")
-            if k in settings
-        }
+        post = {k: settings[k] for k in (*POSTPROCESS_KEYS, "min_area_um2", "max_area_um2") if k in settings}
         try:
             # absent in folders saved before ghist normalised stains: such a model segments images as they are
             reference = settings.get("stain_reference")
@@ -298,6 +304,7 @@ class NucleusSegmenter:
             "fg_threshold": self.fg_threshold,
             "marker_threshold": self.marker_threshold,
             "min_marker_um2": self.min_marker_um2,
+            "marker_prominence": self.marker_prominence,
             **postprocess,
         }
         h, w = rgb.shape[:2]
@@ -310,6 +317,7 @@ class NucleusSegmenter:
             fg_threshold=float(opts["fg_threshold"]),
             marker_threshold=float(opts["marker_threshold"]),
             min_marker_px=float(opts["min_marker_um2"]) / self.pixel_size**2,
+            marker_prominence=float(opts["marker_prominence"]),
         )
         if labels.shape != (h, w):
             labels = _labels_on_grid(labels, maps[0], (h, w), float(opts["fg_threshold"]))
@@ -322,9 +330,19 @@ class NucleusSegmenter:
 
 
 def instances_from_maps(
-    maps: np.ndarray, *, fg_threshold: float, marker_threshold: float, min_marker_px: float = 0.0
+    maps: np.ndarray,
+    *,
+    fg_threshold: float,
+    marker_threshold: float,
+    min_marker_px: float = 0.0,
+    marker_prominence: float = 0.0,
 ) -> np.ndarray:
     """Instance labels (``int32``) from ``(2, H, W)`` foreground probability and relative distance maps.
+
+    Nuclei are the foreground (probability above ``fg_threshold``) flooded from seeds along the distance map,
+    smoothed by :data:`DISTANCE_SMOOTHING` first. Seeds are the regions where that distance is above
+    ``marker_threshold`` (those under ``min_marker_px`` pixels dropped), each split into its peaks that rise at
+    least ``marker_prominence`` above the saddle to a higher peak (:class:`NucleusSegmenter`).
 
     Examples
     --------
@@ -337,10 +355,10 @@ def instances_from_maps(
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
-    fg, dist = maps[0], maps[1]
-    mask = fg > fg_threshold
+    mask = maps[0] > fg_threshold
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
+    dist = ndi.gaussian_filter(np.asarray(maps[1], dtype=np.float32), DISTANCE_SMOOTHING)
     markers, n = ndi.label(mask & (dist > marker_threshold))
     if n and min_marker_px > 1:
         size = np.bincount(markers.ravel(), minlength=n + 1)
@@ -351,12 +369,74 @@ def instances_from_maps(
             keep[0] = 0
             markers = keep[markers]
             n = int(keep.max())
+    if n and marker_prominence > 0:
+        markers, n = _split_at_peaks(markers, n, dist, marker_threshold, marker_prominence)
     labels = watershed(-dist, markers, mask=mask) if n else np.zeros(mask.shape, dtype=np.int32)
     # Foreground pieces no seed reached become objects of their own (the area filter may drop them later).
     rest, n_rest = ndi.label(mask & (labels == 0))
     if n_rest:
         labels = np.where(rest > 0, rest + n, labels)
     return labels.astype(np.int32, copy=False)
+
+
+def _split_at_peaks(
+    markers: np.ndarray, n: int, dist: np.ndarray, floor: float, prominence: float
+) -> tuple[np.ndarray, int]:
+    """``markers`` (ids ``1..n``) with each region holding several prominent peaks of ``dist`` split into them.
+
+    A peak (a plateau of 3 x 3 local maxima) is prominent when no higher point of its region can be reached from it
+    without going more than ``prominence`` below it (its dynamic, in the language of morphology); the highest peak
+    of a region always is. Peaks are taken highest first, and one that reaches a peak already kept joins it; ties go
+    to the first. A peak lower than ``floor + prominence`` can only reach the others, so regions with fewer than two
+    peaks above that are left whole without a search: most regions are single nuclei.
+    """
+    from scipy import ndimage as ndi
+
+    eight, four = np.ones((3, 3), dtype=bool), ndi.generate_binary_structure(2, 1)  # passed: built once, not per call
+    tops = (dist == ndi.maximum_filter(dist, size=3)) & (markers > 0)
+    top_ids, n_tops = ndi.label(tops, structure=eight)
+    if n_tops <= n:
+        return markers, n
+    pixels = np.flatnonzero(tops)
+    ids, first = np.unique(top_ids.ravel()[pixels], return_index=True)
+    at = np.unravel_index(pixels[first], dist.shape)  # one pixel of each peak
+    region, height = markers[at].astype(np.int64), dist[at]
+    tall = height >= floor + prominence
+    searched = np.flatnonzero(np.bincount(region[tall], minlength=n + 1) > 1)
+    if searched.size == 0:
+        return markers, n
+    boxes = ndi.find_objects(markers)
+    order = np.lexsort((-height, region))  # by region, highest peak first
+    starts = np.searchsorted(region[order], searched)
+    next_id = n + 1
+    split: list[int] = []
+    for r, start in zip(searched, starts):
+        box = boxes[r - 1]
+        inside = markers[box] == r
+        sub = dist[box]
+        kept: list[tuple[int, int, int]] = []  # (peak id, row, col) in the box
+        for k in order[start:]:
+            if region[k] != r or (height[k] < floor + prominence and kept):
+                break
+            y, x = at[0][k] - box[0].start, at[1][k] - box[1].start
+            if kept:
+                reach, _ = ndi.label(inside & (sub > height[k] - prominence), structure=four)
+                if reach[y, x] in {reach[ky, kx] for _, ky, kx in kept}:
+                    continue
+            kept.append((int(ids[k]), y, x))
+        if len(kept) > 1:
+            window = markers[box]  # a view: written through to ``markers``
+            window[inside] = 0
+            peaks = top_ids[box]
+            for peak, *_ in kept:
+                window[peaks == peak] = next_id
+                next_id += 1
+            split.append(int(r))
+    if not split:
+        return markers, n
+    present = np.ones(next_id, dtype=np.int64)
+    present[[0, *split]] = 0
+    return (np.cumsum(present) * present)[markers], next_id - 1 - len(split)  # ids 1..n again, no gaps
 
 
 def resample_rgb(rgb: np.ndarray, scale: float) -> np.ndarray:
