@@ -260,6 +260,23 @@ def _agreement(tiles, sdata) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------------ property test
+def _labels_on_image(sdata) -> np.ndarray:
+    """The nucleus labels read onto the image's pixel grid, as make_tiles reads them."""
+    from ghist._spatial import element_affine, read_labels_window
+
+    _, height, width = sdata.images["he"].shape
+    matrix = element_affine(sdata, "he", "nuclei")
+    return np.asarray(read_labels_window(sdata.labels["nuclei"], matrix, 0, 0, height, width))
+
+
+def test_labels_off_the_image_are_a_named_error(make_sdata, tmp_path):
+    # the layout the property test below drew: one nucleus, which the affine map puts off the 24 x 16 image
+    sdata = make_sdata(seed=60, height=24, width=16, n_cells=1, radius=(1.5, 4.0), image_transform="affine")
+    assert not _labels_on_image(sdata).any()
+    with pytest.raises(ValueError, match=r"No tile of image 'he' shows a nucleus of labels 'nuclei'.*transformations"):
+        make_tiles(sdata, tile_size=8, path=tmp_path / "t.zarr", progress=False)
+
+
 @st.composite
 def _layouts(draw):
     return {
@@ -295,9 +312,13 @@ def test_every_cell_carries_its_own_expression(layout, tmp_path_factory, make_sd
     split = split_rows(n_rows, n_folds, fold)
     assume(all((split == s).any() for s in ((0, 1, 2) if fold is not None else (0,))))
     path = tmp_path_factory.mktemp("tiles") / "t.zarr"
-    tiles = make_tiles(
-        sdata, tile_size=size, n_folds=n_folds, fold=fold, path=path, cell_type_key="cell_type", progress=False
-    )
+    kwargs = {"tile_size": size, "n_folds": n_folds, "fold": fold, "path": path, "cell_type_key": "cell_type"}
+    if not _labels_on_image(sdata).any():
+        # A layout can leave every nucleus off the image (one small cell under an affine map): a named error.
+        with pytest.raises(ValueError, match="No tile of image 'he' shows a nucleus"):
+            make_tiles(sdata, progress=False, **kwargs)
+        return
+    tiles = make_tiles(sdata, progress=False, **kwargs)
     expected = counts_by_id(sdata)
     obs = sdata.tables["table"].obs.set_index("cell_id")["cell_type"]
     train_ids: set[int] = set()
