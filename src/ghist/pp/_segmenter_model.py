@@ -427,7 +427,7 @@ def _split_at_peaks(
         if len(kept) > 1:
             window = markers[box]  # a view: written through to ``markers``
             window[inside] = 0
-            peaks = top_ids[box]
+            peaks = np.where(inside, top_ids[box], 0)  # a plateau may touch a diagonal neighbour region
             for peak, *_ in kept:
                 window[peaks == peak] = next_id
                 next_id += 1
