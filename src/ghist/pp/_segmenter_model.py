@@ -300,13 +300,7 @@ class NucleusSegmenter:
             raise TypeError(
                 f"Unknown option(s) {unknown} for method='ghist'; expected some of {list(POSTPROCESS_KEYS)}."
             )
-        opts = {
-            "fg_threshold": self.fg_threshold,
-            "marker_threshold": self.marker_threshold,
-            "min_marker_um2": self.min_marker_um2,
-            "marker_prominence": self.marker_prominence,
-            **postprocess,
-        }
+        opts = {**{k: getattr(self, k) for k in POSTPROCESS_KEYS}, **postprocess}
         h, w = rgb.shape[:2]
         working = resample_rgb(rgb, pixel_size / self.pixel_size)
         if stain_map is not None:
@@ -394,9 +388,7 @@ def _split_at_peaks(
 
     eight, four = np.ones((3, 3), dtype=bool), ndi.generate_binary_structure(2, 1)  # passed: built once, not per call
     tops = (dist == ndi.maximum_filter(dist, size=3)) & (markers > 0)
-    top_ids, n_tops = ndi.label(tops, structure=eight)
-    if n_tops <= n:
-        return markers, n
+    top_ids, _ = ndi.label(tops, structure=eight)
     pixels = np.flatnonzero(tops)
     ids, first = np.unique(top_ids.ravel()[pixels], return_index=True)
     at = np.unravel_index(pixels[first], dist.shape)  # one pixel of each peak
